@@ -1,0 +1,66 @@
+"""Errors raised by tf_lipschitz.
+
+Every error names the layer (or argument) at fault and says what to do about it, so that a
+user never has to guess why no number was printed.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LipschitzError",
+    "UnsupportedLayerError",
+    "NotLipschitzError",
+    "ModelNotBuiltError",
+]
+
+
+class LipschitzError(Exception):
+    """Base class of every error raised by tf_lipschitz."""
+
+
+class UnsupportedLayerError(LipschitzError, TypeError):
+    """A layer has no Lipschitz rule in the registry.
+
+    Example:
+        >>> import tf_lipschitz as tfl
+        >>> tfl.register_rule(MyLayer, tfl.rules.constant(1.0))  # doctest: +SKIP
+    """
+
+    def __init__(self, layer, detail: str = ""):
+        cls = type(layer)
+        name = getattr(layer, "name", repr(layer))
+        message = (
+            f"No Lipschitz rule for layer '{name}' of class "
+            f"{cls.__module__}.{cls.__qualname__}."
+        )
+        if detail:
+            message += f" {detail}"
+        message += (
+            " Register one with `tf_lipschitz.register_rule("
+            f"{cls.__qualname__}, rule)`, for example "
+            "`tfl.register_rule(" + cls.__qualname__ + ", tfl.rules.constant(1.0))` if the layer "
+            "is 1-Lipschitz, or `tfl.rules.affine()` if it is affine in its input."
+        )
+        super().__init__(message)
+        self.layer = layer
+
+
+class NotLipschitzError(LipschitzError, ValueError):
+    """The function computed by a layer is not globally Lipschitz.
+
+    Raised for layers such as the product of two input-dependent tensors, attention, or the
+    `exponential` and `hard_shrink` activations, for which no finite global constant exists.
+    """
+
+    def __init__(self, layer, reason: str):
+        name = getattr(layer, "name", None) or getattr(layer, "__name__", None) or repr(layer)
+        cls = type(layer).__qualname__
+        super().__init__(
+            f"Layer '{name}' ({cls}) is not globally Lipschitz: {reason} No finite upper bound "
+            "exists on an unbounded input domain."
+        )
+        self.layer = layer
+
+
+class ModelNotBuiltError(LipschitzError, ValueError):
+    """The model has no graph or no known input shape to analyse."""

@@ -1,0 +1,251 @@
+"""Result types: per-layer rows, the Lipschitz report and lower bounds.
+
+Every number says what kind it is (see ``docs/concepts.md``):
+
+- ``"certified"``: a proven upper bound on the true constant (up to floating point);
+- ``"estimate"``: usually but not provably an upper bound (power iteration, greedy SeqLip,
+  truncated SVD) or a statistical estimate;
+- ``"lower"``: a proven lower bound.
+
+Printing is separate from computing: ``str(report)`` renders a table like ``model.summary()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["LayerRow", "LipschitzReport", "LowerBound", "ExtremeValueEstimate"]
+
+CERTIFIED = "certified"
+ESTIMATE = "estimate"
+LOWER = "lower"
+
+
+def _clean(value: Any) -> Any:
+    """Makes a value JSON-serialisable (floats stay floats, inf/nan become strings)."""
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    """One row of the per-layer table: a layer, or a chain of fused affine layers.
+
+    Attributes:
+        name: Layer name, or ``"conv1+bn1"`` for fused layers.
+        class_name: Layer class(es).
+        kind: ``"input"``, ``"linear"``, ``"constant"`` or ``"merge"``.
+        input_shape: Per-example input shape.
+        output_shape: Per-example output shape.
+        lipschitz: The row's own constant (operator norm × activation constant, or the rule's
+            constant); ``None`` for inputs and merges.
+        norm: Operator norm of the linear part (linear rows).
+        certificate: Certified upper bound on ``norm`` when one is available.
+        activation: Name of the activation applied after the linear part.
+        bound_kind: ``"certified"`` or ``"estimate"`` for ``lipschitz``.
+        method: How ``norm`` was found: ``"lanczos"``, ``"power"``, ``"closed-form"``, ``"rule"``,
+            ``"seqlip-exact"``...
+        products: Operator products used by the iterative method.
+        residual: Relative residual of the iterative method.
+        converged: Whether the iterative method met its tolerance.
+        cumulative: Bound on the Lipschitz constant from the model input to this row's output.
+        note: Free text (the rule's explanation).
+    """
+
+    name: str
+    class_name: str
+    kind: str
+    input_shape: tuple
+    output_shape: tuple
+    lipschitz: float | None = None
+    norm: float | None = None
+    certificate: float | None = None
+    activation: str | None = None
+    bound_kind: str = CERTIFIED
+    method: str = "rule"
+    products: int = 0
+    residual: float | None = None
+    converged: bool | None = None
+    cumulative: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return _clean(dataclasses.asdict(self))
+
+
+def _fmt(value: float | None, width: int = 10) -> str:
+    if value is None:
+        return "-".rjust(width)
+    return f"{value:.4g}".rjust(width)
+
+
+@dataclasses.dataclass(frozen=True)
+class LipschitzReport:
+    """The result of an upper-bound computation (AutoLip, SeqLip).
+
+    Attributes:
+        method: ``"autolip"``, ``"seqlip"``...
+        upper: The bound on the Lipschitz constant of the model (ℓ2 → ℓ2).
+        certified: ``True`` only when every factor of ``upper`` is certified; otherwise ``upper``
+            is an estimate (e.g. power-iteration norms converge from below).
+        layers: Per-layer rows in topological order.
+        outputs: Bound per model output.
+        lower: Best lower bound, when computed alongside (``estimate()``).
+        settings: Parameters used (tolerances, method).
+        elapsed: Wall time in seconds.
+        model_name: Name of the analysed model.
+    """
+
+    method: str
+    upper: float
+    certified: bool
+    layers: tuple[LayerRow, ...]
+    outputs: dict[str, float]
+    lower: float | None = None
+    settings: dict = dataclasses.field(default_factory=dict)
+    elapsed: float = 0.0
+    model_name: str = "model"
+
+    @property
+    def kind(self) -> str:
+        """``"certified upper bound"`` or ``"estimate"``."""
+        return "certified upper bound" if self.certified else "estimate"
+
+    @property
+    def gap(self) -> float | None:
+        """``upper / lower`` when a lower bound is known: how far from tight the bound can be."""
+        if self.lower is None or self.lower <= 0:
+            return None
+        return self.upper / self.lower
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dictionary (schema documented in ``docs/json_schema.md``)."""
+        return _clean({
+            "schema": "tf_lipschitz.report/1",
+            "model": self.model_name,
+            "method": self.method,
+            "upper": self.upper,
+            "kind": self.kind,
+            "certified": self.certified,
+            "lower": self.lower,
+            "gap": self.gap,
+            "outputs": self.outputs,
+            "settings": self.settings,
+            "elapsed_seconds": self.elapsed,
+            "layers": [row.to_dict() for row in self.layers],
+        })
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    def table(self) -> str:
+        """The per-layer table as text."""
+        head = (f"{'Layer (type)':<38}{'Output shape':<18}{'Lip':>10}{'Cumul.':>11}  "
+                f"{'kind':<9} method")
+        lines = [f'Lipschitz report: "{self.model_name}" ({self.method})', "=" * len(head), head,
+                 "-" * len(head)]
+        for row in self.layers:
+            label = f"{row.name} ({row.class_name})"
+            if len(label) > 37:
+                label = label[:34] + "..."
+            kind = "" if row.kind in ("input",) else row.bound_kind
+            method = row.method if row.kind == "linear" else row.kind
+            lines.append(
+                f"{label:<38}{str(tuple(row.output_shape)):<18}{_fmt(row.lipschitz)}"
+                f"{_fmt(row.cumulative, 11)}  {kind:<9} {method}"
+            )
+        lines.append("=" * len(head))
+        lines.append(f"Upper bound ({self.kind}): {self.upper:.6g}")
+        if len(self.outputs) > 1:
+            for name, value in self.outputs.items():
+                lines.append(f"  output {name}: {value:.6g}")
+        if self.lower is not None:
+            lines.append(f"Lower bound: {self.lower:.6g}   gap upper/lower: {self.gap:.4g}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerBound:
+    """A proven lower bound ``‖J_f(x) v‖ ≤ L(f)``, with the point and direction that attain it.
+
+    Attributes:
+        value: The lower bound (norm of the Jacobian-vector product at ``x``).
+        x: The input point (one example, no batch axis).
+        direction: The unit input direction ``v``.
+        secant: ``‖f(x + εv) − f(x)‖ / ε`` for a small ε: a lower bound that holds even where
+            ``f`` is not differentiable.
+        evaluations: Number of Jacobian products used.
+        starts: Number of starting points.
+    """
+
+    value: float
+    x: np.ndarray
+    direction: np.ndarray
+    secant: float
+    evaluations: int
+    starts: int
+
+    kind = LOWER
+
+    def to_dict(self) -> dict:
+        return _clean({"kind": "lower bound", "value": self.value, "secant": self.secant,
+                       "evaluations": self.evaluations, "starts": self.starts})
+
+    def __str__(self) -> str:
+        return f"Lower bound: {self.value:.6g} (secant check {self.secant:.6g}, {self.starts} starts)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtremeValueEstimate:
+    """A CLEVER-style statistical *estimate* of the Lipschitz constant (never a bound).
+
+    Per-batch maxima of ``‖J_f(x)‖`` are fitted with a generalised extreme-value distribution;
+    the estimate is the right end of its support (the reverse-Weibull location parameter of
+    Weng et al., ICLR 2018) when the fitted shape says the support is bounded, else the fitted
+    location.
+
+    Attributes:
+        value: The estimate.
+        loc, scale, concentration: Fitted GEV parameters (TFP's parameterisation).
+        sample_max: Largest sampled Jacobian norm (itself a lower bound).
+        batches: Number of per-batch maxima fitted.
+        batch_size: Samples per batch.
+    """
+
+    value: float
+    loc: float
+    scale: float
+    concentration: float
+    sample_max: float
+    batches: int
+    batch_size: int
+
+    kind = ESTIMATE
+
+    def to_dict(self) -> dict:
+        return _clean({"kind": "estimate", **dataclasses.asdict(self)})
+
+    def __str__(self) -> str:
+        return (f"Extreme-value estimate: {self.value:.6g} (statistical estimate, not a bound; "
+                f"largest sample {self.sample_max:.6g})")
+
+
+def combine_outputs(values: Sequence[float]) -> float:
+    """Lipschitz constant of the concatenation of the outputs: ``√(Σ L_i²)``."""
+    return math.sqrt(sum(v * v for v in values))

@@ -1,0 +1,40 @@
+"""Lipschitz rules for Keras layers, and the registry users extend with :func:`register_rule`.
+
+Importing this package registers the built-in rules (linear, activations, pooling,
+normalisation, shape and merge layers).
+"""
+
+from tf_lipschitz.rules import activations, linear, merge, normalization, pooling, shape
+from tf_lipschitz.rules.activations import activation_info, register_activation, resolve_activation
+from tf_lipschitz.rules.base import (
+    Activation,
+    Constant,
+    LayerBound,
+    Linear,
+    Merge,
+    NodeContext,
+    affine,
+    constant,
+    get_rule,
+    register_rule,
+    registered_classes,
+)
+from tf_lipschitz.rules.pooling import max_pool_constant
+
+__all__ = [
+    "Activation",
+    "Constant",
+    "LayerBound",
+    "Linear",
+    "Merge",
+    "NodeContext",
+    "activation_info",
+    "affine",
+    "constant",
+    "get_rule",
+    "max_pool_constant",
+    "register_activation",
+    "register_rule",
+    "registered_classes",
+    "resolve_activation",
+]

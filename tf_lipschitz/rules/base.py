@@ -1,0 +1,240 @@
+"""The rule registry: what a Keras layer class contributes to a Lipschitz bound.
+
+A *rule* is a function ``rule(layer, context) -> LayerBound`` registered for a layer class.
+It returns one of:
+
+- :class:`Linear`: the layer is affine in its input; its linear part (bias removed) is given as
+  a batched function whose operator norm the power method measures on the real input shape,
+  optionally followed by an elementwise :class:`Activation`;
+- :class:`Constant`: the layer is ``value``-Lipschitz in its single input;
+- :class:`Merge`: the layer combines several inputs; ``combine`` maps the parents' constants to
+  the layer's.
+
+Rules raise :class:`~tf_lipschitz.errors.NotLipschitzError` for layers that have no global
+constant. Adding support for a layer type is one call to :func:`register_rule`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence, Union
+
+from tf_lipschitz.errors import UnsupportedLayerError
+
+__all__ = [
+    "Activation",
+    "Linear",
+    "Constant",
+    "Merge",
+    "LayerBound",
+    "NodeContext",
+    "register_rule",
+    "get_rule",
+    "registered_classes",
+    "constant",
+    "affine",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """An elementwise activation: its Lipschitz constant and the range of its derivative.
+
+    Attributes:
+        name: Activation name, e.g. ``"relu"``.
+        lipschitz: ``sup |σ'|``, rounded up.
+        slope_range: ``(inf σ', sup σ')``, used by SeqLip; ``None`` when the map is not
+            elementwise (softmax).
+        certified: Whether ``lipschitz`` is a proven upper bound.
+    """
+
+    name: str
+    lipschitz: float
+    slope_range: tuple[float, float] | None = None
+    certified: bool = True
+
+
+IDENTITY = Activation("linear", 1.0, (1.0, 1.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """The layer is affine in its input, possibly followed by an elementwise activation.
+
+    Attributes:
+        fn: Linear part of the layer (bias removed), on batches ``(batch, *input_shape)``.
+        activation: Activation applied after the linear part (``None`` for none).
+        norm: Optional closed form of the exact operator norm, evaluated with the current weights
+            when the bound is computed (used when the layer is not fused with a neighbour).
+        certificate: Optional certified upper bound on the operator norm for the layer's input
+            shape, evaluated with the current weights.
+        note: Shown in the report.
+    """
+
+    fn: Callable[[Any], Any]
+    activation: Activation | None = None
+    norm: Callable[[], float] | None = None
+    certificate: Callable[[], float] | None = None
+    note: str = ""
+
+    @property
+    def post(self) -> float:
+        return 1.0 if self.activation is None else self.activation.lipschitz
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant:
+    """The layer is ``value``-Lipschitz in its single input.
+
+    Attributes:
+        value: The constant.
+        certified: Whether it is a proven upper bound (``False`` for an estimate).
+        note: Shown in the report.
+        activation: Set when the layer is an elementwise activation (SeqLip uses its slopes).
+    """
+
+    value: float
+    certified: bool = True
+    note: str = ""
+    activation: Activation | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Merge:
+    """The layer merges several inputs.
+
+    Attributes:
+        combine: Maps the Lipschitz constants of the inputs (in call order) to the layer's.
+        note: Shown in the report, e.g. ``"sum of inputs"``.
+    """
+
+    combine: Callable[[Sequence[float]], float]
+    note: str = ""
+
+
+LayerBound = Union[Linear, Constant, Merge]
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeContext:
+    """What a rule knows about one call of a layer in the model.
+
+    Attributes:
+        input_shapes: Per-example shapes of the inputs (batch axis removed).
+        output_shapes: Per-example shapes of the outputs.
+        dependent: For each input, whether it depends on the model input (``False`` for
+            constants).
+        constants: For each input, its value (a batch-1 array) when it does not depend on the
+            model input, else ``None``.
+        dtype: Floating dtype of the inputs.
+        name: Qualified name of the node (``"outer/inner/conv1"`` for nested models).
+    """
+
+    input_shapes: tuple[tuple[int, ...], ...]
+    output_shapes: tuple[tuple[int, ...], ...]
+    dependent: tuple[bool, ...] = ()
+    constants: tuple[Any, ...] = ()
+    dtype: str = "float32"
+    name: str = ""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.input_shapes[0]
+
+
+Rule = Callable[[Any, NodeContext], LayerBound]
+_REGISTRY: dict[type, Rule] = {}
+
+
+def register_rule(layer_class: type, rule: Rule | None = None):
+    """Registers the Lipschitz rule of a layer class (usable as a decorator).
+
+    Args:
+        layer_class: A Keras layer (or operation) class. Subclasses that do not override
+            ``call`` inherit the rule.
+        rule: ``rule(layer, context) -> LayerBound``. Helpers :func:`constant` and
+            :func:`affine` build the common ones.
+
+    Returns:
+        The rule (so that the function can be used as ``@register_rule(MyLayer)``).
+
+    Example:
+        >>> import keras, tf_lipschitz as tfl
+        >>> class Halve(keras.layers.Layer):
+        ...     def call(self, x):
+        ...         return 0.5 * x
+        >>> _ = tfl.register_rule(Halve, tfl.rules.constant(0.5))
+    """
+    if not isinstance(layer_class, type):
+        raise TypeError(
+            f"register_rule expects a class, received layer_class={layer_class!r}."
+        )
+
+    def decorator(fn: Rule) -> Rule:
+        if not callable(fn):
+            raise TypeError(f"rule must be callable, received rule={fn!r}.")
+        _REGISTRY[layer_class] = fn
+        return fn
+
+    return decorator if rule is None else decorator(rule)
+
+
+def _call_owner(cls: type) -> type | None:
+    for klass in cls.__mro__:
+        if "call" in vars(klass):
+            return klass
+    return None
+
+
+def get_rule(layer: Any) -> Rule:
+    """Returns the rule registered for ``type(layer)`` (or an inherited one).
+
+    Raises:
+        UnsupportedLayerError: If no rule applies.
+    """
+    cls = type(layer)
+    if cls in _REGISTRY:
+        return _REGISTRY[cls]
+    owner = _call_owner(cls)
+    for base in cls.__mro__[1:]:
+        if base in _REGISTRY:
+            if owner is None or issubclass(base, owner):
+                return _REGISTRY[base]
+            raise UnsupportedLayerError(
+                layer,
+                f"It subclasses {base.__qualname__}, which has a rule, but {owner.__qualname__} "
+                "overrides call(), so the inherited rule may not hold.",
+            )
+    raise UnsupportedLayerError(layer)
+
+
+def registered_classes() -> list[type]:
+    """Layer classes that currently have a rule."""
+    return list(_REGISTRY)
+
+
+def constant(value: float, *, certified: bool = True, note: str = "") -> Rule:
+    """A rule for a layer that is ``value``-Lipschitz in its single input."""
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"A Lipschitz constant must be finite and >= 0, received {value!r}.")
+
+    def rule(layer, ctx):
+        return Constant(float(value), certified=certified, note=note)
+
+    return rule
+
+
+def affine() -> Rule:
+    """A rule for a layer that is affine in its input: ``x ↦ layer(x) − layer(0)`` is measured.
+
+    The layer's norm is estimated by the autodiff power method on its real input shape.
+    """
+
+    def rule(layer, ctx):
+        def fn(x):
+            return layer(x) - layer(x * 0)
+
+        return Linear(fn, note="affine (user rule)")
+
+    return rule

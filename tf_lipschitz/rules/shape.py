@@ -1,0 +1,80 @@
+"""Rules for layers that move, copy or drop entries, and for inference-time identities.
+
+Flatten, Reshape, Permute and zero padding are isometries (norm 1); cropping is a restriction
+(norm 1 unless it keeps nothing); nearest up-sampling by factors ``f_d`` copies every entry
+``Π f_d`` times (norm ``√Π f_d``); RepeatVector(n) has norm ``√n``. Dropout, the noise layers and
+ActivityRegularization are the identity at inference. All of them are linear, so they fuse with
+their linear neighbours (Conv → Flatten → Dense is measured as one operator).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+from tf_lipschitz.errors import UnsupportedLayerError
+from tf_lipschitz.rules.base import Linear, NodeContext, register_rule
+
+__all__: list[str] = []
+
+
+def _known(value: float, note: str, fn=None):
+    def rule(layer, ctx: NodeContext) -> Linear:
+        f = fn if fn is not None else (lambda x: layer(x))
+        return Linear(f, norm=lambda: value, certificate=lambda: value, note=note)
+
+    return rule
+
+
+def _identity(x):
+    return x
+
+
+def _upsampling(layer, ctx: NodeContext) -> Linear:
+    size = layer.size if isinstance(layer.size, (tuple, list)) else (layer.size,)
+    if getattr(layer, "interpolation", "nearest") != "nearest":
+        return Linear(lambda x: layer(x), note=f"{layer.interpolation} up-sampling (linear)")
+    value = math.sqrt(math.prod(size))
+    return Linear(lambda x: layer(x), norm=lambda: value, certificate=lambda: value,
+                  note=f"nearest up-sampling √{math.prod(size)}")
+
+
+def _repeat_vector(layer, ctx: NodeContext) -> Linear:
+    value = math.sqrt(layer.n)
+    return Linear(lambda x: layer(x), norm=lambda: value, certificate=lambda: value,
+                  note=f"repeat √{layer.n}")
+
+
+def _embedding(layer, ctx: NodeContext):
+    raise UnsupportedLayerError(
+        layer,
+        "An Embedding maps integer ids, which have no continuous perturbation. Analyse the model "
+        "from the embedding's output instead: "
+        f"`keras.Model(model.get_layer('{layer.name}').output, model.output)`.",
+    )
+
+
+L = keras.layers
+for _cls in (L.Flatten, L.Reshape, L.Permute, L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D):
+    register_rule(_cls, _known(1.0, "isometry"))
+for _cls in (L.Cropping1D, L.Cropping2D, L.Cropping3D):
+    register_rule(_cls, _known(1.0, "restriction"))
+for _cls in (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
+             L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization,
+             L.Identity):
+    register_rule(_cls, _known(1.0, "identity at inference", fn=_identity))
+for _cls in (L.UpSampling1D, L.UpSampling2D, L.UpSampling3D):
+    register_rule(_cls, _upsampling)
+register_rule(L.RepeatVector, _repeat_vector)
+register_rule(L.Embedding, _embedding)
+
+
+def _register_ops():
+    from keras.src.ops import numpy as knp
+
+    for cls in (knp.Negative, knp.Reshape, knp.Transpose, knp.Squeeze, knp.ExpandDims):
+        register_rule(cls, _known(1.0, "isometry (op)"))
+
+
+_register_ops()
