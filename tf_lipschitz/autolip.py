@@ -13,6 +13,8 @@ import dataclasses
 import math
 import time
 import warnings
+from typing import Sequence
+
 from tf_lipschitz.errors import LipschitzError
 from tf_lipschitz.graph import GraphNode, ModelGraph
 from tf_lipschitz.operators import LinearOperator, compose
@@ -20,7 +22,7 @@ from tf_lipschitz.power import SpectralResult, SpectralSolver
 from tf_lipschitz.report import CERTIFIED, ESTIMATE, LayerRow, LipschitzReport, combine_outputs
 from tf_lipschitz.rules import Constant, LayerBound, Linear, Merge, NodeContext, get_rule
 
-__all__ = ["AutoLip", "Group"]
+__all__ = ["AutoLip", "Group", "Segment"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,26 @@ class Group:
 
     nodes: tuple[int, ...]
     parent: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A chain of nodes whose joint constant is computed outside AutoLip (by SeqLip).
+
+    Attributes:
+        source: Node feeding the chain (``None`` if the chain has a constant input).
+        nodes: Every node the chain covers, in order; the last one is its output.
+        value: Lipschitz constant from the source's output to the last node's output.
+        certified: Whether ``value`` is a certified upper bound.
+        rows: Report rows of (some of) the covered nodes, by node index. Their ``cumulative``
+            is relative to the source and is multiplied by the source's bound.
+    """
+
+    source: int | None
+    nodes: tuple[int, ...]
+    value: float
+    certified: bool
+    rows: dict[int, LayerRow]
 
 
 def node_context(node: GraphNode) -> NodeContext:
@@ -158,7 +180,8 @@ class AutoLip:
         return dict(zip(self._iterative, results))
 
     def run(self, *, certified: bool = False, init="warm", model_name: str = "model",
-            spectral: dict[Group, SpectralResult] | None = None) -> LipschitzReport:
+            spectral: dict[Group, SpectralResult] | None = None,
+            segments: Sequence[Segment] = ()) -> LipschitzReport:
         """Computes the AutoLip bound.
 
         Args:
@@ -167,6 +190,7 @@ class AutoLip:
             init: Starting vectors of the solver (``"warm"``, ``None`` or arrays).
             model_name: Name shown in the report.
             spectral: Precomputed solver results (otherwise the solver runs).
+            segments: Chains whose constant is given (SeqLip); their nodes are not re-bounded.
 
         Returns:
             A :class:`~tf_lipschitz.report.LipschitzReport`.
@@ -181,6 +205,8 @@ class AutoLip:
         all_certified = True
         group_of_last = {g.nodes[-1]: g for g in self.groups}
         in_group = {i for g in self.groups for i in g.nodes}
+        segment_of_last = {seg.nodes[-1]: seg for seg in segments}
+        in_segment = {i for seg in segments for i in seg.nodes}
 
         for node in graph.nodes:
             i = node.index
@@ -191,6 +217,15 @@ class AutoLip:
                 continue
             if not node.dependent:
                 lip[i] = 0.0
+                continue
+            if i in in_segment:
+                seg = segment_of_last.get(i)
+                if seg is not None:
+                    base = lip[seg.source] if seg.source is not None else 0.0
+                    lip[i] = seg.value * base
+                    all_certified &= seg.certified
+                    for k, row in seg.rows.items():
+                        rows[k] = dataclasses.replace(row, cumulative=row.cumulative * base)
                 continue
             bound = bounds[i]
             if isinstance(bound, Merge):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any, Sequence
 
 import keras
@@ -104,3 +106,104 @@ class LipschitzEstimator:
         """
         kwargs.setdefault("verbose", self.verbose)
         return extreme_value_estimate(self.model, self.input_shape, x, dtype=self.dtype, **kwargs)
+
+    def _seqlip_engine(self):
+        engine = getattr(self, "_seqlip", None)
+        if engine is None:
+            from tf_lipschitz.seqlip import SeqLip
+
+            engine = self._seqlip = SeqLip(self._autolip)
+        return engine
+
+    def seqlip(self, mode: str = "auto", *, certified: bool = False, init: Any = "warm",
+               verbose: int | None = None, **options) -> LipschitzReport:
+        """SeqLip upper bound (Scaman & Virmaux 2018, Section 5) on every chain of the model.
+
+        Each chain ``linear → activation → … → linear`` (Dense and convolutions, fused with
+        their affine neighbours, activations with derivative in ``[lo, hi]``, ``lo ≥ 0``) gets
+        the SeqLip product of pair factors; AutoLip propagates across merges, pooling and links
+        it cannot handle (negative-slope activations such as GELU, non-elementwise ones), which
+        are listed in ``report.settings["fallbacks"]``. ``report.settings["pairs"]`` and the
+        per-layer rows say which mode was used for which pair.
+
+        Args:
+            mode: ``"auto"`` (exact enumeration where a link has at most ``max_exact_width``
+                activations, greedy elsewhere), ``"exact"``, ``"greedy"`` or ``"certified"``
+                (polynomial bounds ``‖|A||B|‖``, ``‖A‖‖B‖``).
+            certified: Use certified per-layer norms in the AutoLip parts.
+            init: Starting vectors of the AutoLip spectral solver.
+            verbose: Progress output (defaults to the estimator's ``verbose``).
+            **options: ``top_k`` (200: singular triplets kept per operator, the paper's E),
+                ``max_exact_width`` (20), ``remainder`` (True: bound and add back the dropped
+                singular values; False: the paper's truncation, an estimate), ``dense_limit``
+                (2**23 matrix entries for an exact dense SVD), ``max_sweeps`` (10, greedy),
+                ``subspace_tol``, ``subspace_max_iter``; see :meth:`tf_lipschitz.seqlip.SeqLip.run`.
+
+        Returns:
+            A :class:`~tf_lipschitz.report.LipschitzReport` with ``method="seqlip"``;
+            ``certified`` is ``True`` only when every factor is (exact or certified inner max,
+            dense SVDs, no dropped singular values left out, certified AutoLip parts).
+
+        Example:
+            >>> import keras, tf_lipschitz as tfl
+            >>> model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, "relu"),
+            ...                           keras.layers.Dense(2)])
+            >>> est = tfl.LipschitzEstimator(model, verbose=0)
+            >>> rep = est.seqlip()
+            >>> rep.upper <= est.autolip().upper * (1 + 1e-6)
+            True
+        """
+        return self._seqlip_engine().run(
+            mode, certified=certified, init=init, model_name=self.name,
+            verbose=self.verbose if verbose is None else verbose, **options,
+        )
+
+    def estimate(self, x: Any = None, *, mode: str = "auto", certified: bool = False,
+                 lower_bound_options: dict | None = None, **options) -> LipschitzReport:
+        """AutoLip, SeqLip and a lower bound in one report, with the gap upper / lower.
+
+        The report is the SeqLip report (``upper`` and ``certified`` are SeqLip's) with
+        ``lower`` set to the proven lower bound, and ``settings["autolip"]``,
+        ``settings["lower_bound"]`` and ``settings["gaps"]`` holding the rest. AutoLip and SeqLip
+        share one run of the spectral solver. If an *estimate* (greedy SeqLip, truncated SVD)
+        falls below the proven lower bound, a warning says it is not an upper bound.
+
+        Args:
+            x: Optional data batch: starting points of the lower-bound search.
+            mode: SeqLip mode (see :meth:`seqlip`).
+            certified: Use certified per-layer norms in AutoLip.
+            lower_bound_options: Keyword arguments of :meth:`lower_bound`.
+            **options: SeqLip options (see :meth:`seqlip`).
+
+        Returns:
+            A :class:`~tf_lipschitz.report.LipschitzReport` (``method="seqlip"``, ``gap`` set).
+
+        Example:
+            >>> import keras, tf_lipschitz as tfl
+            >>> model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, "relu"),
+            ...                           keras.layers.Dense(2)])
+            >>> rep = tfl.LipschitzEstimator(model, verbose=0).estimate()
+            >>> rep.lower <= rep.upper <= rep.settings["autolip"]["upper"] * (1 + 1e-6)
+            True
+        """
+        spectral = self._autolip.spectral(init="warm")
+        auto = self._autolip.run(certified=certified, spectral=spectral, model_name=self.name)
+        seq = self._seqlip_engine().run(mode, certified=certified, spectral=spectral,
+                                        model_name=self.name, verbose=self.verbose, **options)
+        low = self.lower_bound(x, **(lower_bound_options or {}))
+        if low.value > seq.upper * (1 + 1e-5):
+            warnings.warn(
+                f"The SeqLip {seq.kind} {seq.upper:.6g} is below the proven lower bound "
+                f"{low.value:.6g}: it is not an upper bound here (greedy or truncated factors). "
+                "Use mode='exact'/'certified' or remainder=True.",
+                stacklevel=2,
+            )
+        settings = dict(seq.settings)
+        settings["autolip"] = {"upper": auto.upper, "certified": auto.certified, "kind": auto.kind}
+        settings["lower_bound"] = low.to_dict()
+        settings["gaps"] = {
+            "autolip": auto.upper / low.value if low.value > 0 else None,
+            "seqlip": seq.upper / low.value if low.value > 0 else None,
+            "seqlip_over_autolip": seq.upper / auto.upper if auto.upper > 0 else None,
+        }
+        return dataclasses.replace(seq, lower=low.value, settings=settings)

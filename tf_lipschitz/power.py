@@ -126,32 +126,38 @@ def _lanczos_loop(fn, v0, tol, max_products, krylov_dim):
     m = krylov_dim
     tiny = tf.cast(1e-30, dtype)
     tol = tf.cast(tol, dtype)
+    breakdown = tf.cast(100 * np.finfo(dtype.as_numpy_dtype).eps, dtype)
 
     def restart(v):
         q = tf.reshape(_unit(v), [-1])
-        basis = tf.TensorArray(dtype, size=m + 1, clear_after_read=False)
-        basis = basis.write(0, q)
+        # Basis rows beyond the current step stay exactly zero, so the full
+        # re-orthogonalisation below can use the whole matrix.
+        basis = tf.tensor_scatter_nd_update(tf.zeros(tf.stack([m + 1, n]), dtype), [[0]], q[None])
         alphas = tf.TensorArray(dtype, size=m)
         betas = tf.TensorArray(dtype, size=m)
 
-        def step(j, basis, alphas, betas, beta_prev):
-            qj = basis.read(j)
+        def step(j, basis, alphas, betas, scale):
+            qj = basis[j]
             _, w = jtj_product(fn, tf.reshape(qj, shape))
             w = tf.reshape(w, [-1])
             alpha = tf.tensordot(qj, w, 1)
-            q_all = basis.stack()  # (m + 1, n); unwritten rows read as zeros
+            scale = tf.maximum(scale, tf.norm(w))
             # Full re-orthogonalisation, twice ("twice is enough").
-            w = w - tf.linalg.matvec(q_all, tf.linalg.matvec(q_all, w), transpose_a=True)
-            w = w - tf.linalg.matvec(q_all, tf.linalg.matvec(q_all, w), transpose_a=True)
+            w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)
+            w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)
             beta = tf.norm(w)
-            q_next = tf.where(beta > tiny * 1e6, w / tf.maximum(beta, tiny), tf.zeros_like(w))
-            basis = basis.write(j + 1, q_next)
-            return j + 1, basis, alphas.write(j, alpha), betas.write(j, beta), beta
+            # Breakdown: the Krylov space is invariant (up to rounding). A rounding-noise
+            # vector would break orthogonality, so the basis stops here (zero rows after it;
+            # a zero row gives zero products, hence α = β = 0 from then on).
+            broken = beta <= breakdown * scale
+            beta = tf.where(broken, tf.zeros_like(beta), beta)
+            q_next = tf.where(broken, tf.zeros_like(w), w / tf.maximum(beta, tiny))
+            basis = tf.tensor_scatter_nd_update(basis, [[j + 1]], q_next[None])
+            return j + 1, basis, alphas.write(j, alpha), betas.write(j, beta), scale
 
         _, basis, alphas, betas, _ = tf.while_loop(
-            lambda j, *_: j < m,
-            step,
-            (tf.constant(0), basis, alphas, betas, tf.constant(0.0, dtype)),
+            lambda j, *_: j < m, step,
+            (tf.constant(0), basis, alphas, betas, tf.zeros([], dtype)),
         )
         a = alphas.stack()
         b = betas.stack()
@@ -159,8 +165,7 @@ def _lanczos_loop(fn, v0, tol, max_products, krylov_dim):
         evals, evecs = tf.linalg.eigh(tri)
         theta = evals[-1]
         y = evecs[:, -1]
-        q_all = basis.stack()[:m]
-        ritz = tf.reshape(tf.linalg.matvec(q_all, y, transpose_a=True), shape)
+        ritz = tf.reshape(tf.linalg.matvec(basis[:m], y, transpose_a=True), shape)
         resid = tf.abs(b[-1] * y[-1]) / tf.maximum(tf.abs(theta), tiny)
         return _unit(ritz), resid
 

@@ -1,0 +1,160 @@
+"""Each activation constant equals the largest |σ'| found numerically on a fine grid."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_lipschitz as tfl
+from tf_lipschitz.errors import NotLipschitzError, UnsupportedLayerError
+from tf_lipschitz.rules import activation_info, resolve_activation
+
+# offset so that no grid point sits exactly on a kink, where autodiff sums one-sided slopes
+# (sups approached at ±∞, as for squareplus, are reached on the wide log-spaced tails)
+_WIDE = np.logspace(1.3, 5, 2000)
+GRID = tf.constant(
+    np.concatenate([-_WIDE[::-1], np.linspace(-20.0, 20.0, 400_001) + 1e-7 * np.pi, _WIDE]),
+    tf.float64,
+)
+
+ELEMENTWISE = [
+    "relu", "relu6", "leaky_relu", "elu", "celu", "selu", "sigmoid", "tanh", "hard_sigmoid",
+    "hard_silu", "hard_swish", "gelu", "silu", "swish", "mish", "softplus", "softsign",
+    "log_sigmoid", "hard_tanh", "soft_shrink", "tanh_shrink", "squareplus", "sparse_plus",
+    "sparse_sigmoid", "linear",
+]
+
+
+def _derivative(fn):
+    with tf.GradientTape() as tape:
+        tape.watch(GRID)
+        y = fn(GRID)
+    return tape.gradient(y, GRID).numpy()
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_constant_is_max_abs_derivative(name):
+    fn = keras.activations.get(name)
+    info = resolve_activation(fn)
+    d = _derivative(fn)
+    # an upper bound, and tight: within the grid's resolution (spacing 1e-4; the sup of selu'
+    # is approached at 0⁻ only) of the numerical maximum
+    assert info.lipschitz >= np.max(np.abs(d)) - 1e-9
+    assert info.lipschitz <= np.max(np.abs(d)) * (1 + 2e-4) + 1e-6
+    lo, hi = info.slope_range
+    assert lo <= d.min() + 1e-9 and hi >= d.max() - 1e-9
+
+
+def test_gelu_tanh_form():
+    d = _derivative(lambda x: keras.activations.gelu(x, approximate=True))
+    info = activation_info("gelu", approximate=True)
+    assert np.max(np.abs(d)) <= info.lipschitz <= np.max(np.abs(d)) + 1e-5
+
+
+@pytest.mark.parametrize("kwargs", [{"negative_slope": 0.3}, {"negative_slope": -2.0}, {"max_value": 6.0}])
+def test_relu_parameters(kwargs):
+    d = _derivative(lambda x: keras.activations.relu(x, **kwargs))
+    assert activation_info("relu", **kwargs).lipschitz == pytest.approx(np.max(np.abs(d)))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.5])
+def test_elu_alpha(alpha):
+    d = _derivative(lambda x: keras.activations.elu(x, alpha=alpha))
+    assert activation_info("elu", alpha=alpha).lipschitz == pytest.approx(np.max(np.abs(d)), rel=2e-4)
+    assert activation_info("elu", alpha=alpha).lipschitz >= np.max(np.abs(d))
+
+
+def _max_jacobian_norm(fn, n, rng, samples=300):
+    """Largest Jacobian spectral norm over random points of varied scale (one batched call)."""
+    scales = rng.uniform(0.1, 10, (samples, 1))
+    x = tf.constant(rng.standard_normal((samples, n)) * scales, tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    jac = tape.batch_jacobian(y, x).numpy()
+    return float(np.linalg.norm(jac, ord=2, axis=(1, 2)).max())
+
+
+def test_softmax_half_is_a_bound_and_is_attained(rng):
+    for n in (2, 5, 10):
+        assert _max_jacobian_norm(keras.activations.softmax, n, rng) <= 0.5 + 1e-12
+    # two equal dominant logits attain 1/2
+    x = tf.constant([[30.0, 30.0, -30.0]], tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = keras.activations.softmax(x)
+    jac = tape.batch_jacobian(y, x).numpy()[0]
+    assert np.linalg.svd(jac, compute_uv=False)[0] == pytest.approx(0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 4, 10])
+def test_log_softmax_bound(n, rng):
+    bound = activation_info("log_softmax", size=n).lipschitz
+    assert _max_jacobian_norm(keras.activations.log_softmax, n, rng) <= bound
+
+
+def test_sparsemax_is_1_lipschitz(rng):
+    x = rng.standard_normal((500, 6)) * 3
+    y = rng.standard_normal((500, 6)) * 3
+    fx = keras.activations.sparsemax(tf.constant(x)).numpy()
+    fy = keras.activations.sparsemax(tf.constant(y)).numpy()
+    ratio = np.linalg.norm(fx - fy, axis=1) / np.linalg.norm(x - y, axis=1)
+    assert ratio.max() <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("name", ["exponential", "hard_shrink", "glu"])
+def test_not_lipschitz_activations_raise(name):
+    with pytest.raises(NotLipschitzError, match=name):
+        resolve_activation(keras.activations.get(name))
+
+
+def test_relu_threshold_is_not_lipschitz():
+    layer = keras.layers.ReLU(threshold=0.5)
+    model = keras.Sequential([keras.Input((3,)), layer])
+    with pytest.raises(NotLipschitzError, match=layer.name):
+        tfl.LipschitzEstimator(model, verbose=0)
+
+
+def test_unknown_activation_names_the_layer_and_the_fix():
+    def mystery(x):
+        return x * 2
+
+    layer = keras.layers.Dense(2, activation=mystery, name="odd_dense")
+    model = keras.Sequential([keras.Input((3,)), layer])
+    with pytest.raises(UnsupportedLayerError, match="odd_dense.*register_activation"):
+        tfl.LipschitzEstimator(model, verbose=0)
+    tfl.register_activation(mystery, 2.0, (2.0, 2.0))
+    report = tfl.LipschitzEstimator(model, verbose=0, tol=1e-10).autolip()
+    exact = np.linalg.svd(np.asarray(layer.kernel), compute_uv=False)[0]
+    assert report.upper == pytest.approx(2.0 * exact, rel=1e-4)
+
+
+LAYERS = [
+    (keras.layers.ReLU(), lambda x: tf.nn.relu(x)),
+    (keras.layers.ReLU(max_value=6.0, negative_slope=0.1), None),
+    (keras.layers.LeakyReLU(negative_slope=0.3), None),
+    (keras.layers.ELU(alpha=2.0), None),
+    (keras.layers.Activation("selu"), None),
+    (keras.layers.Softmax(), None),
+]
+
+
+@pytest.mark.parametrize("layer", [c[0] for c in LAYERS], ids=lambda l: type(l).__name__)
+def test_activation_layers_bound_sampled_slopes(layer, rng):
+    model = keras.Sequential([keras.Input((4,)), layer])
+    report = tfl.LipschitzEstimator(model, verbose=0).autolip()
+    x = rng.standard_normal((2000, 4)).astype("float32") * 4
+    y = x + rng.standard_normal((2000, 4)).astype("float32") * 0.1
+    fx, fy = np.asarray(layer(x)), np.asarray(layer(y))
+    ratio = np.linalg.norm(fx - fy, axis=1) / np.linalg.norm(x - y, axis=1)
+    assert ratio.max() <= report.upper * (1 + 1e-5)
+    assert report.certified
+
+
+def test_prelu_uses_its_weights():
+    layer = keras.layers.PReLU()
+    model = keras.Sequential([keras.Input((3,)), layer])
+    layer.set_weights([np.array([0.1, -1.5, 0.3], dtype="float32")])
+    assert tfl.LipschitzEstimator(model, verbose=0).autolip().upper == pytest.approx(1.5)

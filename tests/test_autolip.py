@@ -1,0 +1,151 @@
+"""AutoLip end to end: closed forms, merges, invariants lower <= true <= upper."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import scipy.stats
+
+import tf_lipschitz as tfl
+
+L = keras.layers
+
+
+def _orthogonal(n, seed):
+    return scipy.stats.ortho_group.rvs(n, random_state=seed).astype("float32")
+
+
+def test_orthogonal_linear_chain_is_exact():
+    # A chain of orthogonal maps scaled by c_i has Lipschitz constant Π c_i exactly.
+    layers = [L.Dense(6, use_bias=False) for _ in range(3)]
+    model = keras.Sequential([keras.Input((6,)), layers[0], L.ReLU(), layers[1], L.ReLU(), layers[2]])
+    scales = [2.0, 0.5, 3.0]
+    for i, (layer, c) in enumerate(zip(layers, scales)):
+        layer.set_weights([c * _orthogonal(6, i)])
+    report = tfl.LipschitzEstimator(model, verbose=0, tol=1e-10).autolip()
+    assert report.upper == pytest.approx(math.prod(scales), rel=1e-5)
+    # and it is attained: the ReLUs are the identity on the positive orthant image
+    lb = tfl.LipschitzEstimator(model, verbose=0).lower_bound(steps=10)
+    assert lb.value <= report.upper * (1 + 1e-5)
+
+
+def test_linear_model_bound_is_exact_and_lower_bound_meets_it(rng):
+    model = keras.Sequential([keras.Input((5,)), L.Dense(7), L.Dense(3)])
+    est = tfl.LipschitzEstimator(model, verbose=0, tol=1e-10)
+    w = np.asarray(model.layers[0].kernel) @ np.asarray(model.layers[1].kernel)
+    exact = np.linalg.svd(w, compute_uv=False)[0]
+    report = est.autolip()
+    assert report.upper == pytest.approx(exact, rel=1e-4)  # fused into one operator
+    assert len(report.layers) == 2
+    assert est.lower_bound(steps=5).value == pytest.approx(exact, rel=1e-3)
+
+
+def test_residual_block_adds_branches(rng):
+    inp = keras.Input((4,))
+    h = L.Dense(4, activation="relu", name="branch")(inp)
+    out = L.Add(name="add")([inp, h])
+    model = keras.Model(inp, out)
+    report = tfl.LipschitzEstimator(model, verbose=0, tol=1e-10).autolip()
+    w = np.linalg.svd(np.asarray(model.get_layer("branch").kernel), compute_uv=False)[0]
+    assert report.upper == pytest.approx(1.0 + w, rel=1e-5)
+
+
+def test_concatenate_uses_l2_combination(rng):
+    inp = keras.Input((4,))
+    a = L.Dense(3, name="a")(inp)
+    b = L.Dense(2, name="b")(inp)
+    model = keras.Model(inp, L.Concatenate()([a, b]))
+    report = tfl.LipschitzEstimator(model, verbose=0, tol=1e-10).autolip()
+    na = np.linalg.svd(np.asarray(model.get_layer("a").kernel), compute_uv=False)[0]
+    nb = np.linalg.svd(np.asarray(model.get_layer("b").kernel), compute_uv=False)[0]
+    assert report.upper == pytest.approx(math.hypot(na, nb), rel=1e-5)
+    stacked = np.concatenate([model.get_layer("a").kernel, model.get_layer("b").kernel], axis=1)
+    assert report.upper >= np.linalg.svd(stacked, compute_uv=False)[0] * (1 - 1e-5)
+
+
+def test_several_inputs_and_outputs():
+    a, b = keras.Input((3,), name="a"), keras.Input((3,), name="b")
+    s = L.Subtract()([L.Dense(3, name="da")(a), L.Dense(3, name="db")(b)])
+    o1 = L.Dense(2, name="o1")(s)
+    o2 = L.Dense(1, name="o2")(a)
+    model = keras.Model([a, b], [o1, o2])
+    report = tfl.LipschitzEstimator(model, verbose=0).autolip()
+    assert set(report.outputs) == {"o1", "o2"}
+    assert report.upper == pytest.approx(math.hypot(*report.outputs.values()))
+
+
+def test_max_pool_constant_bounds_sampled_ratios(rng):
+    pool = L.MaxPooling2D(3, 2)
+    model = keras.Sequential([keras.Input((9, 9, 1)), pool])
+    bound = tfl.LipschitzEstimator(model, verbose=0).autolip().upper
+    assert bound == pytest.approx(2.0)
+    # Adversarial pairs: move a point shared by 4 windows, which is the max of each window.
+    x = rng.standard_normal((1, 9, 9, 1)).astype("float32") * 1e-4
+    y = x.copy()
+    y[0, 2, 2, 0] += 1.0
+    ratio = np.linalg.norm(np.asarray(pool(y)) - np.asarray(pool(x))) / 1.0
+    assert ratio == pytest.approx(2.0, rel=1e-2)
+    xs = rng.standard_normal((500, 9, 9, 1)).astype("float32")
+    ys = xs + 0.1 * rng.standard_normal(xs.shape).astype("float32")
+    d_out = np.linalg.norm((np.asarray(pool(xs)) - np.asarray(pool(ys))).reshape(500, -1), axis=1)
+    d_in = np.linalg.norm((xs - ys).reshape(500, -1), axis=1)
+    assert (d_out / d_in).max() <= bound
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lower_bound_below_autolip_on_random_mlp_and_cnn(seed):
+    keras.utils.set_random_seed(seed)
+    mlp = keras.Sequential([keras.Input((6,)), L.Dense(16, activation="relu"),
+                            L.Dense(16, activation="tanh"), L.Dense(3)])
+    cnn = keras.Sequential([keras.Input((10, 10, 2)), L.Conv2D(4, 3, strides=2, activation="relu"),
+                            L.Conv2D(4, 3, activation="elu"), L.Flatten(), L.Dense(3)])
+    for model in (mlp, cnn):
+        est = tfl.LipschitzEstimator(model, verbose=0)
+        upper = est.autolip().upper
+        lb = est.lower_bound(steps=15)
+        assert 0 < lb.value <= upper
+        assert lb.secant <= upper * (1 + 1e-3)
+        # the lower bound really is a Jacobian norm at lb.x: compare with a finite difference
+        assert lb.secant == pytest.approx(lb.value, rel=5e-2)
+
+
+def test_lower_bound_uses_data(rng):
+    model = keras.Sequential([keras.Input((5,)), L.Dense(8, activation="relu"), L.Dense(2)])
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    x = rng.standard_normal((10, 5)).astype("float32")
+    lb = est.lower_bound(x, n_random=0, steps=5)
+    assert lb.starts == 10
+    assert lb.value <= est.autolip().upper
+
+
+def test_extreme_value_estimate_is_labelled_estimate(rng):
+    model = keras.Sequential([keras.Input((4,)), L.Dense(8, activation="tanh"), L.Dense(2)])
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    ev = est.extreme_value_estimate(batches=8, batch_size=8, fit_steps=100)
+    assert ev.kind == "estimate"
+    assert ev.to_dict()["kind"] == "estimate"
+    assert np.isfinite(ev.value) and ev.sample_max <= est.autolip().upper
+
+
+def test_report_table_and_json():
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3, activation="relu"), L.Dense(2)],
+                             name="tiny")
+    report = tfl.LipschitzEstimator(model, verbose=0).autolip()
+    text = str(report)
+    assert "tiny" in text and "Upper bound (estimate)" in text
+    data = report.to_dict()
+    assert data["kind"] == "estimate" and data["certified"] is False
+    assert len(data["layers"]) == len(report.layers)
+    import json
+
+    assert json.loads(report.to_json())["upper"] == pytest.approx(report.upper)
+
+
+def test_callback_style_rerun_is_warm_and_tracks_weights():
+    model = keras.Sequential([keras.Input((5,)), L.Dense(5, use_bias=False)])
+    est = tfl.LipschitzEstimator(model, verbose=0, tol=1e-10)
+    first = est.autolip()
+    model.layers[0].kernel.assign(2.0 * model.layers[0].kernel)
+    second = est.autolip()
+    assert second.upper == pytest.approx(2 * first.upper, rel=1e-5)

@@ -1,0 +1,158 @@
+"""SpectralNorm and ConvOperatorNorm against dense-matrix SVD of the constrained operators."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+from tf_lipschitz.constraints import ConvOperatorNorm, SpectralNorm, track_top_vector
+from tf_lipschitz.operators import LinearOperator
+
+
+def _top_sv(matrix) -> float:
+    """Largest singular value of a dense matrix (float64 eigenvalues of the smaller Gram)."""
+    m = np.asarray(matrix, dtype="float64")
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    return float(np.sqrt(np.linalg.eigvalsh(gram)[-1]))
+
+
+def _conv_norm(kernel, input_shape, strides, padding, dilation=1) -> float:
+    kernel = tf.constant(np.asarray(kernel, dtype="float32"))
+    op = LinearOperator(
+        lambda x: ops.conv(x, kernel, strides=strides, padding=padding, dilation_rate=dilation),
+        tuple(input_shape),
+    )
+    return _top_sv(op.to_dense())
+
+
+def test_track_top_vector_converges_then_steps(rng):
+    w = rng.standard_normal((12, 7)).astype("float32")
+    fn = lambda x: tf.matmul(x, w)  # noqa: E731
+    v0 = tf.constant(rng.standard_normal((1, 12)).astype("float32"))
+    v = track_top_vector(fn, v0, iterations=1, calibrate=True, tol=1e-10, max_iterations=5000)
+    assert float(tf.norm(fn(v))) == pytest.approx(_top_sv(w), rel=1e-5)
+    # zero iterations: only normalises
+    same = track_top_vector(fn, 3.0 * v0, iterations=0, calibrate=False)
+    np.testing.assert_allclose(same.numpy(), (v0 / tf.norm(v0)).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("max_value", [0.5, 1.0, 3.0])
+def test_spectral_norm_projects_dense_kernel(max_value, rng):
+    w = keras.Variable(rng.standard_normal((20, 9)).astype("float32") * 2.0)
+    assert _top_sv(w.numpy()) > max_value
+    constraint = SpectralNorm(max_value)
+    projected = constraint(w).numpy()
+    assert _top_sv(projected) == pytest.approx(max_value, rel=1e-4)
+    # a projection: a kernel already inside the ball is left unchanged (idempotence)
+    np.testing.assert_allclose(constraint(keras.Variable(projected)).numpy(), projected,
+                               rtol=1e-4)
+    small = keras.Variable(w.numpy() * (0.5 * max_value / _top_sv(w.numpy())))
+    np.testing.assert_array_equal(constraint(small).numpy(), small.numpy())
+
+
+def test_spectral_norm_vector_is_persistent_and_warm(rng):
+    constraint = SpectralNorm(1.0, power_iterations=1)
+    w = keras.Variable(rng.standard_normal((30, 30)).astype("float32"))
+    first = constraint.operator_norm(w)  # calibrates
+    assert first == pytest.approx(_top_sv(w.numpy()), rel=1e-4)
+    assert len(constraint._vectors) == 1
+    # the weights move a little: one warm step is enough to track the new norm
+    w.assign(w.numpy() * 1.1 + 0.01 * rng.standard_normal((30, 30)).astype("float32"))
+    assert constraint.operator_norm(w) == pytest.approx(_top_sv(w.numpy()), rel=1e-3)
+    assert len(constraint._vectors) == 1
+
+
+@pytest.mark.parametrize(
+    "input_shape,strides,padding,dilation",
+    [((9, 9, 2), 1, "same", 1), ((9, 9, 2), 2, "valid", 1), ((10, 8, 3), (2, 1), "same", 1),
+     ((9, 9, 2), 1, "valid", 2)],
+)
+def test_conv_operator_norm_matches_dense_svd(input_shape, strides, padding, dilation, rng):
+    kernel = keras.Variable(rng.standard_normal((3, 3, input_shape[-1], 4)).astype("float32"))
+    assert _conv_norm(kernel.numpy(), input_shape, strides, padding, dilation) > 1.0
+    constraint = ConvOperatorNorm(1.0, input_shape, strides=strides, padding=padding,
+                                  dilation_rate=dilation)
+    projected = constraint(kernel).numpy()
+    assert _conv_norm(projected, input_shape, strides, padding, dilation) == pytest.approx(
+        1.0, rel=1e-4)
+
+
+def test_conv_operator_norm_is_not_the_reshaped_kernel_norm(rng):
+    """The trap of shared/ALGORITHMS.md §2: the reshaped kernel's norm is another number."""
+    kernel = rng.standard_normal((3, 3, 3, 16)).astype("float32")
+    projected = ConvOperatorNorm(1.0, (16, 16, 3), padding="same")(keras.Variable(kernel))
+    reshaped = _top_sv(np.asarray(projected).reshape(-1, 16))
+    assert _conv_norm(projected, (16, 16, 3), 1, "same") == pytest.approx(1.0, rel=1e-4)
+    assert reshaped < 0.8  # normalising the reshaped kernel instead would leave the op at > 1.2
+    with pytest.raises(ValueError, match="ConvOperatorNorm"):
+        SpectralNorm(1.0)(keras.Variable(kernel))
+
+
+def _train(model, x, y, epochs=4):
+    model.compile(keras.optimizers.Adam(1e-3), "mse")  # Keras default
+    model.fit(x, y, epochs=epochs, batch_size=16, verbose=0)
+
+
+def test_training_with_constraints_keeps_operator_norms(rng):
+    shape = (10, 10, 2)
+    conv = keras.layers.Conv2D(
+        5, 3, strides=2, padding="same", activation="relu",
+        kernel_constraint=ConvOperatorNorm(0.5, shape, strides=2, padding="same"),
+    )
+    dense = keras.layers.Dense(3, kernel_constraint=SpectralNorm(0.5))
+    model = keras.Sequential([keras.Input(shape), conv, keras.layers.Flatten(), dense])
+    x = rng.standard_normal((96, *shape)).astype("float32")
+    y = 10.0 * rng.standard_normal((96, 3)).astype("float32")  # pushes the norms up
+    _train(model, x, y)
+    conv_norm = _conv_norm(conv.kernel.numpy(), shape, 2, "same")
+    dense_norm = _top_sv(dense.kernel.numpy())
+    assert conv_norm <= 0.5 * (1 + 1e-3)
+    assert dense_norm <= 0.5 * (1 + 1e-3)
+    assert conv_norm > 0.45 and dense_norm > 0.45  # the constraint is active, not vacuous
+
+
+def test_serialisation_round_trip(tmp_path, rng):
+    conv_c = ConvOperatorNorm(2.0, (8, 8, 1), strides=(2, 2), padding="same", power_iterations=2)
+    dense_c = SpectralNorm(0.7, power_iterations=3, tol=1e-5)
+    for c in (conv_c, dense_c):
+        again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(c))
+        assert type(again) is type(c)
+        assert again.get_config() == c.get_config()
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(2, 3, strides=2, padding="same", kernel_constraint=conv_c),
+        keras.layers.Flatten(),
+        keras.layers.Dense(2, kernel_constraint=dense_c),
+    ])
+    path = tmp_path / "constrained.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.layers[0].kernel.constraint.get_config() == conv_c.get_config()
+    assert isinstance(loaded.layers[2].kernel.constraint, SpectralNorm)
+    x = rng.standard_normal((4, 8, 8, 1)).astype("float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "factory,match",
+    [
+        (lambda: SpectralNorm(0.0), "max_value"),
+        (lambda: SpectralNorm(float("inf")), "max_value"),
+        (lambda: SpectralNorm(1.0, power_iterations=0), "power_iterations"),
+        (lambda: ConvOperatorNorm(1.0), "input_shape"),
+        (lambda: ConvOperatorNorm(1.0, (8, None, 1)), "input_shape"),
+        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), padding="causal"), "padding"),
+        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), strides=(1, 2, 3)), "strides"),
+    ],
+)
+def test_bad_arguments(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+def test_kernel_that_does_not_fit_the_input_shape(rng):
+    constraint = ConvOperatorNorm(1.0, (8, 8, 3))
+    with pytest.raises(ValueError, match="input_shape"):
+        constraint(keras.Variable(rng.standard_normal((3, 3, 2, 4)).astype("float32")))

@@ -1,0 +1,240 @@
+"""AutoLip on TensorFlow graphs (tf_lipschitz.tfgraph) against ground truth.
+
+Ground truths: the Keras-level AutoLip of the same model (the graph walk must find the same
+operators and constants), dense-matrix SVDs of small linear ops, and functions whose Lipschitz
+constant is known in closed form.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_lipschitz as tfl
+from tf_lipschitz import tfgraph
+from tf_lipschitz.errors import ModelNotBuiltError, NotLipschitzError
+from tf_lipschitz.operators import LinearOperator
+from tf_lipschitz.rules.activations import activation_info
+from tf_lipschitz.tfgraph import GraphEstimator, UnsupportedOpError, autolip_function
+
+L = keras.layers
+SPEC6 = tf.TensorSpec([None, 6], tf.float32)
+
+
+def _sigma(matrix) -> float:
+    return float(np.linalg.svd(np.asarray(matrix, dtype="float64"), compute_uv=False)[0])
+
+
+def _mlp():
+    return keras.Sequential([
+        keras.Input((7,)),
+        L.Dense(16, activation="relu"),
+        L.Dense(12, activation="tanh"),
+        L.Dense(8),
+        L.Dense(3, activation="softmax"),
+    ], name="mlp")
+
+
+def _cnn():
+    inp = keras.Input((12, 12, 2))
+    x = L.Conv2D(6, 3, strides=2, padding="same")(inp)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(8, 3, strides=1, padding="valid", activation="elu")(x)
+    x = L.MaxPooling2D(3, strides=2, padding="same")(x)  # overlapping windows: constant 2
+    x = L.AveragePooling2D(2)(x)
+    x = L.Flatten()(x)
+    x = L.Dense(5, activation="gelu")(x)
+    return keras.Model(inp, L.Dense(3)(x), name="cnn")
+
+
+def _resnet_block():
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", use_bias=False)(inp)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(4, 3, padding="same")(x)
+    x = L.BatchNormalization()(x)
+    shortcut = L.Conv2D(4, 1)(inp)
+    x = L.ReLU()(L.Add()([x, shortcut]))
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, L.Dense(3, activation="silu")(x), name="resnet_block")
+
+
+def _randomise_batch_norm(model, rng):
+    """Moves BN statistics away from the identity so that folding them matters."""
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.moving_variance.shape[0]
+            layer.moving_mean.assign(rng.normal(size=n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.2, 3.0, size=n).astype("float32"))
+            layer.gamma.assign(rng.normal(size=n).astype("float32"))
+
+
+@pytest.mark.parametrize("builder", [_mlp, _cnn, _resnet_block], ids=["mlp", "cnn", "resnet"])
+def test_exported_model_matches_keras_autolip(builder, tmp_path, rng):
+    model = builder()
+    _randomise_batch_norm(model, rng)
+    model.export(str(tmp_path / "exported"), verbose=False)
+    graph_rep = GraphEstimator.from_saved_model(str(tmp_path / "exported")).autolip()
+    keras_rep = tfl.LipschitzEstimator(model, verbose=0).autolip()
+    assert graph_rep.method == "autolip-graph"
+    assert graph_rep.settings["signature"] == "serving_default"
+    for rep in (graph_rep, keras_rep):
+        assert all(row.converged is not False for row in rep.layers), rep.table()
+    assert graph_rep.upper == pytest.approx(keras_rep.upper, rel=1e-3)
+    # Same fusion: as many measured operators on both sides.
+    measured = [r for r in graph_rep.layers if r.method in ("lanczos", "power")]
+    assert len(measured) == len([r for r in keras_rep.layers if r.method in ("lanczos", "power")])
+
+
+def test_graph_operator_equals_dense_matrix_and_its_norm():
+    """A strided conv and a transposed conv: the re-executed ops are the exact linear maps."""
+    rng = np.random.default_rng(1)
+    kernel = rng.standard_normal((3, 3, 2, 3)).astype("float32")
+    up = rng.standard_normal((3, 3, 2, 3)).astype("float32")  # (h, w, out, in) for transpose
+
+    def f(x):
+        y = tf.nn.conv2d(x, kernel, strides=2, padding="SAME")  # (4, 4, 3)
+        return tf.nn.conv2d_transpose(y, up, output_shape=tf.stack([tf.shape(x)[0], 8, 8, 2]),
+                                      strides=2, padding="SAME")
+
+    est = GraphEstimator(f, tf.TensorSpec([None, 7, 7, 2]), tol=1e-8)
+    (op,) = est._autolip.operators  # one fused operator
+    reference = LinearOperator(f, (7, 7, 2)).to_dense()
+    np.testing.assert_allclose(op.to_dense(batch_size=16), reference, atol=1e-4)
+    assert est.autolip().upper == pytest.approx(_sigma(reference), rel=1e-4)
+
+
+def test_closed_form_function():
+    """tanh(2·avgpool(conv1x1(x)) Q + b), Q orthogonal: L = ‖K‖₂ exactly.
+
+    The 1×1 conv acts on channels, 2× a non-overlapping 2×2 average pool has norm 2·½ = 1,
+    the reshape and Q are isometries, the bias is removed, and tanh'(0) = 1 is attained.
+    """
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((1, 1, 3, 5)).astype("float32")
+    q = np.linalg.qr(rng.standard_normal((20, 20)))[0].astype("float32")
+    b = rng.standard_normal(20).astype("float32")
+
+    @tf.function
+    def f(x):
+        y = tf.nn.conv2d(x, k, 1, "VALID")
+        y = 2.0 * tf.nn.avg_pool2d(y, 2, 2, "VALID")
+        return tf.nn.tanh(tf.reshape(y, (-1, 20)) @ q + b)
+
+    rep = autolip_function(f, tf.TensorSpec([None, 4, 4, 3]))
+    assert rep.upper == pytest.approx(_sigma(k[0, 0]), rel=1e-4)
+    assert [row.class_name for row in rep.layers][-1] == "Tanh"
+
+
+@pytest.mark.parametrize("name, fn, activation", [
+    ("gelu", lambda h: tf.nn.gelu(h), activation_info("gelu")),
+    ("gelu_tanh", lambda h: tf.nn.gelu(h, approximate=True),
+     activation_info("gelu", approximate=True)),
+    ("silu", tf.nn.silu, activation_info("silu")),
+    ("mish", keras.activations.mish, activation_info("mish")),
+    ("hard_silu", keras.activations.hard_silu, activation_info("hard_silu")),
+    ("leaky_relu", lambda h: tf.nn.leaky_relu(h, 0.3), activation_info("leaky_relu",
+                                                                         negative_slope=0.3)),
+])
+def test_activations_built_from_several_ops_are_recognised(name, fn, activation):
+    w = np.random.default_rng(3).standard_normal((6, 4)).astype("float32")
+    rep = autolip_function(lambda x: fn(x @ w), SPEC6)
+    assert rep.upper == pytest.approx(_sigma(w) * activation.lipschitz, rel=1e-5)
+    assert rep.layers[-1].bound_kind == "certified"
+
+
+def test_merges_follow_autolip_rules():
+    rng = np.random.default_rng(4)
+    a, b, c = (rng.standard_normal((6, 5)).astype("float32") for _ in range(3))
+    sa, sb, sc = _sigma(a), _sigma(b), _sigma(c)
+
+    def f(x):
+        left = tf.nn.relu(x @ a)
+        joined = tf.concat([left, x @ b], axis=-1)  # √(La² + Lb²)
+        summed = tf.nn.relu(x @ c) + left  # Lc + La
+        return {"joined": joined, "summed": tf.maximum(summed, x @ c)}  # √((Lc+La)² + Lc²)
+
+    rep = autolip_function(f, SPEC6)
+    joined = math.hypot(sa, sb)
+    summed = math.hypot(sc + sa, sc)
+    assert rep.outputs["joined"] == pytest.approx(joined, rel=1e-4)
+    assert rep.outputs["summed"] == pytest.approx(summed, rel=1e-4)
+    assert rep.upper == pytest.approx(math.hypot(joined, summed), rel=1e-4)
+
+
+def test_lower_bound_is_below_upper_and_graph_function_is_the_model(tmp_path):
+    model = _mlp()
+    model.export(str(tmp_path / "m"), verbose=False)
+    est = GraphEstimator.from_saved_model(str(tmp_path / "m"))
+    x = np.random.default_rng(5).standard_normal((4, 7)).astype("float32")
+    np.testing.assert_allclose(est.model_function()(tf.constant(x)), model(x), atol=1e-6)
+    lower = est.lower_bound(x=x, n_random=4, steps=10)
+    assert 0 < lower.value <= est.autolip().upper * (1 + 1e-6)
+
+
+def test_products_of_input_dependent_tensors_are_not_lipschitz():
+    w = np.ones((6, 6), "float32")
+    with pytest.raises(NotLipschitzError, match="Mul"):
+        autolip_function(lambda x: (x @ w) * (x @ w + 1.0), SPEC6)
+    with pytest.raises(NotLipschitzError, match="BatchMatMul|MatMul"):
+        autolip_function(lambda x: tf.matmul(x[:, :, None], x[:, None, :]), SPEC6)
+    with pytest.raises(NotLipschitzError, match="exponential"):
+        autolip_function(tf.exp, SPEC6)
+
+
+def test_unsupported_op_names_type_and_node_and_can_be_registered():
+    with pytest.raises(UnsupportedOpError, match=r"'Sin' \(node '.*Sin.*'\).*register_op_rule"):
+        autolip_function(lambda x: tf.sin(2.0 * x), SPEC6)
+    tfgraph.register_op_rule("Sin", tfgraph.elementwise_rule(1.0))
+    try:
+        assert autolip_function(lambda x: tf.sin(2.0 * x), SPEC6).upper == pytest.approx(2.0)
+    finally:
+        tfgraph._OP_RULES.pop("Sin")
+
+
+def test_non_float_input_and_unknown_dimensions():
+    with pytest.raises(ModelNotBuiltError, match="int32"):
+        autolip_function(lambda t: tf.cast(t, tf.float32) * 2.0,
+                         tf.TensorSpec([None, 6], tf.int32))
+    kernel = np.random.default_rng(6).standard_normal((3, 3, 1, 2)).astype("float32")
+
+    def conv(x):
+        return tf.nn.conv2d(x, kernel, 1, "SAME")
+
+    spec = tf.TensorSpec([None, None, None, 1])
+    with pytest.raises(ModelNotBuiltError, match="unknown dimensions"):
+        autolip_function(conv, spec)
+    rep = autolip_function(conv, spec, input_shape=(5, 5, 1))
+    assert rep.upper == pytest.approx(_sigma(LinearOperator(conv, (5, 5, 1)).to_dense()),
+                                      rel=1e-4)
+
+
+def test_tf_saved_model_save_with_named_signature(tmp_path):
+    class Scorer(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(np.random.default_rng(7).standard_normal((6, 3)), dtype=tf.float32)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32, name="features")])
+        def score(self, x):
+            return {"scores": tf.nn.sigmoid(x @ self.w), "label": tf.argmax(x @ self.w, -1)}
+
+    module = Scorer()
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"score": module.score})
+    with pytest.raises(KeyError, match="available signatures: score"):
+        GraphEstimator.from_saved_model(str(tmp_path / "sm"), "serving_default")
+    with pytest.warns(UserWarning, match="label"):
+        est = GraphEstimator.from_saved_model(str(tmp_path / "sm"))
+    rep = est.autolip()
+    assert rep.settings["skipped_outputs"] == ["label"]
+    assert rep.upper == pytest.approx(0.25 * _sigma(module.w.numpy()), rel=1e-5)
+
+
+def test_half_precision_graph_is_measured_in_float32():
+    w = np.random.default_rng(8).standard_normal((6, 4)).astype("float16")
+    rep = autolip_function(lambda x: tf.nn.relu(x @ w), tf.TensorSpec([None, 6], tf.float16))
+    assert rep.upper == pytest.approx(_sigma(w.astype("float32")), rel=1e-3)

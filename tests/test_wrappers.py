@@ -1,0 +1,160 @@
+"""LipschitzWrapper: effective operator norms against dense-matrix SVD, training, saving."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import tf_lipschitz as tfl
+from tf_lipschitz.operators import LinearOperator
+from tf_lipschitz.rules import Linear, NodeContext, get_rule
+from tf_lipschitz.wrappers import LipschitzWrapper
+
+
+def _top_sv(matrix) -> float:
+    """Largest singular value of a dense matrix (float64 eigenvalues of the smaller Gram)."""
+    m = np.asarray(matrix, dtype="float64")
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    return float(np.sqrt(np.linalg.eigvalsh(gram)[-1]))
+
+
+def _norm(layer, input_shape) -> float:
+    """Exact operator norm of a layer's linear part (its registered rule) on ``input_shape``."""
+    ctx = NodeContext(input_shapes=(tuple(input_shape),), output_shapes=((),))
+    bound = get_rule(layer)(layer, ctx)
+    assert isinstance(bound, Linear)
+    return _top_sv(LinearOperator(bound.fn, tuple(input_shape)).to_dense())
+
+
+LAYERS = {
+    "dense": (lambda: keras.layers.Dense(6), (10,)),
+    "conv2d_strided": (lambda: keras.layers.Conv2D(4, 3, strides=2, padding="same"), (9, 9, 3)),
+    "conv1d_dilated": (lambda: keras.layers.Conv1D(3, 3, dilation_rate=2), (12, 2)),
+    "depthwise": (lambda: keras.layers.DepthwiseConv2D(3, strides=2), (8, 8, 2)),
+    "separable": (lambda: keras.layers.SeparableConv2D(3, 3, padding="same"), (6, 6, 2)),
+    "conv_transpose": (lambda: keras.layers.Conv2DTranspose(2, 3, strides=2), (5, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_wrapped_layer_is_the_scaled_layer(name, rng):
+    make, shape = LAYERS[name]
+    inner = make()
+    wrapper = LipschitzWrapper(inner, max_lipschitz=0.3)
+    x = rng.standard_normal((3, *shape)).astype("float32")
+    y = np.asarray(wrapper(x))  # first (inference) call calibrates the vector
+    raw = _norm(inner, shape)
+    assert raw > 0.3
+    assert wrapper.raw_operator_norm() == pytest.approx(raw, rel=1e-4)
+    # effective operator: the estimator's rule sees the normalised weights
+    assert _norm(wrapper, shape) == pytest.approx(0.3, rel=1e-4)
+    assert wrapper.operator_norm() == pytest.approx(0.3, rel=1e-4)
+    # outputs are the wrapped layer's with its kernel scaled by current_scale()
+    scale = float(wrapper.current_scale())
+    assert scale == pytest.approx(0.3 / raw, rel=1e-4)
+    kernel = next(getattr(inner, a) for a in ("kernel", "pointwise_kernel")
+                  if hasattr(inner, a))
+    original = kernel.numpy()
+    kernel.assign(original * scale)
+    expected = np.asarray(inner(x))
+    kernel.assign(original)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_inside_the_ball_is_unchanged(rng):
+    inner = keras.layers.Dense(3)
+    wrapper = LipschitzWrapper(inner, max_lipschitz=100.0)
+    x = rng.standard_normal((4, 5)).astype("float32")
+    np.testing.assert_allclose(np.asarray(wrapper(x)), np.asarray(inner(x)), rtol=1e-6)
+    assert float(wrapper.current_scale()) == 1.0
+
+
+def test_conv_norm_uses_the_real_input_shape(rng):
+    """Unlike keras.layers.SpectralNormalization, the operator (not the reshaped kernel) is 1."""
+    shape = (16, 16, 3)
+    x = rng.standard_normal((2, *shape)).astype("float32")
+    ours = LipschitzWrapper(keras.layers.Conv2D(16, 3, padding="same"), max_lipschitz=1.0)
+    ours(x)
+    assert _norm(ours, shape) == pytest.approx(1.0, rel=1e-4)
+    theirs = keras.layers.SpectralNormalization(keras.layers.Conv2D(16, 3, padding="same"),
+                                                power_iterations=50)
+    theirs(x, training=True)
+    assert abs(_norm(theirs.layer, shape) - 1.0) > 0.1
+
+
+def _model(shape=(10, 10, 2), target=0.5):
+    return keras.Sequential([
+        keras.Input(shape),
+        LipschitzWrapper(keras.layers.Conv2D(5, 3, strides=2, padding="same", activation="relu"),
+                         max_lipschitz=target),
+        keras.layers.Flatten(),
+        LipschitzWrapper(keras.layers.Dense(3), max_lipschitz=target),
+    ])
+
+
+def test_training_keeps_operator_norms_below_target(rng):
+    model = _model()
+    x = rng.standard_normal((96, 10, 10, 2)).astype("float32")
+    y = 10.0 * rng.standard_normal((96, 3)).astype("float32")  # pushes the norms up
+    model.compile(keras.optimizers.Adam(1e-3), "mse")  # Keras' default learning rate
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    history = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]  # gradients flow
+    assert any(not np.allclose(a, b.numpy()) for a, b in zip(before, model.trainable_weights))
+    conv, dense = model.layers[0], model.layers[2]
+    for wrapper, shape in ((conv, (10, 10, 2)), (dense, (125,))):
+        effective = _norm(wrapper, shape)
+        assert effective <= 0.5 * (1 + 1e-3)
+        assert effective > 0.5 * (1 - 1e-3)  # active: the raw layer is above the target
+        assert _norm(wrapper.layer, shape) > 0.5
+    # the estimator uses the normalised weights
+    report = tfl.LipschitzEstimator(model, verbose=0).autolip()
+    rows = {row.name: row for row in report.layers}
+    assert rows[conv.name].norm == pytest.approx(_norm(conv, (10, 10, 2)), rel=1e-4)
+    assert report.upper <= 0.25 * (1 + 3e-3)
+
+
+def test_keras_save_load_round_trip(tmp_path, rng):
+    model = _model(target=0.7)
+    x = rng.standard_normal((32, 10, 10, 2)).astype("float32")
+    model.compile("adam", "mse")
+    model.fit(x, rng.standard_normal((32, 3)).astype("float32"), epochs=1, verbose=0)
+    path = tmp_path / "wrapped.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.layers[0], LipschitzWrapper)
+    assert loaded.layers[0].max_lipschitz == 0.7
+    assert loaded.layers[0].get_config() == model.layers[0].get_config()
+    np.testing.assert_array_equal(loaded.layers[0].vector.numpy(), model.layers[0].vector.numpy())
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-6, atol=1e-6)
+    loaded.compile("adam", "mse")
+    loaded.fit(x, rng.standard_normal((32, 3)).astype("float32"), epochs=1, verbose=0)
+
+
+def test_activity_regularizer_loss_is_kept(rng):
+    wrapper = LipschitzWrapper(keras.layers.Dense(3, activity_regularizer="l2"))
+    model = keras.Sequential([keras.Input((4,)), wrapper])
+    model(rng.standard_normal((2, 4)).astype("float32"))
+    assert len(model.losses) == 1
+
+
+@pytest.mark.parametrize(
+    "layer,shape,error,match",
+    [
+        (keras.layers.ReLU(), (4,), TypeError, "affine"),
+        (keras.layers.BatchNormalization(), (4,), TypeError, "kernel"),
+        (keras.layers.Conv2D(2, 3), (None, None, 1), ValueError, "input shape"),
+    ],
+)
+def test_bad_layers(layer, shape, error, match):
+    with pytest.raises(error, match=match):
+        keras.Sequential([keras.Input(shape), LipschitzWrapper(layer)])
+
+
+@pytest.mark.parametrize("kwargs,match", [({"max_lipschitz": 0.0}, "max_lipschitz"),
+                                          ({"max_lipschitz": float("nan")}, "max_lipschitz"),
+                                          ({"power_iterations": 0}, "power_iterations")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LipschitzWrapper(keras.layers.Dense(2), **kwargs)

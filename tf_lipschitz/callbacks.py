@@ -1,0 +1,365 @@
+"""``LipCallback``: Lipschitz bounds of a model during ``model.fit``.
+
+The callback builds one :class:`~tf_lipschitz.LipschitzEstimator` when training starts and
+re-runs it every ``every_n_epochs`` epochs (and optionally every ``every_n_batches`` batches).
+The estimator keeps its compiled spectral solver and warm-starts it from the previous singular
+vectors, so after the first call an estimate costs a few operator products per layer.
+
+Values go into the ``logs`` dictionary under ``lipschitz_autolip``, ``lipschitz_seqlip`` and
+``lipschitz_lower``, so ``History``, ``CSVLogger``, ``EarlyStopping`` and the progress bar see
+them (place ``LipCallback`` *before* those callbacks in the list: Keras calls callbacks in
+order). With ``log_dir`` the totals and per-layer values are also written as TensorBoard
+scalars to ``log_dir/lipschitz``, a run next to the ``train`` and ``validation`` runs that
+``keras.callbacks.TensorBoard(log_dir)`` writes (one writer per run directory: TensorBoard reads
+one active event file per directory).
+
+What the numbers are: ``lipschitz_autolip`` is an upper bound built from power-iteration
+norms, so an **estimate** (certified only with ``certified=True`` and certified per-layer norms
+for every layer); ``lipschitz_seqlip`` is whatever the SeqLip report says (greedy: estimate);
+``lipschitz_lower`` is a proven **lower bound**. The kinds are recorded in
+:attr:`LipCallback.records` and in the TensorBoard descriptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_lipschitz.estimator import LipschitzEstimator
+from tf_lipschitz.report import _clean
+
+__all__ = ["LipCallback", "LipschitzRecord"]
+
+METHODS = ("autolip", "seqlip", "lower")
+LOWER_KIND = "lower bound"
+
+
+@dataclasses.dataclass(frozen=True)
+class LipschitzRecord:
+    """One estimate made by :class:`LipCallback`.
+
+    Attributes:
+        stage: ``"train_begin"``, ``"epoch_end"`` or ``"batch_end"``.
+        epoch: Keras' 0-based epoch index (``None`` at ``"train_begin"``).
+        batch: Batch index within the epoch for ``"batch_end"`` records, else ``None``.
+        step: Optimizer iterations done when the estimate was made.
+        values: ``{"lipschitz_autolip": ..., ...}`` (NaN when an estimate failed).
+        kinds: For each value, ``"certified upper bound"``, ``"estimate"`` or ``"lower bound"``.
+        layers: ``{method: {layer name: the layer's own constant}}`` when ``per_layer``.
+        elapsed: Seconds spent computing this record.
+    """
+
+    stage: str
+    epoch: int | None
+    batch: int | None
+    step: int
+    values: dict[str, float]
+    kinds: dict[str, str]
+    layers: dict[str, dict[str, float]]
+    elapsed: float
+
+    def to_dict(self) -> dict:
+        return _clean(dataclasses.asdict(self))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _first_batch(x) -> np.ndarray:
+    if isinstance(x, tf.data.Dataset):
+        element = next(iter(x))
+        if isinstance(element, (tuple, list)):
+            element = element[0]
+        if isinstance(element, dict):
+            raise ValueError(
+                "LipCallback(x=...) received a dataset of dicts; pass the input batch as an "
+                "array (the lower bound supports single-input models)."
+            )
+        return np.asarray(element)
+    return np.asarray(x)
+
+
+class LipCallback(keras.callbacks.Callback):
+    """Logs Lipschitz bounds of the model during training (History, CSV, TensorBoard).
+
+    Use it to watch how training changes the model's Lipschitz constant (robustness,
+    generalisation and stability all depend on it), and to check constrained models. The
+    first estimate runs at ``on_train_begin``: a model the estimator cannot analyse fails
+    there, before any training, with the estimator's error. Later failures (NaN weights,
+    numerical trouble) never stop training: the callback warns and records NaN.
+
+    Args:
+        methods: Any of ``"autolip"`` (default), ``"seqlip"`` (needs
+            ``LipschitzEstimator.seqlip``) and ``"lower"`` (a lower bound by gradient ascent
+            on the Jacobian norm; slower).
+        every_n_epochs: Estimate at the end of every n-th epoch (``None``: never at epoch end,
+            then ``every_n_batches`` is required). Epochs without an estimate log NaN, so that
+            ``CSVLogger`` keeps a fixed set of columns.
+        every_n_batches: Also estimate every n training batches (counted over the whole run).
+        log_dir: Directory for TensorBoard scalars (written to ``log_dir/lipschitz``); use the
+            same directory as ``keras.callbacks.TensorBoard``.
+        per_layer: Also record and write each layer's own constant.
+        x: Input data (array or ``tf.data.Dataset``; its first batch is used) to start the
+            lower-bound search from; random inputs are used without it.
+        verbose: 1 prints one line per estimate.
+        input_shape: Per-example input shape, for models with unknown input dimensions.
+        certified: Use certified per-layer norms where available (AutoLip).
+        solver: ``"lanczos"`` (default) or ``"power"``.
+        tol: Relative tolerance of the spectral solver.
+        max_products: Cap on operator products per layer and estimate.
+        lower_kwargs: Extra arguments of :func:`tf_lipschitz.lower.lower_bound`
+            (``n_random``, ``steps``...).
+
+    Example:
+        >>> import keras, numpy as np, tf_lipschitz as tfl
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+        ...                           keras.layers.Dense(1)])
+        >>> model.compile("adam", "mse")
+        >>> history = model.fit(np.ones((32, 4)), np.ones((32, 1)), epochs=2, verbose=0,
+        ...                     callbacks=[tfl.LipCallback()])
+        >>> len(history.history["lipschitz_autolip"])
+        2
+    """
+
+    def __init__(
+        self,
+        methods: Sequence[str] | str = ("autolip",),
+        every_n_epochs: int | None = 1,
+        every_n_batches: int | None = None,
+        log_dir: str | os.PathLike | None = None,
+        per_layer: bool = True,
+        x: Any = None,
+        verbose: int = 0,
+        *,
+        input_shape: Sequence[int] | None = None,
+        certified: bool = False,
+        solver: str = "lanczos",
+        tol: float = 1e-6,
+        max_products: int = 2000,
+        lower_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        if isinstance(methods, str):
+            methods = (methods,)
+        methods = tuple(dict.fromkeys(methods))
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ValueError(
+                f"Unknown Lipschitz method(s) {unknown}; `methods` must be a non-empty subset of "
+                f"{METHODS}. Received: methods={methods!r}"
+            )
+        if "seqlip" in methods and not hasattr(LipschitzEstimator, "seqlip"):
+            raise ValueError(
+                "methods includes 'seqlip', but this tf_lipschitz has no "
+                "LipschitzEstimator.seqlip. Use methods=('autolip',) or ('autolip', 'lower')."
+            )
+        for name, value in (("every_n_epochs", every_n_epochs),
+                            ("every_n_batches", every_n_batches)):
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(
+                    f"`{name}` must be a positive integer or None. Received: {name}={value!r}"
+                )
+        if every_n_epochs is None and every_n_batches is None:
+            raise ValueError(
+                "LipCallback would never run: set `every_n_epochs` and/or `every_n_batches`."
+            )
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
+        lower_kwargs = dict(lower_kwargs or {})
+        if "x" in lower_kwargs:
+            raise ValueError("Pass the lower-bound data as LipCallback(x=...), not in lower_kwargs.")
+        if lower_kwargs and "lower" not in methods:
+            raise ValueError("`lower_kwargs` is set but 'lower' is not in `methods`.")
+        self.methods = methods
+        self.every_n_epochs = every_n_epochs
+        self.every_n_batches = every_n_batches
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.per_layer = bool(per_layer)
+        self.x = x
+        self.verbose = verbose
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.certified = bool(certified)
+        self.estimator_kwargs = {"solver": solver, "tol": tol, "max_products": max_products}
+        self.lower_kwargs = lower_kwargs
+        self.records: list[LipschitzRecord] = []
+        self.estimator: LipschitzEstimator | None = None
+        self._x_batch: np.ndarray | None = None
+        self._writer = None
+        self._cold = True  # next solver run starts from random vectors (after a failure)
+        self._epoch: int | None = None
+
+    # ------------------------------------------------------------------ set-up and tear-down
+    def on_train_begin(self, logs=None):
+        if self.estimator is None or self.estimator.model is not self.model:
+            try:
+                self.estimator = LipschitzEstimator(
+                    self.model, self.input_shape, verbose=0, **self.estimator_kwargs
+                )
+            except Exception as exc:
+                exc.add_note(
+                    f"Raised by LipCallback.on_train_begin for model '{self.model.name}', before "
+                    "training started. Fix the model or register a rule (see the message above), "
+                    "or remove the callback."
+                )
+                raise
+            self._cold = True
+            if "lower" in self.methods and self.x is not None:
+                self._x_batch = _first_batch(self.x)
+        if self.log_dir is not None and self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "lipschitz"))
+        # The first estimate compiles the solver and checks the model end to end: errors here
+        # are raised (nothing is lost yet); later ones only warn.
+        self._record("train_begin", None, None, raise_errors=True)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------------------ hooks
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every_n_epochs is None:
+            return
+        if (epoch + 1) % self.every_n_epochs == 0:
+            record = self._record("epoch_end", epoch, None)
+            values = record.values
+        else:
+            values = {self.log_key(m): math.nan for m in self.methods}
+        if logs is not None:
+            logs.update(values)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_n_batches is None:
+            return
+        if self._step() % self.every_n_batches == 0:
+            record = self._record("batch_end", self._epoch, batch)
+            if logs is not None:
+                logs.update(record.values)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    # ------------------------------------------------------------------ computing
+    @staticmethod
+    def log_key(method: str) -> str:
+        """The ``logs`` key of a method: ``"lipschitz_<method>"``."""
+        return f"lipschitz_{method}"
+
+    def _step(self) -> int:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return 0
+        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+    def _run(self, method: str) -> tuple[float, str, dict[str, float]]:
+        est = self.estimator
+        if method == "lower":
+            result = est.lower_bound(self._x_batch, **{"verbose": 0, **self.lower_kwargs})
+            return float(result.value), LOWER_KIND, {}
+        if method == "autolip":
+            report = est.autolip(certified=self.certified, init=None if self._cold else "warm")
+        else:
+            report = est.seqlip()
+        layers = {}
+        if self.per_layer:
+            layers = {row.name: float(row.lipschitz) for row in report.layers
+                      if row.lipschitz is not None}
+        return float(report.upper), report.kind, layers
+
+    def _record(self, stage: str, epoch: int | None, batch: int | None, *,
+                raise_errors: bool = False) -> LipschitzRecord:
+        start = time.perf_counter()
+        values, kinds, layers = {}, {}, {}
+        for method in self.methods:
+            key = self.log_key(method)
+            try:
+                value, kind, per_layer = self._run(method)
+            except Exception as exc:  # noqa: BLE001 - reported, recorded as NaN, never silent
+                if raise_errors:
+                    exc.add_note(
+                        f"Raised by LipCallback ({method}) at {stage}, before training started."
+                    )
+                    raise
+                warnings.warn(
+                    f"LipCallback: the {method} estimate at {self._where(stage, epoch, batch)} "
+                    f"failed with {type(exc).__name__}: {exc}. Recording NaN and continuing "
+                    "training.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                value, kind, per_layer = math.nan, "failed", {}
+            if not math.isfinite(value):
+                if kind != "failed":
+                    warnings.warn(
+                        f"LipCallback: the {method} estimate at "
+                        f"{self._where(stage, epoch, batch)} is {value} (are the weights "
+                        "finite?). Recording NaN and continuing training.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                value = math.nan
+            if method != "lower" and not math.isfinite(value):
+                self._cold = True  # don't warm-start from vectors computed on broken weights
+            elif method == "autolip":
+                self._cold = False
+            values[key] = value
+            kinds[key] = kind
+            if per_layer:
+                layers[method] = per_layer
+        record = LipschitzRecord(stage=stage, epoch=epoch, batch=batch, step=self._step(),
+                                 values=values, kinds=kinds, layers=layers,
+                                 elapsed=time.perf_counter() - start)
+        self.records.append(record)
+        self._write(record)
+        if self.verbose:
+            shown = ", ".join(f"{k[len('lipschitz_'):]} {v:.6g} ({kinds[k]})"
+                              for k, v in values.items())
+            print(f"LipCallback {self._where(stage, epoch, batch)}: {shown} "
+                  f"[{record.elapsed:.2f} s]", flush=True)
+        return record
+
+    @staticmethod
+    def _where(stage, epoch, batch) -> str:
+        if stage == "train_begin":
+            return "train begin"
+        if stage == "epoch_end":
+            return f"epoch {epoch + 1}"
+        return f"epoch {(epoch or 0) + 1} batch {batch + 1}"
+
+    def _write(self, record: LipschitzRecord):
+        if self._writer is None or record.stage == "train_begin":
+            return
+        prefix, step = ("epoch_", record.epoch) if record.stage == "epoch_end" else (
+            "batch_", record.step)
+        with self._writer.as_default(step=step):
+            for key, value in record.values.items():
+                tf.summary.scalar(f"{prefix}{key}", value,
+                                  description=f"{key}: {record.kinds[key]}")
+            for method, rows in record.layers.items():
+                for name, value in rows.items():
+                    tf.summary.scalar(f"{prefix}lipschitz_{method}/{name}", value,
+                                      description="the layer's own Lipschitz constant")
+        self._writer.flush()
+
+    # ------------------------------------------------------------------ results
+    def series(self, method: str = "autolip", stage: str = "epoch_end") -> list[float]:
+        """The values of one method at one stage, in order (e.g. for plotting).
+
+        Args:
+            method: ``"autolip"``, ``"seqlip"`` or ``"lower"``.
+            stage: ``"train_begin"``, ``"epoch_end"`` or ``"batch_end"``.
+
+        Returns:
+            The recorded values (NaN where an estimate failed).
+        """
+        key = self.log_key(method)
+        return [r.values[key] for r in self.records if r.stage == stage and key in r.values]

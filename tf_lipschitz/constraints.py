@@ -1,0 +1,364 @@
+"""Weight constraints that cap the operator norm of a layer: ``SpectralNorm``, ``ConvOperatorNorm``.
+
+A Keras constraint is applied by the optimizer after every update (``w ← constraint(w)``). These
+constraints rescale the kernel so that the *operator* it defines has spectral norm at most
+``max_value``:
+
+    w ← w · min(1, max_value / σ̂(w)),
+
+where ``σ̂`` comes from a power iteration on ``JᵀJ`` through the layer's linear map, run with the
+core's loop (:mod:`tf_lipschitz.power`, Scaman & Virmaux 2018, Algorithm 2).
+
+Design: persistent, warm-started vectors. Keras treats constraints as stateless callables, but
+a power iteration needs a start vector. A fixed start with a few iterations would be
+stateless but wrong: power iteration converges *from below*, so a short run from the same
+start every step can stay well under ``σ`` forever, and the "constrained" kernel would keep a
+norm above ``max_value``. Running to convergence every step is correct but costs tens to
+hundreds of products per step for a convolution. Instead each constraint owns one small
+non-trainable ``tf.Variable`` per constrained kernel (keyed by the variable's path, created on
+first use, mirrored under ``tf.distribute`` strategies). The first call runs restarted Lanczos
+from a fixed pseudo-random start until its residual is below ``tol``; every later call does
+``power_iterations`` steps from the previous vector. The weights move little between
+optimizer steps, so the vector stays converged and ``σ̂`` tracks ``σ`` at the cost of one
+product per step (the same scheme as Miyato et al., ICLR 2018). The vectors are a cache: they
+are not saved with the model, and a reloaded model re-converges on the first step.
+
+``SpectralNorm`` treats a 2-D kernel as the matrix of a Dense layer. Do **not** use it for a
+convolution: the norm of the reshaped kernel is not the convolution's operator norm (for a 3×3
+convolution the gap reaches 3×, see ``shared/ALGORITHMS.md`` §2). ``ConvOperatorNorm`` measures
+the convolution itself on its real input shape, strides and padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from tf_lipschitz.power import _lanczos_loop, _power_loop
+
+__all__ = ["SpectralNorm", "ConvOperatorNorm", "track_top_vector"]
+
+_START_SEED = (1805, 10965)  # arXiv 1805.10965: any fixed seed makes the first start reproducible
+
+
+def track_top_vector(
+    fn: Callable[[tf.Tensor], tf.Tensor],
+    vector: tf.Tensor,
+    *,
+    iterations: int | tf.Tensor,
+    calibrate: bool | tf.Tensor,
+    tol: float = 1e-6,
+    max_iterations: int = 1000,
+    krylov_dim: int = 16,
+) -> tf.Tensor:
+    """Advances a warm-started iteration for the top right singular vector of a linear ``fn``.
+
+    Graph-friendly (the branch is a ``tf.cond``): when ``calibrate`` is true, restarted
+    Lanczos (:mod:`tf_lipschitz.power`) runs until its Ritz residual is at most ``tol`` (at
+    most ``max_iterations`` products); otherwise exactly ``iterations`` power-method products
+    are done (``0`` returns ``vector`` normalised). Each product is one forward and one
+    backward pass of ``fn`` on a batch of one example (:func:`tf_lipschitz.power.jtj_product`).
+
+    Args:
+        fn: Linear map on batches ``(batch, *input_shape)``.
+        vector: Current vector, shape ``(1, *input_shape)``, nonzero.
+        iterations: Power-method products per call once calibrated.
+        calibrate: Iterate to convergence instead (first call, or a fresh vector).
+        tol: Relative tolerance of the calibrating iteration.
+        max_iterations: Cap on products of the calibrating iteration.
+        krylov_dim: Krylov basis size of the calibrating Lanczos restarts.
+
+    Returns:
+        The new unit vector (gradient stopped), shape ``(1, *input_shape)``.
+
+    Example:
+        >>> import tensorflow as tf
+        >>> w = tf.constant([[3.0, 0.0], [0.0, 1.0]])
+        >>> v = track_top_vector(lambda x: tf.matmul(x, w), tf.constant([[1.0, 1.0]]),
+        ...                      iterations=1, calibrate=True)
+        >>> round(float(tf.norm(tf.matmul(v, w))), 4)
+        3.0
+    """
+    vector = tf.convert_to_tensor(vector)
+    size = int(np.prod(vector.shape[1:]))
+    m = int(min(krylov_dim, max(2, size)))
+
+    def calibrated():
+        v, _, _ = _lanczos_loop(fn, vector, tf.constant(float(tol), tf.float64),
+                                tf.constant(int(max_iterations)), m)
+        return v
+
+    def stepped():
+        v, _, _ = _power_loop(fn, vector, tf.constant(0.0, tf.float64),
+                              tf.cast(iterations, tf.int32))
+        return v
+
+    v = tf.cond(tf.convert_to_tensor(calibrate, tf.bool), calibrated, stepped)
+    return tf.stop_gradient(v)
+
+
+def _start_vector(shape, dtype) -> tf.Tensor:
+    return tf.random.stateless_normal(shape, seed=_START_SEED, dtype=dtype)
+
+
+def _check_positive(name: str, value, *, integer: bool = False):
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        value > 0 and math.isfinite(value)
+    ):
+        raise ValueError(f"`{name}` must be a finite number > 0. Received: {name}={value!r}")
+
+
+class _OperatorNormConstraint(keras.constraints.Constraint):
+    """Shared machinery: per-kernel persistent vectors and the rescaling ``w·min(1, c/σ̂)``."""
+
+    def __init__(self, max_value: float, power_iterations: int, tol: float,
+                 max_iterations: int):
+        _check_positive("max_value", max_value)
+        _check_positive("power_iterations", power_iterations, integer=True)
+        _check_positive("tol", tol)
+        _check_positive("max_iterations", max_iterations, integer=True)
+        self.max_value = float(max_value)
+        self.power_iterations = int(power_iterations)
+        self.tol = float(tol)
+        self.max_iterations = int(max_iterations)
+        self._vectors: dict[str, tf.Variable] = {}
+        self._compiled = None
+
+    def _operator(self, w: tf.Tensor) -> tuple[Callable[[tf.Tensor], tf.Tensor], tuple[int, ...]]:
+        """Returns the linear map defined by kernel ``w`` and its per-example input shape."""
+        raise NotImplementedError
+
+    def _vector_for(self, w, input_shape: tuple[int, ...], dtype) -> tf.Variable:
+        key = getattr(w, "path", None) or f"<tensor {tuple(w.shape)}>"
+        var = self._vectors.get(key)
+        if var is None or tuple(var.shape) != (1, *input_shape):
+            # Zeros mark a vector that has not been calibrated yet. init_scope lifts the creation
+            # out of the training function; under a distribution strategy the variable is
+            # mirrored and every replica computes the same update, so the first one is kept.
+            with tf.init_scope():
+                var = tf.Variable(
+                    tf.zeros((1, *input_shape), dtype=dtype),
+                    trainable=False,
+                    name="lipschitz_vector",
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                    synchronization=tf.VariableSynchronization.ON_WRITE,
+                )
+            self._vectors[key] = var
+        return var
+
+    def _sigma(self, w) -> tuple[tf.Tensor, tf.Tensor]:
+        """One constraint step's estimate: ``(σ̂, kernel tensor)``, updating the stored vector."""
+        kernel = ops.convert_to_tensor(w)
+        _, input_shape = self._operator(kernel)
+        state = self._vector_for(w, input_shape, kernel.dtype)
+        if tf.executing_eagerly():  # direct calls: compile once instead of running loops eagerly
+            if self._compiled is None:
+                self._compiled = tf.function(self._update, autograph=False,
+                                             reduce_retracing=True)
+            return self._compiled(kernel, state), kernel
+        return self._update(kernel, state), kernel
+
+    def _update(self, kernel: tf.Tensor, state: tf.Variable) -> tf.Tensor:
+        fn, _ = self._operator(kernel)
+        v0 = tf.convert_to_tensor(state)
+        fresh = tf.reduce_all(tf.equal(v0, 0))
+        v0 = tf.where(fresh, _start_vector(tf.shape(v0), v0.dtype), v0)
+        v = track_top_vector(fn, v0, iterations=self.power_iterations, calibrate=fresh,
+                             tol=self.tol, max_iterations=self.max_iterations)
+        state.assign(v)
+        return tf.norm(tf.reshape(fn(v), [-1]))
+
+    def __call__(self, w):
+        sigma, kernel = self._sigma(w)
+        tiny = tf.constant(1e-12, kernel.dtype)
+        scale = tf.minimum(tf.constant(1.0, kernel.dtype),
+                           tf.constant(self.max_value, kernel.dtype) / tf.maximum(sigma, tiny))
+        return kernel * scale
+
+    def operator_norm(self, w) -> float:
+        """Estimate of the operator norm of kernel ``w`` (advances the stored vector).
+
+        A power-iteration value: it converges from below and is an *estimate*, not a
+        certified bound.
+        """
+        sigma, _ = self._sigma(w)
+        return float(sigma)
+
+    def get_config(self) -> dict:
+        return {
+            "max_value": self.max_value,
+            "power_iterations": self.power_iterations,
+            "tol": self.tol,
+            "max_iterations": self.max_iterations,
+        }
+
+
+@keras.saving.register_keras_serializable(package="tf_lipschitz")
+class SpectralNorm(_OperatorNormConstraint):
+    """Caps the spectral norm of a Dense kernel at ``max_value``.
+
+    After every optimizer update the kernel ``W`` (shape ``(in, out)``) is rescaled to
+    ``W · min(1, max_value / σ̂)``, where ``σ̂`` is a warm-started power-iteration estimate of
+    ``‖W‖₂`` with a persistent vector (see the module docstring for why the vector is kept).
+    Kernels already inside the ball are left unchanged, so this is a projection, not a
+    normalisation to exactly ``max_value``.
+
+    For convolutions use :class:`ConvOperatorNorm`: the spectral norm of a reshaped conv
+    kernel is not the norm of the convolution.
+
+    Args:
+        max_value: Largest allowed spectral norm.
+        power_iterations: Power-iteration products per optimizer step after the first.
+        tol: Relative tolerance of the first (calibrating) iteration.
+        max_iterations: Cap on products of the calibrating iteration.
+
+    Returns:
+        A constraint for ``kernel_constraint=``.
+
+    Example:
+        >>> import keras, tf_lipschitz as tfl
+        >>> layer = keras.layers.Dense(16, kernel_constraint=SpectralNorm(1.0))
+    """
+
+    def __init__(self, max_value: float = 1.0, power_iterations: int = 1, *, tol: float = 1e-6,
+                 max_iterations: int = 1000):
+        super().__init__(max_value, power_iterations, tol, max_iterations)
+
+    def _operator(self, w):
+        if len(w.shape) != 2:
+            raise ValueError(
+                f"SpectralNorm constrains 2-D Dense kernels; received a kernel of shape "
+                f"{tuple(w.shape)}. For a convolution use tfl.constraints.ConvOperatorNorm("
+                "max_value, input_shape=..., strides=..., padding=...): the norm of the reshaped "
+                "kernel is not the convolution's operator norm. For other layers wrap them in "
+                "tfl.LipschitzWrapper."
+            )
+        return (lambda x: tf.matmul(x, w)), (int(w.shape[0]),)
+
+
+@keras.saving.register_keras_serializable(package="tf_lipschitz")
+class ConvOperatorNorm(_OperatorNormConstraint):
+    """Caps the operator norm of a convolution, on its real input shape, at ``max_value``.
+
+    The operator norm of a convolution depends on the input's spatial size, the strides, the
+    padding and the dilation, so they are arguments; they must match the layer's (the
+    constraint cannot see the layer). If unsure, ``strides=1`` with ``padding="same"`` is a
+    safe choice: those outputs contain every strided or "valid" output, so their norm is an
+    upper bound and the constraint only becomes stricter.
+
+    The kernel is rescaled to ``K · min(1, max_value / σ̂)`` after each update, with ``σ̂`` from a
+    warm-started power iteration on ``JᵀJ`` of the convolution (persistent vector of shape
+    ``(1, *input_shape)``). Supports Conv1D/2D/3D kernels (grouped convolutions included).
+
+    Args:
+        max_value: Largest allowed operator norm.
+        input_shape: Per-example input shape of the layer, e.g. ``(28, 28, 1)``.
+        strides: The layer's strides.
+        padding: ``"valid"`` or ``"same"``, as in the layer.
+        dilation_rate: The layer's dilation rate.
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        power_iterations: Power-iteration products per optimizer step after the first.
+        tol: Relative tolerance of the first (calibrating) iteration.
+        max_iterations: Cap on products of the calibrating iteration.
+
+    Returns:
+        A constraint for ``kernel_constraint=``.
+
+    Example:
+        >>> import keras, tf_lipschitz as tfl
+        >>> conv = keras.layers.Conv2D(
+        ...     32, 3, strides=2, padding="same",
+        ...     kernel_constraint=ConvOperatorNorm(1.0, input_shape=(28, 28, 1), strides=2,
+        ...                                        padding="same"))
+    """
+
+    def __init__(
+        self,
+        max_value: float = 1.0,
+        input_shape: Sequence[int] | None = None,
+        strides: int | Sequence[int] = 1,
+        padding: str = "valid",
+        dilation_rate: int | Sequence[int] = 1,
+        data_format: str | None = None,
+        power_iterations: int = 1,
+        *,
+        tol: float = 1e-6,
+        max_iterations: int = 1000,
+    ):
+        super().__init__(max_value, power_iterations, tol, max_iterations)
+        if input_shape is None:
+            raise ValueError(
+                "ConvOperatorNorm needs the layer's per-example `input_shape`, e.g. "
+                "input_shape=(28, 28, 1): a convolution's operator norm depends on it."
+            )
+        shape = tuple(input_shape)
+        if len(shape) not in (2, 3, 4) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+        ):
+            raise ValueError(
+                "`input_shape` must be the full per-example shape of a 1-D, 2-D or 3-D "
+                f"convolution input (spatial dims + channels, all known). Received: "
+                f"input_shape={input_shape!r}"
+            )
+        padding = str(padding).lower()
+        if padding not in ("valid", "same"):
+            raise ValueError(f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}")
+        self.input_shape = shape
+        rank = len(shape) - 1
+        self.strides = self._tuple("strides", strides, rank)
+        self.dilation_rate = self._tuple("dilation_rate", dilation_rate, rank)
+        self.padding = padding
+        data_format = data_format or keras.config.image_data_format()
+        if data_format not in ("channels_last", "channels_first"):
+            raise ValueError(
+                "`data_format` must be 'channels_last' or 'channels_first'. Received: "
+                f"data_format={data_format!r}"
+            )
+        self.data_format = data_format
+
+    @staticmethod
+    def _tuple(name: str, value, rank: int) -> tuple[int, ...]:
+        values = (value,) * rank if isinstance(value, int) else tuple(value)
+        if len(values) != rank or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
+        ):
+            raise ValueError(
+                f"`{name}` must be an int >= 1 or a tuple of {rank} of them for input_shape "
+                f"of rank {rank + 1}. Received: {name}={value!r}"
+            )
+        return values
+
+    def _operator(self, w):
+        rank = len(self.input_shape) - 1
+        channels = self.input_shape[-1 if self.data_format == "channels_last" else 0]
+        if len(w.shape) != rank + 2 or channels % int(w.shape[-2]) != 0:
+            raise ValueError(
+                f"ConvOperatorNorm(input_shape={self.input_shape}, "
+                f"data_format={self.data_format!r}) received a kernel of shape "
+                f"{tuple(w.shape)}; expected a Conv{rank}D kernel of rank {rank + 2} whose "
+                f"input-channel axis divides {channels}. Check that input_shape is the layer's."
+            )
+
+        def fn(x):
+            return ops.conv(x, w, strides=self.strides, padding=self.padding,
+                            data_format=self.data_format, dilation_rate=self.dilation_rate)
+
+        return fn, self.input_shape
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "input_shape": list(self.input_shape),
+            "strides": list(self.strides),
+            "padding": self.padding,
+            "dilation_rate": list(self.dilation_rate),
+            "data_format": self.data_format,
+        }

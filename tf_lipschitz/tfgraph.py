@@ -1,0 +1,1437 @@
+"""AutoLip on TensorFlow graphs: SavedModels and ``tf.function``\\ s without the Keras structure.
+
+A SavedModel exported with ``model.export()`` or ``tf.saved_model.save()`` keeps only a
+TensorFlow graph. This module runs AutoLip (Scaman & Virmaux, NeurIPS 2018, Algorithm 1;
+shared/ALGORITHMS.md §4) on that graph directly:
+
+1. the signature's concrete function is inlined and its variables frozen into a ``GraphDef``
+   (``convert_variables_to_constants_v2``);
+2. the ops are walked in topological order from the input placeholder(s); an op whose value does
+   not depend on the input (weights, shape arithmetic) is a constant, evaluated once;
+3. every input-dependent op gets a rule from a registry keyed by op type:
+
+   - ops *linear* (or affine) in their one input-dependent operand (``MatMul``, ``Conv2D``,
+     ``DepthwiseConv2dNative``, ``Conv2DBackpropInput``, ``BiasAdd``, ``AddV2`` with a constant,
+     ``Mul`` by a constant, ``AvgPool``, ``Mean``, ``Reshape``, ``Transpose``, ``Pad``,
+     ``ConcatV2``, ``StridedSlice``, ``FusedBatchNormV3`` at inference...) are re-executed on their
+     own, as a function of that operand, with their additive constants (biases, offsets, batch-norm
+     means) set to zero. Consecutive linear ops are fused into one operator and the operator norms
+     of all of them are measured together by the core
+     :class:`~tf_lipschitz.power.SpectralSolver` on their real input shapes;
+   - elementwise activations (``Relu``, ``Relu6``, ``Elu``, ``Selu``, ``LeakyRelu``, ``Sigmoid``,
+     ``Tanh``, ``Softplus``, ``Softsign``, ``Softmax``, ``LogSoftmax``) get the constants of
+     :func:`tf_lipschitz.rules.activations.activation_info`; activations that TensorFlow builds from
+     several ops (gelu as ``0.5·x·erfc(−x/√2)``, silu/swish as ``x·σ(x)``, mish, hard-silu) are
+     recognised by evaluating the elementwise sub-graph on a grid and matching it with the Keras
+     activation of the same values;
+   - ``MaxPool`` gets the overlap constant :func:`~tf_lipschitz.rules.pooling.max_pool_constant`;
+   - ops of two input-dependent tensors: sums (``AddV2``, ``Sub``, ``AddN``) add their parents'
+     constants, concatenation and ``Maximum``/``Minimum`` take ``√(Σ L²)``; products (``Mul``,
+     ``MatMul``, ``BatchMatMul``, ``Einsum``...) raise
+     :class:`~tf_lipschitz.errors.NotLipschitzError`;
+   - any other op raises :class:`UnsupportedOpError` naming the op type and the node.
+
+The graph is turned into the same :class:`~tf_lipschitz.graph.ModelGraph` the Keras walk produces
+and handed to the core :class:`~tf_lipschitz.autolip.AutoLip`, so fusion, the compiled solver
+and the report are shared with :class:`~tf_lipschitz.LipschitzEstimator`: on a model exported
+from Keras, the graph bound equals the Keras-level bound.
+
+Example:
+    >>> import tensorflow as tf, tf_lipschitz as tfl
+    >>> w = tf.constant([[3.0, 0.0], [0.0, 1.0]])
+    >>> f = tf.function(lambda x: tf.nn.relu(tf.matmul(x, w)))
+    >>> rep = tfl.autolip_function(f, tf.TensorSpec([None, 2], tf.float32))
+    >>> round(rep.upper, 4)
+    3.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from typing import Any, Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.eager import execute
+from tensorflow.python.framework import op_def_library, op_def_registry
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+from tf_lipschitz.autolip import AutoLip
+from tf_lipschitz.errors import LipschitzError, ModelNotBuiltError, NotLipschitzError
+from tf_lipschitz.graph import GraphNode, ModelGraph
+from tf_lipschitz.lower import lower_bound as _lower_bound
+from tf_lipschitz.report import LipschitzReport, LowerBound
+from tf_lipschitz.rules.activations import activation_info
+from tf_lipschitz.rules.base import Constant, LayerBound, Linear, Merge, register_rule
+from tf_lipschitz.rules.pooling import max_pool_constant
+
+__all__ = [
+    "GraphEstimator",
+    "OpContext",
+    "UnsupportedOpError",
+    "autolip_function",
+    "autolip_saved_model",
+    "elementwise_rule",
+    "linear_rule",
+    "register_op_rule",
+    "supported_ops",
+]
+
+
+class UnsupportedOpError(LipschitzError, TypeError):
+    """A TensorFlow op in the analysed graph has no Lipschitz rule.
+
+    Attributes:
+        op_type: The op type, e.g. ``"Sin"``.
+        node: The node name in the frozen graph.
+
+    Example:
+        >>> import tf_lipschitz as tfl
+        >>> tfl.tfgraph.register_op_rule("MyActivation", tfl.tfgraph.elementwise_rule(1.0))  # doctest: +SKIP
+    """
+
+    def __init__(self, op_type: str, node: str, detail: str = ""):
+        message = f"No Lipschitz rule for TensorFlow op '{op_type}' (node '{node}')."
+        if detail:
+            message += f" {detail}"
+        else:
+            message += (
+                f" Register a rule with `tfl.tfgraph.register_op_rule('{op_type}', rule)`: "
+                "`tfl.tfgraph.elementwise_rule(c)` for an elementwise c-Lipschitz op, "
+                "`tfl.tfgraph.linear_rule()` for an op linear in its input. For a model built with "
+                "Keras, analysing its .keras file instead of the SavedModel may avoid the op."
+            )
+        super().__init__(message)
+        self.op_type = op_type
+        self.node = node
+
+
+# ---------------------------------------------------------------------------------------------
+# Op categories
+# ---------------------------------------------------------------------------------------------
+
+# Ops whose outputs are their inputs (output k is input k): skipped, their consumers read the
+# producer directly.
+_ALIASES = frozenset({
+    "Identity", "IdentityN", "Snapshot", "StopGradient", "PreventGradient", "CheckNumerics",
+    "EnsureShape", "PlaceholderWithDefault", "DebugIdentity", "DebugIdentityV2",
+    "DebugIdentityV3",
+})
+# Ops whose value depends only on the shape (or nothing) of their input.
+_SHAPE_ONLY = frozenset({"Shape", "ShapeN", "Size", "Rank", "ZerosLike", "OnesLike",
+                         "BroadcastArgs", "BroadcastGradientArgs"})
+_IGNORED = frozenset({"NoOp", "Assert", "Print", "PrintV2"})
+_FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+_HALF_DTYPES = (tf.float16, tf.bfloat16)
+
+
+def _tensor_name(ref: str) -> str:
+    """Normalises an input reference ``"node"`` / ``"node:1"`` to ``"node:k"``."""
+    return ref if ":" in ref else f"{ref}:0"
+
+
+def _split(ref: str) -> tuple[str, int]:
+    node, _, index = _tensor_name(ref).rpartition(":")
+    return node, int(index)
+
+
+def _data_inputs(node_def) -> list[str]:
+    return [_tensor_name(i) for i in node_def.input if not i.startswith("^")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-executing ops from their NodeDefs
+# ---------------------------------------------------------------------------------------------
+
+
+def _attr_value(value) -> Any:
+    """The raw value of an ``AttrValue`` (enums, protos and bytes, as op construction takes)."""
+    kind = value.WhichOneof("value")
+    if kind == "list":
+        for field in ("type", "shape", "s", "i", "f", "b", "tensor", "func"):
+            items = list(getattr(value.list, field))
+            if items:
+                return items
+        return []
+    return getattr(value, kind) if kind else None
+
+
+def _run_node(node_def, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """Creates the op of ``node_def`` on ``inputs`` in the current graph; returns its outputs.
+
+    The op is built from its ``OpDef`` and the node's attributes exactly as the generated
+    ``tf.raw_ops`` wrappers build it, including the gradient record, so ``tf.GradientTape`` and
+    ``tf.autodiff.ForwardAccumulator`` differentiate through it (to any order). Graph mode only:
+    see :func:`_eager_safe`.
+    """
+    op_type = node_def.op
+    if op_type == "Const":
+        return [tf.constant(tf.make_ndarray(node_def.attr["value"].tensor))]
+    if op_type in _ALIASES:
+        return [tf.identity(t) for t in (inputs if op_type == "IdentityN" else inputs[:1])]
+    op_def = op_def_registry.get(op_type)
+    if op_def is None:
+        raise UnsupportedOpError(op_type, node_def.name, "The op is not registered in this "
+                                 "TensorFlow build (a custom op whose library is not loaded).")
+    kwargs: dict[str, Any] = {}
+    inferred: set[str] = set()
+    pos = 0
+    for arg in op_def.input_arg:
+        if arg.number_attr:
+            count = node_def.attr[arg.number_attr].i
+            kwargs[arg.name] = list(inputs[pos:pos + count])
+            inferred |= {arg.number_attr, arg.type_attr}
+        elif arg.type_list_attr:
+            count = len(node_def.attr[arg.type_list_attr].list.type)
+            kwargs[arg.name] = list(inputs[pos:pos + count])
+            inferred.add(arg.type_list_attr)
+        else:
+            count = 1
+            kwargs[arg.name] = inputs[pos]
+            inferred.add(arg.type_attr)
+        pos += count
+    for attr in op_def.attr:
+        if attr.name in inferred or attr.name not in node_def.attr:
+            continue
+        if attr.type in ("func", "list(func)"):
+            raise UnsupportedOpError(op_type, node_def.name, "Ops that call functions (control "
+                                     "flow, calls that were not inlined) are not supported.")
+        kwargs[attr.name] = _attr_value(node_def.attr[attr.name])
+    _, _, op, outputs = op_def_library._apply_op_helper(op_type, **kwargs)  # noqa: SLF001
+    if execute.must_record_gradient():
+        attrs: list[Any] = []
+        for attr in op.op_def.attr:
+            value = (op._get_attr_type(attr.name) if attr.type == "type"  # noqa: SLF001
+                     else op.get_attr(attr.name))
+            attrs += [attr.name, value]
+        execute.record_gradient(op_type, op.inputs, tuple(attrs), outputs)
+    return list(outputs)
+
+
+def _eager_safe(fn: Callable) -> Callable:
+    """Runs ``fn`` inline when tracing, and through a compiled ``tf.function`` when eager."""
+    compiled = tf.function(fn, autograph=False, reduce_retracing=True)
+
+    def call(*args):
+        return compiled(*args) if tf.executing_eagerly() else fn(*args)
+
+    return call
+
+
+def _once(fn: Callable, specs: Sequence[tf.TensorSpec]) -> Callable:
+    """Builds ``fn`` once as a graph function for fixed input specs (no retracing)."""
+    return tf.compat.v1.wrap_function(fn, list(specs))
+
+
+def _replay(nodes: Sequence[Any], feeds: dict[str, tf.Tensor], resolve: Callable[[str], str]
+            ) -> dict[str, tf.Tensor]:
+    """Re-executes ``nodes`` (topological order); ``feeds`` gives tensors by ``"node:k"``."""
+    values = dict(feeds)
+    for node in nodes:
+        if node.op in _IGNORED or f"{node.name}:0" in feeds:
+            continue
+        inputs = [values[resolve(r)] if resolve(r) in values else values[r]
+                  for r in _data_inputs(node)]
+        for k, out in enumerate(_run_node(node, inputs)):
+            values[f"{node.name}:{k}"] = out
+    return values
+
+
+def _example_shape(full: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-example shape of a tensor evaluated at batch 1 (the leading 1 removed)."""
+    return tuple(full[1:]) if full and full[0] == 1 else tuple(full)
+
+
+def _batched(single: Callable, in_full: tuple[int, ...], out_full: tuple[int, ...],
+             compute_dtype: tf.DType, out_dtype: tf.DType) -> Callable:
+    """Lifts a batch-1 op function to batches ``(B, *example_shape)``.
+
+    The graph is evaluated at batch 1 (shape arithmetic is frozen for that size), so a batch of
+    one is passed straight through and larger batches are mapped example by example.
+    """
+    out_example = _example_shape(out_full)
+
+    def one(x):
+        y = single(tf.cast(tf.reshape(x, in_full), compute_dtype))
+        return tf.cast(tf.reshape(y, (1, *out_example)), out_dtype)
+
+    def fn(x):
+        if x.shape.rank is not None and x.shape[0] == 1:
+            return one(x)
+        return tf.map_fn(lambda e: one(e[None])[0], x,
+                         fn_output_signature=tf.TensorSpec(out_example, out_dtype))
+
+    return _eager_safe(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OpContext:
+    """What a graph-op rule knows about one input-dependent op.
+
+    Attributes:
+        node_def: The op's ``NodeDef`` in the frozen graph.
+        name: Display name of the node.
+        inputs: Data inputs, as ``"node:k"`` tensor names.
+        dependent: For each data input, whether it depends on the model input.
+        constants: For each data input that does not depend on the model input, its value
+            (evaluated once, at batch size 1); ``None`` for dependent inputs.
+        input_shapes: Full shapes (batch axis included, batch size 1) of the data inputs.
+        output_shape: Full shape of output 0.
+        dtype: Dtype of the first dependent input.
+    """
+
+    node_def: Any
+    name: str
+    inputs: tuple[str, ...]
+    dependent: tuple[bool, ...]
+    constants: tuple[np.ndarray | None, ...]
+    input_shapes: tuple[tuple[int, ...], ...]
+    output_shape: tuple[int, ...]
+    dtype: tf.DType
+
+    @property
+    def op_type(self) -> str:
+        return self.node_def.op
+
+    @property
+    def dependent_slots(self) -> list[int]:
+        return [i for i, d in enumerate(self.dependent) if d]
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        """The Python value of a node attribute (ints, floats, strings, lists)."""
+        if key not in self.node_def.attr:
+            return default
+        value = self.node_def.attr[key]
+        kind = value.WhichOneof("value")
+        if kind == "list":
+            lst = value.list
+            for field in ("i", "f", "s", "b"):
+                items = list(getattr(lst, field))
+                if items:
+                    return [x.decode() if isinstance(x, bytes) else x for x in items]
+            return []
+        result = getattr(value, kind) if kind else default
+        return result.decode() if isinstance(result, bytes) else result
+
+    def single_dependent(self) -> int:
+        """The slot of the only input-dependent operand; raises if there are several."""
+        slots = self.dependent_slots
+        if len(slots) != 1:
+            raise NotLipschitzError(
+                _culprit(self), f"{self.op_type} of {len(slots)} tensors that all depend on the "
+                "input is a product (bilinear), which grows without bound. Bound the input "
+                "domain, or move the product out of the analysed function."
+            )
+        return slots[0]
+
+    def linear(self, *, offsets: Sequence[int] = (), norm: float | None = None,
+               note: str = "") -> Linear:
+        """A :class:`~tf_lipschitz.rules.Linear` bound re-executing this op on its own.
+
+        Args:
+            offsets: Constant input slots that are *added* to the result (biases, offsets,
+                batch-norm means, padding values): they are set to zero, which leaves the linear
+                part of the affine op.
+            norm: Exact operator norm when known in closed form (also used as certificate).
+            note: Shown in the report.
+        """
+        slot = self.single_dependent()
+        node_def = self.node_def
+        constants = [None if i == slot else
+                     tf.constant(np.zeros_like(value) if i in offsets else value)
+                     for i, value in enumerate(self.constants)]
+
+        def single(x):
+            inputs = [x if i == slot else c for i, c in enumerate(constants)]
+            return _run_node(node_def, inputs)[0]
+
+        compute = self.dtype
+        fn = _batched(single, self.input_shapes[slot], self.output_shape, compute,
+                      _work_dtype(compute))
+        if norm is None:
+            return Linear(fn, note=note or f"{self.op_type} (linear)")
+        value = float(norm)
+        return Linear(fn, norm=lambda: value, certificate=lambda: value,
+                      note=note or f"{self.op_type}: norm {value:.4g}")
+
+
+def _culprit(ctx: "OpContext"):
+    """An object naming the op (node name, op type) for the core error classes."""
+    return _op_class(ctx.op_type)(ctx.name, None)
+
+
+def _work_dtype(dtype: tf.DType) -> tf.DType:
+    """Dtype of the power iteration: half-precision graphs are measured in float32."""
+    return tf.float32 if dtype in _HALF_DTYPES else dtype
+
+
+OpRule = Callable[[OpContext], LayerBound]
+_OP_RULES: dict[str, OpRule] = {}
+
+
+def register_op_rule(op_type: str, rule: OpRule) -> OpRule:
+    """Registers the Lipschitz rule of a TensorFlow op type for graph analysis.
+
+    Args:
+        op_type: The op type as it appears in a ``GraphDef`` (``"Sin"``, ``"MyActivation"``).
+        rule: ``rule(ctx: OpContext) -> Linear | Constant | Merge``. The helpers
+            :func:`elementwise_rule` and :func:`linear_rule` build the common ones.
+
+    Returns:
+        The rule.
+
+    Example:
+        >>> import tf_lipschitz as tfl
+        >>> _ = tfl.tfgraph.register_op_rule("MyActivation", tfl.tfgraph.elementwise_rule(1.0))
+    """
+    if not isinstance(op_type, str) or not op_type:
+        raise TypeError(f"op_type must be a non-empty string, received op_type={op_type!r}.")
+    if not callable(rule):
+        raise TypeError(f"rule must be callable, received rule={rule!r}.")
+    _OP_RULES[op_type] = rule
+    return rule
+
+
+def supported_ops() -> list[str]:
+    """Op types with a rule (aliases such as ``Identity`` and shape ops are always handled)."""
+    return sorted(set(_OP_RULES) | _ALIASES | _SHAPE_ONLY)
+
+
+def elementwise_rule(lipschitz: float, note: str = "") -> OpRule:
+    """A rule for an elementwise op that is ``lipschitz``-Lipschitz in its single input."""
+    if not (lipschitz >= 0 and math.isfinite(lipschitz)):
+        raise ValueError(f"lipschitz must be finite and >= 0, received {lipschitz!r}.")
+
+    def rule(ctx: OpContext) -> Constant:
+        ctx.single_dependent()
+        return Constant(float(lipschitz), note=note or f"{ctx.op_type} (registered)")
+
+    return rule
+
+
+def linear_rule(offsets: Sequence[int] = (), norm: float | None = None) -> OpRule:
+    """A rule for an op linear (affine through the ``offsets`` slots) in its one input."""
+
+    def rule(ctx: OpContext) -> Linear:
+        return ctx.linear(offsets=offsets, norm=norm)
+
+    return rule
+
+
+def _same_shape(ctx: OpContext, slot: int) -> bool:
+    return tuple(ctx.input_shapes[slot]) == tuple(ctx.output_shape)
+
+
+def _isometry(ctx: OpContext) -> Linear:
+    """Reshape-like ops: a permutation of the entries (norm exactly 1)."""
+    return ctx.linear(norm=1.0, note=f"{ctx.op_type}: isometry")
+
+
+def _restriction(ctx: OpContext) -> Linear:
+    """Slices: keeping a subset of the entries (norm 1, or 0 when nothing is kept)."""
+    value = 1.0 if math.prod(ctx.output_shape) > 0 else 0.0
+    return ctx.linear(norm=value, note=f"{ctx.op_type}: restriction")
+
+
+def _padding(ctx: OpContext) -> Linear:
+    offsets = (2,) if ctx.op_type == "PadV2" else ()
+    if ctx.single_dependent() != 0:
+        raise UnsupportedOpError(ctx.op_type, ctx.name, "Only the padded tensor may depend on "
+                                 "the input.")
+    return ctx.linear(offsets=offsets, norm=1.0, note="zero padding: isometry")
+
+
+def _bilinear(ctx: OpContext) -> Linear:
+    """MatMul, convolutions, Einsum: linear in whichever single operand depends on the input."""
+    slot = ctx.single_dependent()
+    if ctx.op_type in ("Conv2DBackpropInput", "Conv3DBackpropInputV2",
+                       "DepthwiseConv2dNativeBackpropInput") and slot == 0:
+        raise UnsupportedOpError(ctx.op_type, ctx.name,
+                                 "Its output size argument depends on the input.")
+    return ctx.linear(note=f"{ctx.op_type} (linear)")
+
+
+def _affine_sum(ctx: OpContext) -> LayerBound:
+    """Add, AddV2, Sub, BiasAdd, AddN: a sum of dependent tensors, or x + constant."""
+    slots = ctx.dependent_slots
+    if len(slots) > 1:
+        if ctx.op_type in ("BiasAdd", "BiasAddV1"):
+            raise NotLipschitzError(_culprit(ctx), "a bias that depends on the input is a "
+                                    "broadcast sum; not supported.")
+        return Merge(lambda values: float(sum(values)), "sum of inputs")
+    slot = slots[0]
+    offsets = tuple(i for i in range(len(ctx.inputs)) if i != slot)
+    note = "affine: constant added" if ctx.op_type != "Sub" or slot == 0 else "constant − x"
+    norm = 1.0 if _same_shape(ctx, slot) else None
+    return ctx.linear(offsets=offsets, norm=norm, note=note)
+
+
+def _neg(ctx: OpContext) -> Linear:
+    return ctx.linear(norm=1.0, note="negation")
+
+
+def _scale(ctx: OpContext) -> LayerBound:
+    """Mul and division by constants (elementwise scaling, possibly broadcasting)."""
+    slots = ctx.dependent_slots
+    if len(slots) > 1:
+        return _product(ctx)
+    slot = slots[0]
+    other = ctx.constants[1 - slot]
+    if ctx.op_type != "Mul" and slot != 0:
+        raise NotLipschitzError(_culprit(ctx), "division by a tensor that depends on the input "
+                                "has an unbounded derivative near zero.")
+    norm = None
+    if _same_shape(ctx, slot) and other is not None and other.size:
+        factor = np.abs(other.astype("float64"))
+        if ctx.op_type != "Mul":
+            with np.errstate(divide="ignore"):
+                factor = 1.0 / factor
+        if np.all(np.isfinite(factor)):
+            norm = float(np.max(factor))
+    return ctx.linear(norm=norm, note=f"{ctx.op_type} by a constant")
+
+
+def _reduction_mean(ctx: OpContext) -> Linear:
+    slot = ctx.single_dependent()
+    if slot != 0:
+        raise UnsupportedOpError(ctx.op_type, ctx.name, "Its axes depend on the input.")
+    n_in, n_out = math.prod(ctx.input_shapes[0]), max(math.prod(ctx.output_shape), 1)
+    count = n_in // n_out
+    if ctx.op_type == "Mean":
+        return ctx.linear(norm=1.0 / math.sqrt(count), note=f"mean over {count}: 1/√{count}")
+    return ctx.linear(norm=math.sqrt(count), note=f"sum over {count}: √{count}")
+
+
+def _batch_norm(ctx: OpContext) -> Linear:
+    if ctx.attr("is_training", False):
+        raise UnsupportedOpError(
+            ctx.op_type, ctx.name,
+            "It normalises with batch statistics (is_training=True), so examples are not "
+            "independent. Export the model for inference (training=False).")
+    if ctx.single_dependent() != 0:
+        raise UnsupportedOpError(ctx.op_type, ctx.name, "Only x may depend on the input.")
+    scale, variance = ctx.constants[1], ctx.constants[4]
+    eps = float(ctx.attr("epsilon", 1e-3))
+    norm = None
+    if scale is not None and variance is not None and scale.size and variance.size:
+        norm = float(np.max(np.abs(scale.astype("float64")) / np.sqrt(variance.astype("float64")
+                                                                      + eps)))
+    return ctx.linear(offsets=(2, 3), norm=norm, note="batch norm (inference)")
+
+
+def _concat(ctx: OpContext) -> LayerBound:
+    if ctx.op_type == "ConcatV2":
+        data = list(range(len(ctx.inputs) - 1))
+    elif ctx.op_type == "Concat":
+        data = list(range(1, len(ctx.inputs)))
+    else:  # Pack
+        data = list(range(len(ctx.inputs)))
+    slots = ctx.dependent_slots
+    if any(s not in data for s in slots):
+        raise UnsupportedOpError(ctx.op_type, ctx.name, "Its axis depends on the input.")
+    if len(slots) > 1:
+        return Merge(lambda values: math.sqrt(sum(v * v for v in values)),
+                     "√(Σ L²) (disjoint coordinates)")
+    offsets = tuple(i for i in data if i != slots[0])
+    return ctx.linear(offsets=offsets, norm=1.0, note="embedding into a concatenation")
+
+
+def _split_like(ctx: OpContext) -> Constant:
+    ctx.single_dependent()
+    return Constant(1.0, note=f"{ctx.op_type}: each output is a restriction")
+
+
+def _max_merge(ctx: OpContext) -> LayerBound:
+    if len(ctx.dependent_slots) > 1:
+        return Merge(lambda values: math.sqrt(sum(v * v for v in values)),
+                     "√(Σ L²) (coordinatewise max/min)")
+    return Constant(1.0, note=f"{ctx.op_type} with a constant: 1-Lipschitz")
+
+
+def _clip(ctx: OpContext) -> Constant:
+    if ctx.single_dependent() != 0:
+        raise UnsupportedOpError(ctx.op_type, ctx.name, "Its bounds depend on the input.")
+    return Constant(1.0, note="clipping: 1-Lipschitz")
+
+
+def _reduce_max(ctx: OpContext) -> Constant:
+    if ctx.single_dependent() != 0:
+        raise UnsupportedOpError(ctx.op_type, ctx.name, "Its axes depend on the input.")
+    return Constant(1.0, note=f"{ctx.op_type} over disjoint sets: 1-Lipschitz")
+
+
+def _max_pool(ctx: OpContext) -> Constant:
+    if ctx.single_dependent() != 0:
+        raise UnsupportedOpError(ctx.op_type, ctx.name, "Its window depends on the input.")
+    if ctx.op_type == "MaxPoolV2":
+        ksize = [int(v) for v in np.ravel(ctx.constants[1])]
+        strides = [int(v) for v in np.ravel(ctx.constants[2])]
+    else:
+        ksize, strides = ctx.attr("ksize"), ctx.attr("strides")
+    value = max_pool_constant(ksize, strides)
+    return Constant(value, note=f"max-pool √(Π⌈k/s⌉) = {value:.4g}")
+
+
+_ACTIVATIONS = {
+    "Relu": "relu", "Relu6": "relu6", "Elu": "elu", "Selu": "selu", "Sigmoid": "sigmoid",
+    "Tanh": "tanh", "Softplus": "softplus", "Softsign": "softsign", "Softmax": "softmax",
+    "LogSoftmax": "log_softmax", "LeakyRelu": "leaky_relu", "Exp": "exponential",
+}
+
+
+def _activation(ctx: OpContext) -> Constant:
+    ctx.single_dependent()
+    name = _ACTIVATIONS[ctx.op_type]
+    params = {}
+    if ctx.op_type == "LeakyRelu":
+        params["negative_slope"] = float(ctx.attr("alpha", 0.2))
+    size = int(ctx.input_shapes[0][-1]) if ctx.op_type == "LogSoftmax" else None
+    info = activation_info(name, _culprit(ctx), size=size, **params)
+    return Constant(info.lipschitz, certified=info.certified, note=info.name, activation=info)
+
+
+def _abs(ctx: OpContext) -> Constant:
+    ctx.single_dependent()
+    return Constant(1.0, note="abs: 1-Lipschitz")
+
+
+def _cast(ctx: OpContext) -> Linear:
+    target = tf.as_dtype(ctx.attr("DstT"))
+    if target not in _FLOAT_DTYPES:
+        raise NotLipschitzError(_culprit(ctx), f"casting to {target.name} rounds, which jumps.")
+    return ctx.linear(norm=1.0, note=f"cast to {target.name}")
+
+
+def _product(ctx: OpContext) -> LayerBound:
+    raise NotLipschitzError(
+        _culprit(ctx),
+        f"{ctx.op_type} multiplies two tensors that both depend on the input (bilinear), which "
+        "grows without bound. Normalisation layers (LayerNormalization) and attention compile to "
+        "such products; analyse the Keras model file instead, or bound the input domain.",
+    )
+
+
+def _register_builtin_rules():
+    for op in ("Reshape", "Squeeze", "ExpandDims", "Transpose", "DepthToSpace", "SpaceToDepth",
+               "ReverseV2", "Roll"):
+        register_op_rule(op, _isometry)
+    for op in ("Slice", "StridedSlice"):
+        register_op_rule(op, _restriction)
+    for op in ("Pad", "PadV2"):
+        register_op_rule(op, _padding)
+    for op in ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Conv2D",
+               "Conv3D", "Conv1D", "DepthwiseConv2dNative", "Conv2DBackpropInput",
+               "Conv3DBackpropInputV2", "DepthwiseConv2dNativeBackpropInput"):
+        register_op_rule(op, _bilinear)
+    for op in ("Add", "AddV2", "Sub", "BiasAdd", "BiasAddV1", "AddN"):
+        register_op_rule(op, _affine_sum)
+    register_op_rule("Neg", _neg)
+    for op in ("Mul", "RealDiv", "Div", "DivNoNan"):
+        register_op_rule(op, _scale)
+    for op in ("Mean", "Sum"):
+        register_op_rule(op, _reduction_mean)
+    for op in ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"):
+        register_op_rule(op, _batch_norm)
+    for op in ("ConcatV2", "Concat", "Pack"):
+        register_op_rule(op, _concat)
+    for op in ("Split", "SplitV", "Unpack"):
+        register_op_rule(op, _split_like)
+    for op in ("Maximum", "Minimum"):
+        register_op_rule(op, _max_merge)
+    register_op_rule("ClipByValue", _clip)
+    for op in ("Max", "Min"):
+        register_op_rule(op, _reduce_max)
+    for op in ("MaxPool", "MaxPoolV2", "MaxPool3D"):
+        register_op_rule(op, _max_pool)
+    for op in _ACTIVATIONS:
+        register_op_rule(op, _activation)
+    register_op_rule("Abs", _abs)
+    register_op_rule("Cast", _cast)
+    for op in ("AvgPool", "AvgPool3D", "MirrorPad", "Tile", "BroadcastTo", "GatherV2", "Gather",
+               "ResizeNearestNeighbor", "ResizeBilinear", "ResizeBicubic", "ResizeArea",
+               "SpaceToBatchND", "BatchToSpaceND", "Cumsum"):
+        register_op_rule(op, lambda ctx: ctx.linear())
+
+
+_register_builtin_rules()
+
+# Ops that may appear inside an elementwise activation built from several ops (gelu, silu...).
+_ELEMENTWISE = frozenset({
+    "Neg", "Abs", "Sigmoid", "Tanh", "Softplus", "Softsign", "Relu", "Relu6", "Elu", "Selu",
+    "LeakyRelu", "Erf", "Erfc", "Exp", "Expm1", "Log", "Log1p", "Sqrt", "Rsqrt", "Square",
+    "Reciprocal", "Sin", "Cos", "Mul", "AddV2", "Add", "Sub", "RealDiv", "Div", "Maximum",
+    "Minimum", "Pow", "SquaredDifference", "ClipByValue", "Cast",
+})
+# Keras activations that TensorFlow builds from several ops, matched by value.
+_COMPOSITE = {
+    "gelu": lambda x: keras.activations.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: keras.activations.gelu(x, approximate=True),
+    "silu": keras.activations.silu,
+    "mish": keras.activations.mish,
+    "hard_silu": keras.activations.hard_silu,
+    "hard_sigmoid": keras.activations.hard_sigmoid,
+    "softplus": keras.activations.softplus,
+    "elu": keras.activations.elu,
+    "selu": keras.activations.selu,
+    "sigmoid": keras.activations.sigmoid,
+    "tanh": keras.activations.tanh,
+    "relu": keras.activations.relu,
+    "relu6": keras.activations.relu6,
+    "softsign": keras.activations.softsign,
+    "log_sigmoid": keras.activations.log_sigmoid,
+}
+_GRID = np.concatenate([np.linspace(-12.0, 12.0, 4801), [-60.0, -30.0, 30.0, 60.0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen graph
+# ---------------------------------------------------------------------------------------------
+
+
+class _OpNode:
+    """The ``operation`` of a graph-level :class:`~tf_lipschitz.graph.GraphNode`.
+
+    Subclassed per op type (so that reports show ``MatMul``, ``Conv2D``...); the rule of the core
+    registry returns the bound computed when the graph was read.
+    """
+
+    def __init__(self, name: str, bound: LayerBound):
+        self.name = name
+        self.bound = bound
+
+
+_OP_CLASSES: dict[str, type] = {}
+
+
+def _op_class(op_type: str) -> type:
+    if op_type not in _OP_CLASSES:
+        _OP_CLASSES[op_type] = type(op_type, (_OpNode,), {"__module__": __name__})
+    return _OP_CLASSES[op_type]
+
+
+register_rule(_OpNode, lambda op, ctx: op.bound)
+
+
+def _display_names(names: Sequence[str]) -> dict[str, str]:
+    """Shortens node names: drops ``StatefulPartitionedCall/`` wrappers and a shared first scope."""
+    def strip(name: str) -> str:
+        parts = [p for p in name.split("/")
+                 if not (p.startswith(("StatefulPartitionedCall", "PartitionedCall")))]
+        return "/".join(parts) or name
+
+    short = {n: strip(n) for n in names}
+    firsts = {s.split("/")[0] for s in short.values() if "/" in s}
+    if len(firsts) == 1 and all("/" in s for s in short.values()):
+        short = {n: s.split("/", 1)[1] for n, s in short.items()}
+    return short
+
+
+@dataclasses.dataclass
+class _Signature:
+    """A concrete function with named inputs and outputs."""
+
+    function: Any
+    input_names: list[str]
+    output_names: list[str]
+    name: str
+
+
+def _resolve_shape(spec_shape: tf.TensorShape, given: Sequence[int] | None, name: str
+                   ) -> tuple[int, ...]:
+    """Full batch-1 shape of an input from its spec and an optional user shape."""
+    dims = spec_shape.as_list() if spec_shape.rank is not None else None
+    if given is not None:
+        given = tuple(int(d) for d in given)
+        if dims is None:
+            return given
+        if len(given) == len(dims) - 1:
+            given = (1, *given)
+        if len(given) != len(dims) or any(d is not None and d != g for d, g in zip(dims, given)):
+            raise ValueError(
+                f"input_shape={tuple(given)} does not fit input '{name}' of shape "
+                f"{tuple(dims)}; give the shape of one example (without the batch axis) or of a "
+                "batch of one."
+            )
+        if given and dims and dims[0] is None and given[0] != 1:
+            given = (1, *given[1:])
+        return given
+    if dims is None:
+        raise ModelNotBuiltError(
+            f"Input '{name}' has unknown rank; pass input_shape=(...) (CLI: --input-shape)."
+        )
+    full = list(dims)
+    if full and full[0] is None:
+        full[0] = 1
+    if any(d is None for d in full):
+        raise ModelNotBuiltError(
+            f"Input '{name}' has shape {tuple(dims)} with unknown dimensions. The operator norm "
+            "of a convolution depends on the input size: pass input_shape=(...) (CLI: "
+            "--input-shape 1,H,W,C)."
+        )
+    return tuple(full)
+
+
+class _GraphReader:
+    """Reads a frozen concrete function into a :class:`ModelGraph` of :class:`_OpNode` s."""
+
+    def __init__(self, signature: _Signature, input_shapes, *, seed: int = 0, progress=None):
+        fn = signature.function
+        try:
+            frozen = convert_variables_to_constants_v2(fn)
+        except Exception as exc:  # noqa: BLE001 - re-raised with context
+            raise LipschitzError(
+                f"Could not freeze the variables of '{signature.name}' into constants: {exc}"
+            ) from exc
+        self.frozen = frozen
+        self.graph_def = frozen.graph.as_graph_def()
+        self.nodes = {n.name: n for n in self.graph_def.node}
+        self.order = self._topological_order()
+        self.progress = progress
+        placeholders = [t.name for t in frozen.inputs]
+        outputs = [t.name for t in frozen.outputs]
+        names = (signature.output_names if len(signature.output_names) == len(outputs)
+                 else [o.split(":")[0] for o in outputs])
+        # Integer outputs (class ids from argmax...) are not continuous: analyse the others.
+        keep = [i for i, t in enumerate(frozen.outputs) if t.dtype in _FLOAT_DTYPES]
+        self.skipped_outputs = [names[i] for i in range(len(outputs)) if i not in keep]
+        if self.skipped_outputs:
+            warnings.warn(
+                f"Outputs {self.skipped_outputs} of '{signature.name}' are not floating-point "
+                "(not continuous in the input); the bound covers the other outputs only.",
+                stacklevel=3,
+            )
+        self.outputs = [outputs[i] for i in keep]
+        self.output_names = [names[i] for i in keep]
+        if not placeholders:
+            raise ModelNotBuiltError(f"'{signature.name}' has no tensor inputs to analyse.")
+        if input_shapes is not None and len(placeholders) == 1 and not _is_shape_list(input_shapes):
+            input_shapes = [input_shapes]
+        if input_shapes is not None and len(input_shapes) != len(placeholders):
+            raise ValueError(
+                f"'{signature.name}' has {len(placeholders)} inputs; received "
+                f"{len(input_shapes)} input shapes."
+            )
+        names = (signature.input_names if len(signature.input_names) == len(placeholders)
+                 else [p.split(":")[0] for p in placeholders])
+        self.inputs: list[str] = []
+        self.input_names = names
+        self.input_full: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, tf.DType] = {}
+        for i, (ref, tensor) in enumerate(zip(placeholders, frozen.inputs)):
+            if tensor.dtype not in _FLOAT_DTYPES:
+                raise ModelNotBuiltError(
+                    f"Input '{names[i]}' of '{signature.name}' has dtype {tensor.dtype.name}: "
+                    "integer or boolean inputs (token ids, masks) have no continuous "
+                    "perturbation, so no Lipschitz constant. Export a function that starts at the "
+                    "first floating-point tensor (e.g. after the embedding)."
+                )
+            self.inputs.append(ref)
+            self.dtypes[ref] = tensor.dtype
+            self.input_full[ref] = _resolve_shape(
+                tensor.shape, None if input_shapes is None else input_shapes[i], names[i])
+        self.dependent = self._dependence()
+        self.alias = self._aliases()
+        rng = np.random.default_rng(seed)
+        self.sample = {ref: rng.standard_normal(self.input_full[ref]).astype(
+            self.dtypes[ref].as_numpy_dtype) for ref in self.inputs}
+
+    # -- structure -----------------------------------------------------------------------------
+
+    def _topological_order(self) -> list[str]:
+        index = {n.name: i for i, n in enumerate(self.graph_def.node)}
+        indegree = {n.name: 0 for n in self.graph_def.node}
+        children: dict[str, list[str]] = {n.name: [] for n in self.graph_def.node}
+        for n in self.graph_def.node:
+            for ref in n.input:
+                src = ref.lstrip("^").split(":")[0]
+                if src in indegree:
+                    indegree[n.name] += 1
+                    children[src].append(n.name)
+        ready = sorted((name for name, d in indegree.items() if d == 0), key=index.get)
+        order = []
+        import heapq
+
+        heap = [(index[n], n) for n in ready]
+        heapq.heapify(heap)
+        while heap:
+            _, name = heapq.heappop(heap)
+            order.append(name)
+            for child in children[name]:
+                indegree[child] -= 1
+                if indegree[child] == 0:
+                    heapq.heappush(heap, (index[child], child))
+        if len(order) != len(self.graph_def.node):
+            raise LipschitzError("The frozen graph has a cycle (a while loop that was not lowered).")
+        return order
+
+    def _dependence(self) -> dict[str, bool]:
+        dep: dict[str, bool] = {}
+        input_nodes = {r.split(":")[0] for r in self.inputs}
+        for name in self.order:
+            node = self.nodes[name]
+            if name in input_nodes:
+                dep[name] = True
+            elif node.op in _SHAPE_ONLY or node.op in _IGNORED:
+                dep[name] = False
+            else:
+                dep[name] = any(dep[_split(r)[0]] for r in _data_inputs(node))
+        return dep
+
+    def _aliases(self) -> dict[str, str]:
+        """Maps tensors produced by alias ops to the tensor they forward."""
+        alias: dict[str, str] = {}
+        for name in self.order:
+            node = self.nodes[name]
+            if node.op in _ALIASES and self.dependent[name]:
+                ins = _data_inputs(node)
+                for k, ref in enumerate(ins if node.op == "IdentityN" else ins[:1]):
+                    alias[f"{name}:{k}"] = self.resolve(ref, alias)
+        return alias
+
+    def resolve(self, ref: str, alias: dict[str, str] | None = None) -> str:
+        alias = self.alias if alias is None else alias
+        ref = _tensor_name(ref)
+        return alias.get(ref, ref)
+
+    def is_dependent(self, ref: str) -> bool:
+        return self.dependent[_split(ref)[0]]
+
+    # -- values --------------------------------------------------------------------------------
+
+    def ancestors(self, refs: Sequence[str]) -> list[Any]:
+        """``NodeDef``s needed to compute ``refs``, in topological order."""
+        need: set[str] = set()
+        stack = [_split(r)[0] for r in refs]
+        while stack:
+            name = stack.pop()
+            if name in need:
+                continue
+            need.add(name)
+            stack.extend(_split(r)[0] for r in _data_inputs(self.nodes[name]))
+        return [self.nodes[n] for n in self.order if n in need]
+
+    def evaluate(self, refs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Values of tensors at the sample input (batch 1), in one compiled pass."""
+        refs = sorted(set(refs))
+        if not refs:
+            return {}
+        nodes = self.ancestors(refs)
+        inputs = list(self.inputs)
+
+        def run(*xs):
+            values = _replay(nodes, dict(zip(inputs, xs)), _tensor_name)
+            return [values[r] for r in refs]
+
+        specs = [tf.TensorSpec(self.input_full[r], self.dtypes[r]) for r in inputs]
+        outs = _once(run, specs)(*[tf.constant(self.sample[r]) for r in inputs])
+        return {r: np.asarray(v) for r, v in zip(refs, outs)}
+
+    # -- the walk ------------------------------------------------------------------------------
+
+    def build(self) -> ModelGraph:
+        live = self._live_nodes()
+        needed: set[str] = set()
+        for name in live:
+            for ref in _data_inputs(self.nodes[name]):
+                needed.add(self.resolve(ref))
+            needed.add(f"{name}:0")
+        for ref in self.outputs:
+            needed.add(self.resolve(ref))
+        self.values = self.evaluate([r for r in needed if r not in self.input_full])
+        regions = self._find_regions(live)
+        absorbed = {n for r in regions.values() for n in r[1]}
+        display = _display_names(live)
+        other_outputs = {
+            _split(self.resolve(ref))[0]
+            for name in live for ref in _data_inputs(self.nodes[name])
+            if _split(self.resolve(ref))[1] != 0
+        }
+
+        nodes: list[GraphNode] = []
+        index_of: dict[str, int] = {}
+        for ref, name in zip(self.inputs, self.input_names):
+            shape = _example_shape(self.input_full[ref])
+            node = GraphNode(index=len(nodes), operation=None, name=name, parents=(),
+                             input_shapes=(shape,), output_shapes=(shape,), dependent=True,
+                             dtype=_work_dtype(self.dtypes[ref]).name)
+            index_of[ref.split(":")[0]] = node.index
+            nodes.append(node)
+
+        todo = [n for n in live if n not in absorbed]
+        bar = None
+        if self.progress and len(todo) > 50:
+            bar = keras.utils.Progbar(len(todo), verbose=1, unit_name="op")
+        for count, name in enumerate(todo):
+            node_def = self.nodes[name]
+            if name in regions:
+                source, _, bound = regions[name]
+                dep_refs = [source]
+            else:
+                ctx = self._context(node_def, display[name])
+                bound = self._rule(ctx)
+                dep_refs = [r for r, d in zip(ctx.inputs, ctx.dependent) if d]
+                if isinstance(bound, Linear) and name in other_outputs:
+                    raise UnsupportedOpError(node_def.op, name, "Only its first output may be "
+                                             "used by later input-dependent ops.")
+            parents = tuple(index_of[_split(r)[0]] for r in dep_refs)
+            shapes = tuple(_example_shape(self._shape(r)) for r in dep_refs)
+            out_shape = _example_shape(self._shape(f"{name}:0"))
+            dtype = self._dtype(dep_refs[0])
+            node = GraphNode(
+                index=len(nodes), operation=_op_class(node_def.op)(display[name], bound),
+                name=display[name], parents=parents, input_shapes=shapes,
+                output_shapes=(out_shape,), dependent=True,
+                input_dependent=tuple(True for _ in parents), dtype=_work_dtype(dtype).name,
+            )
+            for p in set(parents):
+                nodes[p].consumers.append(node.index)
+            index_of[name] = node.index
+            nodes.append(node)
+            if bar is not None:
+                bar.update(count + 1)
+
+        outputs, names = [], []
+        for ref, out_name in zip(self.outputs, self.output_names):
+            ref = self.resolve(ref)
+            if not self.is_dependent(ref):
+                continue
+            outputs.append(index_of[_split(ref)[0]])
+            names.append(out_name)
+        if not outputs:
+            raise LipschitzError("No output of the function depends on its inputs (constant "
+                                 "function: Lipschitz constant 0).")
+        return ModelGraph(nodes, [index_of[r.split(":")[0]] for r in self.inputs], outputs, names)
+
+    def _live_nodes(self) -> list[str]:
+        """Input-dependent, non-alias nodes that some output depends on, in topological order."""
+        wanted: set[str] = set()
+        stack = [_split(self.resolve(r))[0] for r in self.outputs]
+        input_nodes = {r.split(":")[0] for r in self.inputs}
+        while stack:
+            name = stack.pop()
+            if name in wanted or not self.dependent.get(name, False):
+                continue
+            wanted.add(name)
+            for ref in _data_inputs(self.nodes[name]):
+                src = _split(self.resolve(ref))[0]
+                if self.dependent.get(src, False):
+                    stack.append(src)
+        return [n for n in self.order if n in wanted and n not in input_nodes
+                and self.nodes[n].op not in _ALIASES]
+
+    def _shape(self, ref: str) -> tuple[int, ...]:
+        ref = self.resolve(ref)
+        if ref in self.input_full:
+            return self.input_full[ref]
+        return tuple(int(d) for d in self.values[ref].shape)
+
+    def _dtype(self, ref: str) -> tf.DType:
+        ref = self.resolve(ref)
+        if ref in self.dtypes:
+            return self.dtypes[ref]
+        return tf.as_dtype(self.values[ref].dtype)
+
+    def _context(self, node_def, display: str) -> OpContext:
+        inputs = tuple(self.resolve(r) for r in _data_inputs(node_def))
+        dependent = tuple(self.is_dependent(r) for r in inputs)
+        constants = tuple(None if d else self.values[r] for r, d in zip(inputs, dependent))
+        dep_dtypes = [self._dtype(r) for r, d in zip(inputs, dependent) if d]
+        for dtype in dep_dtypes:
+            if dtype not in _FLOAT_DTYPES:
+                raise NotLipschitzError(
+                    _op_class(node_def.op)(display, None),
+                    f"it reads a {dtype.name} tensor computed from the input (rounding, argmax or "
+                    "comparisons jump), so the function is not continuous.",
+                )
+        return OpContext(
+            node_def=node_def, name=display, inputs=inputs, dependent=dependent,
+            constants=constants, input_shapes=tuple(self._shape(r) for r in inputs),
+            output_shape=self._shape(f"{node_def.name}:0"), dtype=dep_dtypes[0],
+        )
+
+    def _rule(self, ctx: OpContext) -> LayerBound:
+        rule = _OP_RULES.get(ctx.op_type)
+        if rule is None:
+            raise UnsupportedOpError(ctx.op_type, ctx.name)
+        bound = rule(ctx)
+        if not isinstance(bound, (Linear, Constant, Merge)):
+            raise LipschitzError(
+                f"The rule of op type '{ctx.op_type}' returned {bound!r}; a rule must return "
+                "tfl.rules.Linear, Constant or Merge."
+            )
+        return bound
+
+    # -- activations built from several ops (gelu, silu, mish...) -----------------------------
+
+    def _find_regions(self, live: Sequence[str]) -> dict[str, tuple[str, set[str], Constant]]:
+        """Products ``a·b`` whose operands are elementwise functions of one tensor.
+
+        For each such product ``m`` (outermost first), the nearest tensor ``s`` through which
+        every dependent path into ``m`` passes is found by expanding, through elementwise ops,
+        the open tensor latest in topological order until one remains. The sub-graph from ``s``
+        to ``m`` computes ``φ(s)`` for a scalar function φ (all its constants are scalars);
+        φ is evaluated on a grid and matched with the Keras activations.
+        """
+        position = {n: i for i, n in enumerate(self.order)}
+        consumers: dict[str, set[str]] = {}
+        for name in live:
+            for ref in _data_inputs(self.nodes[name]):
+                consumers.setdefault(_split(self.resolve(ref))[0], set()).add(name)
+        for ref in self.outputs:
+            consumers.setdefault(_split(self.resolve(ref))[0], set()).add("<output>")
+        regions: dict[str, tuple[str, set[str], Constant]] = {}
+        absorbed: set[str] = set()
+        for name in reversed(live):
+            node = self.nodes[name]
+            if name in absorbed or node.op != "Mul":
+                continue
+            refs = [self.resolve(r) for r in _data_inputs(node)]
+            if sum(self.is_dependent(r) for r in refs) < 2:
+                continue
+            found = self._expand(refs, position)
+            if found is None:
+                continue
+            source, members = found
+            if self._shape(source) != self._shape(f"{name}:0"):
+                continue
+            match = self._match(source, members | {name}, f"{name}:0")
+            if match is None:
+                continue
+            info = activation_info(match)
+            if match == "gelu_tanh":
+                info = activation_info("gelu", approximate=True)
+            bound = Constant(info.lipschitz, certified=info.certified,
+                             note=f"{info.name} (recognised from {len(members) + 1} ops)",
+                             activation=info)
+            keep = {m for m in members if consumers.get(m, set()) <= (members | {name})}
+            regions[name] = (source, keep, bound)
+            absorbed |= keep
+        return regions
+
+    def _expand(self, refs, position):
+        open_refs = {r for r in refs if self.is_dependent(r)}
+        members: set[str] = set()
+        while len(open_refs) > 1:
+            ref = max(open_refs, key=lambda r: position[_split(r)[0]])
+            src = _split(ref)[0]
+            node = self.nodes[src]
+            if node.op not in _ELEMENTWISE or src in {r.split(":")[0] for r in self.inputs}:
+                return None
+            ins = [self.resolve(r) for r in _data_inputs(node)]
+            for r in ins:
+                if not self.is_dependent(r) and self.values[r].size != 1:
+                    return None
+            open_refs.remove(ref)
+            open_refs |= {r for r in ins if self.is_dependent(r)}
+            members.add(src)
+            if len(members) > 64:
+                return None
+        if not open_refs:
+            return None
+        return next(iter(open_refs)), members
+
+    def _match(self, source: str, members: set[str], output: str) -> str | None:
+        nodes = [self.nodes[n] for n in self.order if n in members]
+        dtype = self._dtype(source)
+        feeds = {}
+        for node in nodes:
+            for ref in _data_inputs(node):
+                ref = self.resolve(ref)
+                if not self.is_dependent(ref):
+                    feeds[ref] = self.values[ref]
+        constants = {r: tf.constant(v) for r, v in feeds.items()}
+
+        def phi_fn(x):
+            values = _replay(nodes, {source: x, **constants}, self.resolve)
+            return values[output]
+
+        try:
+            phi = _once(phi_fn, [tf.TensorSpec(_GRID.shape, dtype)])(tf.constant(_GRID, dtype))
+            phi = np.asarray(phi).astype("float64").ravel()
+        except (LipschitzError, TypeError, ValueError, tf.errors.OpError):
+            return None  # not an elementwise function of the source: the caller reports it
+        if phi.shape != _GRID.shape:
+            return None
+        x = tf.constant(_GRID, dtype)
+        for name, ref_fn in _COMPOSITE.items():
+            ref = np.asarray(ref_fn(x)).astype("float64")
+            if np.allclose(phi, ref, rtol=1e-4, atol=1e-5):
+                return name
+        return None
+
+
+def _is_shape_list(value) -> bool:
+    return bool(value) and isinstance(value[0], (list, tuple))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_specs(input_signature) -> list[tf.TensorSpec]:
+    if isinstance(input_signature, tf.TensorSpec):
+        return [input_signature]
+    specs = list(input_signature)
+    for spec in specs:
+        if not isinstance(spec, tf.TensorSpec):
+            raise TypeError(
+                "input_signature must be a tf.TensorSpec or a list of them, one per positional "
+                f"argument; received {spec!r}."
+            )
+    return specs
+
+
+def _concrete(fn, input_signature) -> _Signature:
+    """A :class:`_Signature` from a concrete function, a ``tf.function`` or a callable."""
+    name = getattr(fn, "__name__", None) or getattr(fn, "name", None) or type(fn).__name__
+    if isinstance(fn, tf.types.experimental.ConcreteFunction):
+        if input_signature is not None:
+            raise ValueError("A concrete function already has its signature; pass "
+                             "input_signature=None.")
+        concrete = fn
+    else:
+        if input_signature is None:
+            if isinstance(fn, tf.types.experimental.PolymorphicFunction):
+                try:
+                    concrete = fn.get_concrete_function()
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(
+                        f"'{name}' has no input_signature of its own; pass "
+                        "input_signature=[tf.TensorSpec(shape, dtype), ...]."
+                    ) from exc
+            else:
+                raise ValueError(
+                    f"input_signature is required for the Python callable '{name}', e.g. "
+                    "[tf.TensorSpec([None, 28, 28, 1], tf.float32)]."
+                )
+        else:
+            specs = _as_specs(input_signature)
+            if not isinstance(fn, tf.types.experimental.PolymorphicFunction):
+                fn = tf.function(fn, autograph=False)
+            concrete = fn.get_concrete_function(*specs)
+    structured = concrete.structured_input_signature
+    input_names = []
+    if structured is not None:
+        args, kwargs = structured
+        flat = tf.nest.flatten(args) + [kwargs[k] for k in sorted(kwargs)]
+        input_names = [getattr(s, "name", None) or f"input_{i}" for i, s in enumerate(flat)]
+    outputs = concrete.structured_outputs
+    # Frozen functions keep the flattened output order, which sorts dictionary keys.
+    output_names = sorted(outputs) if isinstance(outputs, dict) else []
+    return _Signature(concrete, input_names, output_names, str(name))
+
+
+def _load_signature(path: str, signature: str | None = None) -> tuple[Any, str, Any]:
+    """Loads a SavedModel; returns ``(concrete_function, signature_key, loaded_object)``.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a SavedModel directory.
+        OSError: If the SavedModel cannot be read.
+        KeyError: If the signature does not exist (the message lists the available ones).
+    """
+    if not os.path.isdir(path) or not any(
+        os.path.exists(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")
+    ):
+        raise FileNotFoundError(f"'{path}' is not a SavedModel directory (no saved_model.pb).")
+    try:
+        loaded = tf.saved_model.load(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable model
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"Could not read the SavedModel '{path}': {detail}") from exc
+    signatures = dict(getattr(loaded, "signatures", {}) or {})
+    if signature is None:
+        if "serving_default" in signatures:
+            signature = "serving_default"
+        elif len(signatures) == 1:
+            signature = next(iter(signatures))
+        else:
+            raise KeyError(
+                f"SavedModel '{path}' has {len(signatures)} signatures "
+                f"({', '.join(sorted(signatures)) or 'none'}); choose one by name."
+            )
+    if signature in signatures:
+        return signatures[signature], signature, loaded
+    attr = getattr(loaded, signature, None)
+    concretes = list(getattr(attr, "concrete_functions", None) or [])
+    if len(concretes) == 1:
+        return concretes[0], signature, loaded
+    raise KeyError(
+        f"SavedModel '{path}' has no signature '{signature}'; available signatures: "
+        f"{', '.join(sorted(signatures)) or 'none'}."
+    )
+
+
+class GraphEstimator:
+    """Bounds the ℓ2 Lipschitz constant of a TensorFlow function from its graph.
+
+    The function is traced (if needed), inlined and frozen into a ``GraphDef``, and read into
+    the core graph representation once; one compiled spectral solver then serves every
+    :meth:`autolip` call. See the module docstring for the op rules.
+
+    Args:
+        fn: A ``tf.function``, a concrete function (e.g. a SavedModel signature), or a Python
+            callable of tensors (traced with ``input_signature``).
+        input_signature: ``tf.TensorSpec`` (or a list of them, one per positional argument);
+            not needed for concrete functions and ``tf.function``\\ s with their own signature.
+        input_shape: Shape of one example, or of a batch of one (needed for unknown spatial
+            dimensions); a list of shapes for several inputs.
+        solver: ``"lanczos"`` (default) or ``"power"``.
+        tol: Relative tolerance of the spectral solver.
+        max_products: Cap on operator products per fused linear operator.
+        name: Name shown in reports.
+        verbose: 1 shows a progress bar while reading large graphs.
+        seed: Seed of the sample input used to evaluate constants.
+
+    Example:
+        >>> import tensorflow as tf, tf_lipschitz as tfl
+        >>> f = tf.function(lambda x: 2.0 * tf.nn.tanh(x))
+        >>> est = tfl.GraphEstimator(f, tf.TensorSpec([None, 3]))
+        >>> round(est.autolip().upper, 5)
+        2.0
+    """
+
+    def __init__(self, fn, input_signature=None, *, input_shape=None, solver: str = "lanczos",
+                 tol: float = 1e-6, max_products: int = 2000, name: str | None = None,
+                 verbose: int = 0, seed: int = 0, _signature_name: str | None = None,
+                 _owner: Any = None):
+        signature = _concrete(fn, input_signature)
+        self.name = name or signature.name
+        self.signature = _signature_name
+        reader = _GraphReader(signature, input_shape, seed=seed, progress=verbose)
+        self.graph: ModelGraph = reader.build()
+        self._reader = reader
+        self._autolip = AutoLip(self.graph, method=solver, tol=tol, max_products=max_products)
+        first = self.graph.nodes[self.graph.inputs[0]]
+        self.input_shape = first.output_shapes[0]
+        self.dtype = first.dtype
+        self.op_count = len(reader.graph_def.node)
+        self._owner = _owner  # keeps a loaded SavedModel (and its variables) alive
+
+    @classmethod
+    def from_saved_model(cls, path: str, signature: str | None = None, **kwargs
+                         ) -> "GraphEstimator":
+        """Analyses a signature of a SavedModel directory.
+
+        Args:
+            path: The SavedModel directory.
+            signature: Signature key (default ``"serving_default"`` or the only one).
+            **kwargs: Passed to :class:`GraphEstimator` (``input_shape``, ``tol``...).
+        """
+        fn, key, loaded = _load_signature(path, signature)
+        kwargs.setdefault("name", os.path.basename(os.path.normpath(path)))
+        return cls(fn, _signature_name=key, _owner=loaded, **kwargs)
+
+    def autolip(self, *, certified: bool = False, init: Any = "warm") -> LipschitzReport:
+        """AutoLip on the graph (method ``"autolip-graph"``).
+
+        Args:
+            certified: Use the closed-form certified norms where they exist; the report is
+                certified only when every factor is.
+            init: Starting vectors of the solver (``"warm"``, ``None`` or arrays).
+
+        Returns:
+            A :class:`~tf_lipschitz.report.LipschitzReport`.
+        """
+        report = self._autolip.run(certified=certified, init=init, model_name=self.name)
+        settings = dict(report.settings, analysis="tf-graph", graph_ops=self.op_count)
+        if self._reader.skipped_outputs:
+            settings["skipped_outputs"] = list(self._reader.skipped_outputs)
+        if self.signature is not None:
+            settings["signature"] = self.signature
+        by_node = report.outputs
+        outputs = {name: by_node[self.graph.nodes[o].name]
+                   for o, name in zip(self.graph.outputs, self.graph.output_names)}
+        return dataclasses.replace(report, method="autolip-graph", settings=settings,
+                                   outputs=outputs)
+
+    def model_function(self) -> Callable[[tf.Tensor], tf.Tensor]:
+        """The analysed (frozen) function on batches ``(n, *input_shape)``.
+
+        Floating-point outputs are flattened and concatenated. Only for single-input
+        functions; used by :meth:`lower_bound`.
+        """
+        if len(self.graph.inputs) != 1:
+            raise ValueError(f"'{self.name}' has {len(self.graph.inputs)} inputs; lower bounds "
+                             "support single-input functions.")
+        reader = self._reader
+        ref = reader.inputs[0]
+        full = reader.input_full[ref]
+        compute = reader.dtypes[ref]
+        spec_shape = reader.frozen.inputs[0].shape
+        batch_free = spec_shape.rank is not None and spec_shape.rank > 0 and spec_shape[0] is None
+        outputs = [o for o in reader.outputs if reader.is_dependent(reader.resolve(o))]
+        nodes = reader.ancestors(outputs)
+        constants = {f"{n.name}:0": tf.constant(tf.make_ndarray(n.attr["value"].tensor))
+                     for n in nodes if n.op == "Const"}
+        work = _work_dtype(compute)
+
+        def call(x, batch):
+            values = _replay(nodes, {ref: tf.cast(x, compute), **constants}, _tensor_name)
+            return tf.concat([tf.reshape(tf.cast(values[o], work), [batch, -1])
+                              for o in outputs], axis=1)
+
+        def batched(x):
+            return call(tf.reshape(x, (-1, *full[1:])), tf.shape(x)[0])
+
+        def per_example(x):
+            return tf.map_fn(lambda e: call(tf.reshape(e, full), 1)[0], x)
+
+        return _eager_safe(batched if batch_free else per_example)
+
+    def lower_bound(self, x=None, **kwargs) -> LowerBound:
+        """A proven lower bound: the largest Jacobian norm found by ascent over inputs.
+
+        Args:
+            x: Optional data batch used as starting points.
+            **kwargs: See :func:`tf_lipschitz.lower.lower_bound`.
+        """
+        return _lower_bound(self.model_function(), self.input_shape, x, dtype=self.dtype,
+                            **kwargs)
+
+
+def autolip_function(fn, input_signature=None, *, input_shape=None, certified: bool = False,
+                     **kwargs) -> LipschitzReport:
+    """AutoLip bound of any TensorFlow function, read from its graph.
+
+    Args:
+        fn: A ``tf.function``, concrete function or Python callable of tensors.
+        input_signature: ``tf.TensorSpec`` or list of them (see :class:`GraphEstimator`).
+        input_shape: Shape of one example when the signature has unknown dimensions.
+        certified: Use closed-form certified norms where they exist.
+        **kwargs: ``solver``, ``tol``, ``max_products``, ``name``, ``verbose``, ``seed``.
+
+    Returns:
+        A :class:`~tf_lipschitz.report.LipschitzReport` with method ``"autolip-graph"``.
+
+    Raises:
+        UnsupportedOpError: For an op without a rule (named with its node).
+        NotLipschitzError: For products of input-dependent tensors and other non-Lipschitz ops.
+        ModelNotBuiltError: For non-float inputs or unknown input dimensions.
+
+    Example:
+        >>> import tensorflow as tf, tf_lipschitz as tfl
+        >>> q = tf.linalg.qr(tf.random.normal([4, 4]))[0]
+        >>> rep = tfl.autolip_function(lambda x: 3.0 * tf.matmul(x, q),
+        ...                            tf.TensorSpec([None, 4], tf.float32))
+        >>> round(rep.upper, 4)
+        3.0
+    """
+    est = GraphEstimator(fn, input_signature, input_shape=input_shape, **kwargs)
+    return est.autolip(certified=certified)
+
+
+def autolip_saved_model(path: str, signature: str | None = None, *, input_shape=None,
+                        certified: bool = False, **kwargs) -> LipschitzReport:
+    """AutoLip bound of a SavedModel signature (see :meth:`GraphEstimator.from_saved_model`)."""
+    est = GraphEstimator.from_saved_model(path, signature, input_shape=input_shape, **kwargs)
+    return est.autolip(certified=certified)
