@@ -166,12 +166,56 @@ def test_merges_follow_autolip_rules():
     assert rep.upper == pytest.approx(math.hypot(joined, summed), rel=1e-4)
 
 
-def test_lower_bound_is_below_upper_and_graph_function_is_the_model(tmp_path):
+@pytest.fixture(scope="module")
+def exported_mlp(tmp_path_factory):
+    keras.utils.set_random_seed(5)
     model = _mlp()
-    model.export(str(tmp_path / "m"), verbose=False)
-    est = GraphEstimator.from_saved_model(str(tmp_path / "m"))
+    path = str(tmp_path_factory.mktemp("mlp") / "exported")
+    model.export(path, verbose=False)
+    return model, GraphEstimator.from_saved_model(path)
+
+
+def test_graph_function_is_the_model(exported_mlp):
+    model, est = exported_mlp
     x = np.random.default_rng(5).standard_normal((4, 7)).astype("float32")
     np.testing.assert_allclose(est.model_function()(tf.constant(x)), model(x), atol=1e-6)
+
+
+def test_certified_graph_bound_is_exact_on_small_operators(exported_mlp):
+    _, est = exported_mlp
+    estimate = est.autolip()
+    certified = est.autolip(certified=True)
+    assert certified.certified and not estimate.certified
+    assert certified.upper == pytest.approx(estimate.upper, rel=1e-5)
+    for row in certified.layers:
+        if row.kind == "linear":
+            assert row.certificate >= row.norm * (1 - 1e-6)
+
+
+def test_fused_batch_norm_at_inference():
+    """FusedBatchNormV3 (no float64 kernel) fused with a conv: the bias-free affine part."""
+    rng = np.random.default_rng(9)
+    kernel = rng.standard_normal((3, 3, 2, 4)).astype("float32")
+    scale, offset, mean = (rng.standard_normal(4).astype("float32") for _ in range(3))
+    variance = rng.uniform(0.5, 2.0, 4).astype("float32")
+
+    def conv_bn(x, center=True):
+        y = tf.nn.conv2d(x, kernel, 1, "SAME")
+        return tf.compat.v1.nn.fused_batch_norm(
+            y, scale, offset if center else 0 * offset, mean if center else 0 * mean, variance,
+            epsilon=1e-3, is_training=False)[0]
+
+    est = GraphEstimator(conv_bn, tf.TensorSpec([None, 5, 5, 2]))
+    assert [r.class_name for r in est.autolip().layers][-1] == "Conv2D+FusedBatchNormV3"
+    linear = LinearOperator(lambda x: conv_bn(x, center=False), (5, 5, 2)).to_dense()
+    assert est.autolip().upper == pytest.approx(_sigma(linear), rel=1e-4)
+    assert est.autolip(certified=True).upper == pytest.approx(_sigma(linear), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_lower_bound_is_below_upper(exported_mlp):
+    _, est = exported_mlp
+    x = np.random.default_rng(5).standard_normal((4, 7)).astype("float32")
     lower = est.lower_bound(x=x, n_random=4, steps=10)
     assert 0 < lower.value <= est.autolip().upper * (1 + 1e-6)
 
@@ -184,6 +228,8 @@ def test_products_of_input_dependent_tensors_are_not_lipschitz():
         autolip_function(lambda x: tf.matmul(x[:, :, None], x[:, None, :]), SPEC6)
     with pytest.raises(NotLipschitzError, match="exponential"):
         autolip_function(tf.exp, SPEC6)
+    with pytest.raises(NotLipschitzError, match="not a recognised activation"):
+        autolip_function(lambda x: x * x, SPEC6)
 
 
 def test_unsupported_op_names_type_and_node_and_can_be_registered():

@@ -20,7 +20,7 @@ if _keras.backend.backend() != "tensorflow":  # pragma: no cover - depends on th
         f"{_keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before importing keras."
     )
 
-from tf_lipschitz import rules
+from tf_lipschitz import rules, tfgraph
 from tf_lipschitz.errors import (
     LipschitzError,
     ModelNotBuiltError,
@@ -32,11 +32,18 @@ from tf_lipschitz.power import SpectralSolver, spectral_norm, top_singular_tripl
 from tf_lipschitz.operators import LinearOperator
 from tf_lipschitz.report import ExtremeValueEstimate, LayerRow, LipschitzReport, LowerBound
 from tf_lipschitz.rules import register_activation, register_rule
+from tf_lipschitz.tfgraph import (
+    GraphEstimator,
+    UnsupportedOpError,
+    autolip_function,
+    autolip_saved_model,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExtremeValueEstimate",
+    "GraphEstimator",
     "LayerRow",
     "LinearOperator",
     "LipschitzError",
@@ -47,9 +54,13 @@ __all__ = [
     "NotLipschitzError",
     "SpectralSolver",
     "UnsupportedLayerError",
+    "UnsupportedOpError",
+    "autolip_function",
+    "autolip_saved_model",
     "register_activation",
     "register_rule",
     "rules",
     "spectral_norm",
+    "tfgraph",
     "top_singular_triplets",
 ]

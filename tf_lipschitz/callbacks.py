@@ -118,6 +118,8 @@ class LipCallback(keras.callbacks.Callback):
         max_products: Cap on operator products per layer and estimate.
         lower_kwargs: Extra arguments of :func:`tf_lipschitz.lower.lower_bound`
             (``n_random``, ``steps``...).
+        seqlip_kwargs: Extra arguments of ``LipschitzEstimator.seqlip`` (``mode``,
+            ``top_k``...).
 
     Example:
         >>> import keras, numpy as np, tf_lipschitz as tfl
@@ -146,6 +148,7 @@ class LipCallback(keras.callbacks.Callback):
         tol: float = 1e-6,
         max_products: int = 2000,
         lower_kwargs: dict | None = None,
+        seqlip_kwargs: dict | None = None,
     ):
         super().__init__()
         if isinstance(methods, str):
@@ -179,6 +182,15 @@ class LipCallback(keras.callbacks.Callback):
             raise ValueError("Pass the lower-bound data as LipCallback(x=...), not in lower_kwargs.")
         if lower_kwargs and "lower" not in methods:
             raise ValueError("`lower_kwargs` is set but 'lower' is not in `methods`.")
+        seqlip_kwargs = dict(seqlip_kwargs or {})
+        if seqlip_kwargs and "seqlip" not in methods:
+            raise ValueError("`seqlip_kwargs` is set but 'seqlip' is not in `methods`.")
+        reserved = {"certified", "init", "verbose"} & set(seqlip_kwargs)
+        if reserved:
+            raise ValueError(
+                f"`seqlip_kwargs` may not set {sorted(reserved)}: LipCallback sets them (use "
+                "LipCallback(certified=...))."
+            )
         self.methods = methods
         self.every_n_epochs = every_n_epochs
         self.every_n_batches = every_n_batches
@@ -190,6 +202,7 @@ class LipCallback(keras.callbacks.Callback):
         self.certified = bool(certified)
         self.estimator_kwargs = {"solver": solver, "tol": tol, "max_products": max_products}
         self.lower_kwargs = lower_kwargs
+        self.seqlip_kwargs = seqlip_kwargs
         self.records: list[LipschitzRecord] = []
         self.estimator: LipschitzEstimator | None = None
         self._x_batch: np.ndarray | None = None
@@ -265,10 +278,12 @@ class LipCallback(keras.callbacks.Callback):
         if method == "lower":
             result = est.lower_bound(self._x_batch, **{"verbose": 0, **self.lower_kwargs})
             return float(result.value), LOWER_KIND, {}
+        init = None if self._cold else "warm"
         if method == "autolip":
-            report = est.autolip(certified=self.certified, init=None if self._cold else "warm")
+            report = est.autolip(certified=self.certified, init=init)
         else:
-            report = est.seqlip()
+            report = est.seqlip(certified=self.certified, init=init, verbose=0,
+                                **self.seqlip_kwargs)
         layers = {}
         if self.per_layer:
             layers = {row.name: float(row.lipschitz) for row in report.layers
@@ -307,10 +322,9 @@ class LipCallback(keras.callbacks.Callback):
                         stacklevel=2,
                     )
                 value = math.nan
-            if method != "lower" and not math.isfinite(value):
-                self._cold = True  # don't warm-start from vectors computed on broken weights
-            elif method == "autolip":
-                self._cold = False
+            if method != "lower":
+                # Never warm-start from vectors computed on broken (NaN) weights.
+                self._cold = not math.isfinite(value)
             values[key] = value
             kinds[key] = kind
             if per_layer:

@@ -57,7 +57,7 @@ class UsageError(Exception):
 def _parse_shapes(text: str) -> list[tuple[int, ...]]:
     shapes = []
     for part in text.split(";"):
-        dims = [d.strip() for d in part.replace("x", ",").split(",") if d.strip()]
+        dims = [d.strip() for d in part.split(",") if d.strip()]
         try:
             shape = tuple(int(d) for d in dims)
         except ValueError:
@@ -252,7 +252,7 @@ class Analysis:
                     f"{self.lower.secant:.6g})")
             best = min((r.upper for r in self.reports.values()), default=None)
             if best is not None and self.lower.value > 0:
-                line += f"   gap upper/lower: {best / self.lower.value:.4g}"
+                line += f"   gap best upper/lower: {best / self.lower.value:.4g}"
             lines.append(line)
         for method, reason in self.skipped.items():
             lines.append(f"  {method + ':':<22}skipped ({reason})")
@@ -308,8 +308,9 @@ def _plot(analysis: Analysis, path: str):
     width = max(6.0, 0.45 * len(rows) + 2.0)
     fig, ax = plt.subplots(figsize=(min(width, 40.0), 5.0))
     xs = range(len(rows))
-    ax.bar(xs, [r.lipschitz for r in rows], color=[colors.get(r.bound_kind, "#888888")
-                                                   for r in rows])
+    bars = ax.bar(xs, [r.lipschitz for r in rows],
+                  color=[colors.get(r.bound_kind, "#888888") for r in rows])
+    ax.bar_label(bars, fmt="%.3g", fontsize=7)
     ax.set_yscale("log")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(list(xs))
@@ -392,16 +393,15 @@ def _format_of(path: str) -> str:
 def _per_example(shape: tuple[int, ...], spec: Sequence[Any], name: str) -> tuple[int, ...]:
     """The per-example shape from a user shape given with or without the batch axis."""
     spec = list(spec)
-    if len(shape) == len(spec):
-        shape = shape[1:]
-    if len(shape) != len(spec) - 1 or any(
-        s is not None and s != d for s, d in zip(spec[1:], shape)
+    example = shape[1:] if len(shape) == len(spec) else shape
+    if len(example) != len(spec) - 1 or any(
+        s is not None and s != d for s, d in zip(spec[1:], example)
     ):
         raise UsageError(
             f"--input-shape {','.join(map(str, shape))} does not fit input '{name}' of shape "
             f"{tuple(spec)} (batch axis first)"
         )
-    return tuple(shape)
+    return tuple(example)
 
 
 def _input_shapes(given, specs: Sequence[tuple[str, Sequence[Any]]]):
@@ -414,7 +414,9 @@ def _input_shapes(given, specs: Sequence[tuple[str, Sequence[Any]]]):
         if spec is None:
             if given is None:
                 raise UsageError(f"input '{name}' has an unknown rank; pass --input-shape")
-            shapes.append(tuple(given[i][1:]) if len(given[i]) > 1 else tuple(given[i]))
+            # No recorded shape to compare with: a leading 1 is taken as the batch axis.
+            shape = tuple(given[i])
+            shapes.append(shape[1:] if len(shape) > 1 and shape[0] == 1 else shape)
             continue
         if given is not None:
             shapes.append(_per_example(tuple(given[i]), spec, name))
@@ -559,7 +561,8 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
                 analysis.skipped["seqlip"] = "SeqLip is not available in this tf_lipschitz version"
             else:
                 progress("SeqLip: maximising over activation patterns")
-                analysis.reports["seqlip"] = est.seqlip()
+                analysis.reports["seqlip"] = est.seqlip(certified=args.certified,
+                                                        verbose=0 if args.quiet else 1)
         elif method == "lower":
             progress(f"lower bound: gradient ascent from {args.lower_starts} random start(s), "
                      f"{args.lower_steps} step(s)")

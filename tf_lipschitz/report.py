@@ -153,7 +153,9 @@ class LipschitzReport:
 
     def table(self) -> str:
         """The per-layer table as text."""
-        head = (f"{'Layer (type)':<38}{'Output shape':<18}{'Lip':>10}{'Cumul.':>11}  "
+        certs = any(row.certificate is not None for row in self.layers)
+        extra = f"{'Estimate':>10}{'Cert.':>10}{'ratio':>8}" if certs else ""
+        head = (f"{'Layer (type)':<38}{'Output shape':<18}{'Lip':>10}{'Cumul.':>11}{extra}  "
                 f"{'kind':<9} method")
         lines = [f'Lipschitz report: "{self.model_name}" ({self.method})', "=" * len(head), head,
                  "-" * len(head)]
@@ -163,9 +165,15 @@ class LipschitzReport:
                 label = label[:34] + "..."
             kind = "" if row.kind in ("input",) else row.bound_kind
             method = row.method if row.kind == "linear" else row.kind
+            cols = ""
+            if certs:  # estimate of the norm, its certificate and certificate / estimate
+                ratio = (row.certificate / row.norm if row.certificate is not None and row.norm
+                         else None)
+                shown = "-".rjust(8) if ratio is None else f"{ratio:8.4f}"
+                cols = f"{_fmt(row.norm)}{_fmt(row.certificate)}{shown}"
             lines.append(
                 f"{label:<38}{str(tuple(row.output_shape)):<18}{_fmt(row.lipschitz)}"
-                f"{_fmt(row.cumulative, 11)}  {kind:<9} {method}"
+                f"{_fmt(row.cumulative, 11)}{cols}  {kind:<9} {method}"
             )
         lines.append("=" * len(head))
         lines.append(f"Upper bound ({self.kind}): {self.upper:.6g}")

@@ -231,7 +231,7 @@ def _exact_search(c, e, lo, hi, *, verbose=0, label="pattern search"):
     return math.sqrt(max(inc2, 0.0)) * scale, best_d, evaluated
 
 
-@tf.function(reduce_retracing=True, autograph=False)
+@tf.function(reduce_retracing=True, autograph=False, jit_compile=True)
 def _greedy_sweep(c, e, d, x, v, sigma, lo, hi, max_iter, tol):
     """One sweep of single flips in coordinate order, each kept if the norm grows.
 
@@ -282,15 +282,15 @@ def _greedy_search(c, e, lo, hi, *, max_sweeps=10, verbose=0, label="greedy"):
     ct, et = tf.constant(c), tf.constant(e)
     lo_t, hi_t = tf.constant(lo, tf.float64), tf.constant(hi, tf.float64)
     evaluated = 0
-    bar = keras.utils.Progbar(max_sweeps, verbose=verbose, unit_name="sweep") \
-        if verbose and n >= 256 else None
+    bar = keras.utils.Progbar(max_sweeps, verbose=verbose, unit_name="sweep",
+                              stateful_metrics=["norm", "flips"]) if verbose and n >= 256 else None
     if bar is not None:
         print(f"tf_lipschitz: {label}: greedy flips over {n} activations", flush=True)
     for sweep in range(max_sweeps):
         _, s, vt = np.linalg.svd(x)
         d_t, x_t, changes = _greedy_sweep(
             ct, et, tf.constant(d), tf.constant(x), tf.constant(vt[0]),
-            tf.constant(s[0]), lo_t, hi_t, tf.constant(100), tf.constant(1e-12, tf.float64),
+            tf.constant(s[0]), lo_t, hi_t, tf.constant(100), tf.constant(1e-7, tf.float64),
         )
         d, x = d_t.numpy(), x_t.numpy()
         evaluated += n

@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import os
 import warnings
@@ -91,7 +92,8 @@ class UnsupportedOpError(LipschitzError, TypeError):
 
     Example:
         >>> import tf_lipschitz as tfl
-        >>> tfl.tfgraph.register_op_rule("MyActivation", tfl.tfgraph.elementwise_rule(1.0))  # doctest: +SKIP
+        >>> rule = tfl.tfgraph.elementwise_rule(1.0)
+        >>> tfl.tfgraph.register_op_rule("MyActivation", rule)  # doctest: +SKIP
     """
 
     def __init__(self, op_type: str, node: str, detail: str = ""):
@@ -251,19 +253,30 @@ def _batched(single: Callable, in_full: tuple[int, ...], out_full: tuple[int, ..
     """Lifts a batch-1 op function to batches ``(B, *example_shape)``.
 
     The graph is evaluated at batch 1 (shape arithmetic is frozen for that size), so a batch of
-    one is passed straight through and larger batches are mapped example by example.
+    one is passed straight through and larger batches are mapped example by example. A float64
+    input is computed in float64 where the op supports it (the exact dense certificates of
+    :mod:`tf_lipschitz.certify` need that), otherwise in the graph's own dtype.
     """
     out_example = _example_shape(out_full)
 
     def one(x):
-        y = single(tf.cast(tf.reshape(x, in_full), compute_dtype))
+        x = tf.reshape(x, in_full)
+        if x.dtype == tf.float64 and compute_dtype != tf.float64:
+            try:
+                y = single(x)
+            except (TypeError, ValueError):  # the op has no float64 kernel: graph dtype
+                y = None
+            if y is not None and y.dtype == tf.float64:
+                return tf.reshape(y, (1, *out_example))
+        y = single(tf.cast(x, compute_dtype))
         return tf.cast(tf.reshape(y, (1, *out_example)), out_dtype)
 
     def fn(x):
         if x.shape.rank is not None and x.shape[0] == 1:
             return one(x)
+        dtype = one(x[:1]).dtype
         return tf.map_fn(lambda e: one(e[None])[0], x,
-                         fn_output_signature=tf.TensorSpec(out_example, out_dtype))
+                         fn_output_signature=tf.TensorSpec(out_example, dtype))
 
     return _eager_safe(fn)
 
@@ -287,6 +300,8 @@ class OpContext:
         input_shapes: Full shapes (batch axis included, batch size 1) of the data inputs.
         output_shape: Full shape of output 0.
         dtype: Dtype of the first dependent input.
+        elementwise_of: For a product of two elementwise functions of one tensor that is not a
+            recognised activation, the name of that tensor.
     """
 
     node_def: Any
@@ -297,6 +312,7 @@ class OpContext:
     input_shapes: tuple[tuple[int, ...], ...]
     output_shape: tuple[int, ...]
     dtype: tf.DType
+    elementwise_of: str | None = None
 
     @property
     def op_type(self) -> str:
@@ -346,15 +362,21 @@ class OpContext:
         """
         slot = self.single_dependent()
         node_def = self.node_def
-        constants = [None if i == slot else
-                     tf.constant(np.zeros_like(value) if i in offsets else value)
-                     for i, value in enumerate(self.constants)]
+        compute = self.dtype
+        values = [None if i == slot else np.zeros_like(value) if i in offsets else value
+                  for i, value in enumerate(self.constants)]
+        constants = [None if v is None else tf.constant(v) for v in values]
 
         def single(x):
-            inputs = [x if i == slot else c for i, c in enumerate(constants)]
+            if x.dtype == compute:
+                consts = constants
+            else:  # float64 evaluation (exact certificates): the float constants follow x
+                same = np.dtype(compute.as_numpy_dtype)
+                consts = [None if v is None else tf.constant(
+                    v.astype(x.dtype.as_numpy_dtype) if v.dtype == same else v) for v in values]
+            inputs = [x if i == slot else c for i, c in enumerate(consts)]
             return _run_node(node_def, inputs)[0]
 
-        compute = self.dtype
         fn = _batched(single, self.input_shapes[slot], self.output_shape, compute,
                       _work_dtype(compute))
         if norm is None:
@@ -612,6 +634,14 @@ def _cast(ctx: OpContext) -> Linear:
 
 
 def _product(ctx: OpContext) -> LayerBound:
+    if ctx.elementwise_of is not None:
+        raise NotLipschitzError(
+            _culprit(ctx),
+            f"{ctx.op_type} multiplies two elementwise functions of '{ctx.elementwise_of}', and "
+            "their product is not a recognised activation (gelu, silu/swish, mish, hard_silu...). "
+            "If it is c-Lipschitz, register the op pattern's constant with a custom rule, or "
+            "analyse the Keras model file.",
+        )
     raise NotLipschitzError(
         _culprit(ctx),
         f"{ctx.op_type} multiplies two tensors that both depend on the input (bilinear), which "
@@ -858,8 +888,6 @@ class _GraphReader:
                     children[src].append(n.name)
         ready = sorted((name for name, d in indegree.items() if d == 0), key=index.get)
         order = []
-        import heapq
-
         heap = [(index[n], n) for n in ready]
         heapq.heapify(heap)
         while heap:
@@ -870,7 +898,8 @@ class _GraphReader:
                 if indegree[child] == 0:
                     heapq.heappush(heap, (index[child], child))
         if len(order) != len(self.graph_def.node):
-            raise LipschitzError("The frozen graph has a cycle (a while loop that was not lowered).")
+            raise LipschitzError("The frozen graph has a cycle (a while loop that was not "
+                                 "lowered).")
         return order
 
     def _dependence(self) -> dict[str, bool]:
@@ -1056,6 +1085,7 @@ class _GraphReader:
             node_def=node_def, name=display, inputs=inputs, dependent=dependent,
             constants=constants, input_shapes=tuple(self._shape(r) for r in inputs),
             output_shape=self._shape(f"{node_def.name}:0"), dtype=dep_dtypes[0],
+            elementwise_of=self.unmatched.get(node_def.name),
         )
 
     def _rule(self, ctx: OpContext) -> LayerBound:
@@ -1089,6 +1119,7 @@ class _GraphReader:
         for ref in self.outputs:
             consumers.setdefault(_split(self.resolve(ref))[0], set()).add("<output>")
         regions: dict[str, tuple[str, set[str], Constant]] = {}
+        self.unmatched: dict[str, str] = {}
         absorbed: set[str] = set()
         for name in reversed(live):
             node = self.nodes[name]
@@ -1105,6 +1136,7 @@ class _GraphReader:
                 continue
             match = self._match(source, members | {name}, f"{name}:0")
             if match is None:
+                self.unmatched[name] = source.split(":")[0]
                 continue
             info = activation_info(match)
             if match == "gelu_tanh":

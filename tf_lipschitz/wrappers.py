@@ -7,8 +7,10 @@ The wrapper reparametrises the wrapped layer's kernel as
 where ``h_W`` is the layer's linear part (bias removed, from the rule registry, so strides,
 padding, dilation and groups are exactly the layer's), evaluated on the layer's **real input
 shape**, and ``v`` is a persistent unit vector (a non-trainable weight). Each training call
-advances ``v`` by ``power_iterations`` steps of the power method on ``JᵀJ`` (warm-started;
-the first training call iterates to convergence); inference calls leave ``v`` unchanged.
+advances ``v`` by ``power_iterations`` steps of the power method on ``JᵀJ`` (warm-started).
+The vector starts at zero ("fresh"): the first training call, the first eager call or
+:meth:`LipschitzWrapper.calibrate` runs restarted Lanczos to convergence instead. Inference
+calls in a graph never write the vector (a fresh one is calibrated on the fly).
 Gradients flow through ``σ̂`` (with ``v`` held fixed), as in spectral normalisation
 (Miyato et al., ICLR 2018), but unlike ``keras.layers.SpectralNormalization`` the norm is the
 operator's on its input shape, not the reshaped kernel's (shared/ALGORITHMS.md §2), and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -96,7 +99,7 @@ class LipschitzWrapper(keras.layers.Wrapper):
         self.power_iterations = int(power_iterations)
         self.tol = float(tol)
         self.max_iterations = int(max_iterations)
-        self._compiled_advance = None
+        self._compiled_update = None
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -145,24 +148,51 @@ class LipschitzWrapper(keras.layers.Wrapper):
         )
         self.norm_input_shape = shape
 
-    def _advance(self, iterations: int) -> tf.Tensor:
-        """Advances the stored vector (calibrating it if fresh) and returns it."""
-        if tf.executing_eagerly():  # e.g. the estimator's graph walk: compile, don't loop eagerly
-            if self._compiled_advance is None:
-                self._compiled_advance = tf.function(self._advance_graph, autograph=False)
-            return self._compiled_advance(tf.constant(iterations, tf.int32))
-        return self._advance_graph(iterations)
-
-    def _advance_graph(self, iterations) -> tf.Tensor:
+    def _next_vector(self, iterations, force_calibration=False) -> tf.Tensor:
+        """The vector after ``iterations`` power steps (Lanczos to ``tol`` if fresh); no update."""
         v0 = ops.convert_to_tensor(self.vector)
         fresh = ops.all(ops.equal(v0, 0))
         start = tf.random.stateless_normal(tf.shape(v0), seed=(1805, 10965), dtype=v0.dtype)
-        v0 = ops.where(fresh, start, v0)
-        v = track_top_vector(self._linear, v0, iterations=iterations, calibrate=fresh,
-                             tol=self.tol, max_iterations=self.max_iterations)
+        return track_top_vector(
+            self._linear, ops.where(fresh, start, v0), iterations=iterations,
+            calibrate=ops.logical_or(fresh, force_calibration), tol=self.tol,
+            max_iterations=self.max_iterations,
+        )
+
+    def _update(self, iterations, force_calibration=False) -> tf.Tensor:
+        """Advances and stores the vector and ``sigma``; returns the new vector."""
+        v = self._next_vector(iterations, force_calibration)
         self.vector.assign(v)
         self.sigma.assign(ops.norm(ops.reshape(self._linear(v), [-1])))
         return v
+
+    def _update_eagerly(self, iterations, force_calibration=False) -> tf.Tensor:
+        # Eager callers (run_eagerly=True, calibrate()) get a compiled function instead of
+        # while-loops executed op by op.
+        if self._compiled_update is None:
+            self._compiled_update = tf.function(self._update, autograph=False)
+        return self._compiled_update(tf.constant(iterations, tf.int32),
+                                     tf.constant(force_calibration))
+
+    def calibrate(self) -> float:
+        """Runs the power method on the current weights to convergence and stores the vector.
+
+        Called automatically by the first training call, by the first eager inference call,
+        and by the estimator's rule when the vector is fresh. Call it yourself after
+        ``set_weights`` on a model that will not be trained again.
+
+        Returns:
+            The estimate of the unscaled layer's operator norm (converged to ``tol``; an
+            estimate from below, not a certified bound).
+        """
+        self._check_built()
+        self._update_eagerly(0, force_calibration=True)
+        return self.raw_operator_norm()
+
+    def is_calibrated(self) -> bool:
+        """Whether the persistent vector has been computed (it starts at zero)."""
+        self._check_built()
+        return bool(np.any(ops.convert_to_numpy(self.vector) != 0))
 
     def _scale_at(self, v: tf.Tensor) -> tf.Tensor:
         sigma = ops.norm(ops.reshape(self._linear(v), [-1]))
@@ -173,19 +203,23 @@ class LipschitzWrapper(keras.layers.Wrapper):
     def current_scale(self) -> tf.Tensor:
         """The factor ``min(1, max_lipschitz / σ̂)`` applied to the kernel, from the stored vector.
 
-        Reads the weights and the vector without updating anything (the estimator's rule and
-        inference calls use it).
+        Reads the weights and the vector without updating anything (the estimator's rule uses
+        it).
         """
         return self._scale_at(ops.convert_to_tensor(self.vector))
 
     def call(self, inputs, training=None):
         if training:
-            v = self._advance(self.power_iterations)
+            if tf.executing_eagerly():
+                v = self._update_eagerly(self.power_iterations)
+            else:
+                v = self._update(self.power_iterations)
+        elif tf.executing_eagerly() and not self.is_calibrated():
+            v = self._update_eagerly(0)  # a fresh wrapper calibrates on its first eager call
         else:
-            v0 = ops.convert_to_tensor(self.vector)
-            # A never-calibrated wrapper (fresh model) calibrates once, even at inference, so
-            # that it is constrained from its first call.
-            v = ops.cond(ops.all(ops.equal(v0, 0)), lambda: self._advance(0), lambda: v0)
+            # Inference never writes state (graph tracing may happen in a stateless scope); a
+            # fresh vector is calibrated on the fly, the same way calibrate() would.
+            v = self._next_vector(0)
         scale = self._scale_at(ops.stop_gradient(v))
         kernel = getattr(self.layer, self._kernel_attribute)
         # Every variable of the wrapped layer is mapped to its current value (so that an outer
@@ -241,6 +275,8 @@ def _wrapper_rule(wrapper: LipschitzWrapper, context: NodeContext) -> Linear:
     inner = get_rule(wrapper.layer)(wrapper.layer, context)
     if not isinstance(inner, Linear):  # build() refuses such layers; kept for direct use
         return inner
+    if not wrapper.is_calibrated():
+        wrapper.calibrate()  # the scale must come from a converged vector, as in call()
 
     def fn(x):
         return ops.cast(wrapper.current_scale(), x.dtype) * inner.fn(x)

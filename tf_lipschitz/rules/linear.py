@@ -3,6 +3,9 @@
 Each rule returns the layer's linear part with the bias removed, as the same Keras op the layer
 itself calls (so strides, padding, dilation and groups are exactly the layer's), followed by the
 layer's ``activation``. Its operator norm is then measured on the layer's real input shape.
+The weights are cast to the dtype of the input, so the same function runs in float64 when
+:mod:`tf_lipschitz.certify` materialises a small operator exactly. Every rule also attaches a
+certified bound (:mod:`tf_lipschitz.certify`) evaluated with the current weights.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from tf_lipschitz import certify
 from tf_lipschitz.rules.activations import resolve_activation
 from tf_lipschitz.rules.base import Linear, NodeContext, register_rule
 
@@ -20,48 +24,78 @@ def _activation(layer):
     return resolve_activation(getattr(layer, "activation", None), layer)
 
 
+def _weight(variable, x):
+    return ops.cast(variable, x.dtype)
+
+
 def _dense(layer, ctx: NodeContext) -> Linear:
-    return Linear(lambda x: ops.matmul(x, layer.kernel), _activation(layer))
+    return Linear(
+        lambda x: ops.matmul(x, _weight(layer.kernel, x)),
+        _activation(layer),
+        certificate=certify.dense_certificate(layer, ctx.input_shape, ctx.output_shapes[0]),
+    )
 
 
 def _einsum_dense(layer, ctx: NodeContext) -> Linear:
-    return Linear(lambda x: ops.einsum(layer.equation, x, layer.kernel), _activation(layer))
+    return Linear(
+        lambda x: ops.einsum(layer.equation, x, _weight(layer.kernel, x)),
+        _activation(layer),
+        certificate=certify.einsum_certificate(layer, ctx.input_shape, ctx.output_shapes[0]),
+    )
+
+
+def _with_certificate(layer, ctx: NodeContext, fn) -> Linear:
+    cert = certify.conv_certificate(layer, ctx.input_shape, ctx.output_shapes[0], fn)
+    return Linear(fn, _activation(layer), certificate=cert)
 
 
 def _conv(layer, ctx: NodeContext) -> Linear:
-    return Linear(lambda x: layer.convolution_op(x, layer.kernel), _activation(layer))
+    padding = layer.padding
+    causal = None
+    if padding == "causal":  # Conv1D pads on the left itself, then runs a valid convolution
+        causal, padding = layer._compute_causal_padding(), "valid"
+
+    def fn(x):
+        if causal is not None:
+            x = ops.pad(x, causal)
+        return ops.conv(
+            x, _weight(layer.kernel, x), strides=list(layer.strides), padding=padding,
+            dilation_rate=layer.dilation_rate, data_format=layer.data_format,
+        )
+
+    return _with_certificate(layer, ctx, fn)
 
 
 def _depthwise_conv(layer, ctx: NodeContext) -> Linear:
     def fn(x):
         return ops.depthwise_conv(
-            x, layer.kernel, strides=layer.strides, padding=layer.padding,
+            x, _weight(layer.kernel, x), strides=layer.strides, padding=layer.padding,
             dilation_rate=layer.dilation_rate, data_format=layer.data_format,
         )
 
-    return Linear(fn, _activation(layer))
+    return _with_certificate(layer, ctx, fn)
 
 
 def _separable_conv(layer, ctx: NodeContext) -> Linear:
     def fn(x):
         return ops.separable_conv(
-            x, layer.depthwise_kernel, layer.pointwise_kernel, strides=layer.strides,
-            padding=layer.padding, dilation_rate=layer.dilation_rate,
+            x, _weight(layer.depthwise_kernel, x), _weight(layer.pointwise_kernel, x),
+            strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate,
             data_format=layer.data_format,
         )
 
-    return Linear(fn, _activation(layer))
+    return _with_certificate(layer, ctx, fn)
 
 
 def _conv_transpose(layer, ctx: NodeContext) -> Linear:
     def fn(x):
         return ops.conv_transpose(
-            x, layer.kernel, strides=list(layer.strides), padding=layer.padding,
+            x, _weight(layer.kernel, x), strides=list(layer.strides), padding=layer.padding,
             output_padding=layer.output_padding, dilation_rate=layer.dilation_rate,
             data_format=layer.data_format,
         )
 
-    return Linear(fn, _activation(layer))
+    return _with_certificate(layer, ctx, fn)
 
 
 L = keras.layers

@@ -4,7 +4,10 @@
   share one input position: each output moves by at most the largest move of its window, so
   ``‖Δy‖² ≤ Σ_windows max_{i∈w} Δx_i² ≤ m ‖Δx‖²``. It is 1 only for non-overlapping windows; a
   3×3 stride-2 max-pool is 2.
-- Average pooling is linear: its operator norm is measured like any other linear layer.
+- Average pooling is linear, and its operator is ``I_channels ⊗ A_1 ⊗ … ⊗ A_D`` with 1-D
+  averaging matrices ``A_d`` (windows are boxes; with ``"same"`` padding TF divides by the number
+  of non-padded entries, which also factors over axes): its norm ``Π_d ‖A_d‖₂`` is exact and
+  cheap (:func:`tf_lipschitz.certify.average_pool_norm`).
 - Global average pooling over ``n`` positions is linear with norm ``1/√n`` exactly; global max
   pooling is 1-Lipschitz.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 import math
 
 import keras
+from keras import ops
 
+from tf_lipschitz import certify
 from tf_lipschitz.rules.base import Constant, Linear, NodeContext, register_rule
 
 __all__ = ["max_pool_constant"]
@@ -36,7 +41,14 @@ def _max_pool(layer, ctx: NodeContext) -> Constant:
 
 
 def _average_pool(layer, ctx: NodeContext) -> Linear:
-    return Linear(lambda x: layer(x), note="average pooling (linear)")
+    def fn(x):  # the op itself (not layer(x), which would cast float64 inputs to float32)
+        return ops.average_pool(x, layer.pool_size, layer.strides, layer.padding,
+                                layer.data_format)
+
+    value = certify.average_pool_norm(layer, ctx.input_shape)
+    return Linear(fn, norm=lambda: value,
+                  certificate=certify.average_pool_certificate(layer, ctx.input_shape),
+                  note=f"average pooling ⊗_d A_d: {value:.4g}")
 
 
 def _spatial_positions(layer, ctx: NodeContext) -> int:

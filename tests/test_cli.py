@@ -1,0 +1,305 @@
+"""The tf-lipschitz command line: results against the library, exit codes and messages."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_lipschitz as tfl
+from tf_lipschitz import cli
+from tf_lipschitz.operators import LinearOperator
+
+L = keras.layers
+
+
+def _model():
+    return keras.Sequential([
+        keras.Input((6,)),
+        L.Dense(10, activation="relu"),
+        L.Dense(8, activation="tanh"),
+        L.Dense(3),
+    ], name="mlp")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One model saved as .keras, .h5 and a SavedModel, with its Keras-level AutoLip."""
+    keras.utils.set_random_seed(11)
+    root = tmp_path_factory.mktemp("models")
+    model = _model()
+    model.save(str(root / "mlp.keras"))
+    model.save(str(root / "mlp.h5"))
+    model.export(str(root / "exported"), verbose=False)
+    upper = tfl.LipschitzEstimator(model, verbose=0).autolip().upper
+    return {"root": root, "keras": str(root / "mlp.keras"), "h5": str(root / "mlp.h5"),
+            "savedmodel": str(root / "exported"), "upper": upper}
+
+
+@pytest.fixture(scope="module")
+def conv_module(tmp_path_factory):
+    """A fully convolutional tf.Module saved with a named signature and unknown image size."""
+    root = tmp_path_factory.mktemp("conv")
+    kernel = np.random.default_rng(12).standard_normal((3, 3, 1, 2)).astype("float32")
+
+    class Net(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = tf.Variable(kernel)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
+        def score(self, x):
+            return tf.nn.relu(tf.nn.conv2d(x, self.kernel, 2, "SAME"))
+
+    net = Net()
+    tf.saved_model.save(net, str(root / "conv"), signatures={"score": net.score})
+    op = LinearOperator(lambda x: tf.nn.conv2d(x, kernel, 2, "SAME"), (6, 6, 1))
+    sigma = float(np.linalg.svd(op.to_dense(), compute_uv=False)[0])
+    return str(root / "conv"), sigma
+
+
+def _save_module(path, fn, spec):
+    module = tf.Module()
+    module.f = tf.function(fn, input_signature=[spec])
+    tf.saved_model.save(module, path, signatures={"serving_default": module.f})
+    return path
+
+
+def _run(capsys, *args):
+    code = cli.main(["analyze", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_documents_every_flag(capsys):
+    assert cli.main(["analyze", "--help"]) == 0
+    text = capsys.readouterr().out
+    parser = cli.build_parser()
+    analyze = parser._subparsers._group_actions[0].choices["analyze"]
+    for action in analyze._actions:
+        for option in action.option_strings:
+            assert option in text
+        assert action.help, action.dest
+    assert cli.main(["--help"]) == 0
+    assert "analyze" in capsys.readouterr().out
+
+
+def test_keras_file_with_json_and_plot(saved, tmp_path, capsys):
+    out_json, out_png = tmp_path / "report.json", tmp_path / "layers.png"
+    code, out, err = _run(capsys, saved["keras"], "--json", out_json, "--plot", out_png,
+                          "--lower-starts", "2", "--lower-steps", "3")
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    assert doc["schema"] == "tf_lipschitz.analyze/1"
+    assert doc["format"] == "keras" and doc["analysis"] == "keras-layers"
+    assert doc["input_shape"] == [6]
+    report = doc["reports"]["autolip"]
+    assert report["schema"] == "tf_lipschitz.report/1"
+    assert report["upper"] == pytest.approx(saved["upper"], rel=1e-3)
+    assert report["kind"] in ("estimate", "certified upper bound")
+    assert doc["methods"] == ["autolip", "seqlip", "lower"]
+    lower = doc["lower_bound"]["value"]
+    assert 0 < lower <= report["upper"]
+    assert report["lower"] == lower
+    if hasattr(tfl.LipschitzEstimator, "seqlip"):
+        assert doc["reports"]["seqlip"]["lower"] == lower
+        assert "SeqLip upper bound" in out
+    else:
+        assert "seqlip" in doc["skipped"]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "AutoLip upper bound" in out and "lower bound" in out
+    assert "Layer (type)" in out  # the per-layer table
+    assert "[tf-lipschitz" in err  # progress on stderr
+
+
+def test_savedmodel_json_on_stdout_matches_keras(saved, capsys):
+    code, out, err = _run(capsys, saved["savedmodel"], "--methods", "autolip", "--json", "-",
+                          "--quiet")
+    assert code == 0, err
+    doc = json.loads(out)  # stdout holds the JSON document only
+    assert doc["format"] == "savedmodel" and doc["analysis"] == "tf-graph"
+    assert doc["signature"] == "serving_default"
+    assert doc["reports"]["autolip"]["method"] == "autolip-graph"
+    assert doc["reports"]["autolip"]["upper"] == pytest.approx(saved["upper"], rel=1e-3)
+
+
+def test_h5_file(saved, capsys):
+    code, out, err = _run(capsys, saved["h5"], "--methods", "autolip", "--quiet")
+    assert code == 0, err
+    value = float(out.split("AutoLip upper bound")[1].split()[0])
+    assert value == pytest.approx(saved["upper"], rel=1e-3)
+
+
+def test_seqlip_on_a_graph_is_skipped_with_a_reason(saved, capsys):
+    code, out, err = _run(capsys, saved["savedmodel"], "--methods", "autolip,seqlip", "--quiet")
+    assert code == 0, err
+    assert "note: seqlip skipped: SeqLip needs the Keras layer structure" in err
+    assert "seqlip:" in out and "skipped" in out
+
+
+def test_quiet_prints_only_the_bounds(saved, capsys):
+    code, out, err = _run(capsys, saved["keras"], "--methods", "autolip", "--quiet")
+    assert code == 0
+    assert out.splitlines()[0].startswith("Lipschitz bounds for")
+    assert "Layer (type)" not in out and "[tf-lipschitz" not in err
+
+
+def test_signature_and_input_shape(conv_module, capsys):
+    path, sigma = conv_module
+    code, out, err = _run(capsys, path, "--signature", "score", "--input-shape", "1,6,6,1",
+                          "--methods", "autolip", "--json", "-", "--quiet")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["input_shape"] == [6, 6, 1] and doc["signature"] == "score"
+    assert doc["reports"]["autolip"]["upper"] == pytest.approx(sigma, rel=1e-4)
+    # The same shape without the batch axis.
+    code, out, _ = _run(capsys, path, "--input-shape", "6,6,1", "--methods", "autolip",
+                        "--json", "-", "--quiet")
+    assert code == 0
+    assert json.loads(out)["reports"]["autolip"]["upper"] == pytest.approx(sigma, rel=1e-4)
+
+
+def test_custom_objects_module(tmp_path, capsys):
+    module = tmp_path / "halve_layers.py"
+    module.write_text(textwrap.dedent("""
+        import keras
+        import tf_lipschitz as tfl
+
+        class Halve(keras.layers.Layer):
+            def call(self, x):
+                return 0.5 * x
+
+        tfl.register_rule(Halve, tfl.rules.constant(0.5))
+        CUSTOM_OBJECTS = {"Halve": Halve}
+    """))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("halve_layers", module)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    w = np.random.default_rng(13).standard_normal((4, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3, use_bias=False), mod.Halve()])
+    model.layers[0].kernel.assign(w)
+    model.save(str(tmp_path / "halve.keras"))
+    code, out, err = _run(capsys, tmp_path / "halve.keras", "--custom-objects", module,
+                          "--methods", "autolip", "--json", "-", "--quiet")
+    assert code == 0, err
+    expected = 0.5 * float(np.linalg.svd(w, compute_uv=False)[0])
+    assert json.loads(out)["reports"]["autolip"]["upper"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_subclassed_model_is_analysed_on_its_graph(tmp_path, capsys):
+    module = tmp_path / "subclassed_net.py"
+    module.write_text(textwrap.dedent("""
+        import keras
+
+        class Net(keras.Model):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.hidden = keras.layers.Dense(8, activation="relu")
+                self.out = keras.layers.Dense(3)
+
+            def call(self, x):
+                return self.out(self.hidden(x))
+
+        CUSTOM_OBJECTS = {"Net": Net}
+    """))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("subclassed_net", module)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.Net()
+    net(np.zeros((1, 5), "float32"))
+    net.save(str(tmp_path / "net.keras"))
+    args = [tmp_path / "net.keras", "--custom-objects", module, "--methods", "autolip",
+            "--quiet"]
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and "pass --input-shape" in err
+    code, out, err = _run(capsys, *args, "--input-shape", "1,5", "--json", "-")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["analysis"] == "tf-graph" and doc["input_shape"] == [5]
+    expected = (np.linalg.svd(net.hidden.kernel.numpy(), compute_uv=False)[0]
+                * np.linalg.svd(net.out.kernel.numpy(), compute_uv=False)[0])
+    assert doc["reports"]["autolip"]["upper"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "corrupt.keras").write_bytes(b"this is not a zip archive")
+    (root / "model.onnx").write_bytes(b"\x00")
+    (root / "not_a_model").mkdir()
+    (root / "corrupt_sm").mkdir()
+    (root / "corrupt_sm" / "saved_model.pb").write_bytes(b"\x08\x01garbage\xff\xff")
+    w = np.ones((6, 6), "float32")
+    return {
+        "root": root,
+        "int": _save_module(str(root / "int_input"), lambda t: tf.cast(t, tf.float32) * 2.0,
+                            tf.TensorSpec([None, 6], tf.int32)),
+        "sin": _save_module(str(root / "sin"), lambda x: tf.sin(x @ w),
+                            tf.TensorSpec([None, 6], tf.float32)),
+        "product": _save_module(str(root / "product"), lambda x: (x @ w) * x,
+                                tf.TensorSpec([None, 6], tf.float32)),
+    }
+
+
+@pytest.mark.parametrize("make_args, code, pattern", [
+    (lambda b, s, c: [b["root"] / "missing.keras"], 2, r"^error: .*missing\.keras': no such file"),
+    (lambda b, s, c: [b["root"] / "corrupt.keras"], 2, r"^error: cannot load .*corrupt\.keras"),
+    (lambda b, s, c: [b["root"] / "model.onnx"], 2, r"^error: .*unrecognised model format"),
+    (lambda b, s, c: [b["root"] / "not_a_model"], 2, r"^error: .*not a SavedModel"),
+    (lambda b, s, c: [b["root"] / "corrupt_sm"], 2, r"^error: Could not read the SavedModel"),
+    (lambda b, s, c: [s["savedmodel"], "--signature", "nope"], 2,
+     r"^error: .*no signature 'nope'; available signatures: serve, serving_default"),
+    (lambda b, s, c: [c[0]], 2, r"^error: .*unknown dimensions.*--input-shape"),
+    (lambda b, s, c: [c[0], "--input-shape", "1,6,6,3"], 2,
+     r"^error: --input-shape .*does not fit"),
+    (lambda b, s, c: [s["keras"], "--input-shape", "1,x"], 2, r"^error: .*invalid shape '1,x'"),
+    (lambda b, s, c: [s["keras"], "--methods", "autolip,magic"], 2, r"^error: .*unknown method"),
+    (lambda b, s, c: [s["keras"], "--json", b["root"] / "no_dir" / "r.json"], 2,
+     r"^error: --json .*does not exist"),
+    (lambda b, s, c: [b["int"]], 3, r"^unsupported model: .*dtype int32"),
+    (lambda b, s, c: [b["sin"]], 3, r"^unsupported model: No Lipschitz rule for TensorFlow op "
+                                    r"'Sin' \(node '.*Sin.*'\)"),
+    (lambda b, s, c: [b["product"]], 3, r"^unsupported model: .*\(Mul\) is not globally "
+                                        r"Lipschitz"),
+], ids=["missing", "corrupt-keras", "format", "dir", "corrupt-savedmodel", "signature",
+        "unknown-dims", "shape-mismatch", "bad-shape", "bad-method", "json-dir", "int-input",
+        "unsupported-op", "not-lipschitz"])
+def test_errors_exit_code_and_one_line(make_args, code, pattern, bad_models, saved,
+                                       conv_module, capsys):
+    args = [*make_args(bad_models, saved, conv_module), "--quiet"]
+    if "--methods" not in args:
+        args += ["--methods", "autolip"]
+    exit_code, out, err = _run(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_code == code, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_debug_shows_the_traceback(bad_models, capsys):
+    code, _, err = _run(capsys, bad_models["sin"], "--methods", "autolip", "--quiet", "--debug")
+    assert code == 3
+    assert "Traceback" in err and "UnsupportedOpError" in err
+
+
+def test_python_dash_m_runs_the_cli(saved):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tf_lipschitz", "analyze", saved["savedmodel"], "--methods",
+         "autolip", "--json", "-", "--quiet"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["reports"]["autolip"]["upper"] == pytest.approx(saved["upper"], rel=1e-3)

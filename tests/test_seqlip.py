@@ -1,0 +1,306 @@
+"""SeqLip against ground truth: brute force over activation patterns on tiny networks."""
+
+import itertools
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import tf_lipschitz as tfl
+from tf_lipschitz.errors import LipschitzError
+from tf_lipschitz.seqlip import pattern_max
+
+L = keras.layers
+
+
+def brute_pattern_max(a, b, lo=0.0, hi=1.0):
+    """max over d ∈ {lo, hi}^n of ‖a diag(d) b‖₂, one SVD per pattern."""
+    n = a.shape[1]
+    d = np.array(list(itertools.product([lo, hi], repeat=n)))
+    x = np.einsum("mn,sn,nq->smq", a, d, b)
+    return float(np.linalg.svd(x, compute_uv=False)[:, 0].max())
+
+
+def brute_chain_max(mats, lo=0.0, hi=1.0):
+    """max over all pattern combinations of ‖M_K D_{K-1} … D_1 M_1‖ (≥ the true constant)."""
+    widths = [m.shape[0] for m in mats[:-1]]
+    best = 0.0
+    for combo in itertools.product(*[list(itertools.product([lo, hi], repeat=w)) for w in widths]):
+        j = mats[0]
+        for d, m in zip(combo, mats[1:]):
+            j = m @ (np.asarray(d)[:, None] * j)
+        best = max(best, float(np.linalg.norm(j, 2)))
+    return best
+
+
+def dense_matrices(model):
+    """Kernels of the Dense layers as (out, in) matrices."""
+    return [l.kernel.numpy().T.astype(np.float64) for l in model.layers if isinstance(l, L.Dense)]
+
+
+def mlp(sizes, activation="relu", seed=0):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((sizes[0],))]
+    layers += [L.Dense(w, activation=activation) for w in sizes[1:-1]]
+    layers += [L.Dense(sizes[-1])]
+    return keras.Sequential(layers)
+
+
+# ----------------------------------------------------------------------------- pattern_max
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 10), (1, 6, 3), (5, 10, 12), (7, 9, 3), (3, 14, 14)])
+@pytest.mark.parametrize("slopes", [(0.0, 1.0), (0.2, 1.0), (0.0, 0.25)])
+def test_pattern_max_against_brute_force(shape, slopes, rng):
+    m, n, q = shape
+    a, b = rng.standard_normal((m, n)), rng.standard_normal((n, q))
+    truth = brute_pattern_max(a, b, *slopes)
+    exact = pattern_max(a, b, slopes, mode="exact")
+    greedy = pattern_max(a, b, slopes, mode="greedy")
+    cert = pattern_max(a, b, slopes, mode="certified")
+    assert exact.value == pytest.approx(truth, rel=1e-9)
+    assert exact.certified and not greedy.certified and cert.certified
+    # the returned pattern attains the value
+    assert np.linalg.norm(a @ np.diag(exact.pattern) @ b, 2) == pytest.approx(truth, rel=1e-9)
+    assert greedy.value <= truth * (1 + 1e-9)
+    assert np.linalg.norm(a @ np.diag(greedy.pattern) @ b, 2) == pytest.approx(greedy.value)
+    assert cert.value >= truth * (1 - 1e-9)
+    assert cert.value <= max(slopes, key=abs) * np.linalg.norm(a, 2) * np.linalg.norm(b, 2) + 1e-9
+
+
+def test_pattern_max_exact_search_over_several_blocks(rng):
+    # 15 activations: 4 blocks of 2^13 patterns, a low-rank (easily pruned) and a flat case
+    for a, b in [(rng.standard_normal((2, 15)), rng.standard_normal((15, 3))),
+                 (rng.standard_normal((15, 15)), rng.standard_normal((15, 15)))]:
+        assert pattern_max(a, b).value == pytest.approx(brute_pattern_max(a, b), rel=1e-9)
+
+
+def test_pattern_max_single_vertex_and_errors(rng):
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    same = pattern_max(a, b, (0.5, 0.5))
+    assert same.mode == "product" and same.value == pytest.approx(0.5 * np.linalg.norm(a @ b, 2))
+    with pytest.raises(ValueError, match="left"):
+        pattern_max(a, a)
+    with pytest.raises(ValueError, match="slopes"):
+        pattern_max(a, b, (1.0, 0.0))
+    with pytest.raises(ValueError, match="mode"):
+        pattern_max(a, b, mode="fast")
+    with pytest.raises(ValueError, match="2\\^40"):
+        pattern_max(np.ones((1, 40)), np.ones((40, 1)))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("sizes", [(10, 8, 4), (12, 10, 1), (8, 8, 3), (9, 6, 6)])
+def test_one_hidden_layer_exact_is_the_true_constant(sizes):
+    # input dim >= width and generic weights: every activation pattern is reachable, so
+    # max_s ‖W2 diag(s) W1‖ is the Lipschitz constant itself.
+    model = mlp(sizes)
+    w1, w2 = dense_matrices(model)
+    truth = brute_pattern_max(w2, w1)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    rep = est.seqlip(mode="exact")
+    assert rep.method == "seqlip" and rep.certified
+    assert rep.upper == pytest.approx(truth, rel=1e-5)
+    assert [r.method for r in rep.layers if r.kind == "linear"] == \
+        ["seqlip-start (svd)", "seqlip-exact"]
+    assert est.lower_bound().value <= rep.upper * (1 + 1e-5)
+    assert rep.upper <= est.autolip().upper * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_catches_v_instead_of_v_transpose(seed):
+    # shared/ALGORITHMS.md §5: a reference SeqLip routine used V where Vᵀ belongs and returned
+    # values below the true constant on random 10→8→4 ReLU nets. The check used here (SeqLip
+    # exact == brute force) fails for that formula on every seed, and on seed 4 the buggy value
+    # is below the true constant.
+    model = mlp((10, 8, 4), seed=seed)
+    w1, w2 = dense_matrices(model)
+    truth = brute_pattern_max(w2, w1)
+    rep = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode="exact")
+    assert rep.upper == pytest.approx(truth, rel=1e-5)
+
+    u1, s1, _ = np.linalg.svd(w1, full_matrices=False)
+    _, s2, v2t = np.linalg.svd(w2)  # full 8 × 8 V: the wrong orientation still fits
+    buggy = pattern_max(v2t.T[:4] * s2[:, None], u1 * s1).value  # rows of V, not of Vᵀ
+    assert abs(buggy - truth) > 0.01 * truth
+    if seed == 4:
+        assert buggy < truth
+
+    # A square inner layer (V and Vᵀ have the same shape) in a deeper chain: SeqLip stays above
+    # the largest product over all activation patterns.
+    deeper = mlp((10, 8, 8, 4), seed=seed)
+    floor = brute_chain_max(dense_matrices(deeper))
+    assert tfl.LipschitzEstimator(deeper, verbose=0).seqlip(mode="exact").upper >= \
+        floor * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_deeper_net_ordering(seed):
+    model = mlp((6, 6, 5, 4, 3), seed=seed)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    exact = est.seqlip(mode="exact")
+    greedy = est.seqlip(mode="greedy")
+    cert = est.seqlip(mode="certified")
+    auto = est.autolip()
+    lower = est.lower_bound(n_random=32).value
+    floor = brute_chain_max(dense_matrices(model))
+    assert lower <= floor * (1 + 1e-5)
+    assert floor <= exact.upper * (1 + 1e-6)
+    assert exact.upper <= auto.upper * (1 + 1e-6)
+    assert greedy.upper <= exact.upper * (1 + 1e-6)
+    assert cert.upper >= exact.upper * (1 - 1e-6)
+    assert exact.certified and cert.certified and not greedy.certified
+    # the per-pair certificate is certified and above the exact factor
+    for row in greedy.layers:
+        if row.method == "seqlip-greedy":
+            assert row.certificate >= row.norm * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("act,slopes", [
+    (lambda: L.LeakyReLU(negative_slope=0.3), (0.3, 1.0)),
+    (lambda: L.Activation("sigmoid"), (0.0, 0.25)),
+    (lambda: L.Activation("tanh"), (0.0, 1.0)),
+])
+def test_activation_layers_and_slope_boxes(act, slopes):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((9,)), L.Dense(7), act(), L.Dense(3)])
+    w1, w2 = dense_matrices(model)
+    rep = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode="exact")
+    assert rep.upper == pytest.approx(brute_pattern_max(w2, w1, *slopes), rel=1e-6)
+    assert rep.certified
+    inside = [r for r in rep.layers if r.kind == "constant"]
+    assert len(inside) == 1 and inside[0].method == "seqlip"
+
+
+def test_negative_slope_activation_falls_back_to_autolip():
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((5,)), L.Dense(6, activation="gelu"), L.Dense(2)])
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    rep = est.seqlip()
+    assert rep.upper == pytest.approx(est.autolip().upper, rel=1e-6)
+    assert any("gelu" in note and "AutoLip" in note for note in rep.settings["fallbacks"])
+    assert rep.settings["pairs"] == []
+
+
+def test_functional_graph_chains_between_merges():
+    keras.utils.set_random_seed(4)
+    x = keras.Input((6,))
+    h = L.Dense(8, activation="relu", name="a")(x)
+    y = L.Dense(8, activation="relu", name="b")(h)
+    y = L.Dense(8, name="c")(y)
+    z = L.Add(name="add")([h, y])
+    z = L.ReLU(name="r")(z)
+    out = L.Dense(3, name="d")(L.Dense(5, activation="relu", name="e")(z))
+    model = keras.Model(x, out)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    rep = est.seqlip(mode="exact")
+    pairs = [p["pair"] for p in rep.settings["pairs"]]
+    assert pairs == ["b -> c", "e -> d"]  # 'a' feeds two layers: no chain through it
+    assert est.lower_bound(n_random=16).value <= rep.upper * (1 + 1e-5)
+    assert rep.upper < est.autolip().upper
+    names = [r.name for r in rep.layers]
+    assert names.index("add") < names.index("d")
+
+
+def test_conv_chain_exact_is_the_true_constant():
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((4, 4, 1)), L.Conv2D(3, 3, activation="relu"),
+                              L.Flatten(), L.Dense(2)])
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    ops = est._autolip.operators
+    w1, w2 = (op.to_dense().astype(np.float64) for op in ops)  # 12 x 16, 2 x 12
+    rep = est.seqlip()
+    assert rep.settings["pairs"][0]["mode"] == "exact"
+    assert rep.upper == pytest.approx(brute_pattern_max(w2, w1), rel=1e-5)
+
+
+def test_truncated_singular_triplets_are_estimates():
+    model = mlp((16, 14, 12, 3), seed=6)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    floor = brute_chain_max(dense_matrices(model))
+    kwargs = dict(mode="greedy", top_k=4, dense_limit=0, subspace_tol=1e-8)
+    full = est.seqlip(mode="greedy")
+    added = est.seqlip(remainder=True, **kwargs)
+    cut = est.seqlip(remainder=False, **kwargs)
+    assert not added.certified and not cut.certified
+    assert cut.upper <= added.upper
+    assert added.upper >= floor * (1 - 1e-4)  # the remainder bound makes it an upper bound
+    assert all(p["truncated"] for p in added.settings["pairs"])
+    assert all(p["certificate"] is None for p in added.settings["pairs"])  # iterative SVD
+    assert full.upper >= cut.upper * (1 - 1e-4)
+    # a dense SVD truncated for the greedy search keeps a certified per-pair certificate
+    dense = est.seqlip(mode="certified", top_k=4)
+    assert dense.certified and dense.upper >= floor * (1 - 1e-6)
+
+
+def test_auto_mode_chooses_per_pair_and_reports_it():
+    model = mlp((5, 6, 40, 2), seed=7)
+    rep = tfl.LipschitzEstimator(model, verbose=0).seqlip()
+    modes = [(p["width"], p["mode"], p["kind"]) for p in rep.settings["pairs"]]
+    assert modes == [(6, "exact", "certified"), (40, "greedy", "estimate")]
+    assert not rep.certified
+    assert [r.method for r in rep.layers if r.kind == "linear"][1:] == \
+        ["seqlip-exact", "seqlip-greedy"]
+    assert rep.to_dict()["kind"] == "estimate"
+
+
+def test_exact_mode_too_wide_names_the_pair():
+    model = mlp((5, 24, 2), seed=8)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    with pytest.raises(LipschitzError, match="dense.*24 activations.*max_exact_width"):
+        est.seqlip(mode="exact")
+    with pytest.raises(ValueError, match="mode"):
+        est.seqlip(mode="fastest")
+
+
+def ideal_matrix(rows, cols, rng, eps=0.01):
+    """Random orthogonal U, V with singular values (1, eps, eps, ...) (the paper's 'ideal')."""
+    u, _ = np.linalg.qr(rng.standard_normal((rows, rows)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, cols)))
+    s = np.zeros((rows, cols))
+    k = min(rows, cols)
+    s[np.arange(k), np.arange(k)] = eps
+    s[0, 0] = 1.0
+    return u @ s @ v.T
+
+
+def test_ideal_orthogonal_weights_ratio_falls_like_one_over_pi():
+    # Top singular vectors random and independent: each activation layer divides
+    # SeqLip/AutoLip by about π (Scaman & Virmaux 2018, Section 6).
+    ratios = []
+    for depth in (1, 2, 3):  # activation layers
+        per_layer = []
+        for seed in range(2):
+            rng = np.random.default_rng(seed)
+            model = mlp((2,) + (100,) * depth + (1,), seed=seed)
+            for layer in model.layers:
+                out, inp = layer.kernel.shape[1], layer.kernel.shape[0]
+                layer.kernel.assign(ideal_matrix(out, inp, rng).T.astype("float32"))
+            est = tfl.LipschitzEstimator(model, verbose=0)
+            ratio = est.seqlip(mode="greedy").upper / est.autolip().upper
+            per_layer.append(ratio ** (1.0 / depth))
+        ratios.append(float(np.mean(per_layer)))
+    for r in ratios:
+        assert 0.8 / math.pi < r < 1.35 / math.pi
+    assert ratios[-1] < ratios[0]
+
+
+def test_estimate_combines_bounds_and_is_silent(capsys):
+    model = mlp((6, 7, 5, 2), seed=9)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    rep = est.estimate(lower_bound_options={"n_random": 8, "steps": 10})
+    assert rep.lower is not None and rep.lower <= rep.upper
+    assert rep.upper <= rep.settings["autolip"]["upper"] * (1 + 1e-6)
+    assert rep.gap == pytest.approx(rep.upper / rep.lower)
+    assert rep.settings["gaps"]["autolip"] >= rep.gap * (1 - 1e-6)
+    assert "gap upper/lower" in str(rep)
+    assert capsys.readouterr().out == ""
+
+
+def test_progress_output_when_verbose(capsys):
+    model = mlp((6, 7, 2), seed=10)
+    tfl.LipschitzEstimator(model, verbose=0).seqlip(verbose=1)
+    assert "SeqLip" in capsys.readouterr().out
