@@ -5,7 +5,8 @@ Python loop of a fixed 500 power iterations through autodiff. tf_lipschitz runs 
 iterations together in one compiled ``tf.function`` with a tolerance-based stop (Lanczos by
 default, power iteration on request). Both run in the same process on the same operators (the
 model's fused linear layers on their real input shapes); accuracy is measured against a tight
-reference (Lanczos to ``tol=1e-9``; dense SVD where the operator is small).
+reference (dense SVD where the operator is small, else the largest value any method found: all
+converge from below).
 
 Prints a table and a JSON line of ratios measured in this run.
 
@@ -52,22 +53,24 @@ def eager_power(op, iterations: int, seed: int) -> float:
     return float(tf.norm(op.fn(v)))
 
 
-def reference_norms(ops) -> list[float]:
+def reference_norms(ops, candidates: list[list[float]]) -> list[float]:
+    """Dense SVD for small operators; otherwise the largest value any method found.
+
+    Every iterative method converges from below, so the largest estimate is the closest to the
+    true norm (errors measured against it are lower bounds on the true errors).
+    """
     refs = []
-    for op in ops:
+    for i, op in enumerate(ops):
         if op.size <= 4096:
             refs.append(float(np.linalg.svd(op.to_dense(), compute_uv=False)[0]))
         else:
-            res = SpectralSolver([op], method="lanczos", krylov_dim=32).run(
-                tol=1e-9, max_products=20000, init=None, seed=1)[0]
-            refs.append(res.sigma)
+            refs.append(max(c[i] for c in candidates))
     return refs
 
 
 def bench(model: keras.Model, iterations: int, tol: float) -> dict:
     est = tfl.LipschitzEstimator(model, verbose=0)
     ops = est._autolip.operators
-    refs = reference_norms(ops)
 
     t0 = time.perf_counter()
     base = [eager_power(op, iterations, seed=i) for i, op in enumerate(ops)]
@@ -88,6 +91,8 @@ def bench(model: keras.Model, iterations: int, tol: float) -> dict:
         rows[method] = (t_run, [r.sigma for r in res], [r.products for r in res])
         rows[method + "_first_call"] = (t_first, None, None)
         rows[method + "_warm"] = (t_warm, None, None)
+
+    refs = reference_norms(ops, [rows[k][1] for k in ("baseline", "lanczos", "power")])
 
     def err(values):
         return max(abs(v - r) / r for v, r in zip(values, refs) if r > 0)

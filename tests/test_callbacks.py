@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import tf_lipschitz as tfl
 from tf_lipschitz.callbacks import LipCallback
 from tf_lipschitz.errors import ModelNotBuiltError, NotLipschitzError, UnsupportedLayerError
 from tf_lipschitz.estimator import LipschitzEstimator

@@ -86,21 +86,18 @@ def _cases():
                 2, 3, strides=3, padding=p, output_padding=op), (3, 4, 2)))
         cases += [
             (f"conv1d-d2-{p}", lambda p=p: L.Conv1D(3, 3, dilation_rate=2, padding=p), (10, 2)),
-            ("conv1d-d3-causal", lambda: L.Conv1D(2, 2, dilation_rate=3, padding="causal"),
-             (9, 2)),
             (f"conv2d-d2-{p}", lambda p=p: L.Conv2D(3, 3, dilation_rate=(2, 1), padding=p),
              (8, 7, 2)),
             (f"dw2d-d2-{p}", lambda p=p: L.DepthwiseConv2D(3, dilation_rate=2, padding=p),
              (8, 8, 2)),
             (f"sep2d-d2-{p}", lambda p=p: L.SeparableConv2D(3, 3, dilation_rate=2, padding=p),
              (8, 8, 2)),
-            (f"tconv2d-d2-{p}", lambda p=p: L.Conv2DTranspose(2, 3, dilation_rate=2, padding=p),
-             (4, 4, 2)),
             (f"conv2d-groups-{p}", lambda p=p: L.Conv2D(4, 3, groups=2, padding=p), (6, 6, 4)),
             (f"avgpool3d-{p}", lambda p=p: L.AveragePooling3D((2, 3, 2), (1, 2, 2), padding=p),
              (4, 5, 3, 1)),
         ]
     cases += [
+        ("conv1d-d3-causal", lambda: L.Conv1D(2, 2, dilation_rate=3, padding="causal"), (9, 2)),
         ("dense", lambda: L.Dense(7), (5,)),
         ("dense-rank2", lambda: L.Dense(4), (3, 6)),
         ("einsum", lambda: L.EinsumDense("ab,bc->ac", output_shape=6), (4,)),
@@ -117,25 +114,38 @@ CASES = _cases()
 IDS = [c[0] for c in CASES]
 
 
+# The Lanczos solver is traced once per operator: a subset keeps the file fast (every kind at
+# stride 1 with "same" and stride 2 with "valid" padding, every dilation, group and einsum
+# case; pooling has a closed form and is not iterated).
+LANCZOS_IDS = [n for n in IDS if ("-s1-same" in n or "-s2-valid" in n or "causal" in n
+                                  or "-d" in n or "groups-same" in n or "op1-same" in n
+                                  or n.startswith(("dense", "einsum")))
+               and "avgpool" not in n and not n.startswith(("conv1d-k1", "conv1d-k2"))]
+
+
 @pytest.fixture(scope="module")
-def measured():
-    """Per case: exact norm, certificate, structured bound and Lanczos estimate."""
-    layers, bounds, shapes = [], [], []
-    for _, make, shape in CASES:
-        layer, bound = _build(make, shape)
-        layers.append(layer)
-        bounds.append(bound)
-        shapes.append(shape)
-    ops = [LinearOperator(b.fn, s) for b, s in zip(bounds, shapes)]
-    lanczos = SpectralSolver(ops, method="lanczos").run(tol=1e-8, max_products=4000)
+def built():
+    return {name: _build(make, shape) + (shape,) for name, make, shape in CASES}
+
+
+@pytest.fixture(scope="module")
+def measured(built):
+    """Per case: exact norm, certificate and structured bound."""
     out = {}
-    for name, layer, bound, shape, lz in zip(IDS, layers, bounds, shapes, lanczos):
+    for name, (layer, bound, shape) in built.items():
         cert = bound.certificate
         structured = cert.structured(None, None) if hasattr(cert, "structured") else cert()
         out[name] = dict(layer=layer, shape=shape, exact=_exact(layer, shape),
-                         certificate=float(cert()), structured=float(structured),
-                         lanczos=lz.sigma)
+                         certificate=float(cert()), structured=float(structured))
     return out
+
+
+@pytest.fixture(scope="module")
+def lanczos(built):
+    """Lanczos estimates of the subset, all operators in one compiled solver."""
+    ops = [LinearOperator(built[n][1].fn, built[n][2]) for n in LANCZOS_IDS]
+    results = SpectralSolver(ops, method="lanczos").run(tol=1e-8, max_products=4000)
+    return {n: r.sigma for n, r in zip(LANCZOS_IDS, results)}
 
 
 @pytest.mark.parametrize("name", IDS)
@@ -150,10 +160,9 @@ def test_structured_bound_is_upper_bound(measured, name):
     assert m["structured"] >= m["exact"]
 
 
-@pytest.mark.parametrize("name", IDS)
-def test_lanczos_estimate_within_1e4(measured, name):
-    m = measured[name]
-    assert m["lanczos"] == pytest.approx(m["exact"], rel=1e-4)
+@pytest.mark.parametrize("name", LANCZOS_IDS)
+def test_lanczos_estimate_within_1e4(measured, lanczos, name):
+    assert lanczos[name] == pytest.approx(measured[name]["exact"], rel=1e-4)
 
 
 def _circular_matrix(layer, shape, grid):
@@ -180,8 +189,13 @@ CIRCULAR = [name for name in IDS if name.startswith(("conv1d", "conv2d", "conv3d
             and "groups" not in name]
 
 
+@pytest.mark.parametrize("route", ["exact", "cholesky", "chunked"])
 @pytest.mark.parametrize("name", CIRCULAR)
-def test_polyphase_fft_equals_circular_operator_norm(measured, name):
+def test_polyphase_fft_equals_circular_operator_norm(measured, name, route, monkeypatch):
+    if route != "exact":  # Lanczos-proposed bounds verified by Cholesky on tiny matrices
+        monkeypatch.setattr(certify, "EXACT_EIG_LIMIT", 1)
+    if route == "chunked":  # one frequency per chunk, per-frequency Gram products
+        monkeypatch.setattr(certify, "_CHUNK_BYTES", 1)
     m = measured[name]
     layer, shape = m["layer"], m["shape"]
     spec = certify._conv_spec(layer, shape, layer.compute_output_shape((1, *shape))[1:])
@@ -219,7 +233,8 @@ def test_max_singular_value_bounds_batches(shape, method, rng):
 def test_cholesky_route_recovers_from_low_proposals(monkeypatch, rng):
     # Lanczos proposes half the true value: every Cholesky test fails and the exact fallback
     # must still return a bound above the truth.
-    monkeypatch.setattr(certify, "_lanczos_ritz", lambda h: 0.25 * np.linalg.eigvalsh(h)[:, -1])
+    monkeypatch.setattr(certify, "_lanczos_ritz",
+                        lambda h, steps=32: 0.25 * np.linalg.eigvalsh(h)[:, -1])
     a = rng.standard_normal((5, 90, 80))
     exact = np.linalg.svd(a, compute_uv=False)[:, 0].max()
     assert exact <= certify.max_singular_value(a) <= exact * (1 + 1e-5)
@@ -271,7 +286,7 @@ def test_batchnorm_and_rescaling_fold_into_kernel(make, rng, monkeypatch):
     shape = (10, 10, 4)
     pre = L.Rescaling(rng.uniform(0.5, 2, 4).astype("float32"))
     conv = make()
-    bn, weights = _bn(rng, 6)
+    bn, weights = _bn(rng, conv.compute_output_shape((1, *shape))[-1])
     model = keras.Sequential([keras.Input(shape), pre, conv, bn])
     bn.set_weights(weights)
     report = tfl.LipschitzEstimator(model, verbose=0, tol=1e-9).autolip(certified=True)

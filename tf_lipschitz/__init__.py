@@ -20,7 +20,9 @@ if _keras.backend.backend() != "tensorflow":  # pragma: no cover - depends on th
         f"{_keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before importing keras."
     )
 
-from tf_lipschitz import rules, tfgraph
+from tf_lipschitz import rules, tfgraph, wrappers
+from tf_lipschitz.callbacks import LipCallback, LipschitzRecord
+from tf_lipschitz.constraints import ConvOperatorNorm, SpectralNorm
 from tf_lipschitz.errors import (
     LipschitzError,
     ModelNotBuiltError,
@@ -32,6 +34,7 @@ from tf_lipschitz.power import SpectralSolver, spectral_norm, top_singular_tripl
 from tf_lipschitz.operators import LinearOperator
 from tf_lipschitz.report import ExtremeValueEstimate, LayerRow, LipschitzReport, LowerBound
 from tf_lipschitz.rules import register_activation, register_rule
+from tf_lipschitz.wrappers import LipschitzWrapper
 from tf_lipschitz.tfgraph import (
     GraphEstimator,
     UnsupportedOpError,
@@ -42,6 +45,11 @@ from tf_lipschitz.tfgraph import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvOperatorNorm",
+    "LipCallback",
+    "LipschitzRecord",
+    "LipschitzWrapper",
+    "SpectralNorm",
     "ExtremeValueEstimate",
     "GraphEstimator",
     "LayerRow",

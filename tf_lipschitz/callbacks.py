@@ -80,7 +80,7 @@ def _first_batch(x) -> np.ndarray:
         if isinstance(element, (tuple, list)):
             element = element[0]
         if isinstance(element, dict):
-            raise ValueError(
+            raise TypeError(
                 "LipCallback(x=...) received a dataset of dicts; pass the input batch as an "
                 "array (the lower bound supports single-input models)."
             )
@@ -108,8 +108,9 @@ class LipCallback(keras.callbacks.Callback):
         log_dir: Directory for TensorBoard scalars (written to ``log_dir/lipschitz``); use the
             same directory as ``keras.callbacks.TensorBoard``.
         per_layer: Also record and write each layer's own constant.
-        x: Input data (array or ``tf.data.Dataset``; its first batch is used) to start the
-            lower-bound search from; random inputs are used without it.
+        x: A small batch of inputs (e.g. 64 examples; an array, or a ``tf.data.Dataset``
+            whose first batch is used) to start the lower-bound search from; every example is
+            a starting point. Random inputs are used without it.
         verbose: 1 prints one line per estimate.
         input_shape: Per-example input shape, for models with unknown input dimensions.
         certified: Use certified per-layer norms where available (AutoLip).
@@ -179,7 +180,9 @@ class LipCallback(keras.callbacks.Callback):
             raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
         lower_kwargs = dict(lower_kwargs or {})
         if "x" in lower_kwargs:
-            raise ValueError("Pass the lower-bound data as LipCallback(x=...), not in lower_kwargs.")
+            raise ValueError(
+                "Pass the lower-bound data as LipCallback(x=...), not in `lower_kwargs`."
+            )
         if lower_kwargs and "lower" not in methods:
             raise ValueError("`lower_kwargs` is set but 'lower' is not in `methods`.")
         seqlip_kwargs = dict(seqlip_kwargs or {})

@@ -151,11 +151,12 @@ def _lanczos_ritz(h: np.ndarray, steps: int = 32, seed: int = 0) -> np.ndarray:
 
 def _cholesky_fails(shifted: np.ndarray) -> np.ndarray:
     """Which matrices of a Hermitian batch fail a float64 Cholesky factorisation."""
-    try:
-        np.linalg.cholesky(shifted)
-        return np.zeros(shifted.shape[0], bool)
-    except np.linalg.LinAlgError:
-        pass
+    if shifted.shape[-1] < 128:  # one batched call, matrix by matrix only if one fails
+        try:
+            np.linalg.cholesky(shifted)
+            return np.zeros(shifted.shape[0], bool)
+        except np.linalg.LinAlgError:
+            pass
     failed = np.zeros(shifted.shape[0], bool)
     for b in range(shifted.shape[0]):
         try:
@@ -165,28 +166,50 @@ def _cholesky_fails(shifted: np.ndarray) -> np.ndarray:
     return failed
 
 
-def _top_eigenvalue_bound(h: np.ndarray, rtol: float, margin: float) -> float:
-    """Certified bound on ``max_b λ_max(h_b)`` for a batch of Hermitian PSD Gram matrices.
+def _max_eigenvalue(symbols: Callable[[np.ndarray], np.ndarray], count: int, chunk: int,
+                    side: int, rtol: float, margin: float,
+                    priority: np.ndarray | None = None) -> float:
+    """Certified bound on the largest eigenvalue over ``count`` Hermitian PSD matrices.
 
-    Small matrices: exact ``eigvalsh``. Larger ones: Lanczos proposes ``τ² = λ_ritz (1+rtol)²``
-    and a Cholesky factorisation of ``τ²(1 − margin) I − h_b`` proves ``λ_max(h_b) ≤ τ²`` (Rump,
-    BIT 2006: success of the floating-point factorisation with that shift implies positive
-    definiteness); matrices that fail the test get an exact ``eigvalsh``.
+    ``symbols(indices)`` returns the matrices ``(len, side, side)`` with those indices; they are
+    generated ``chunk`` at a time, in decreasing order of ``priority`` (a cheap proxy such as
+    the trace), so that large batches never sit in memory at once.
+
+    Small matrices get an exact ``eigvalsh``. Larger ones are tested against a level ``τ²``: a
+    long Lanczos run on the first matrices proposes ``τ² = λ_ritz (1 + rtol)²`` (a Ritz value
+    never exceeds the top eigenvalue), and a float64 Cholesky factorisation of
+    ``τ²(1 − margin) I − H`` proves ``λ_max(H) ≤ τ²`` (Rump, BIT 2006: success of the
+    floating-point factorisation with that shift implies positive definiteness). A matrix that
+    fails gets an exact ``eigvalsh`` and raises the level for the next chunks. Every level is at
+    most ``(1 + rtol)²`` times a true eigenvalue, so the result is tight.
     """
-    r = h.shape[-1]
-    if r <= EXACT_EIG_LIMIT:
-        return float(max(np.max(np.linalg.eigvalsh(h)[..., -1]), 0.0))
-    ritz = _lanczos_ritz(h)
-    tau2 = float(max(np.max(ritz), 0.0)) * (1.0 + rtol) ** 2
-    if tau2 == 0.0:
-        tau2 = float(np.max(np.real(np.trace(h, axis1=-2, axis2=-1))))
-        if tau2 == 0.0:
-            return 0.0
-    eye = np.eye(r, dtype=h.dtype)
-    failed = _cholesky_fails(tau2 * (1.0 - margin) * eye - h)
-    if failed.any():
-        tau2 = max(tau2, float(np.max(np.linalg.eigvalsh(h[failed])[..., -1])))
-    return tau2
+    order = np.arange(count) if priority is None else np.argsort(-priority, kind="stable")
+    best, level = 0.0, 0.0
+    for start in range(0, count, chunk):
+        indices = np.sort(order[start:start + chunk])  # generation order within a chunk
+        h = symbols(indices)
+        if side <= EXACT_EIG_LIMIT:
+            best = max(best, float(np.max(np.linalg.eigvalsh(h)[..., -1])))
+            continue
+        if level == 0.0:
+            lead = h if priority is None else h[np.argsort(-priority[indices])[:4]]
+            level = float(np.max(_lanczos_ritz(lead[:4], steps=64))) * (1.0 + rtol) ** 2
+            if level == 0.0:  # λ_max ≤ trace for PSD matrices
+                level = float(np.max(np.real(np.trace(h, axis1=-2, axis2=-1))))
+        failed = _cholesky_fails(level * (1.0 - margin) * np.eye(side, dtype=h.dtype) - h)
+        best = max(best, level)
+        if failed.any():
+            exact = float(np.max(np.linalg.eigvalsh(h[failed])[..., -1]))
+            best = max(best, exact)
+            level = max(level, exact * (1.0 + rtol) ** 2)
+    return best
+
+
+def _top_eigenvalue_bound(h: np.ndarray, rtol: float, margin: float) -> float:
+    """:func:`_max_eigenvalue` of an in-memory batch of Gram matrices."""
+    trace = np.real(np.trace(h, axis1=-2, axis2=-1))
+    return _max_eigenvalue(lambda idx: h[idx], h.shape[0], h.shape[0], h.shape[-1], rtol, margin,
+                           trace)
 
 
 def _frobenius(g: tf.Tensor) -> tf.Tensor:
@@ -374,7 +397,7 @@ class LayerCertificate:
         """
         if self.fn is not None and _small(self.input_shape, self.output_shape):
             fn = _scaled_fn(self.fn, in_scale, out_scale, self.channel_axis)
-            exact = _dense_exact(fn, self.input_shape)
+            exact = _dense_exact(fn, self.input_shape, self.output_shape)
             if exact is not None:
                 return exact
         return float(self.structured(in_scale, out_scale))
@@ -406,9 +429,33 @@ def _scaled_fn(fn, in_scale, out_scale, axis):
     return scaled
 
 
-def _dense_exact(fn, input_shape) -> float | None:
-    """Exact float64 dense bound of a small operator, or ``None`` if ``fn`` is not float64."""
-    matrix = LinearOperator(fn, tuple(input_shape), dtype="float64").to_dense()
+def _dense_exact(fn, input_shape, output_shape) -> float | None:
+    """Exact float64 dense bound of a small operator, or ``None`` if ``fn`` is not float64.
+
+    The matrix is built from the smaller side: ``fn`` on the input basis, or its adjoint (one
+    reverse-mode product) on the output basis. On one-hot vectors every entry is a single
+    weight (or a float64 product of weights), so the matrix is exact.
+    """
+    input_shape, output_shape = tuple(input_shape), tuple(output_shape)
+    n_in, n_out = math.prod(input_shape), math.prod(output_shape)
+    batch = max(1, _CHUNK_BYTES // (8 * max(n_in, n_out)))
+    if n_in <= n_out:
+        matrix = LinearOperator(fn, input_shape, dtype="float64").to_dense(batch_size=batch)
+    else:
+        rows = []
+        for start in range(0, n_out, batch):
+            count = min(n_out, start + batch) - start
+            x = tf.zeros((count, *input_shape), tf.float64)
+            basis = np.zeros((count, n_out))
+            basis[np.arange(count), np.arange(start, start + count)] = 1.0
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = fn(x)
+                if y.dtype != tf.float64:
+                    return None
+                energy = tf.reduce_sum(y * tf.constant(basis.reshape(y.shape), tf.float64))
+            rows.append(np.asarray(tape.gradient(energy, x)).reshape(count, n_in))
+        matrix = np.concatenate(rows)
     if matrix.dtype != np.float64:
         return None
     return max_singular_value(matrix[None], method="exact")
@@ -572,6 +619,27 @@ class ConvSpec:
                 self.kernel[j], -1, -2)
         return out.reshape(*qs, groups, b, phases * a)
 
+    def taps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Polyphase taps ``(Q, groups, rows, cols)`` and their integer shifts ``(Q, D)``.
+
+        For separable convolutions the pointwise matrix is applied to every tap, giving one
+        ``c_out × (c_in · S)`` matrix per shift (``groups = 1``).
+        """
+        poly = self.polyphase()
+        qs = poly.shape[: self.rank]
+        shifts = np.stack(np.meshgrid(*[np.arange(q) for q in qs], indexing="ij"),
+                          axis=-1).reshape(-1, self.rank)
+        flat = poly.reshape(len(shifts), *poly.shape[self.rank:])
+        if self.pointwise is not None:  # (c_out × groups·b) @ blockdiag_g(b × S·a)
+            groups, b = flat.shape[1:3]
+            pw = self.pointwise.T.reshape(-1, groups, b)
+            flat = np.einsum("ogb,qgbc->qogc", pw, flat).reshape(len(shifts), 1,
+                                                                  pw.shape[0], -1)
+        keep = np.any(flat != 0, axis=(1, 2, 3))  # shifts without taps (stride > kernel)
+        if not keep.any():
+            keep[0] = True
+        return flat[keep], shifts[keep]
+
 
 def _frequencies(grid: tuple[int, ...]) -> np.ndarray:
     """Angles ``(F, D)`` of a half grid: ``θ`` and ``−θ`` give conjugate symbols."""
@@ -584,44 +652,82 @@ def _frequencies(grid: tuple[int, ...]) -> np.ndarray:
     return _TAU * mesh / np.asarray(grid, np.float64)
 
 
+class _Symbols:
+    """Hermitian symbols ``Ĥ(θ)`` (Gram of ``Â(θ)`` on its smaller side), per frequency.
+
+    With taps ``A_q`` at shifts ``q``, ``Â(θ) = Σ_q A_q e^{iθ·q}`` and
+    ``Â(θ)ᴴÂ(θ) = Σ_δ R_δ e^{iθ·δ}`` with ``R_δ = Σ_{q'−q=δ} A_qᵀ A_{q'}`` (the kernel's
+    autocorrelation): ``R`` is computed once, after which each frequency costs ``#δ · r²``
+    instead of a Gram product. Falls back to per-frequency Gram products when ``R`` would not
+    fit in memory.
+    """
+
+    def __init__(self, taps: np.ndarray, shifts: np.ndarray):
+        rows, cols = taps.shape[-2:]
+        self.groups = taps.shape[1]
+        self.rows_side = rows < cols
+        self.side = min(rows, cols)
+        self.taps, self.shifts = taps, shifts
+        if self.rows_side:  # Â Âᴴ = Σ A_q A_{q'}ᵀ e^{iθ(q−q')}
+            taps = np.swapaxes(taps, -1, -2)
+            shifts = -shifts
+        deltas = (shifts[None, :, :] - shifts[:, None, :]).reshape(-1, shifts.shape[1])
+        self.deltas, index = np.unique(deltas, axis=0, return_inverse=True)
+        index = index.reshape(len(shifts), len(shifts))
+        # tr R_δ = Σ_{q'−q=δ} ⟨A_q, A_{q'}⟩_F, per group: the trace of every symbol, cheaply
+        inner = np.einsum("qgij,pgij->qpg", taps, taps)
+        self.traces = np.zeros((len(self.deltas), self.groups))
+        np.add.at(self.traces, index, inner)
+        self.auto = None
+        if len(self.deltas) * self.groups * self.side ** 2 * 8 <= 4 * _CHUNK_BYTES:
+            auto = np.zeros((len(self.deltas), self.groups, self.side, self.side))
+            for q in range(len(shifts)):  # R_δ += A_qᵀ A_{q'} for q' − q = δ
+                products = np.matmul(np.swapaxes(taps[q], -1, -2), taps)
+                for p in range(len(shifts)):
+                    auto[index[q, p]] += products[p]
+            self.auto = auto.reshape(len(self.deltas), -1)
+
+    def __call__(self, theta: np.ndarray) -> np.ndarray:
+        """Matrices ``(F · groups, side, side)`` for frequencies ``theta`` ``(F, D)``."""
+        if self.auto is not None:  # two real products: Σ_δ R_δ (cos θ·δ + i sin θ·δ)
+            angle = theta @ self.deltas.T
+            h = np.empty((len(theta), self.auto.shape[1]), np.complex128)
+            h.real = np.cos(angle) @ self.auto
+            h.imag = np.sin(angle) @ self.auto
+        else:
+            a = np.tensordot(np.exp(1j * (theta @ self.shifts.T)), self.taps, axes=1)
+            h = _gram(a.reshape(-1, *self.taps.shape[-2:]))
+        return h.reshape(-1, self.side, self.side)
+
+    def trace(self, theta: np.ndarray) -> np.ndarray:
+        """``tr Ĥ(θ) = ‖Â(θ)‖_F²`` per frequency and group, ``(F · groups,)``."""
+        angle = theta @ self.deltas.T
+        return (np.cos(angle) @ self.traces).reshape(-1)
+
+
 def _conv_bound(spec: ConvSpec, rtol: float) -> float:
-    """Max over frequencies of the polyphase symbol's top singular value (certified)."""
-    poly = spec.polyphase()
-    big = float(np.max(np.abs(poly))) if poly.size else 0.0
+    """Max over the grid's frequencies of the polyphase symbol's top singular value."""
+    taps, shifts = spec.taps()
+    big = float(np.max(np.abs(taps))) if taps.size else 0.0
     if big == 0.0:
         return 0.0
     scale = 2.0 ** math.frexp(big)[1]  # exact rescaling: no overflow or underflow in Gram
-    poly = poly / scale
-    rank = spec.rank
-    qs = poly.shape[:rank]
-    groups, b, cols = poly.shape[rank:]
-    flat = poly.reshape(math.prod(qs), -1)
-    shifts = np.stack(np.meshgrid(*[np.arange(q) for q in qs], indexing="ij"),
-                      axis=-1).reshape(-1, rank)
+    symbols = _Symbols(taps / scale, shifts)
     thetas = _frequencies(spec.grid())
-    if spec.pointwise is not None:
-        rows, per_matrix = spec.pointwise.shape[1], spec.pointwise.shape[1] * groups * cols
-    else:
-        rows, per_matrix = b, groups * b * cols
-    chunk = max(1, _CHUNK_BYTES // (16 * max(per_matrix, 1)))
-    margin = safety_margin(rows, groups * cols if spec.pointwise is not None else cols)
-    best = 0.0
-    for start in range(0, len(thetas), chunk):
-        theta = thetas[start:start + chunk]
-        phase = np.exp(1j * (theta @ shifts.T))  # (F, Q)
-        symbol = (phase @ flat).reshape(len(theta), groups, b, cols)
-        if spec.pointwise is not None:
-            # (c_out × groups·b) @ blockdiag_g(b × cols) -> c_out × (groups·cols)
-            pw = spec.pointwise.T.reshape(rows, groups, b)
-            mats = np.einsum("ogb,fgbc->fogc", pw, symbol).reshape(len(theta), rows, -1)
-        else:
-            mats = symbol.reshape(-1, b, cols)
-        if min(mats.shape[-2:]) == 1:
-            lam = float(np.max(np.sum(np.abs(mats) ** 2, axis=(-2, -1))))
-        else:
-            lam = _top_eigenvalue_bound(_gram(mats), rtol, margin)
-        best = max(best, lam)
-    return math.sqrt(best) * (1.0 + margin) * scale
+    per_freq = symbols.groups * max(symbols.side ** 2, taps.shape[-1] * taps.shape[-2])
+    chunk = max(1, _CHUNK_BYTES // (16 * per_freq))
+    groups = symbols.groups
+
+    def matrices(indices):  # flat index = frequency · groups + group
+        freqs = np.unique(indices // groups)
+        h = symbols(thetas[freqs])
+        pos = np.searchsorted(freqs, indices // groups) * groups + indices % groups
+        return h if np.array_equal(pos, np.arange(len(h))) else h[pos]
+
+    margin = safety_margin(*taps.shape[-2:])
+    lam = _max_eigenvalue(matrices, len(thetas) * groups, chunk * groups, symbols.side, rtol,
+                          margin, symbols.trace(thetas))
+    return math.sqrt(lam) * (1.0 + margin) * scale
 
 
 def _conv_spec(layer, input_shape, output_shape, in_scale=None, out_scale=None) -> ConvSpec:
@@ -675,7 +781,7 @@ def _conv_kind(layer) -> str:
 
 
 def conv_certificate(layer, input_shape: Sequence[int], output_shape: Sequence[int],
-                     fn: Callable | None = None, *, rtol: float = 1e-4,
+                     fn: Callable | None = None, *, rtol: float = 1e-3,
                      dense: bool = True) -> LayerCertificate:
     """Certificate of a convolution: exact when small, polyphase FFT otherwise.
 
@@ -817,7 +923,8 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
         ops_ = [LinearOperator(b.fn, tuple(n.input_shapes[0]), name=n.name, dtype="float64")
                 for b, n in members]
         with _no_autocast([n.operation for _, n in members]):
-            exact = _dense_exact(compose(ops_).fn, tuple(first.input_shapes[0]))
+            exact = _dense_exact(compose(ops_).fn, first.input_shapes[0],
+                                 last.output_shapes[0])
         if exact is not None:
             return exact
     diags = [_diagonal_scale(b, n) for b, n in members]
@@ -827,8 +934,8 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
         cert = bound.certificate
         if not isinstance(cert, LayerCertificate) or cert.channel_axis is None:
             continue
-        scales = []
-        for step, side in ((-1, "in"), (1, "out")):
+        scales = []  # input side (layers before), then output side (layers after)
+        for step in (-1, 1):
             vec, j = None, i + step
             while 0 <= j < len(members) and diags[j] is not None and not used[j]:
                 ch = _per_channel(diags[j], cert.channel_axis)

@@ -17,15 +17,18 @@ norm above ``max_value``. Running to convergence every step is correct but costs
 hundreds of products per step for a convolution. Instead each constraint owns one small
 non-trainable ``tf.Variable`` per constrained kernel (keyed by the variable's path, created on
 first use, mirrored under ``tf.distribute`` strategies). The first call runs restarted Lanczos
-from a fixed pseudo-random start until its residual is below ``tol``; every later call does
-``power_iterations`` steps from the previous vector. The weights move little between
-optimizer steps, so the vector stays converged and ``σ̂`` tracks ``σ`` at the cost of one
-product per step (the same scheme as Miyato et al., ICLR 2018). The vectors are a cache: they
-are not saved with the model, and a reloaded model re-converges on the first step.
+from a fixed pseudo-random start until its residual is below ``tol``; every later call spends
+``power_iterations`` operator products from the previous vector (one power step, or a short
+Lanczos restart for ``power_iterations >= 2``, see :func:`track_top_vector`). The weights move
+little between optimizer steps, so the vector stays nearly converged and ``σ̂`` tracks ``σ`` at
+a few products per step (the warm-start scheme of Miyato et al., ICLR 2018). It lags when the
+weights move fast (first epochs, large learning rates): ``power_iterations=4`` removes most of
+that lag (measurements in ``docs/keras_integration.md``). The vectors are a cache: they are not
+saved with the model, and a reloaded model re-converges on its first step.
 
 ``SpectralNorm`` treats a 2-D kernel as the matrix of a Dense layer. Do **not** use it for a
 convolution: the norm of the reshaped kernel is not the convolution's operator norm (for a 3×3
-convolution the gap reaches 3×, see ``shared/ALGORITHMS.md`` §2). ``ConvOperatorNorm`` measures
+convolution the gap can reach 3×, ``√(kh·kw)``). ``ConvOperatorNorm`` measures
 the convolution itself on its real input shape, strides and padding.
 """
 
@@ -50,24 +53,28 @@ def track_top_vector(
     fn: Callable[[tf.Tensor], tf.Tensor],
     vector: tf.Tensor,
     *,
-    iterations: int | tf.Tensor,
+    iterations: int,
     calibrate: bool | tf.Tensor,
-    tol: float = 1e-6,
+    tol: float = 1e-8,
     max_iterations: int = 1000,
     krylov_dim: int = 16,
 ) -> tf.Tensor:
     """Advances a warm-started iteration for the top right singular vector of a linear ``fn``.
 
-    Graph-friendly (the branch is a ``tf.cond``): when ``calibrate`` is true, restarted
+    Graph-friendly (the branch is a ``tf.cond``). When ``calibrate`` is true, restarted
     Lanczos (:mod:`tf_lipschitz.power`) runs until its Ritz residual is at most ``tol`` (at
-    most ``max_iterations`` products); otherwise exactly ``iterations`` power-method products
-    are done (``0`` returns ``vector`` normalised). Each product is one forward and one
-    backward pass of ``fn`` on a batch of one example (:func:`tf_lipschitz.power.jtj_product`).
+    most ``max_iterations`` products). Otherwise exactly ``iterations`` products are spent:
+    ``1`` is one power-method step, ``k >= 2`` is one Lanczos restart over the Krylov space
+    of dimension ``k`` (it contains the power iterates up to ``k − 1`` steps and maximises the
+    Rayleigh quotient over them all, which helps most when the top singular values are close,
+    as for convolutions on large inputs), ``0`` only normalises ``vector``. Each product is one
+    forward and one backward pass of ``fn`` on a batch of one example
+    (:func:`tf_lipschitz.power.jtj_product`).
 
     Args:
         fn: Linear map on batches ``(batch, *input_shape)``.
         vector: Current vector, shape ``(1, *input_shape)``, nonzero.
-        iterations: Power-method products per call once calibrated.
+        iterations: Operator products per call once calibrated (a Python int).
         calibrate: Iterate to convergence instead (first call, or a fresh vector).
         tol: Relative tolerance of the calibrating iteration.
         max_iterations: Cap on products of the calibrating iteration.
@@ -86,19 +93,29 @@ def track_top_vector(
     """
     vector = tf.convert_to_tensor(vector)
     size = int(np.prod(vector.shape[1:]))
-    m = int(min(krylov_dim, max(2, size)))
+    iterations = int(iterations)
+    if iterations < 0:
+        raise ValueError(f"`iterations` must be >= 0. Received: iterations={iterations}")
 
     def calibrated():
+        m = int(min(krylov_dim, max(2, size)))
         v, _, _ = _lanczos_loop(fn, vector, tf.constant(float(tol), tf.float64),
                                 tf.constant(int(max_iterations)), m)
         return v
 
     def stepped():
-        v, _, _ = _power_loop(fn, vector, tf.constant(0.0, tf.float64),
-                              tf.cast(iterations, tf.int32))
+        if iterations >= 2 and size >= 2:
+            m = min(iterations, size)
+            v, _, _ = _lanczos_loop(fn, vector, tf.constant(0.0, tf.float64), tf.constant(m), m)
+        else:
+            v, _, _ = _power_loop(fn, vector, tf.constant(0.0, tf.float64),
+                                  tf.constant(iterations))
         return v
 
-    v = tf.cond(tf.convert_to_tensor(calibrate, tf.bool), calibrated, stepped)
+    if isinstance(calibrate, bool):  # known when tracing: keep only the branch that runs
+        v = calibrated() if calibrate else stepped()
+    else:
+        v = tf.cond(tf.convert_to_tensor(calibrate, tf.bool), calibrated, stepped)
     return tf.stop_gradient(v)
 
 
@@ -216,8 +233,10 @@ class SpectralNorm(_OperatorNormConstraint):
 
     Args:
         max_value: Largest allowed spectral norm.
-        power_iterations: Power-iteration products per optimizer step after the first.
-        tol: Relative tolerance of the first (calibrating) iteration.
+        power_iterations: Operator products per optimizer step after the first (see
+            :func:`track_top_vector`).
+        tol: Relative tolerance of the first (calibrating) iteration; it runs once, so it is
+            tight by default.
         max_iterations: Cap on products of the calibrating iteration.
 
     Returns:
@@ -228,7 +247,7 @@ class SpectralNorm(_OperatorNormConstraint):
         >>> layer = keras.layers.Dense(16, kernel_constraint=SpectralNorm(1.0))
     """
 
-    def __init__(self, max_value: float = 1.0, power_iterations: int = 1, *, tol: float = 1e-6,
+    def __init__(self, max_value: float = 1.0, power_iterations: int = 1, *, tol: float = 1e-8,
                  max_iterations: int = 1000):
         super().__init__(max_value, power_iterations, tol, max_iterations)
 
@@ -265,8 +284,10 @@ class ConvOperatorNorm(_OperatorNormConstraint):
         padding: ``"valid"`` or ``"same"``, as in the layer.
         dilation_rate: The layer's dilation rate.
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
-        power_iterations: Power-iteration products per optimizer step after the first.
-        tol: Relative tolerance of the first (calibrating) iteration.
+        power_iterations: Operator products per optimizer step after the first (see
+            :func:`track_top_vector`; 4 tracks fast-moving weights much better than 1).
+        tol: Relative tolerance of the first (calibrating) iteration; it runs once, so it is
+            tight by default.
         max_iterations: Cap on products of the calibrating iteration.
 
     Returns:
@@ -290,7 +311,7 @@ class ConvOperatorNorm(_OperatorNormConstraint):
         data_format: str | None = None,
         power_iterations: int = 1,
         *,
-        tol: float = 1e-6,
+        tol: float = 1e-8,
         max_iterations: int = 1000,
     ):
         super().__init__(max_value, power_iterations, tol, max_iterations)

@@ -17,6 +17,7 @@ generalised extreme-value distribution to per-batch maxima of ``‖J(x)‖`` in 
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import keras
@@ -71,7 +72,7 @@ def jacobian_norms(f: Callable, x, *, iters: int = 30, seed: int = 0) -> np.ndar
     """
     x = tf.convert_to_tensor(x)
     v = _normalize(tf.random.stateless_normal(tf.shape(x), [seed, 1], dtype=x.dtype))
-    s, _ = tf.function(_power, autograph=False)(f, x, v, tf.constant(iters))
+    s, _ = _POWER(f, x, v, tf.constant(iters))
     return s.numpy()
 
 
@@ -114,8 +115,20 @@ def _ascent(f, x, v, scale, steps, lr, noise, power_iters, seed):
     return x, v, s
 
 
+_MODEL_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+# Compiled once per process; the model callable is part of the cache key, so each model's
+# graph is traced once and reused by later calls (the callback calls these every epoch).
+_ASCENT = tf.function(_ascent, autograph=False, reduce_retracing=True)
+_POWER = tf.function(_power, autograph=False, reduce_retracing=True)
+
+
 def _as_model_fn(model) -> Callable:
+    """A batched callable for ``model``, cached so that compiled functions are traced once."""
     if isinstance(model, keras.Model):
+        if model in _MODEL_FNS:
+            return _MODEL_FNS[model]
         if len(model.inputs) != 1:
             raise ValueError(
                 f"Model '{model.name}' has {len(model.inputs)} inputs; lower_bound() supports "
@@ -129,6 +142,7 @@ def _as_model_fn(model) -> Callable:
                 out = tf.concat([tf.reshape(o, [tf.shape(o)[0], -1]) for o in flat], axis=1)
             return out
 
+        _MODEL_FNS[model] = fn
         return fn
     if callable(model):
         return model
@@ -193,7 +207,7 @@ def lower_bound(
     rng = np.random.default_rng(seed)
     starts = _starts(x, tuple(input_shape), n_random, dtype, rng)
     scale = float(np.std(starts)) or 1.0
-    ascent = tf.function(_ascent, autograph=False, reduce_retracing=True)
+    ascent = _ASCENT
     best = (-1.0, None, None)
     n_batches = (len(starts) + batch_size - 1) // batch_size
     bar = keras.utils.Progbar(n_batches, verbose=verbose, unit_name="batch") if verbose else None
@@ -269,7 +283,7 @@ def extreme_value_estimate(
     dim = int(np.prod(shape))
     data = None if x is None else np.asarray(x, dtype=dtype).reshape((-1, *shape))
     spread = float(np.std(data)) if data is not None else 1.0
-    power = tf.function(_power, autograph=False, reduce_retracing=True)
+    power = _POWER
     maxima = []
     bar = keras.utils.Progbar(batches, verbose=verbose, unit_name="batch") if verbose else None
     for b in range(batches):

@@ -118,8 +118,7 @@ def _lanczos_loop(fn, v0, tol, max_products, krylov_dim):
 
     Each restart builds a Krylov basis of ``krylov_dim`` vectors from the current Ritz vector,
     solves the small tridiagonal eigenproblem and restarts from the new top Ritz vector. It stops
-    when the estimated relative error of the top Ritz value, ``min(r, r²/gap) / θ`` with the
-    Ritz residual ``r = β_m |y_m|`` and the gap to the second Ritz value, falls below ``tol``.
+    when the relative Ritz residual ``β_m |y_m| / θ`` falls below ``tol``.
     """
     dtype = v0.dtype
     shape = tf.shape(v0)
@@ -167,13 +166,11 @@ def _lanczos_loop(fn, v0, tol, max_products, krylov_dim):
         theta = evals[-1]
         y = evecs[:, -1]
         ritz = tf.reshape(tf.linalg.matvec(basis[:m], y, transpose_a=True), shape)
-        # ‖A r − θ r‖ = β_m |y_m|. The error of θ is about resid² / gap (Kato–Temple), with the
-        # gap to the next Ritz value as its estimate; stop when either measure is below tol.
-        resid = tf.abs(b[-1] * y[-1])
-        gap = tf.maximum(theta - evals[-2], tiny)
-        theta_safe = tf.maximum(tf.abs(theta), tiny)
-        err = tf.minimum(resid / theta_safe, tf.square(resid) / gap / theta_safe)
-        return _unit(ritz), err
+        # ‖A r − θ r‖ = β_m |y_m| bounds the distance from θ to the spectrum. (A Kato–Temple
+        # estimate resid²/gap is smaller but needs the true gap; Ritz values over-estimate it
+        # when the top singular values are close, and stopped 1e-4 short on a small conv.)
+        resid = tf.abs(b[-1] * y[-1]) / tf.maximum(tf.abs(theta), tiny)
+        return _unit(ritz), resid
 
     def cond(i, v, done):
         return tf.logical_and(i < max_products, tf.logical_not(done))
@@ -269,7 +266,7 @@ class SpectralSolver:
 
         Args:
             tol: Relative tolerance on ``σ²`` (power: change between iterations; Lanczos:
-                estimated error of the top Ritz value from its residual and gap).
+                relative Ritz residual).
             max_products: Cap on ``JᵀJ v`` products per operator.
             init: ``"warm"`` to start from the previous run's vectors (random the first time),
                 ``None`` for random vectors, or a list of arrays shaped like each input.

@@ -45,7 +45,7 @@ from tf_lipschitz.graph import ModelGraph
 from tf_lipschitz.operators import LinearOperator
 from tf_lipschitz.power import SpectralResult, top_singular_triplets
 from tf_lipschitz.report import CERTIFIED, ESTIMATE, LayerRow, LipschitzReport
-from tf_lipschitz.rules import Activation, Constant, LayerBound, Linear
+from tf_lipschitz.rules import Activation, Constant, LayerBound
 
 __all__ = [
     "PatternMax",
@@ -232,14 +232,14 @@ def _exact_search(c, e, lo, hi, *, verbose=0, label="pattern search"):
 
 
 @tf.function(reduce_retracing=True, autograph=False, jit_compile=True)
-def _greedy_sweep(c, e, d, x, v, sigma, lo, hi, max_iter, tol):
-    """One sweep of single flips in coordinate order, each kept if the norm grows.
+def _greedy_sweep(c, e, d, x, v, sigma, lo, hi, n, max_iter, tol):
+    """One sweep of single flips over coordinates ``0..n-1``, each kept if the norm grows.
 
     The norm of a candidate ``X + δ c_j e_jᵀ`` comes from power iteration warm-started at the
     current top right singular vector ``v``; ``‖X'v‖`` is a lower bound on ``‖X'‖``, so every
-    accepted flip is a real increase.
+    accepted flip is a real increase. Arrays may be zero-padded beyond ``n`` (and in the
+    columns), which changes no norm and lets one XLA compilation serve many shapes.
     """
-    n = tf.shape(c)[0]
     tiny = tf.constant(1e-300, x.dtype)
 
     def candidate_norm(x, cj, ej, delta, v0):
@@ -272,14 +272,23 @@ def _greedy_sweep(c, e, d, x, v, sigma, lo, hi, max_iter, tol):
     return d, x, changes
 
 
+def _bucket(k: int) -> int:
+    """Padded size: a power of two up to 256, then a multiple of 128."""
+    return max(8, 1 << (k - 1).bit_length()) if k <= 256 else -(-k // 128) * 128
+
+
 def _greedy_search(c, e, lo, hi, *, max_sweeps=10, verbose=0, label="greedy"):
     n, p = c.shape
-    if p == 0 or e.shape[1] == 0:
+    q = e.shape[1]
+    if p == 0 or q == 0:
         return 0.0, np.full(n, hi), 0
-    d = np.full(n, hi)
-    x = c.T @ (d[:, None] * e)
+    cp = np.zeros((_bucket(n), _bucket(p)))
+    ep = np.zeros((_bucket(n), _bucket(q)))
+    cp[:n, :p], ep[:n, :q] = c, e
+    d = np.full(len(cp), hi)
+    x = cp.T @ (d[:, None] * ep)
     start_value = _norm2(x)
-    ct, et = tf.constant(c), tf.constant(e)
+    consts = [tf.constant(cp), tf.constant(ep)]
     lo_t, hi_t = tf.constant(lo, tf.float64), tf.constant(hi, tf.float64)
     evaluated = 0
     bar = keras.utils.Progbar(max_sweeps, verbose=verbose, unit_name="sweep",
@@ -287,10 +296,10 @@ def _greedy_search(c, e, lo, hi, *, max_sweeps=10, verbose=0, label="greedy"):
     if bar is not None:
         print(f"tf_lipschitz: {label}: greedy flips over {n} activations", flush=True)
     for sweep in range(max_sweeps):
-        _, s, vt = np.linalg.svd(x)
+        _, sv, vt = np.linalg.svd(x)
         d_t, x_t, changes = _greedy_sweep(
-            ct, et, tf.constant(d), tf.constant(x), tf.constant(vt[0]),
-            tf.constant(s[0]), lo_t, hi_t, tf.constant(100), tf.constant(1e-7, tf.float64),
+            *consts, tf.constant(d), tf.constant(x), tf.constant(vt[0]), tf.constant(sv[0]),
+            lo_t, hi_t, tf.constant(n), tf.constant(100), tf.constant(1e-7, tf.float64),
         )
         d, x = d_t.numpy(), x_t.numpy()
         evaluated += n
@@ -298,6 +307,7 @@ def _greedy_search(c, e, lo, hi, *, max_sweeps=10, verbose=0, label="greedy"):
             bar.update(sweep + 1, values=[("norm", _norm2(x)), ("flips", int(changes))])
         if int(changes) == 0:
             break
+    d = d[:n]
     value = _norm2(c.T @ (d[:, None] * e))
     if value < start_value:  # cannot happen with converged norms; keep the start then
         return start_value, np.full(n, hi), evaluated
@@ -740,6 +750,7 @@ class SeqLip:
                     rows[i] = LayerRow(
                         node.name, node.class_name, "constant", node.input_shapes[0],
                         node.output_shapes[0], lipschitz=None, activation=a.name,
+                        bound_kind=CERTIFIED if pairs[k].certified else ESTIMATE,
                         method="seqlip", cumulative=cumulative,
                         note=f"inside SeqLip pair factor {k + 1} (slopes {a.slope_range})",
                     )
@@ -806,20 +817,25 @@ class SeqLip:
                   f"{n_steps - len(self.chains)} pair factor(s), mode={mode!r}.", flush=True)
         done = 0
         segments, summary = [], []
+        seconds = {"spectra": 0.0, "pairs": 0.0}
         for chain in self.chains:
             spectra = []
             for group in chain.groups:
+                tick = time.perf_counter()
                 spectra.append(self._spectrum(group, top_k, dense_limit, subspace_tol,
                                               subspace_max_iter))
+                seconds["spectra"] += time.perf_counter() - tick
                 done += 1
                 if bar is not None:
                     bar.update(done)
             pairs = []
             for k in range(len(chain.links)):
+                tick = time.perf_counter()
                 pair = self._pair(k, chain, spectra, mode=mode, top_k=top_k,
                                   max_exact_width=max_exact_width, remainder=remainder,
                                   max_sweeps=max_sweeps, verbose=verbose)
                 pairs.append(pair)
+                seconds["pairs"] += time.perf_counter() - tick
                 summary.append({
                     "pair": f"{self._group_name(chain.groups[k])} -> "
                             f"{self._group_name(chain.groups[k + 1])}",
@@ -831,14 +847,17 @@ class SeqLip:
                 if bar is not None:
                     bar.update(done)
             segments.append(self._segment(chain, spectra, pairs))
-        if spectral is None:
-            spectral = self.autolip.spectral(init=init)
+        if spectral is None:  # the solver is only needed for groups outside every chain
+            covered = {g for chain in self.chains for g in chain.groups}
+            outside = [g for g in self.autolip._iterative if g not in covered]
+            spectral = self.autolip.spectral(init=init) if outside else {}
         report = self.autolip.run(certified=certified, spectral=spectral, segments=segments,
                                   model_name=model_name)
         settings = {
             "mode": mode, "top_k": top_k, "max_exact_width": max_exact_width,
             "remainder": remainder, "dense_limit": dense_limit, "max_sweeps": max_sweeps,
             "autolip_parts": report.settings, "pairs": summary, "fallbacks": list(self.fallbacks),
+            "seconds": seconds,
         }
         return dataclasses.replace(report, method="seqlip", settings=settings,
                                    elapsed=time.perf_counter() - start)

@@ -1,0 +1,191 @@
+"""Certified AutoLip on VGG16 and ResNet50 (224×224, ``weights=None``): tightness and cost.
+
+For every linear group (a layer, or a fused chain such as Conv+BatchNorm) the script reports
+the Lanczos estimate of its operator norm, the certificate, their ratio and the time of each,
+and for the whole model the AutoLip time (estimate, then certified) as a multiple of the
+model's own forward pass (batch 1), all measured in the same run. It prints a table and JSON.
+
+Per-layer estimate times are ``products × (time of one JᵀJ product of that operator)``: the
+solver runs all layers in one compiled call, so its total time is measured as a whole.
+
+Usage::
+
+    python benchmarks/certified.py                    # VGG16 and ResNet50
+    python benchmarks/certified.py --models VGG16 --json out.json
+
+Goals (issue 6): certificate within 1 % of the estimate on every layer; the whole estimate in
+at most 60 forward-pass equivalents on VGG16; certified AutoLip in a small multiple of that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# NumPy's OpenBLAS threads busy-wait: on shared CPUs a single thread is much faster.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tf_lipschitz as tfl  # noqa: E402
+from tf_lipschitz import autolip as autolip_module  # noqa: E402
+from tf_lipschitz.power import jtj_product  # noqa: E402
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (tracing)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_time(model: keras.Model, size: int, repeats: int = 5) -> float:
+    """Median time of one compiled inference forward pass on a batch of one image."""
+    x = tf.constant(np.random.default_rng(0).standard_normal((1, size, size, 3)), tf.float32)
+    fn = tf.function(lambda x: model(x, training=False))
+    return _median_time(lambda: fn(x).numpy(), repeats)
+
+
+def product_time(op, repeats: int = 3) -> float:
+    """Median time of one compiled ``JᵀJ v`` product of a linear operator."""
+    v = tf.constant(np.random.default_rng(0).standard_normal((1, *op.input_shape)), op.dtype)
+    fn = tf.function(lambda v: jtj_product(op.fn, v)[1])
+    return _median_time(lambda: fn(v).numpy(), repeats)
+
+
+class CertificateTimer:
+    """Records the time of every fused-chain certificate computed by AutoLip."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._original = autolip_module.fused_certificate
+
+    def __enter__(self):
+        def timed(members):
+            start = time.perf_counter()
+            value = self._original(members)
+            self.times["+".join(node.name for _, node in members)] = time.perf_counter() - start
+            return value
+
+        autolip_module.fused_certificate = timed
+        return self
+
+    def __exit__(self, *exc):
+        autolip_module.fused_certificate = self._original
+
+
+def run(name: str, size: int, tol: float, max_products: int) -> dict:
+    """Measures one ``keras.applications`` model; returns the JSON-ready result."""
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
+    t_forward = forward_time(model, size)
+    start = time.perf_counter()
+    est = tfl.LipschitzEstimator(model, verbose=0, tol=tol, max_products=max_products)
+    t_build = time.perf_counter() - start
+
+    start = time.perf_counter()
+    estimate = est.autolip(init=None)
+    t_estimate = time.perf_counter() - start
+    with CertificateTimer() as timer:
+        start = time.perf_counter()
+        certified = est.autolip(certified=True)  # warm-started estimate + certificates
+        t_certified = time.perf_counter() - start
+
+    auto = est._autolip
+    per_product = {op.name: product_time(op) for op in auto.operators}
+    layers = []
+    for row in certified.layers:
+        if row.kind != "linear":
+            continue
+        ratio = row.certificate / row.norm if row.certificate and row.norm else None
+        layers.append({
+            "name": row.name,
+            "input_shape": list(row.input_shape),
+            "estimate": row.norm,
+            "certificate": row.certificate,
+            "ratio": ratio,
+            "method": row.method,
+            "products": row.products,
+            "estimate_seconds": (row.products * per_product[row.name]
+                                 if row.name in per_product else 0.0),
+            "certificate_seconds": timer.times.get(row.name),
+        })
+    ratios = [r["ratio"] for r in layers if r["ratio"] is not None]
+    return {
+        "model": name,
+        "input": [size, size, 3],
+        "solver": {"method": est._autolip.method, "tol": tol, "max_products": max_products},
+        "forward_seconds": t_forward,
+        "build_seconds": t_build,
+        "estimate_seconds": t_estimate,
+        "estimate_forward_passes": t_estimate / t_forward,
+        "certified_seconds": t_certified,
+        "certified_forward_passes": t_certified / t_forward,
+        "certificate_seconds": sum(t for t in timer.times.values()),
+        "upper_estimate": estimate.upper,
+        "upper_certified": certified.upper,
+        "certified": certified.certified,
+        "max_ratio": max(ratios) if ratios else None,
+        "layers_within_1pct": sum(r <= 1.01 for r in ratios),
+        "layers": layers,
+    }
+
+
+def table(result: dict) -> str:
+    """The per-layer table and the model summary as text."""
+    head = (f"{'layer':<44}{'estimate':>11}{'certificate':>13}{'ratio':>9}{'est. s':>9}"
+            f"{'cert. s':>9}")
+    lines = [f"== {result['model']} {tuple(result['input'])} ==", head, "-" * len(head)]
+    for r in result["layers"]:
+        name = r["name"] if len(r["name"]) <= 43 else r["name"][:40] + "..."
+        ratio = f"{r['ratio']:.5f}" if r["ratio"] is not None else "-"
+        cert_s = f"{r['certificate_seconds']:.2f}" if r["certificate_seconds"] is not None else "-"
+        lines.append(f"{name:<44}{r['estimate']:>11.5g}{r['certificate'] or float('nan'):>13.5g}"
+                     f"{ratio:>9}{r['estimate_seconds']:>9.2f}{cert_s:>9}")
+    lines += [
+        "-" * len(head),
+        f"forward pass (batch 1): {result['forward_seconds']:.3f} s",
+        f"AutoLip estimate:  {result['estimate_seconds']:.1f} s = "
+        f"{result['estimate_forward_passes']:.1f} forward passes, upper {result['upper_estimate']:.6g}",
+        f"AutoLip certified: {result['certified_seconds']:.1f} s = "
+        f"{result['certified_forward_passes']:.1f} forward passes "
+        f"(certificates {result['certificate_seconds']:.1f} s), upper "
+        f"{result['upper_certified']:.6g}, certified={result['certified']}",
+        f"max certificate/estimate: {result['max_ratio']:.5f}; layers within 1 %: "
+        f"{result['layers_within_1pct']}/{len(result['layers'])}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["VGG16", "ResNet50"])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--tol", type=float, default=1e-4,
+                        help="relative tolerance of the Lanczos estimate (issue 6: 1e-4)")
+    parser.add_argument("--max-products", type=int, default=2000)
+    parser.add_argument("--json", help="also write the JSON results to this file")
+    args = parser.parse_args(argv)
+    results = []
+    for name in args.models:
+        result = run(name, args.size, args.tol, args.max_products)
+        print(table(result), flush=True)
+        results.append(result)
+    text = json.dumps({"benchmark": "certified", "results": results}, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
