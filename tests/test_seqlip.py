@@ -203,6 +203,26 @@ def test_functional_graph_chains_between_merges():
     assert names.index("add") < names.index("d")
 
 
+def test_batchnorm_fused_and_op_activation_in_chain():
+    keras.utils.set_random_seed(11)
+    x = keras.Input((7,))
+    h = L.BatchNormalization(name="bn")(L.Dense(6, name="d1")(x))
+    h = keras.ops.relu(h)
+    model = keras.Model(x, L.Dense(3, name="d2")(h))
+    bn = model.get_layer("bn")
+    rng = np.random.default_rng(11)
+    bn.gamma.assign(rng.uniform(0.5, 2.0, 6).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, 6).astype("float32"))
+    scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    w1 = scale[:, None] * model.get_layer("d1").kernel.numpy().T
+    w2 = model.get_layer("d2").kernel.numpy().T
+    rep = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode="exact")
+    assert [p["pair"] for p in rep.settings["pairs"]] == ["d1+bn -> d2"]
+    assert rep.upper == pytest.approx(brute_pattern_max(w2.astype(float), w1.astype(float)),
+                                      rel=1e-5)
+    assert rep.to_dict()["method"] == "seqlip" and "pairs" in rep.to_json()
+
+
 def test_conv_chain_exact_is_the_true_constant():
     keras.utils.set_random_seed(5)
     model = keras.Sequential([keras.Input((4, 4, 1)), L.Conv2D(3, 3, activation="relu"),
