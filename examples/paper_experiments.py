@@ -291,8 +291,14 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("mlp", "cnn"), help="run one family only")
     parser.add_argument("--markdown", help="write the tables to this Markdown file")
     parser.add_argument("--json", help="write all numbers to this JSON file")
+    parser.add_argument("--mlp-epochs", type=int, help="override the MLP training epochs")
+    parser.add_argument("--cnn-epochs", type=int, help="override the CNN training epochs")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
+    if args.mlp_epochs:
+        cfg = dataclasses.replace(cfg, mlp_epochs=args.mlp_epochs)
+    if args.cnn_epochs:
+        cfg = dataclasses.replace(cfg, cnn_epochs=args.cnn_epochs)
     start = time.perf_counter()
     mlps = run_mlps(cfg) if args.only in (None, "mlp") else []
     cnns = run_cnns(cfg) if args.only in (None, "cnn") else []

@@ -242,7 +242,8 @@ def test_truncated_singular_triplets_are_estimates():
     kwargs = {"mode": "greedy", "top_k": 3, "dense_limit": 0, "subspace_tol": 1e-8}
     full = est.seqlip(mode="greedy")
     added = est.seqlip(remainder=True, **kwargs)
-    cut = est.seqlip(remainder=False, **kwargs)
+    with pytest.warns(UserWarning, match="remainder=False ignored singular values"):
+        cut = est.seqlip(remainder=False, **kwargs)
     assert not added.certified and not cut.certified
     assert cut.upper <= added.upper
     assert added.upper >= floor * (1 - 1e-4)  # the remainder bound makes it an upper bound

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Sequence
 
 import keras
@@ -606,6 +607,7 @@ class _Pair:
     width: int
     evaluated: int
     truncated: bool
+    dropped: float  # largest σ_{E+1} / σ_1 left out of the two decompositions
     note: str
 
 
@@ -699,8 +701,9 @@ class SeqLip:
                          f"{rho_r:.3g} {how}")
         if not exact_svd:
             parts.append("iterative singular triplets (estimates)")
+        dropped = max(rho_l / s1_l if s1_l > 0 else 0.0, rho_r / s1_r if s1_r > 0 else 0.0)
         return _Pair(value, certified, certificate, inner.mode, n, inner.evaluated, truncated,
-                     "; ".join(parts))
+                     dropped, "; ".join(parts))
 
     def _segment(self, chain: Chain, spectra: list[Spectrum], pairs: list[_Pair]) -> Segment:
         graph, bounds = self.graph, self.bounds
@@ -842,11 +845,22 @@ class SeqLip:
                     "mode": pair.mode, "width": pair.width, "value": pair.value,
                     "kind": CERTIFIED if pair.certified else ESTIMATE,
                     "certificate": pair.certificate, "truncated": pair.truncated,
+                    "dropped_sigma_ratio": pair.dropped,
                 })
                 done += 1
                 if bar is not None:
                     bar.update(done)
             segments.append(self._segment(chain, spectra, pairs))
+        ignored = [p for p in summary if p["truncated"] and p["dropped_sigma_ratio"] > 0.1]
+        if ignored and not remainder:
+            worst = max(ignored, key=lambda p: p["dropped_sigma_ratio"])
+            warnings.warn(
+                f"SeqLip with remainder=False ignored singular values up to "
+                f"{worst['dropped_sigma_ratio']:.0%} of σ_1 in {len(ignored)} pair(s) (worst: "
+                f"{worst['pair']}); the result is an estimate that can be far below the true "
+                "constant. Use remainder=True, or a larger top_k.",
+                stacklevel=3,
+            )
         if spectral is None:  # the solver is only needed for groups outside every chain
             covered = {g for chain in self.chains for g in chain.groups}
             outside = [g for g in self.autolip._iterative if g not in covered]
