@@ -135,8 +135,8 @@ def measured(built):
     for name, (layer, bound, shape) in built.items():
         cert = bound.certificate
         structured = cert.structured(None, None) if hasattr(cert, "structured") else cert()
-        out[name] = dict(layer=layer, shape=shape, exact=_exact(layer, shape),
-                         certificate=float(cert()), structured=float(structured))
+        out[name] = {"layer": layer, "shape": shape, "exact": _exact(layer, shape),
+                     "certificate": float(cert()), "structured": float(structured)}
     return out
 
 
@@ -244,7 +244,7 @@ def test_gram_iteration_is_monotone_and_scale_safe(rng):
     a = rng.standard_normal((3, 30, 20))
     exact = np.linalg.svd(a, compute_uv=False)[:, 0]
     previous = np.inf
-    for t in range(0, 8):
+    for t in range(8):
         bound = certify.gram_iteration(a, t)
         assert np.all(bound >= exact * (1 - 1e-12))
         assert bound.max() <= previous * (1 + 1e-12)
@@ -274,6 +274,12 @@ def _fused_exact(model, shape):
                                compute_uv=False)[0])
 
 
+def _certificate_alone(layer, shape):
+    ctx = NodeContext(input_shapes=(shape,),
+                      output_shapes=(tuple(layer.compute_output_shape((1, *shape))[1:]),))
+    return get_rule(layer)(layer, ctx).certificate()
+
+
 @pytest.mark.parametrize("make", [
     lambda: L.Conv2D(6, 3, padding="same", use_bias=False),
     lambda: L.Conv2D(6, 3, strides=2, groups=2, padding="same"),
@@ -293,16 +299,10 @@ def test_batchnorm_and_rescaling_fold_into_kernel(make, rng, monkeypatch):
     (row,) = [r for r in report.layers if r.kind == "linear"]
     assert row.name.count("+") == 2 and report.certified
     exact = _fused_exact(model, shape)
-    separate = (float(np.max(np.abs(pre.scale))) * conv_alone(conv, shape)
+    separate = (float(np.max(np.abs(pre.scale))) * _certificate_alone(conv, shape)
                 * float(np.max(np.abs(weights[0] / np.sqrt(weights[3] + bn.epsilon)))))
     assert exact <= row.certificate <= min(exact * 1.05, separate * (1 + 1e-6))
     assert row.norm == pytest.approx(exact, rel=1e-4)
-
-
-def conv_alone(conv, shape):
-    ctx = NodeContext(input_shapes=(shape,),
-                      output_shapes=(tuple(conv.compute_output_shape((1, *shape))[1:]),))
-    return get_rule(conv)(conv, ctx).certificate()
 
 
 def test_certified_autolip_end_to_end(rng):
