@@ -107,7 +107,7 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
         certified, t_certified = timed(certified=True)  # warm-started estimate + certificates
     t_forward = min(t_forward, forward())
 
-    auto = est._autolip
+    auto = est.engine
     per_product = {op.name: product_time(op) for op in auto.operators}
     layers = []
     for row in certified.layers:
@@ -130,7 +130,7 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
     return {
         "model": name,
         "input": [size, size, 3],
-        "solver": {"method": est._autolip.method, "tol": tol, "max_products": max_products},
+        "solver": {"method": est.engine.method, "tol": tol, "max_products": max_products},
         "forward_seconds": t_forward,
         "build_seconds": t_build,
         "first_call_seconds": t_first,

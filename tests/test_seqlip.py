@@ -157,6 +157,31 @@ def test_deeper_net_ordering(seed):
             assert row.certificate >= row.norm * (1 - 1e-9)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_optimized_split_is_valid_and_never_looser(seed):
+    """Every split exponent bounds the same constant: the optimised product stays above the
+    brute-force max over all pattern combinations and at or below the paper's split."""
+    model = mlp((6, 7, 5, 6, 3), seed=seed)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    paper = est.seqlip(mode="exact")
+    best = est.seqlip(mode="exact", split="optimize")
+    floor = brute_chain_max(dense_matrices(model))
+    assert floor <= best.upper * (1 + 1e-6)
+    assert best.upper <= paper.upper * (1 + 1e-9)
+    assert best.certified and best.settings["split"] == "optimize"
+    splits = [p["split"] for p in best.settings["pairs"]]
+    assert splits[0][0] == 1.0 and splits[-1][1] == 0.0
+    assert all(left[1] == right[0] for left, right in zip(splits, splits[1:]))
+    # an explicit product of the reported pair values is the bound
+    assert math.prod(p["value"] for p in best.settings["pairs"]) == pytest.approx(best.upper)
+
+
+def test_split_argument_is_checked():
+    est = tfl.LipschitzEstimator(mlp((3, 4, 2)), verbose=0)
+    with pytest.raises(ValueError, match="split"):
+        est.seqlip(split="half")
+
+
 @pytest.mark.parametrize("act,slopes", [
     (lambda: L.LeakyReLU(negative_slope=0.3), (0.3, 1.0)),
     (lambda: L.Activation("sigmoid"), (0.0, 0.25)),
@@ -228,7 +253,7 @@ def test_conv_chain_exact_is_the_true_constant():
     model = keras.Sequential([keras.Input((4, 4, 1)), L.Conv2D(3, 3, activation="relu"),
                               L.Flatten(), L.Dense(2)])
     est = tfl.LipschitzEstimator(model, verbose=0)
-    ops = est._autolip.operators
+    ops = est.engine.operators
     w1, w2 = (op.to_dense().astype(np.float64) for op in ops)  # 12 x 16, 2 x 12
     rep = est.seqlip()
     assert rep.settings["pairs"][0]["mode"] == "exact"

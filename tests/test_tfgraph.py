@@ -102,7 +102,7 @@ def test_graph_operator_equals_dense_matrix_and_its_norm():
                                       strides=2, padding="SAME")
 
     est = GraphEstimator(f, tf.TensorSpec([None, 7, 7, 2]), tol=1e-8)
-    (op,) = est._autolip.operators  # one fused operator
+    (op,) = est.engine.operators  # one fused operator
     reference = LinearOperator(f, (7, 7, 2)).to_dense()
     np.testing.assert_allclose(op.to_dense(batch_size=16), reference, atol=1e-4)
     assert est.autolip().upper == pytest.approx(_sigma(reference), rel=1e-4)

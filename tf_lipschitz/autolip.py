@@ -154,8 +154,8 @@ class AutoLip:
         self.method = method
         bounds = evaluate_rules(graph)
         self.groups = fuse(graph, bounds)
-        self._iterative = [g for g in self.groups if not self._closed_form(g, bounds)]
-        self.operators = [self.operator(g, bounds) for g in self._iterative]
+        self.iterative = [g for g in self.groups if not self._closed_form(g, bounds)]
+        self.operators = [self.operator(g, bounds) for g in self.iterative]
         self.solver = SpectralSolver(self.operators, method=method, krylov_dim=krylov_dim,
                                      jit_compile=jit_compile)
 
@@ -178,7 +178,7 @@ class AutoLip:
     def spectral(self, init="warm") -> dict[Group, SpectralResult]:
         """Runs the compiled solver on every group without a closed form."""
         results = self.solver.run(tol=self.tol, max_products=self.max_products, init=init)
-        return dict(zip(self._iterative, results))
+        return dict(zip(self.iterative, results))
 
     def run(self, *, certified: bool = False, init="warm", model_name: str = "model",
             spectral: dict[Group, SpectralResult] | None = None,

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_lipschitz.estimator import LipschitzEstimator
-from tf_lipschitz.report import _clean
+from tf_lipschitz.report import json_ready
 
 __all__ = ["LipCallback", "LipschitzRecord"]
 
@@ -67,7 +67,7 @@ class LipschitzRecord:
     elapsed: float
 
     def to_dict(self) -> dict:
-        return _clean(dataclasses.asdict(self))
+        return json_ready(dataclasses.asdict(self))
 
 
 def _is_int(value) -> bool:

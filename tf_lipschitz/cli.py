@@ -492,7 +492,7 @@ def _savedmodel_target(args, progress: _Progress):
 
     progress(f"loading SavedModel {args.path}")
     try:
-        fn, key, loaded = tfgraph._load_signature(args.path, args.signature)  # noqa: SLF001
+        fn, key, loaded = tfgraph.load_signature(args.path, args.signature)
     except KeyError as exc:
         raise UsageError(str(exc.args[0]) + (" (use --signature NAME)" if args.signature is None
                                              else "")) from exc
@@ -548,7 +548,7 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
     lower_value = None
     for method in args.methods:
         if method == "autolip":
-            n = len(est._autolip.operators)  # noqa: SLF001 - shared with the estimator
+            n = len(est.engine.operators)
             progress(f"AutoLip: measuring {n} linear operator(s) with {args.solver} "
                      f"(tol={args.tol:g}) in one compiled solve")
             analysis.reports["autolip"] = est.autolip(certified=args.certified)

@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_lipschitz.power import _lanczos_loop, _power_loop
+from tf_lipschitz.power import lanczos_loop, power_loop
 
 __all__ = ["SpectralNorm", "ConvOperatorNorm", "track_top_vector"]
 
@@ -99,16 +99,16 @@ def track_top_vector(
 
     def calibrated():
         m = int(min(krylov_dim, max(2, size)))
-        v, _, _ = _lanczos_loop(fn, vector, tf.constant(float(tol), tf.float64),
+        v, _, _ = lanczos_loop(fn, vector, tf.constant(float(tol), tf.float64),
                                 tf.constant(int(max_iterations)), m)
         return v
 
     def stepped():
         if iterations >= 2 and size >= 2:
             m = min(iterations, size)
-            v, _, _ = _lanczos_loop(fn, vector, tf.constant(0.0, tf.float64), tf.constant(m), m)
+            v, _, _ = lanczos_loop(fn, vector, tf.constant(0.0, tf.float64), tf.constant(m), m)
         else:
-            v, _, _ = _power_loop(fn, vector, tf.constant(0.0, tf.float64),
+            v, _, _ = power_loop(fn, vector, tf.constant(0.0, tf.float64),
                                   tf.constant(iterations))
         return v
 
@@ -119,7 +119,8 @@ def track_top_vector(
     return tf.stop_gradient(v)
 
 
-def _start_vector(shape, dtype) -> tf.Tensor:
+def start_vector(shape, dtype) -> tf.Tensor:
+    """A fixed-seed Gaussian vector: the deterministic start of the persistent iterations."""
     return tf.random.stateless_normal(shape, seed=_START_SEED, dtype=dtype)
 
 
@@ -187,7 +188,7 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
         fn, _ = self._operator(kernel)
         v0 = tf.convert_to_tensor(state)
         fresh = tf.reduce_all(tf.equal(v0, 0))
-        v0 = tf.where(fresh, _start_vector(tf.shape(v0), v0.dtype), v0)
+        v0 = tf.where(fresh, start_vector(tf.shape(v0), v0.dtype), v0)
         v = track_top_vector(fn, v0, iterations=self.power_iterations, calibrate=fresh,
                              tol=self.tol, max_iterations=self.max_iterations)
         state.assign(v)

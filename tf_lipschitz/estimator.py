@@ -65,6 +65,11 @@ class LipschitzEstimator:
         self.dtype = first.dtype
 
     @property
+    def engine(self) -> AutoLip:
+        """The :class:`~tf_lipschitz.autolip.AutoLip` engine: fused groups and their operators."""
+        return self._autolip
+
+    @property
     def name(self) -> str:
         return getattr(self.model, "name", "model")
 
@@ -137,6 +142,7 @@ class LipschitzEstimator:
                 ``max_exact_width`` (20), ``remainder`` (True: bound and add back the dropped
                 singular values; False: the paper's truncation, an estimate), ``dense_limit``
                 (2**23 matrix entries for an exact dense SVD), ``max_sweeps`` (10, greedy),
+                ``split`` ("sqrt", the paper's; "optimize" searches the split exponents),
                 ``subspace_tol``, ``subspace_max_iter``; see :meth:`tf_lipschitz.seqlip.SeqLip.run`.
 
         Returns:

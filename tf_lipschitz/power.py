@@ -88,11 +88,11 @@ def _dot(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(a * b)
 
 
-def _power_loop(fn, v0, tol, max_products):
+def power_loop(fn, v0, tol, max_products):
     """Plain power iteration on ``JᵀJ`` from ``v0`` (shape ``(1, *input_shape)``)."""
     dtype = v0.dtype
     tiny = tf.cast(1e-30, dtype)
-    tol = tf.cast(tol, dtype)
+    tol = tf.maximum(tf.cast(tol, dtype), tf.cast(np.finfo(dtype.as_numpy_dtype).eps, dtype))
 
     def cond(i, v, s2, done):
         return tf.logical_and(i < max_products, tf.logical_not(done))
@@ -113,74 +113,102 @@ def _power_loop(fn, v0, tol, max_products):
     return v, i, done
 
 
-def _lanczos_loop(fn, v0, tol, max_products, krylov_dim):
-    """Explicitly restarted Lanczos on ``JᵀJ`` with full re-orthogonalisation.
+def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None):
+    """Thick-restart Lanczos on ``JᵀJ`` with full re-orthogonalisation.
 
-    Each restart builds a Krylov basis of ``krylov_dim`` vectors from the current Ritz vector,
-    solves the small tridiagonal eigenproblem and restarts from the new top Ritz vector. It stops
-    when the relative Ritz residual ``β_m |y_m| / θ`` falls below ``tol``.
+    Each cycle extends an orthonormal basis to ``krylov_dim`` vectors with ``JᵀJ`` products,
+    forms the projected matrix ``T = Qᵀ JᵀJ Q`` (its entries come straight from the
+    re-orthogonalisation coefficients), and restarts from its ``keep`` largest Ritz vectors plus
+    the last residual direction (Wu & Simon's thick restart). Keeping several Ritz vectors
+    matters when the top singular values are clustered, as in convolutions: a restart from the
+    top Ritz vector alone throws away the component of the true top vector that the others
+    carry, and can stop on the second singular value. It stops when the relative Ritz residual
+    ``β_m |y_m| / θ`` of the top pair falls below ``tol`` (some eigenvalue of ``JᵀJ`` then lies
+    within ``tol · θ`` of ``θ``).
+
+    Args:
+        fn: The linear map (batch axis first).
+        v0: Start vector, shape ``(1, *input_shape)``.
+        tol: Relative tolerance on the Ritz residual (scalar tensor).
+        max_products: Cap on ``JᵀJ`` products (scalar tensor).
+        krylov_dim: Basis size ``m`` (Python int, ``>= 2``).
+        keep: Ritz vectors kept at a restart (Python int, ``1 <= keep < m``; default ``m // 2``).
+
+    Returns:
+        ``(top Ritz vector, products used, converged)``.
     """
     dtype = v0.dtype
     shape = tf.shape(v0)
     n = tf.size(v0)
-    m = krylov_dim
+    m = int(krylov_dim)
+    k = max(1, min(m - 1, m // 2 if keep is None else int(keep)))
     tiny = tf.cast(1e-30, dtype)
-    tol = tf.cast(tol, dtype)
-    breakdown = tf.cast(100 * np.finfo(dtype.as_numpy_dtype).eps, dtype)
+    eps = float(np.finfo(dtype.as_numpy_dtype).eps)
+    # A residual below the working precision is not attainable: the couplings of kept Ritz
+    # vectors carry rounding noise of order eps, so stop there instead of stalling.
+    tol = tf.maximum(tf.cast(tol, tf.float64), tf.constant(eps, tf.float64))
+    breakdown = tf.cast(100 * eps, dtype)
 
-    def restart(v):
-        q = tf.reshape(_unit(v), [-1])
-        # Basis rows beyond the current step stay exactly zero, so the full
-        # re-orthogonalisation below can use the whole matrix.
-        basis = tf.tensor_scatter_nd_update(tf.zeros(tf.stack([m + 1, n]), dtype), [[0]], q[None])
-        alphas = tf.TensorArray(dtype, size=m)
-        betas = tf.TensorArray(dtype, size=m)
+    def cycle(start, basis, tri):
+        """Extends the basis from row ``start`` to ``m`` rows; returns the Ritz data."""
 
-        def step(j, basis, alphas, betas, scale):
+        def step(j, basis, tri, scale):
             qj = basis[j]
             _, w = jtj_product(fn, tf.reshape(qj, shape))
             w = tf.reshape(w, [-1])
-            alpha = tf.tensordot(qj, w, 1)
             scale = tf.maximum(scale, tf.norm(w))
-            # Full re-orthogonalisation, twice ("twice is enough").
-            w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)
-            w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)
+            # Full re-orthogonalisation, twice ("twice is enough"); the coefficients are the
+            # entries Q_iᵀ JᵀJ q_j of the projected matrix (rows beyond j are still zero).
+            h = tf.linalg.matvec(basis, w)
+            w = w - tf.linalg.matvec(basis, h, transpose_a=True)
+            h2 = tf.linalg.matvec(basis, w)
+            w = w - tf.linalg.matvec(basis, h2, transpose_a=True)
+            h = h + h2
             beta = tf.norm(w)
-            # Breakdown: the Krylov space is invariant (up to rounding). A rounding-noise
-            # vector would break orthogonality, so the basis stops here (zero rows after it;
-            # a zero row gives zero products, hence α = β = 0 from then on).
+            # Breakdown: the Krylov space is invariant (up to rounding). A rounding-noise vector
+            # would break orthogonality, so the basis stops growing (zero rows after it).
             broken = beta <= breakdown * scale
             beta = tf.where(broken, tf.zeros_like(beta), beta)
             q_next = tf.where(broken, tf.zeros_like(w), w / tf.maximum(beta, tiny))
             basis = tf.tensor_scatter_nd_update(basis, [[j + 1]], q_next[None])
-            return j + 1, basis, alphas.write(j, alpha), betas.write(j, beta), scale
+            column = tf.tensor_scatter_nd_update(h, [[j + 1]], beta[None])  # rows 0..m
+            tri = tf.tensor_scatter_nd_update(tri, [[j]], tf.cast(column, tf.float64)[None])
+            return j + 1, basis, tri, scale
 
-        _, basis, alphas, betas, _ = tf.while_loop(
-            lambda j, *_: j < m, step,
-            (tf.constant(0), basis, alphas, betas, tf.zeros([], dtype)),
-        )
-        a = alphas.stack()
-        b = betas.stack()
-        tri = tf.linalg.diag(a) + tf.linalg.diag(b[:-1], k=1) + tf.linalg.diag(b[:-1], k=-1)
-        evals, evecs = tf.linalg.eigh(tri)
+        _, basis, tri, _ = tf.while_loop(
+            lambda j, *_: j < m, step, (start, basis, tri, tf.zeros([], dtype)))
+        # ``tri`` holds columns as rows: tri[j, i] = q_iᵀ JᵀJ q_j for i <= j, tri[j, j+1] = β_j.
+        upper = tf.linalg.band_part(tf.transpose(tri[:, :m]), 0, -1)  # (m, m), i <= j
+        sym = upper + tf.transpose(upper) - tf.linalg.diag(tf.linalg.diag_part(upper))
+        # After a restart the kept Ritz values sit on the diagonal of the first rows; their
+        # couplings to the residual direction come from the next column's coefficients.
+        evals, evecs = tf.linalg.eigh(sym)
+        beta_m = tri[m - 1, m]
+        return basis, evals, evecs, beta_m
+
+    def body(i, start, basis, tri, done):
+        basis, evals, evecs, beta_m = cycle(start, basis, tri)
         theta = evals[-1]
-        y = evecs[:, -1]
-        ritz = tf.reshape(tf.linalg.matvec(basis[:m], y, transpose_a=True), shape)
-        # ‖A r − θ r‖ = β_m |y_m| bounds the distance from θ to the spectrum. (A Kato–Temple
-        # estimate resid²/gap is smaller but needs the true gap; Ritz values over-estimate it
-        # when the top singular values are close, and stopped 1e-4 short on a small conv.)
-        resid = tf.abs(b[-1] * y[-1]) / tf.maximum(tf.abs(theta), tiny)
-        return _unit(ritz), resid
+        resid = tf.abs(beta_m * evecs[m - 1, -1]) / tf.maximum(tf.abs(theta), 1e-300)
+        # Thick restart: the top k Ritz vectors, then the residual direction q_{m+1}.
+        top = evecs[:, ::-1][:, :k]  # (m, k), largest first
+        ritz = tf.linalg.matmul(tf.cast(top, dtype), basis[:m], transpose_a=True)  # (k, n)
+        new_basis = tf.concat([ritz, basis[m:m + 1], tf.zeros(tf.stack([m - k, n]), dtype)], 0)
+        diag = tf.concat([evals[::-1][:k], tf.zeros([m + 1 - k], tf.float64)], 0)
+        new_tri = tf.linalg.diag(diag)[:m, :]  # (m, m + 1): kept Ritz values on the diagonal
+        products = tf.where(start > 0, m - k, m)
+        return i + products, tf.constant(k), new_basis, new_tri, resid <= tol
 
-    def cond(i, v, done):
+    q = tf.reshape(_unit(v0), [-1])
+    basis0 = tf.tensor_scatter_nd_update(tf.zeros(tf.stack([m + 1, n]), dtype), [[0]], q[None])
+    tri0 = tf.zeros([m, m + 1], tf.float64)
+
+    def cond(i, start, basis, tri, done):
         return tf.logical_and(i < max_products, tf.logical_not(done))
 
-    def body(i, v, done):
-        v_new, resid = restart(v)
-        return i + m, v_new, resid <= tol
-
-    i, v, done = tf.while_loop(cond, body, (tf.constant(0), _unit(v0), tf.constant(False)))
-    return v, i, done
+    i, _, basis, _, done = tf.while_loop(
+        cond, body, (tf.constant(0), tf.constant(0), basis0, tri0, tf.constant(False)))
+    return tf.reshape(basis[0], shape), i, done
 
 
 def _finish(fn, v):
@@ -239,10 +267,10 @@ class SpectralSolver:
         outs = []
         for op, v0 in zip(self.operators, inits):
             if self.method == "power":
-                v, products, done = _power_loop(op.fn, v0, tol, max_products)
+                v, products, done = power_loop(op.fn, v0, tol, max_products)
             else:
                 m = int(min(self.krylov_dim, max(2, op.size)))
-                v, products, done = _lanczos_loop(op.fn, v0, tol, max_products, m)
+                v, products, done = lanczos_loop(op.fn, v0, tol, max_products, m)
             sigma, resid = _finish(op.fn, v)
             outs.append((sigma, v, products + 1, resid, done))
         return outs
@@ -266,7 +294,7 @@ class SpectralSolver:
 
         Args:
             tol: Relative tolerance on ``σ²`` (power: change between iterations; Lanczos:
-                relative Ritz residual).
+                relative Ritz residual). Values below the dtype's machine epsilon are raised to it.
             max_products: Cap on ``JᵀJ v`` products per operator.
             init: ``"warm"`` to start from the previous run's vectors (random the first time),
                 ``None`` for random vectors, or a list of arrays shaped like each input.

@@ -26,7 +26,7 @@ ESTIMATE = "estimate"
 LOWER = "lower"
 
 
-def _clean(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """Makes a value JSON-serialisable (floats stay floats, inf/nan become strings)."""
     if isinstance(value, (float, np.floating)):
         value = float(value)
@@ -34,9 +34,9 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     return value
 
 
@@ -83,7 +83,7 @@ class LayerRow:
     note: str = ""
 
     def to_dict(self) -> dict:
-        return _clean(dataclasses.asdict(self))
+        return json_ready(dataclasses.asdict(self))
 
 
 def _fmt(value: float | None, width: int = 10) -> str:
@@ -133,7 +133,7 @@ class LipschitzReport:
 
     def to_dict(self) -> dict:
         """A JSON-ready dictionary (schema documented in ``docs/json_schema.md``)."""
-        return _clean({
+        return json_ready({
             "schema": "tf_lipschitz.report/1",
             "model": self.model_name,
             "method": self.method,
@@ -212,7 +212,7 @@ class LowerBound:
     kind = LOWER
 
     def to_dict(self) -> dict:
-        return _clean({"kind": "lower bound", "value": self.value, "secant": self.secant,
+        return json_ready({"kind": "lower bound", "value": self.value, "secant": self.secant,
                        "evaluations": self.evaluations, "starts": self.starts})
 
     def __str__(self) -> str:
@@ -247,7 +247,7 @@ class ExtremeValueEstimate:
     kind = ESTIMATE
 
     def to_dict(self) -> dict:
-        return _clean({"kind": "estimate", **dataclasses.asdict(self)})
+        return json_ready({"kind": "estimate", **dataclasses.asdict(self)})
 
     def __str__(self) -> str:
         return (f"Extreme-value estimate: {self.value:.6g} (statistical estimate, not a bound; "

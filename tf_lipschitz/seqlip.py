@@ -23,6 +23,13 @@ Large operators (convolutions) keep their top-``E`` singular triplets (the paper
 ``E = 200``). The dropped part is either ignored (an estimate, as in the paper) or bounded by
 ``σ_{E+1}`` and added back through a 2×2 block-norm bound (``remainder=True``, the default).
 
+The split ``Σ_i = Σ_i^{1/2} Σ_i^{1/2}`` is one choice among many: any exponent
+``Σ_i = Σ_i^{e_i} Σ_i^{1−e_i}`` (``e_i ∈ [0, 1]``, the ``e_i`` part going to the factor on the
+output side of layer ``i``) telescopes back to AutoLip and gives a valid bound, and every choice
+of exponents bounds the same constant. ``split="optimize"`` searches the exponents of the inner
+layers (coordinate descent over a small grid, started at the paper's ``1/2``) and keeps the
+smallest product; it never returns more than the paper's split.
+
 On Functional graphs, SeqLip runs on every maximal chain of fused linear groups joined by
 elementwise activations; AutoLip propagates across everything else (merges, pooling, links
 whose activation has negative slopes or is not elementwise).
@@ -60,6 +67,8 @@ __all__ = [
 ]
 
 MODES = ("auto", "exact", "greedy", "certified")
+SPLITS = ("sqrt", "optimize")
+SPLIT_GRID = (0.25, 0.375, 0.5, 0.625, 0.75)  # exponents tried by split="optimize"
 EXACT_WIDTH_LIMIT = 30
 _BLOCK_BITS = 13  # 2^13 vertices evaluated per compiled call in exact enumeration
 _PRUNE = 1.0 - 1e-9  # keep a vertex unless its upper bound is clearly below the incumbent
@@ -642,15 +651,26 @@ class SeqLip:
                                  tol=tol, max_iter=max_iter)
 
     def _pair(self, k: int, chain: Chain, spectra: list[Spectrum], *, mode, top_k,
-              max_exact_width, remainder, max_sweeps, verbose) -> _Pair:
-        """Factor ``k`` of a chain: between groups ``k`` and ``k + 1``."""
+              max_exact_width, remainder, max_sweeps, verbose,
+              exponents: tuple[float, float] = (0.5, 0.5)) -> _Pair:
+        """Factor ``k`` of a chain: between groups ``k`` and ``k + 1``.
+
+        ``exponents`` are ``(e_k, e_{k+1})``: the factor holds ``Σ_k^{e_k}`` on its right and
+        ``Σ_{k+1}^{1 − e_{k+1}}`` on its left (the first layer's ``e`` is 1, the last one's 0).
+        """
         left, right = spectra[k], spectra[k + 1]
         link = chain.links[k]
         lo, hi = link.slopes
         n = left.u.shape[0]
         last = len(chain.groups) - 1
-        t_left = (lambda x: x) if k == 0 else np.sqrt  # Σ̃_1 = Σ_1, inner Σ̃ = Σ^{1/2}
-        t_right = (lambda x: x) if k + 1 == last else np.sqrt
+        e_left = 1.0 if k == 0 else float(exponents[0])  # Σ̃_1 = Σ_1
+        e_right = 0.0 if k + 1 == last else float(exponents[1])  # Σ̃_K = Σ_K
+
+        def t_left(x):
+            return np.power(x, e_left)
+
+        def t_right(x):
+            return np.power(x, 1.0 - e_right)
         names = f"'{self._group_name(chain.groups[k])}' → '{self._group_name(chain.groups[k + 1])}'"
         if mode == "auto":
             choice = "exact" if n <= max_exact_width else "greedy"
@@ -705,7 +725,42 @@ class SeqLip:
         return _Pair(value, certified, certificate, inner.mode, n, inner.evaluated, truncated,
                      dropped, "; ".join(parts))
 
-    def _segment(self, chain: Chain, spectra: list[Spectrum], pairs: list[_Pair]) -> Segment:
+    def _chain_pairs(self, chain: Chain, spectra: list[Spectrum], split: str, verbose: int,
+                     **options) -> tuple[list[_Pair], list[float]]:
+        """The pair factors of one chain and the split exponents ``e_i`` they use."""
+        last = len(chain.groups) - 1
+        exps = [1.0] + [0.5] * (last - 1) + [0.0]
+        cache: dict[tuple[int, float, float], _Pair] = {}
+
+        def factor(k: int) -> _Pair:
+            key = (k, exps[k], exps[k + 1])
+            if key not in cache:
+                cache[key] = self._pair(k, chain, spectra, exponents=key[1:], verbose=verbose,
+                                        **options)
+            return cache[key]
+
+        if split == "optimize" and last >= 2:
+            for _ in range(2):  # coordinate descent; a second round rarely changes anything
+                changed = False
+                for i in range(1, last):
+                    start = exps[i]
+                    best_e, best = start, factor(i - 1).value * factor(i).value
+                    for e in SPLIT_GRID:
+                        exps[i] = e
+                        value = factor(i - 1).value * factor(i).value
+                        if value < best * (1 - 1e-12):
+                            best_e, best = e, value
+                    exps[i] = best_e
+                    changed = changed or best_e != start
+                if not changed:
+                    break
+            if verbose:
+                print(f"tf_lipschitz: SeqLip split exponents {exps[1:-1]} "
+                      f"({len(cache)} pair factors evaluated)", flush=True)
+        return [factor(k) for k in range(last)], exps
+
+    def _segment(self, chain: Chain, spectra: list[Spectrum], pairs: list[_Pair],
+                 exps: Sequence[float]) -> Segment:
         graph, bounds = self.graph, self.bounds
         rows: dict[int, LayerRow] = {}
         prefix = 1.0  # product of the factors so far
@@ -737,7 +792,8 @@ class SeqLip:
                 pair = pairs[k - 1]
                 prefix *= pair.value
                 post = act_lip if k == last_index else 1.0
-                cumulative = prefix * post if k == last_index else prefix * math.sqrt(s1) * act_lip
+                cumulative = (prefix * post if k == last_index
+                              else prefix * s1 ** exps[k] * act_lip)
                 rows[group.nodes[-1]] = LayerRow(
                     **common, lipschitz=pair.value * post, norm=pair.value,
                     certificate=pair.certificate,
@@ -771,6 +827,7 @@ class SeqLip:
         remainder: bool = True,
         dense_limit: int = 2 ** 23,
         max_sweeps: int = 10,
+        split: str = "sqrt",
         subspace_tol: float = 1e-5,
         subspace_max_iter: int = 300,
         certified: bool = False,
@@ -791,6 +848,10 @@ class SeqLip:
                 them back (``False`` reproduces the paper's truncation, an estimate).
             dense_limit: Largest ``out × in`` operator materialised for an exact dense SVD.
             max_sweeps: Cap on greedy sweeps.
+            split: ``"sqrt"`` (the paper's ``Σ^{1/2} Σ^{1/2}`` split of inner layers) or
+                ``"optimize"`` (search the split exponents; never larger, several times the
+                pair evaluations). Each split is a valid bound; with greedy pairs the minimum
+                over splits is an estimate like each of them.
             subspace_tol: Tolerance of the iterative triplets of large operators.
             subspace_max_iter: Cap on their block iterations.
             certified: Use certified per-layer norms in the AutoLip parts.
@@ -804,6 +865,8 @@ class SeqLip:
         """
         if mode not in MODES:
             raise ValueError(f"Unknown mode={mode!r}; expected one of {MODES}.")
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split={split!r}; expected one of {SPLITS}.")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, received top_k={top_k}.")
         if not 0 <= max_exact_width <= EXACT_WIDTH_LIMIT:
@@ -817,7 +880,7 @@ class SeqLip:
             if verbose and n_steps else None
         if verbose:
             print(f"tf_lipschitz: SeqLip on '{model_name}': {len(self.chains)} chain(s), "
-                  f"{n_steps - len(self.chains)} pair factor(s), mode={mode!r}.", flush=True)
+                  f"{sum(len(c.links) for c in self.chains)} pair factor(s), mode={mode!r}.", flush=True)
         done = 0
         segments, summary = [], []
         seconds = {"spectra": 0.0, "pairs": 0.0}
@@ -831,14 +894,12 @@ class SeqLip:
                 done += 1
                 if bar is not None:
                     bar.update(done)
-            pairs = []
-            for k in range(len(chain.links)):
-                tick = time.perf_counter()
-                pair = self._pair(k, chain, spectra, mode=mode, top_k=top_k,
-                                  max_exact_width=max_exact_width, remainder=remainder,
-                                  max_sweeps=max_sweeps, verbose=verbose)
-                pairs.append(pair)
-                seconds["pairs"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            pairs, exps = self._chain_pairs(
+                chain, spectra, split, verbose, mode=mode, top_k=top_k,
+                max_exact_width=max_exact_width, remainder=remainder, max_sweeps=max_sweeps)
+            seconds["pairs"] += time.perf_counter() - tick
+            for k, pair in enumerate(pairs):
                 summary.append({
                     "pair": f"{self._group_name(chain.groups[k])} -> "
                             f"{self._group_name(chain.groups[k + 1])}",
@@ -846,11 +907,12 @@ class SeqLip:
                     "kind": CERTIFIED if pair.certified else ESTIMATE,
                     "certificate": pair.certificate, "truncated": pair.truncated,
                     "dropped_sigma_ratio": pair.dropped,
+                    "split": [exps[k], exps[k + 1]],
                 })
                 done += 1
                 if bar is not None:
                     bar.update(done)
-            segments.append(self._segment(chain, spectra, pairs))
+            segments.append(self._segment(chain, spectra, pairs, exps))
         ignored = [p for p in summary if p["truncated"] and p["dropped_sigma_ratio"] > 0.1]
         if ignored and not remainder:
             worst = max(ignored, key=lambda p: p["dropped_sigma_ratio"])
@@ -863,13 +925,14 @@ class SeqLip:
             )
         if spectral is None:  # the solver is only needed for groups outside every chain
             covered = {g for chain in self.chains for g in chain.groups}
-            outside = [g for g in self.autolip._iterative if g not in covered]
+            outside = [g for g in self.autolip.iterative if g not in covered]
             spectral = self.autolip.spectral(init=init) if outside else {}
         report = self.autolip.run(certified=certified, spectral=spectral, segments=segments,
                                   model_name=model_name)
         settings = {
             "mode": mode, "top_k": top_k, "max_exact_width": max_exact_width,
             "remainder": remainder, "dense_limit": dense_limit, "max_sweeps": max_sweeps,
+            "split": split,
             "autolip_parts": report.settings, "pairs": summary, "fallbacks": list(self.fallbacks),
             "seconds": seconds,
         }

@@ -1263,7 +1263,7 @@ def _concrete(fn, input_signature) -> _Signature:
     return _Signature(concrete, input_names, output_names, str(name))
 
 
-def _load_signature(path: str, signature: str | None = None) -> tuple[Any, str, Any]:
+def load_signature(path: str, signature: str | None = None) -> tuple[Any, str, Any]:
     """Loads a SavedModel; returns ``(concrete_function, signature_key, loaded_object)``.
 
     Raises:
@@ -1349,6 +1349,11 @@ class GraphEstimator:
         self.op_count = len(reader.graph_def.node)
         self._owner = _owner  # keeps a loaded SavedModel (and its variables) alive
 
+    @property
+    def engine(self) -> AutoLip:
+        """The :class:`~tf_lipschitz.autolip.AutoLip` engine: fused groups and their operators."""
+        return self._autolip
+
     @classmethod
     def from_saved_model(cls, path: str, signature: str | None = None, **kwargs
                          ) -> "GraphEstimator":
@@ -1359,7 +1364,7 @@ class GraphEstimator:
             signature: Signature key (default ``"serving_default"`` or the only one).
             **kwargs: Passed to :class:`GraphEstimator` (``input_shape``, ``tol``...).
         """
-        fn, key, loaded = _load_signature(path, signature)
+        fn, key, loaded = load_signature(path, signature)
         kwargs.setdefault("name", os.path.basename(os.path.normpath(path)))
         return cls(fn, _signature_name=key, _owner=loaded, **kwargs)
 

@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_lipschitz.constraints import _start_vector, track_top_vector
+from tf_lipschitz.constraints import start_vector, track_top_vector
 from tf_lipschitz.rules.base import Linear, NodeContext, get_rule, register_rule
 
 __all__ = ["LipschitzWrapper"]
@@ -176,7 +176,7 @@ class LipschitzWrapper(keras.layers.Wrapper):
         # not need the calibration branch (it is costly to trace).
         calibrate = force_calibration if self._calibrated_eagerly else ops.logical_or(
             fresh, force_calibration)
-        start = _start_vector(tf.shape(v0), v0.dtype)
+        start = start_vector(tf.shape(v0), v0.dtype)
         return track_top_vector(
             self._linear, ops.where(fresh, start, v0), iterations=iterations,
             calibrate=calibrate, tol=self.tol, max_iterations=self.max_iterations,
@@ -248,7 +248,7 @@ class LipschitzWrapper(keras.layers.Wrapper):
             # that is still fresh here (built inside a graph, never called eagerly) gives an
             # uncalibrated scale until the first training call or calibrate().
             v0 = ops.convert_to_tensor(self.vector)
-            start = _start_vector(tf.shape(v0), v0.dtype)
+            start = start_vector(tf.shape(v0), v0.dtype)
             v = ops.where(ops.all(ops.equal(v0, 0)), start, v0)
         # No gradient through the scale: see the module docstring.
         scale = ops.stop_gradient(self._scale_at(v))
