@@ -68,7 +68,7 @@ __all__ = [
 SAFETY_MARGIN = 1e-6
 """Smallest relative margin added to every certificate (see :func:`safety_margin`)."""
 
-DENSE_LIMIT = 1 << 22
+DENSE_LIMIT = 1 << 23
 """Largest ``n_in · n_out`` of an operator materialised for an exact dense bound."""
 
 DENSE_SIDE_LIMIT = 2048

@@ -285,11 +285,10 @@ class ConvOperatorNorm(_OperatorNormConstraint):
         padding: ``"valid"`` or ``"same"``, as in the layer.
         dilation_rate: The layer's dilation rate.
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
-        power_iterations: Operator products per optimizer step after the first (see
-            :func:`track_top_vector`; 4 tracks fast-moving weights much better than 1).
-        tol: Relative tolerance of the first (calibrating) iteration; it runs once, so it is
-            tight by default.
-        max_iterations: Cap on products of the calibrating iteration.
+        power_iterations: As in :class:`SpectralNorm` (4 tracks fast-moving weights much
+            better than 1).
+        tol: As in :class:`SpectralNorm`.
+        max_iterations: As in :class:`SpectralNorm`.
 
     Returns:
         A constraint for ``kernel_constraint=``.
