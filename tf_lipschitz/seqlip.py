@@ -721,43 +721,60 @@ class SeqLip:
                          f"{rho_r:.3g} {how}")
         if not exact_svd:
             parts.append("iterative singular triplets (estimates)")
+        if (e_left, e_right) != (1.0 if k == 0 else 0.5, 0.0 if k + 1 == last else 0.5):
+            parts.append(f"split Σ^{e_left:g} | Σ^{1 - e_right:g}")
         dropped = max(rho_l / s1_l if s1_l > 0 else 0.0, rho_r / s1_r if s1_r > 0 else 0.0)
         return _Pair(value, certified, certificate, inner.mode, n, inner.evaluated, truncated,
                      dropped, "; ".join(parts))
 
     def _chain_pairs(self, chain: Chain, spectra: list[Spectrum], split: str, verbose: int,
                      **options) -> tuple[list[_Pair], list[float]]:
-        """The pair factors of one chain and the split exponents ``e_i`` they use."""
-        last = len(chain.groups) - 1
-        exps = [1.0] + [0.5] * (last - 1) + [0.0]
-        cache: dict[tuple[int, float, float], _Pair] = {}
+        """The pair factors of one chain and the split exponents ``e_i`` they use.
 
-        def factor(k: int) -> _Pair:
-            key = (k, exps[k], exps[k + 1])
+        With ``split="optimize"`` the exponents are searched by coordinate descent. Exact
+        enumeration is too slow to run for every candidate, so exact (and auto) pairs are
+        searched with the greedy inner max as a proxy; the product is then computed in the
+        requested mode at the exponents found and at the paper's, and the smaller one is kept.
+        """
+        last = len(chain.groups) - 1
+        paper = [1.0] + [0.5] * (last - 1) + [0.0]
+        cache: dict[tuple, _Pair] = {}
+
+        def factor(k: int, exps: Sequence[float], opts: dict) -> _Pair:
+            key = (k, exps[k], exps[k + 1], opts["mode"])
             if key not in cache:
-                cache[key] = self._pair(k, chain, spectra, exponents=key[1:], verbose=verbose,
-                                        **options)
+                cache[key] = self._pair(k, chain, spectra, exponents=key[1:3], verbose=verbose,
+                                        **opts)
             return cache[key]
 
-        if split == "optimize" and last >= 2:
-            for _ in range(2):  # coordinate descent; a second round rarely changes anything
-                changed = False
-                for i in range(1, last):
-                    start = exps[i]
-                    best_e, best = start, factor(i - 1).value * factor(i).value
-                    for e in SPLIT_GRID:
-                        exps[i] = e
-                        value = factor(i - 1).value * factor(i).value
-                        if value < best * (1 - 1e-12):
-                            best_e, best = e, value
-                    exps[i] = best_e
-                    changed = changed or best_e != start
-                if not changed:
-                    break
-            if verbose:
-                print(f"tf_lipschitz: SeqLip split exponents {exps[1:-1]} "
-                      f"({len(cache)} pair factors evaluated)", flush=True)
-        return [factor(k) for k in range(last)], exps
+        def product(exps, opts):
+            return math.prod(factor(k, exps, opts).value for k in range(last))
+
+        if split != "optimize" or last < 2:
+            return [factor(k, paper, options) for k in range(last)], paper
+        proxy = dict(options, mode="greedy") if options["mode"] in ("exact", "auto") else options
+        exps = list(paper)
+        for _ in range(2):  # coordinate descent; a second round rarely changes anything
+            changed = False
+            for i in range(1, last):
+                start = exps[i]
+                best_e = start
+                best = factor(i - 1, exps, proxy).value * factor(i, exps, proxy).value
+                for e in SPLIT_GRID:
+                    exps[i] = e
+                    value = factor(i - 1, exps, proxy).value * factor(i, exps, proxy).value
+                    if value < best * (1 - 1e-12):
+                        best_e, best = e, value
+                exps[i] = best_e
+                changed = changed or best_e != start
+            if not changed:
+                break
+        if product(exps, options) >= product(paper, options):
+            exps = paper
+        if verbose:
+            print(f"tf_lipschitz: SeqLip split exponents {exps[1:-1]} ({len(cache)} pair "
+                  "factors evaluated)", flush=True)
+        return [factor(k, exps, options) for k in range(last)], exps
 
     def _segment(self, chain: Chain, spectra: list[Spectrum], pairs: list[_Pair],
                  exps: Sequence[float]) -> Segment:
