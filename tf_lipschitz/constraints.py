@@ -99,14 +99,16 @@ def track_top_vector(
 
     def calibrated():
         m = int(min(krylov_dim, max(2, size)))
+        # xla=True: the train step that applies a constraint may be XLA-compiled.
         v, _, _ = lanczos_loop(fn, vector, tf.constant(float(tol), tf.float64),
-                                tf.constant(int(max_iterations)), m)
+                                tf.constant(int(max_iterations)), m, xla=True)
         return v
 
     def stepped():
         if iterations >= 2 and size >= 2:
             m = min(iterations, size)
-            v, _, _ = lanczos_loop(fn, vector, tf.constant(0.0, tf.float64), tf.constant(m), m)
+            v, _, _ = lanczos_loop(fn, vector, tf.constant(0.0, tf.float64), tf.constant(m), m,
+                                    xla=True)
         else:
             v, _, _ = power_loop(fn, vector, tf.constant(0.0, tf.float64),
                                   tf.constant(iterations))

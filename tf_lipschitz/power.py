@@ -113,7 +113,19 @@ def power_loop(fn, v0, tol, max_products):
     return v, i, done
 
 
-def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None):
+def _set_row(matrix: tf.Tensor, index: tf.Tensor, row: tf.Tensor, xla: bool) -> tf.Tensor:
+    """``matrix`` with row ``index`` replaced (a copy).
+
+    On CPU, ``tensor_scatter_nd_update`` of a row of a large Krylov basis costs about as much as
+    a convolution product; ``InplaceUpdate`` copies the buffer at memory speed and writes the
+    row. XLA has no kernel for it but compiles the scatter to an in-place update.
+    """
+    if xla:
+        return tf.tensor_scatter_nd_update(matrix, [[index]], row[None])
+    return tf.raw_ops.InplaceUpdate(x=matrix, i=tf.reshape(index, [1]), v=row[None])
+
+
+def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False):
     """Thick-restart Lanczos on ``JᵀJ`` with full re-orthogonalisation.
 
     Each cycle extends an orthonormal basis to ``krylov_dim`` vectors with ``JᵀJ`` products,
@@ -133,6 +145,8 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None):
         max_products: Cap on ``JᵀJ`` products (scalar tensor).
         krylov_dim: Basis size ``m`` (Python int, ``>= 2``).
         keep: Ritz vectors kept at a restart (Python int, ``1 <= keep < m``; default ``m // 2``).
+        xla: Build for XLA compilation (``jit_compile=True``, or a Keras train step that may be
+            compiled).
 
     Returns:
         ``(top Ritz vector, products used, converged)``.
@@ -157,20 +171,25 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None):
             _, w = jtj_product(fn, tf.reshape(qj, shape))
             w = tf.reshape(w, [-1])
             scale = tf.maximum(scale, tf.norm(w))
-            # Full re-orthogonalisation, twice ("twice is enough"); the coefficients are the
-            # entries Q_iᵀ JᵀJ q_j of the projected matrix (rows beyond j are still zero).
+            # Full re-orthogonalisation (a second pass when needed: "twice is enough"); the
+            # coefficients are the entries Q_iᵀ JᵀJ q_j of the projected matrix (rows beyond j
+            # are still zero).
+            norm_in = tf.norm(w)
             h = tf.linalg.matvec(basis, w)
-            w = w - tf.linalg.matvec(basis, h, transpose_a=True)
-            h2 = tf.linalg.matvec(basis, w)
-            w = w - tf.linalg.matvec(basis, h2, transpose_a=True)
-            h = h + h2
+            w = w - tf.matmul(h[None], basis)[0]
+
+            def again():  # a second pass only when the first cancelled much (Kahan-Parlett)
+                h2 = tf.linalg.matvec(basis, w)
+                return w - tf.matmul(h2[None], basis)[0], h + h2
+
+            w, h = tf.cond(tf.norm(w) < 0.7071 * norm_in, again, lambda: (w, h))
             beta = tf.norm(w)
             # Breakdown: the Krylov space is invariant (up to rounding). A rounding-noise vector
             # would break orthogonality, so the basis stops growing (zero rows after it).
             broken = beta <= breakdown * scale
             beta = tf.where(broken, tf.zeros_like(beta), beta)
             q_next = tf.where(broken, tf.zeros_like(w), w / tf.maximum(beta, tiny))
-            basis = tf.tensor_scatter_nd_update(basis, [[j + 1]], q_next[None])
+            basis = _set_row(basis, j + 1, q_next, xla)
             column = tf.tensor_scatter_nd_update(h, [[j + 1]], beta[None])  # rows 0..m
             tri = tf.tensor_scatter_nd_update(tri, [[j]], tf.cast(column, tf.float64)[None])
             return j + 1, basis, tri, scale
@@ -200,7 +219,7 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None):
         return i + products, tf.constant(k), new_basis, new_tri, resid <= tol
 
     q = tf.reshape(_unit(v0), [-1])
-    basis0 = tf.tensor_scatter_nd_update(tf.zeros(tf.stack([m + 1, n]), dtype), [[0]], q[None])
+    basis0 = tf.concat([q[None], tf.zeros(tf.stack([m, n]), dtype)], 0)
     tri0 = tf.zeros([m, m + 1], tf.float64)
 
     def cond(i, start, basis, tri, done):
@@ -258,6 +277,7 @@ class SpectralSolver:
         self.operators = list(operators)
         self.method = method
         self.krylov_dim = krylov_dim
+        self.jit_compile = jit_compile
         self._last: list[np.ndarray] | None = None
         self._fn = tf.function(
             self._solve_all, jit_compile=jit_compile, reduce_retracing=True, autograph=False
@@ -270,7 +290,8 @@ class SpectralSolver:
                 v, products, done = power_loop(op.fn, v0, tol, max_products)
             else:
                 m = int(min(self.krylov_dim, max(2, op.size)))
-                v, products, done = lanczos_loop(op.fn, v0, tol, max_products, m)
+                v, products, done = lanczos_loop(op.fn, v0, tol, max_products, m,
+                                                 xla=self.jit_compile)
             sigma, resid = _finish(op.fn, v)
             outs.append((sigma, v, products + 1, resid, done))
         return outs
