@@ -874,8 +874,11 @@ def average_pool_certificate(layer, input_shape: Sequence[int]) -> Callable[[], 
 
 def _diagonal_scale(bound, node) -> np.ndarray | None:
     """The elementwise scale of a per-channel diagonal layer (BatchNormalization...), or None."""
-    if not isinstance(node.operation, (keras.layers.BatchNormalization, keras.layers.Rescaling,
-                                       keras.layers.Normalization)):
+    from tf_lipschitz.rules.normalization import LayerScale
+
+    diagonal = (keras.layers.BatchNormalization, keras.layers.Rescaling,
+                keras.layers.Normalization) + ((LayerScale,) if LayerScale is not None else ())
+    if not isinstance(node.operation, diagonal):
         return None
     ones = tf.ones((1, *node.input_shapes[0]), tf.float64)
     diag = np.asarray(bound.fn(ones), np.float64)[0]

@@ -116,3 +116,17 @@ def test_batchnorm_fuses_with_conv(rng):
     bn_norm = np.max(np.abs(gamma / np.sqrt(var + bn.epsilon)))
     product = np.linalg.svd(_dense_matrix(conv, (6, 6, 3)), compute_uv=False)[0] * bn_norm
     assert report.upper <= product * (1 + 1e-5)  # fusing never loosens the bound
+
+
+def test_convnext_layer_scale_is_a_certified_diagonal():
+    from keras.src.applications.convnext import LayerScale
+
+    from tf_lipschitz.rules.base import NodeContext, get_rule
+
+    layer = LayerScale(0.5, 6)
+    layer.build((None, 4, 6))
+    layer.gamma.assign(np.array([0.3, -2.0, 1.0, 0.1, 0.0, 1.5], "float32"))
+    bound = get_rule(layer)(layer, NodeContext(input_shapes=((4, 6),), output_shapes=((4, 6),)))
+    assert bound.norm() == pytest.approx(2.0) and bound.certificate() == pytest.approx(2.0)
+    x = np.random.default_rng(0).standard_normal((2, 4, 6)).astype("float32")
+    np.testing.assert_allclose(np.asarray(bound.fn(x)), np.asarray(layer(x)), rtol=1e-6)

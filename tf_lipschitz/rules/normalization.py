@@ -1,7 +1,8 @@
 """Rules for normalisation layers (at inference).
 
-BatchNormalization, Rescaling and Normalization are affine per channel, so they are
-:class:`~tf_lipschitz.rules.base.Linear` and fuse with a preceding convolution or dense layer.
+BatchNormalization, Rescaling, Normalization and ConvNeXt's LayerScale are affine per channel,
+so they are :class:`~tf_lipschitz.rules.base.Linear` and fuse with a preceding convolution or
+dense layer.
 LayerNormalization and GroupNormalization are Lipschitz only thanks to ``epsilon``: their bound
 ``max|γ| / √ε`` is valid but usually huge, so a warning is issued.
 """
@@ -88,9 +89,26 @@ def _unit_normalization(layer, ctx):
     raise NotLipschitzError(layer, "x/‖x‖ has an unbounded derivative near 0.")
 
 
+def _layer_scale(layer, ctx: NodeContext) -> Linear:
+    def fn(x):
+        return x * ops.cast(layer.gamma, x.dtype)
+
+    def norm():
+        return float(np.max(np.abs(np.asarray(ops.convert_to_numpy(layer.gamma), "float64"))))
+
+    return Linear(fn, norm=norm, certificate=norm, note="layer scale: max|γ|")
+
+
+try:  # ConvNeXt's learned per-channel scale; Keras does not export the class
+    from keras.src.applications.convnext import LayerScale
+except ImportError:  # pragma: no cover - other Keras layouts
+    LayerScale = None
+
 register_rule(keras.layers.BatchNormalization, _batch_norm)
 register_rule(keras.layers.Rescaling, _rescaling)
 register_rule(keras.layers.Normalization, _normalization)
 register_rule(keras.layers.LayerNormalization, _eps_normalization)
 register_rule(keras.layers.GroupNormalization, _eps_normalization)
 register_rule(keras.layers.UnitNormalization, _unit_normalization)
+if LayerScale is not None:
+    register_rule(LayerScale, _layer_scale)
