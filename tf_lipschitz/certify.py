@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_lipschitz.operators import LinearOperator, compose
+from tf_lipschitz.rules.normalization import DIAGONAL_LAYERS
 
 __all__ = [
     "SAFETY_MARGIN",
@@ -874,11 +875,7 @@ def average_pool_certificate(layer, input_shape: Sequence[int]) -> Callable[[], 
 
 def _diagonal_scale(bound, node) -> np.ndarray | None:
     """The elementwise scale of a per-channel diagonal layer (BatchNormalization...), or None."""
-    from tf_lipschitz.rules.normalization import LayerScale
-
-    diagonal = (keras.layers.BatchNormalization, keras.layers.Rescaling,
-                keras.layers.Normalization) + ((LayerScale,) if LayerScale is not None else ())
-    if not isinstance(node.operation, diagonal):
+    if not isinstance(node.operation, DIAGONAL_LAYERS):
         return None
     ones = tf.ones((1, *node.input_shapes[0]), tf.float64)
     diag = np.asarray(bound.fn(ones), np.float64)[0]
