@@ -103,7 +103,8 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
         return report, time.perf_counter() - start
 
     _, t_first = timed(init=None)  # includes tracing the solver
-    estimate, t_estimate = timed(init=None)  # compiled, random start
+    estimate, t_estimate = timed(init=None)  # compiled, fresh (Fourier) start
+    random_start, t_random = timed(init="random")  # compiled, random start
     with CertificateTimer() as timer:
         certified, t_certified = timed(certified=True)  # warm-started estimate + certificates
     t_forward = min(t_forward, forward())
@@ -111,6 +112,7 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
     auto = est.engine
     per_product = {op.name: product_time(op) for op in auto.operators}
     cold = {row.name: row for row in estimate.layers}  # products of the cold estimate
+    rand = {row.name: row for row in random_start.layers}
     layers = []
     for row in certified.layers:
         if row.kind != "linear":
@@ -125,6 +127,8 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
             "ratio": ratio,
             "method": row.method,
             "products": products,
+            "random_start_products": rand[row.name].products if row.name in rand else None,
+            "random_start_estimate": rand[row.name].norm if row.name in rand else None,
             "warm_products": row.products,
             "estimate_seconds": (products * per_product[row.name]
                                  if row.name in per_product else 0.0),
@@ -141,6 +145,9 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
         "first_call_forward_passes": t_first / t_forward,
         "estimate_seconds": t_estimate,
         "estimate_forward_passes": t_estimate / t_forward,
+        "random_start_seconds": t_random,
+        "random_start_forward_passes": t_random / t_forward,
+        "upper_random_start": random_start.upper,
         "certified_seconds": t_certified,
         "certified_forward_passes": t_certified / t_forward,
         "certificate_seconds": sum(t for t in timer.times.values()),
@@ -156,15 +163,16 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
 
 def table(result: dict) -> str:
     """The per-layer table and the model summary as text."""
-    head = (f"{'layer':<44}{'estimate':>11}{'certificate':>13}{'ratio':>9}{'products':>9}"
-            f"{'est. s':>9}{'cert. s':>9}")
+    head = (f"{'layer':<40}{'estimate':>11}{'certificate':>13}{'ratio':>9}{'products':>9}"
+            f"{'random':>8}{'est. s':>9}{'cert. s':>9}")
     lines = [f"== {result['model']} {tuple(result['input'])} ==", head, "-" * len(head)]
     for r in result["layers"]:
-        name = r["name"] if len(r["name"]) <= 43 else r["name"][:40] + "..."
+        name = r["name"] if len(r["name"]) <= 39 else r["name"][:36] + "..."
         ratio = f"{r['ratio']:.5f}" if r["ratio"] is not None else "-"
         cert_s = f"{r['certificate_seconds']:.2f}" if r["certificate_seconds"] is not None else "-"
-        lines.append(f"{name:<44}{r['estimate']:>11.5g}{r['certificate'] or float('nan'):>13.5g}"
-                     f"{ratio:>9}{r['products']:>9}{r['estimate_seconds']:>9.2f}{cert_s:>9}")
+        lines.append(f"{name:<40}{r['estimate']:>11.5g}{r['certificate'] or float('nan'):>13.5g}"
+                     f"{ratio:>9}{r['products']:>9}{r['random_start_products'] or '-':>8}"
+                     f"{r['estimate_seconds']:>9.2f}{cert_s:>9}")
     r = result
     lines += [
         "-" * len(head),
@@ -174,6 +182,9 @@ def table(result: dict) -> str:
         (f"AutoLip estimate:  {r['estimate_seconds']:.1f} s = "
          f"{r['estimate_forward_passes']:.1f} forward passes, upper {r['upper_estimate']:.6g} "
          f"(operator products alone: {r['products_seconds']:.1f} s)"),
+        (f"  same, random start: {r['random_start_seconds']:.1f} s = "
+         f"{r['random_start_forward_passes']:.1f} forward passes, upper "
+         f"{r['upper_random_start']:.6g}"),
         (f"AutoLip certified: {r['certified_seconds']:.1f} s = "
          f"{r['certified_forward_passes']:.1f} forward passes (certificates "
          f"{r['certificate_seconds']:.1f} s), upper {r['upper_certified']:.6g}, "

@@ -129,6 +129,18 @@ def test_thick_restart_on_clustered_convolution_spectrum(seed):
     assert res.sigma == pytest.approx(exact, rel=1e-5)
 
 
+@pytest.mark.parametrize("noise, most", [(0.0, 3), (1e-4, 8)])
+def test_lanczos_tests_convergence_after_every_product(noise, most, rng):
+    """A start (nearly) on the top singular vector stops after a product or two, not after a
+    whole Krylov cycle of 16."""
+    w = rng.standard_normal((40, 30))
+    top = np.linalg.svd(w)[0][:, 0]  # the operator is x -> x @ w
+    v0 = top + noise * rng.standard_normal(40)
+    res = SpectralSolver([_dense_op(w)]).run(tol=1e-6, max_products=500, init=[v0])[0]
+    assert res.converged and res.products <= most  # products include the final evaluation
+    assert res.sigma == pytest.approx(np.linalg.svd(w, compute_uv=False)[0], rel=1e-6)
+
+
 def test_tolerance_below_machine_precision_still_stops(rng):
     m = rng.standard_normal((60, 40))
     res = SpectralSolver([_dense_op(m)]).run(tol=1e-14, max_products=5000)[0]

@@ -15,6 +15,8 @@ import time
 import warnings
 from typing import Sequence
 
+import numpy as np
+
 from tf_lipschitz.certify import fused_certificate
 from tf_lipschitz.errors import LipschitzError
 from tf_lipschitz.graph import GraphNode, ModelGraph
@@ -22,6 +24,7 @@ from tf_lipschitz.operators import LinearOperator, compose
 from tf_lipschitz.power import SpectralResult, SpectralSolver
 from tf_lipschitz.report import CERTIFIED, ESTIMATE, LayerRow, LipschitzReport, combine_outputs
 from tf_lipschitz.rules import Constant, LayerBound, Linear, Merge, NodeContext, get_rule
+from tf_lipschitz.starts import group_start
 
 __all__ = ["AutoLip", "Group", "Segment"]
 
@@ -175,8 +178,35 @@ class AutoLip:
         op = compose(members, name="+".join(names))
         return dataclasses.replace(op, input_shape=first.input_shapes[0])
 
+    def start_vectors(self, seed: int = 0) -> list:
+        """Fresh starting vectors, one per iterative group.
+
+        Large convolutions (possibly fused with per-channel diagonal layers) start from the
+        Fourier vector of :func:`tf_lipschitz.starts.group_start`, which spares the hundreds of
+        products a random start needs on their clustered spectra; other groups start from a
+        random Gaussian vector.
+        """
+        bounds = evaluate_rules(self.graph)
+        vectors = self.solver.initial_vectors(seed)
+        for k, group in enumerate(self.iterative):
+            start = group_start([(bounds[i], self.graph.nodes[i]) for i in group.nodes])
+            if start is not None:
+                vectors[k] = np.reshape(start, vectors[k].shape).astype(vectors[k].dtype)
+        return vectors
+
     def spectral(self, init="warm") -> dict[Group, SpectralResult]:
-        """Runs the compiled solver on every group without a closed form."""
+        """Runs the compiled solver on every group without a closed form.
+
+        Args:
+            init: ``"warm"`` (the previous run's vectors; fresh ones on the first run), ``None``
+                (fresh: :meth:`start_vectors`), ``"random"`` (random vectors only) or a list of
+                arrays shaped like each group's input.
+        """
+        if isinstance(init, str) and init == "random":
+            init = None
+        elif init is None or (isinstance(init, str) and init == "warm"
+                              and not self.solver.has_warm_start):
+            init = self.start_vectors()
         results = self.solver.run(tol=self.tol, max_products=self.max_products, init=init)
         return dict(zip(self.iterative, results))
 
@@ -188,7 +218,8 @@ class AutoLip:
         Args:
             certified: Use certified per-layer norms wherever available (see
                 ``docs/concepts.md``); the report is certified only if every factor is.
-            init: Starting vectors of the solver (``"warm"``, ``None`` or arrays).
+            init: Starting vectors of the solver (``"warm"``, ``None``, ``"random"`` or arrays;
+                see :meth:`spectral`).
             model_name: Name shown in the report.
             spectral: Precomputed solver results (otherwise the solver runs).
             segments: Chains whose constant is given (SeqLip); their nodes are not re-bounded.

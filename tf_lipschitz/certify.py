@@ -64,6 +64,7 @@ __all__ = [
     "average_pool_certificate",
     "average_pool_norm",
     "fused_certificate",
+    "fold_diagonals",
 ]
 
 SAFETY_MARGIN = 1e-6
@@ -379,6 +380,8 @@ class LayerCertificate:
         channel_axis: Per-example axis of the channels (``-1`` or ``0``), for scale folding;
             ``None`` if folding is not supported.
         method: Short description shown in docs and errors.
+        spec: For convolutions, ``spec(in_scale, out_scale) -> ConvSpec`` of the scaled layer
+            (used by :mod:`tf_lipschitz.starts` to build a starting vector); else ``None``.
     """
 
     structured: Callable[[Any, Any], float]
@@ -387,6 +390,7 @@ class LayerCertificate:
     output_shape: tuple[int, ...]
     channel_axis: int | None = -1
     method: str = ""
+    spec: Callable[[Any, Any], "ConvSpec"] | None = None
 
     def __call__(self) -> float:
         return self.scaled()
@@ -572,6 +576,10 @@ class ConvSpec:
         spatial: Spatial input size per axis.
         pointwise: For separable convolutions, the ``(groups·b, c_out)`` pointwise matrix
             applied after the depthwise part; ``None`` otherwise.
+        offset: Left zero padding per spatial axis (output ``i`` reads inputs from
+            ``s·i − offset``); it does not change the norm, only where a singular vector's
+            polyphase components sit (:mod:`tf_lipschitz.starts`).
+        adjoint: The layer is the adjoint of this convolution (a transposed convolution).
     """
 
     kernel: np.ndarray
@@ -579,6 +587,8 @@ class ConvSpec:
     dilation: tuple[int, ...]
     spatial: tuple[int, ...]
     pointwise: np.ndarray | None = None
+    offset: tuple[int, ...] | None = None
+    adjoint: bool = False
 
     @property
     def rank(self) -> int:
@@ -742,13 +752,14 @@ def _conv_spec(layer, input_shape, output_shape, in_scale=None, out_scale=None) 
     strides = tuple(int(s) for s in layer.strides)
     dilation = tuple(int(d) for d in layer.dilation_rate)
     kind = _conv_kind(layer)
+    offset = _left_padding(layer, spatial_in, spatial_out, strides, dilation)
     if kind == "separable":
         dw = _float64(layer.depthwise_kernel)  # (k..., c_in, m)
         dw = _scale_axis(dw, in_scale, rank)
         pw = _float64(layer.pointwise_kernel).reshape(-1, layer.pointwise_kernel.shape[-1])
         pw = _scale_axis(pw, out_scale, 1)
         kernel = dw[..., :, None, :]  # groups = c_in, a = 1, b = m
-        return ConvSpec(kernel, strides, dilation, spatial_in, pointwise=pw)
+        return ConvSpec(kernel, strides, dilation, spatial_in, pointwise=pw, offset=offset)
     w = _float64(layer.kernel)
     if kind == "depthwise":  # (k..., c_in, m): output channel c·m + j; groups = c_in, a = 1
         w = w[..., :, None, :]
@@ -769,7 +780,24 @@ def _conv_spec(layer, input_shape, output_shape, in_scale=None, out_scale=None) 
         w = w * np.reshape(np.asarray(in_scale, np.float64), (groups, a, 1))
     if out_scale is not None:
         w = w * np.reshape(np.asarray(out_scale, np.float64), (groups, 1, b))
-    return ConvSpec(w, strides, dilation, spatial_in)
+    if kind == "transpose":
+        return ConvSpec(w, strides, dilation, spatial_in, adjoint=True)
+    return ConvSpec(w, strides, dilation, spatial_in, offset=offset)
+
+
+def _left_padding(layer, spatial_in, spatial_out, strides, dilation) -> tuple[int, ...]:
+    """Left zero padding per axis of a (non-transposed) convolution call, TF conventions."""
+    taps = getattr(layer, "kernel_size", None) or (1,) * len(strides)
+    out = []
+    for n, n_out, s, d, k in zip(spatial_in, spatial_out, strides, dilation, taps):
+        extent = d * (int(k) - 1) + 1
+        if layer.padding == "same":
+            out.append(max((n_out - 1) * s + extent - n, 0) // 2)
+        elif layer.padding == "causal":
+            out.append(extent - 1)
+        else:
+            out.append(0)
+    return tuple(out)
 
 
 def _conv_kind(layer) -> str:
@@ -809,12 +837,14 @@ def conv_certificate(layer, input_shape: Sequence[int], output_shape: Sequence[i
     input_shape, output_shape = tuple(input_shape), tuple(output_shape)
     channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
 
+    def spec(in_scale, out_scale):
+        return _conv_spec(layer, input_shape, output_shape, in_scale, out_scale)
+
     def structured(in_scale, out_scale):
-        return _conv_bound(_conv_spec(layer, input_shape, output_shape, in_scale, out_scale),
-                           rtol)
+        return _conv_bound(spec(in_scale, out_scale), rtol)
 
     return LayerCertificate(structured, fn if dense else None, input_shape, output_shape,
-                            -1 if channels_last else 0, "polyphase FFT")
+                            -1 if channels_last else 0, "polyphase FFT", spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -906,6 +936,44 @@ def _no_autocast(layers):
             layer.autocast = value
 
 
+def fold_diagonals(members: Sequence[tuple[Any, Any]]):
+    """Folds per-channel diagonal layers of a fused chain into their neighbours' weights.
+
+    Every member whose certificate supports channel scales (``channel_axis`` not ``None``)
+    absorbs the adjacent runs of per-channel diagonal layers (BatchNormalization, Rescaling,
+    Normalization, LayerScale) on both sides.
+
+    Args:
+        members: ``(Linear bound, graph node)`` pairs of the chain, in order.
+
+    Returns:
+        ``(folds, used)``: ``(member index, input scale, output scale)`` per absorbing member
+        (scales ``None`` when nothing was folded on that side), and per member whether it is
+        accounted for by a fold.
+    """
+    diags = [_diagonal_scale(b, n) for b, n in members]
+    used = [False] * len(members)
+    folds = []
+    for i, (bound, node) in enumerate(members):
+        cert = bound.certificate
+        if not isinstance(cert, LayerCertificate) or cert.channel_axis is None:
+            continue
+        scales = []  # input side (layers before), then output side (layers after)
+        for step in (-1, 1):
+            vec, j = None, i + step
+            while 0 <= j < len(members) and diags[j] is not None and not used[j]:
+                ch = _per_channel(diags[j], cert.channel_axis)
+                if ch is None:
+                    break
+                vec = ch if vec is None else vec * ch
+                used[j] = True
+                j += step
+            scales.append(vec)
+        folds.append((i, scales[0], scales[1]))
+        used[i] = True
+    return folds, used
+
+
 def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
     """Certified bound on the norm of a fused chain of affine layers.
 
@@ -929,26 +997,8 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
                                  last.output_shapes[0])
         if exact is not None:
             return exact
-    diags = [_diagonal_scale(b, n) for b, n in members]
-    used = [False] * len(members)
-    factors = []
-    for i, (bound, node) in enumerate(members):
-        cert = bound.certificate
-        if not isinstance(cert, LayerCertificate) or cert.channel_axis is None:
-            continue
-        scales = []  # input side (layers before), then output side (layers after)
-        for step in (-1, 1):
-            vec, j = None, i + step
-            while 0 <= j < len(members) and diags[j] is not None and not used[j]:
-                ch = _per_channel(diags[j], cert.channel_axis)
-                if ch is None:
-                    break
-                vec = ch if vec is None else vec * ch
-                used[j] = True
-                j += step
-            scales.append(vec)
-        factors.append(cert.scaled(scales[0], scales[1]))
-        used[i] = True
+    folds, used = fold_diagonals(members)
+    factors = [members[i][0].certificate.scaled(a, b) for i, a, b in folds]
     for i, (bound, node) in enumerate(members):
         if used[i]:
             continue

@@ -79,8 +79,10 @@ class LipschitzEstimator:
         Args:
             certified: Use certified per-layer norms wherever a certificate exists. The report's
                 ``certified`` flag is ``True`` only when every factor is certified.
-            init: Starting vectors of the spectral solver: ``"warm"`` (previous vectors),
-                ``None`` (random) or a list of arrays.
+            init: Starting vectors of the spectral solver: ``"warm"`` (previous vectors;
+                fresh ones on the first call), ``None`` (fresh: Fourier vectors for large
+                convolutions, see :mod:`tf_lipschitz.starts`, random elsewhere), ``"random"``
+                or a list of arrays.
 
         Returns:
             A :class:`~tf_lipschitz.report.LipschitzReport`.

@@ -134,9 +134,9 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False):
     the last residual direction (Wu & Simon's thick restart). Keeping several Ritz vectors
     matters when the top singular values are clustered, as in convolutions: a restart from the
     top Ritz vector alone throws away the component of the true top vector that the others
-    carry, and can stop on the second singular value. It stops when the relative Ritz residual
-    ``β_m |y_m| / θ`` of the top pair falls below ``tol`` (some eigenvalue of ``JᵀJ`` then lies
-    within ``tol · θ`` of ``θ``).
+    carry, and can stop on the second singular value. After every product it tests the relative
+    Ritz residual ``β_j |y_j| / θ`` of the top pair, and stops when it falls below ``tol`` (some
+    eigenvalue of ``JᵀJ`` then lies within ``tol · θ`` of ``θ``).
 
     Args:
         fn: The linear map (batch axis first).
@@ -163,10 +163,21 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False):
     tol = tf.maximum(tf.cast(tol, tf.float64), tf.constant(eps, tf.float64))
     breakdown = tf.cast(100 * eps, dtype)
 
-    def cycle(start, basis, tri):
-        """Extends the basis from row ``start`` to ``m`` rows; returns the Ritz data."""
+    def ritz(tri):
+        """Eigen-decomposition of the projected matrix held in ``tri``."""
+        # ``tri`` holds columns as rows: tri[j, i] = q_iᵀ JᵀJ q_j for i <= j, tri[j, j+1] = β_j;
+        # rows not reached yet are zero. After a restart the kept Ritz values sit on the
+        # diagonal of the first rows; their couplings to the residual direction come from the
+        # next column's coefficients.
+        upper = tf.linalg.band_part(tf.transpose(tri[:, :m]), 0, -1)  # (m, m), i <= j
+        sym = upper + tf.transpose(upper) - tf.linalg.diag(tf.linalg.diag_part(upper))
+        return tf.linalg.eigh(sym)
 
-        def step(j, basis, tri, scale):
+    def cycle(start, basis, tri):
+        """Extends the basis from row ``start`` towards ``m`` rows, testing convergence after
+        every product; returns the last row reached and the Ritz data."""
+
+        def step(j, basis, tri, scale, converged):
             qj = basis[j]
             _, w = jtj_product(fn, tf.reshape(qj, shape))
             w = tf.reshape(w, [-1])
@@ -185,38 +196,38 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False):
             w, h = tf.cond(tf.norm(w) < 0.7071 * norm_in, again, lambda: (w, h))
             beta = tf.norm(w)
             # Breakdown: the Krylov space is invariant (up to rounding). A rounding-noise vector
-            # would break orthogonality, so the basis stops growing (zero rows after it).
+            # would break orthogonality, so the basis stops growing.
             broken = beta <= breakdown * scale
             beta = tf.where(broken, tf.zeros_like(beta), beta)
             q_next = tf.where(broken, tf.zeros_like(w), w / tf.maximum(beta, tiny))
             basis = _set_row(basis, j + 1, q_next, xla)
             column = tf.tensor_scatter_nd_update(h, [[j + 1]], beta[None])  # rows 0..m
             tri = tf.tensor_scatter_nd_update(tri, [[j]], tf.cast(column, tf.float64)[None])
-            return j + 1, basis, tri, scale
+            # Ritz residual β_j |y_j| / θ of the top pair of the leading (j+1)-block: a small
+            # eigh per product, negligible against the product itself.
+            evals, evecs = ritz(tri)
+            resid = tf.abs(tf.cast(beta, tf.float64) * evecs[j, -1]) / tf.maximum(
+                tf.abs(evals[-1]), 1e-300)
+            return j + 1, basis, tri, scale, resid <= tol
 
-        _, basis, tri, _ = tf.while_loop(
-            lambda j, *_: j < m, step, (start, basis, tri, tf.zeros([], dtype)))
-        # ``tri`` holds columns as rows: tri[j, i] = q_iᵀ JᵀJ q_j for i <= j, tri[j, j+1] = β_j.
-        upper = tf.linalg.band_part(tf.transpose(tri[:, :m]), 0, -1)  # (m, m), i <= j
-        sym = upper + tf.transpose(upper) - tf.linalg.diag(tf.linalg.diag_part(upper))
-        # After a restart the kept Ritz values sit on the diagonal of the first rows; their
-        # couplings to the residual direction come from the next column's coefficients.
-        evals, evecs = tf.linalg.eigh(sym)
-        beta_m = tri[m - 1, m]
-        return basis, evals, evecs, beta_m
+        j, basis, tri, _, converged = tf.while_loop(
+            lambda j, basis, tri, scale, converged: tf.logical_and(
+                j < m, tf.logical_not(converged)),
+            step, (start, basis, tri, tf.zeros([], dtype), tf.constant(False)))
+        evals, evecs = ritz(tri)
+        return j, basis, evals, evecs, converged
 
     def body(i, start, basis, tri, done):
-        basis, evals, evecs, beta_m = cycle(start, basis, tri)
-        theta = evals[-1]
-        resid = tf.abs(beta_m * evecs[m - 1, -1]) / tf.maximum(tf.abs(theta), 1e-300)
-        # Thick restart: the top k Ritz vectors, then the residual direction q_{m+1}.
+        j, basis, evals, evecs, converged = cycle(start, basis, tri)
+        # Thick restart: the top k Ritz vectors, then the residual direction q_{m+1}. (On
+        # convergence only the first row, the top Ritz vector, is used.)
         top = evecs[:, ::-1][:, :k]  # (m, k), largest first
-        ritz = tf.linalg.matmul(tf.cast(top, dtype), basis[:m], transpose_a=True)  # (k, n)
-        new_basis = tf.concat([ritz, basis[m:m + 1], tf.zeros(tf.stack([m - k, n]), dtype)], 0)
+        ritz_vectors = tf.linalg.matmul(tf.cast(top, dtype), basis[:m], transpose_a=True)
+        new_basis = tf.concat(
+            [ritz_vectors, basis[m:m + 1], tf.zeros(tf.stack([m - k, n]), dtype)], 0)
         diag = tf.concat([evals[::-1][:k], tf.zeros([m + 1 - k], tf.float64)], 0)
         new_tri = tf.linalg.diag(diag)[:m, :]  # (m, m + 1): kept Ritz values on the diagonal
-        products = tf.where(start > 0, m - k, m)
-        return i + products, tf.constant(k), new_basis, new_tri, resid <= tol
+        return i + (j - start), tf.constant(k), new_basis, new_tri, converged
 
     q = tf.reshape(_unit(v0), [-1])
     basis0 = tf.concat([q[None], tf.zeros(tf.stack([m, n]), dtype)], 0)
@@ -295,6 +306,11 @@ class SpectralSolver:
             sigma, resid = _finish(op.fn, v)
             outs.append((sigma, v, products + 1, resid, done))
         return outs
+
+    @property
+    def has_warm_start(self) -> bool:
+        """Whether a previous run left vectors for ``init="warm"``."""
+        return self._last is not None
 
     def initial_vectors(self, seed: int = 0) -> list[np.ndarray]:
         """Random Gaussian starting vectors, one per operator (batch axis of size 1)."""

@@ -1,0 +1,119 @@
+"""Fourier starting vectors (tf_lipschitz.starts) against dense SVDs of the same operators."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_lipschitz as tfl
+from tf_lipschitz import certify, starts
+from tf_lipschitz.operators import LinearOperator
+from tf_lipschitz.power import SpectralSolver
+
+L = keras.layers
+
+
+def _layer(layer, shape, seed=0):
+    layer.build((None, *shape))
+    rng = np.random.default_rng(seed)
+    for w in layer.weights:
+        w.assign(rng.standard_normal(w.shape).astype("float32"))
+    return layer
+
+
+def _exact(layer, shape) -> float:
+    dense = LinearOperator(lambda x: layer(x), shape).to_dense(batch_size=512).astype(np.float64)
+    gram = dense.T @ dense if dense.shape[0] >= dense.shape[1] else dense @ dense.T
+    return float(np.sqrt(np.linalg.eigvalsh(gram)[-1]))
+
+
+def _start(layer, shape):
+    out = tuple(layer.compute_output_shape((1, *shape))[1:])
+    return starts.conv_start(certify.conv_certificate(layer, shape, out).spec(None, None))
+
+
+CASES = {
+    "conv2d": (lambda: L.Conv2D(3, 3, padding="same", use_bias=False), (32, 32, 2)),
+    "conv2d_stride2_same": (lambda: L.Conv2D(3, 3, strides=2, padding="same", use_bias=False),
+                            (32, 32, 2)),
+    "conv2d_stride2_valid": (lambda: L.Conv2D(3, 3, strides=2, use_bias=False), (33, 33, 2)),
+    "conv2d_dilation2": (lambda: L.Conv2D(3, 3, dilation_rate=2, padding="same",
+                                          use_bias=False), (32, 32, 2)),
+    "conv2d_groups": (lambda: L.Conv2D(4, 3, groups=2, padding="same", use_bias=False),
+                      (32, 32, 2)),
+    "depthwise": (lambda: L.DepthwiseConv2D(3, depth_multiplier=2, padding="same",
+                                            use_bias=False), (32, 32, 2)),
+    "separable": (lambda: L.SeparableConv2D(3, 3, padding="same", use_bias=False),
+                  (32, 32, 2)),
+    "conv1d_causal": (lambda: L.Conv1D(3, 5, padding="causal", use_bias=False), (1024, 2)),
+    "conv1d_stride3": (lambda: L.Conv1D(3, 5, strides=3, padding="same", use_bias=False),
+                       (1024, 2)),
+    "conv3d": (lambda: L.Conv3D(2, 3, padding="same", use_bias=False), (11, 11, 11, 1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_start_is_close_to_the_top_singular_vector(case):
+    make, shape = CASES[case]
+    layer = _layer(make(), shape)
+    x = _start(layer, shape)
+    assert x is not None and x.shape == shape
+    assert np.isclose(np.linalg.norm(x), 1.0)
+    rayleigh = float(tf.norm(layer(x[None].astype("float32"))))
+    exact = _exact(layer, shape)
+    # A random unit vector has a Rayleigh quotient near the RMS singular value, far lower.
+    assert rayleigh >= 0.98 * exact, (rayleigh, exact)
+    assert rayleigh <= exact * (1 + 1e-5)
+
+
+def test_start_saves_products_on_a_clustered_spectrum_and_converges_to_the_exact_norm():
+    shape = (1024, 2)
+    layer = _layer(L.Conv1D(3, 5, padding="same", use_bias=False), shape)
+    solver = SpectralSolver([LinearOperator(lambda x: layer(x), shape)])
+    exact = _exact(layer, shape)
+    wave = solver.run(tol=1e-6, max_products=3000, init=[_start(layer, shape)])[0]
+    rand = solver.run(tol=1e-6, max_products=3000, init=None)[0]
+    assert abs(wave.sigma - exact) <= 1e-4 * exact
+    assert wave.products * 4 <= rand.products, (wave.products, rand.products)
+
+
+def test_no_start_for_small_grids_and_transposed_convolutions():
+    small = _layer(L.Conv2D(3, 3, padding="same", use_bias=False), (16, 16, 2))
+    assert _start(small, (16, 16, 2)) is None
+    shape = (32, 32, 2)
+    transposed = _layer(L.Conv2DTranspose(3, 3, padding="same", use_bias=False), shape)
+    assert _start(transposed, shape) is None
+
+
+def _conv_bn_model():
+    inputs = keras.Input((40, 40, 3))
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(inputs)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(4, 3, strides=2, padding="same", name="head")(x)
+    model = keras.Model(inputs, x)
+    rng = np.random.default_rng(3)
+    bn = model.get_layer("bn")
+    bn.gamma.assign(rng.uniform(0.5, 2.0, 8).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, 8).astype("float32"))
+    return model
+
+
+def test_autolip_starts_fused_conv_batchnorm_from_fourier_vectors():
+    model = _conv_bn_model()
+    est = tfl.LipschitzEstimator(model, verbose=0, tol=1e-6)
+    vectors = est.engine.start_vectors()
+    names = [op.name for op in est.engine.operators]
+    assert names == ["conv+bn", "head"]
+    op = est.engine.operators[0]
+    # The Fourier vector of the fused operator (BN scale folded into the kernel), not random.
+    rayleigh = float(tf.norm(op.fn(tf.convert_to_tensor(vectors[0]))))
+    dense = op.to_dense(batch_size=512).astype(np.float64)
+    exact = float(np.sqrt(np.linalg.eigvalsh(dense.T @ dense)[-1]))
+    assert rayleigh >= 0.98 * exact
+    fresh = est.autolip(init=None)
+    rand = est.autolip(init="random")
+    row = {r.name: r for r in fresh.layers}["conv+bn"]
+    assert abs(row.norm - exact) <= 1e-4 * exact
+    assert abs(fresh.upper - rand.upper) <= 1e-4 * rand.upper
+    assert row.products < {r.name: r for r in rand.layers}["conv+bn"].products
