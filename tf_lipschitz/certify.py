@@ -785,6 +785,11 @@ def _conv_spec(layer, input_shape, output_shape, in_scale=None, out_scale=None) 
     return ConvSpec(w, strides, dilation, spatial_in, offset=offset)
 
 
+def _same_left_padding(n: int, n_out: int, stride: int, extent: int) -> int:
+    """Left padding of TF's ``"same"`` (half the total, rounded down; the rest on the right)."""
+    return max((n_out - 1) * stride + extent - n, 0) // 2
+
+
 def _left_padding(layer, spatial_in, spatial_out, strides, dilation) -> tuple[int, ...]:
     """Left zero padding per axis of a (non-transposed) convolution call, TF conventions."""
     taps = getattr(layer, "kernel_size", None) or (1,) * len(strides)
@@ -792,7 +797,7 @@ def _left_padding(layer, spatial_in, spatial_out, strides, dilation) -> tuple[in
     for n, n_out, s, d, k in zip(spatial_in, spatial_out, strides, dilation, taps):
         extent = d * (int(k) - 1) + 1
         if layer.padding == "same":
-            out.append(max((n_out - 1) * s + extent - n, 0) // 2)
+            out.append(_same_left_padding(n, n_out, s, extent))
         elif layer.padding == "causal":
             out.append(extent - 1)
         else:
@@ -856,7 +861,7 @@ def _average_matrix(n: int, pool: int, stride: int, padding: str) -> np.ndarray:
     """The 1-D average-pooling matrix (TF semantics: padded entries are not counted)."""
     if padding == "same":
         n_out = -(-n // stride)
-        left = max((n_out - 1) * stride + pool - n, 0) // 2
+        left = _same_left_padding(n, n_out, stride, pool)
     else:
         n_out = (n - pool) // stride + 1
         left = 0
