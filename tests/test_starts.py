@@ -117,3 +117,9 @@ def test_autolip_starts_fused_conv_batchnorm_from_fourier_vectors():
     assert abs(row.norm - exact) <= 1e-4 * exact
     assert abs(fresh.upper - rand.upper) <= 1e-4 * rand.upper
     assert row.products < {r.name: r for r in rand.layers}["conv+bn"].products
+
+
+def test_unknown_init_string_names_the_choices():
+    est = tfl.LipschitzEstimator(_conv_bn_model(), verbose=0)
+    with pytest.raises(ValueError, match="init must be 'warm', 'random', None"):
+        est.autolip(init="fourier")

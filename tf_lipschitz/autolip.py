@@ -202,6 +202,9 @@ class AutoLip:
                 (fresh: :meth:`start_vectors`), ``"random"`` (random vectors only) or a list of
                 arrays shaped like each group's input.
         """
+        if isinstance(init, str) and init not in ("warm", "random"):
+            raise ValueError(f"init must be 'warm', 'random', None or a list of arrays (one per "
+                             f"linear operator); received init={init!r}.")
         if isinstance(init, str) and init == "random":
             init = None
         elif init is None or (isinstance(init, str) and init == "warm"
