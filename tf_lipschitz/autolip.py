@@ -172,7 +172,7 @@ class AutoLip:
         names = [self.graph.nodes[i].name for i in group.nodes]
         members = [
             LinearOperator(bounds[i].fn, self.graph.nodes[i].input_shapes[0], name=n,
-                           dtype=self.graph.nodes[i].dtype)
+                           dtype=self.graph.nodes[i].dtype, adjoint=bounds[i].adjoint)
             for i, n in zip(group.nodes, names)
         ]
         op = compose(members, name="+".join(names))

@@ -24,6 +24,8 @@ class LinearOperator:
         input_shape: Shape of one example, without the batch axis.
         name: Display name (the layer, or ``"conv1+bn1"`` for a fused chain).
         dtype: Floating dtype of the input.
+        adjoint: Optional transpose of ``fn`` (output batch to input batch). The solver then
+            computes ``JᵀJ v`` as ``adjoint(fn(v))``; without it, by an autodiff backward pass.
 
     Example:
         >>> import numpy as np
@@ -36,6 +38,7 @@ class LinearOperator:
     input_shape: tuple[int, ...]
     name: str = "operator"
     dtype: str = "float32"
+    adjoint: Callable[[tf.Tensor], tf.Tensor] | None = None
 
     @property
     def size(self) -> int:
@@ -63,20 +66,30 @@ class LinearOperator:
 
 
 def compose(operators: Sequence[LinearOperator], name: str | None = None) -> LinearOperator:
-    """Composes operators applied left to right: ``compose([a, b])(x) == b(a(x))``."""
+    """Composes operators applied left to right: ``compose([a, b])(x) == b(a(x))``.
+
+    The composition has an adjoint (``a.adjoint(b.adjoint(y))``) when every operator has one.
+    """
     ops = list(operators)
     if not ops:
         raise ValueError("compose() needs at least one operator.")
     fns = [op.fn for op in ops]
+    adjoints = [op.adjoint for op in reversed(ops)]
 
     def fn(x):
         for f in fns:
             x = f(x)
         return x
 
+    def adjoint(y):
+        for f in adjoints:
+            y = f(y)
+        return y
+
     return LinearOperator(
         fn,
         ops[0].input_shape,
         name=name or "+".join(op.name for op in ops),
         dtype=ops[0].dtype,
+        adjoint=adjoint if all(a is not None for a in adjoints) else None,
     )

@@ -66,12 +66,18 @@ class SpectralResult:
         }
 
 
-def jtj_product(fn: Callable[[tf.Tensor], tf.Tensor], v: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def jtj_product(fn: Callable[[tf.Tensor], tf.Tensor], v: tf.Tensor,
+                adjoint: Callable[[tf.Tensor], tf.Tensor] | None = None
+                ) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns ``(h(v), JᵀJ v)`` for a linear ``fn`` by one forward and one backward pass.
 
     ``v`` carries a leading batch axis; each example is treated independently, which is what
-    every Keras layer does at inference.
+    every Keras layer does at inference. The backward pass is ``adjoint`` when given (the
+    explicit transpose of ``fn``), otherwise autodiff: the gradient of ``½‖fn(v)‖²``.
     """
+    if adjoint is not None:
+        out = fn(v)
+        return out, adjoint(out)
     with tf.GradientTape() as tape:
         tape.watch(v)
         out = fn(v)
@@ -88,8 +94,9 @@ def _dot(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(a * b)
 
 
-def power_loop(fn, v0, tol, max_products):
-    """Plain power iteration on ``JᵀJ`` from ``v0`` (shape ``(1, *input_shape)``)."""
+def power_loop(fn, v0, tol, max_products, adjoint=None):
+    """Plain power iteration on ``JᵀJ`` from ``v0`` (shape ``(1, *input_shape)``); ``adjoint``
+    as in :func:`jtj_product`."""
     dtype = v0.dtype
     tiny = tf.cast(1e-30, dtype)
     tol = tf.maximum(tf.cast(tol, dtype), tf.cast(np.finfo(dtype.as_numpy_dtype).eps, dtype))
@@ -98,7 +105,7 @@ def power_loop(fn, v0, tol, max_products):
         return tf.logical_and(i < max_products, tf.logical_not(done))
 
     def body(i, v, s2, done):
-        _, g = jtj_product(fn, v)
+        _, g = jtj_product(fn, v, adjoint)
         s2_new = _dot(v, g)
         gnorm = tf.norm(tf.reshape(g, [-1]))
         v_new = tf.where(gnorm > tiny, g / tf.maximum(gnorm, tiny), v)
@@ -125,7 +132,7 @@ def _set_row(matrix: tf.Tensor, index: tf.Tensor, row: tf.Tensor, xla: bool) -> 
     return tf.raw_ops.InplaceUpdate(x=matrix, i=tf.reshape(index, [1]), v=row[None])
 
 
-def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False):
+def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, adjoint=None):
     """Thick-restart Lanczos on ``JᵀJ`` with full re-orthogonalisation.
 
     Each cycle extends an orthonormal basis to ``krylov_dim`` vectors with ``JᵀJ`` products,
@@ -147,6 +154,7 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False):
         keep: Ritz vectors kept at a restart (Python int, ``1 <= keep < m``; default ``m // 2``).
         xla: Build for XLA compilation (``jit_compile=True``, or a Keras train step that may be
             compiled).
+        adjoint: Explicit transpose of ``fn`` (see :func:`jtj_product`), or ``None``.
 
     Returns:
         ``(top Ritz vector, products used, converged)``.
@@ -179,7 +187,7 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False):
 
         def step(j, basis, tri, scale, converged):
             qj = basis[j]
-            _, w = jtj_product(fn, tf.reshape(qj, shape))
+            _, w = jtj_product(fn, tf.reshape(qj, shape), adjoint)
             w = tf.reshape(w, [-1])
             scale = tf.maximum(scale, tf.norm(w))
             # Full re-orthogonalisation (a second pass when needed: "twice is enough"); the
@@ -241,9 +249,9 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False):
     return tf.reshape(basis[0], shape), i, done
 
 
-def _finish(fn, v):
+def _finish(fn, v, adjoint=None):
     """Returns ``(sigma, relative residual)`` at unit vector ``v``."""
-    out, g = jtj_product(fn, v)
+    out, g = jtj_product(fn, v, adjoint)
     s2 = _dot(v, g)
     sigma = tf.norm(tf.reshape(out, [-1]))
     resid = tf.norm(tf.reshape(g - s2 * v, [-1])) / tf.maximum(s2, tf.cast(1e-30, v.dtype))
@@ -298,12 +306,12 @@ class SpectralSolver:
         outs = []
         for op, v0 in zip(self.operators, inits):
             if self.method == "power":
-                v, products, done = power_loop(op.fn, v0, tol, max_products)
+                v, products, done = power_loop(op.fn, v0, tol, max_products, op.adjoint)
             else:
                 m = int(min(self.krylov_dim, max(2, op.size)))
                 v, products, done = lanczos_loop(op.fn, v0, tol, max_products, m,
-                                                 xla=self.jit_compile)
-            sigma, resid = _finish(op.fn, v)
+                                                 xla=self.jit_compile, adjoint=op.adjoint)
+            sigma, resid = _finish(op.fn, v, op.adjoint)
             outs.append((sigma, v, products + 1, resid, done))
         return outs
 
@@ -467,7 +475,7 @@ def top_singular_triplets(
     @tf.function(reduce_retracing=True, autograph=False)
     def solve(v0, tol, max_iter):
         def apply(vb):
-            _, g = jtj_product(fn, tf.reshape(vb, (b, *shape)))
+            _, g = jtj_product(fn, tf.reshape(vb, (b, *shape)), op.adjoint)
             return tf.reshape(g, (b, -1))
 
         def rayleigh_ritz(vb):

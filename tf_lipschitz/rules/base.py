@@ -70,6 +70,11 @@ class Linear:
         certificate: Optional certified upper bound on the operator norm for the layer's input
             shape, evaluated with the current weights.
         note: Shown in the report.
+        adjoint: Optional transpose of ``fn`` (maps an output batch back to the input shape).
+            When every layer of a fused chain has one, the spectral solver applies ``JᵀJ`` as
+            ``adjoint(fn(v))`` instead of an autodiff backward pass (faster for stride-1
+            convolutions on CPU). It must be the exact transpose: ``tests/test_adjoints.py``
+            checks ``<fn(x), y> == <x, adjoint(y)>`` for every built-in one.
     """
 
     fn: Callable[[Any], Any]
@@ -77,6 +82,7 @@ class Linear:
     norm: Callable[[], float] | None = None
     certificate: Callable[[], float] | None = None
     note: str = ""
+    adjoint: Callable[[Any], Any] | None = None
 
     @property
     def post(self) -> float:

@@ -28,6 +28,13 @@ def _channel_shape(ndim: int, axes) -> list[int]:
     return [-1 if i in axes else 1 for i in range(ndim)]
 
 
+def _diagonal(fn, ctx: NodeContext):
+    """An elementwise scaling is its own transpose, unless its factor broadcasts the input to
+    a larger output."""
+    same = tuple(ctx.output_shapes[0]) == tuple(ctx.input_shape)
+    return fn if same else None
+
+
 def _batch_norm(layer, ctx: NodeContext) -> Linear:
     ndim = len(ctx.input_shape) + 1
 
@@ -44,7 +51,8 @@ def _batch_norm(layer, ctx: NodeContext) -> Linear:
     def norm():
         return float(np.max(np.abs(ops.convert_to_numpy(scale()))))
 
-    return Linear(fn, norm=norm, certificate=norm, note="BN (inference): max|γ|/√(var+ε)")
+    return Linear(fn, norm=norm, certificate=norm, note="BN (inference): max|γ|/√(var+ε)",
+                  adjoint=_diagonal(fn, ctx))
 
 
 def _rescaling(layer, ctx: NodeContext) -> Linear:
@@ -54,7 +62,7 @@ def _rescaling(layer, ctx: NodeContext) -> Linear:
     def norm():
         return float(np.max(np.abs(np.asarray(layer.scale, dtype="float64"))))
 
-    return Linear(fn, norm=norm, certificate=norm, note="rescaling")
+    return Linear(fn, norm=norm, certificate=norm, note="rescaling", adjoint=_diagonal(fn, ctx))
 
 
 def _normalization(layer, ctx: NodeContext) -> Linear:
@@ -68,7 +76,8 @@ def _normalization(layer, ctx: NodeContext) -> Linear:
     def norm():
         return float(np.max(np.abs(ops.convert_to_numpy(factor()))))
 
-    return Linear(fn, norm=norm, certificate=norm, note="normalization")
+    return Linear(fn, norm=norm, certificate=norm, note="normalization",
+                  adjoint=_diagonal(fn, ctx))
 
 
 def _eps_normalization(layer, ctx: NodeContext) -> Constant:
@@ -96,7 +105,8 @@ def _layer_scale(layer, ctx: NodeContext) -> Linear:
     def norm():
         return float(np.max(np.abs(np.asarray(ops.convert_to_numpy(layer.gamma), "float64"))))
 
-    return Linear(fn, norm=norm, certificate=norm, note="layer scale: max|γ|")
+    return Linear(fn, norm=norm, certificate=norm, note="layer scale: max|γ|",
+                  adjoint=_diagonal(fn, ctx))
 
 
 try:  # ConvNeXt's learned per-channel scale; Keras does not export the class
