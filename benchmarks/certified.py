@@ -6,7 +6,9 @@ and for the whole model the AutoLip time (estimate, then certified) as a multipl
 model's own forward pass (batch 1), all measured in the same run. It prints a table and JSON.
 
 Per-layer estimate times are ``products × (time of one JᵀJ product of that operator)``, with the
-products of the cold (random start) estimate; the certified run is warm-started. The
+products of the fresh estimate; the certified run is warm-started. ``adj. x`` is the time of an
+autodiff ``JᵀJ`` product over that of the explicit-adjoint product the solver uses (stride-1
+convolutions and per-channel layers), both measured in this run. The
 solver runs all layers in one compiled call, so its total time is measured as a whole (the first
 call, which traces the solver, separately). Times are the fastest of several runs where
 repeating is cheap (forward pass, single products); the machine may be shared.
@@ -59,10 +61,12 @@ def forward_timer(model: keras.Model, size: int):
     return lambda repeats=5: _best_time(lambda: fn(x).numpy(), repeats)
 
 
-def product_time(op, repeats: int = 3) -> float:
-    """Time of one compiled ``JᵀJ v`` product of a linear operator."""
+def product_time(op, repeats: int = 3, explicit: bool = True) -> float:
+    """Time of one compiled ``JᵀJ v`` product of a linear operator, through its explicit
+    adjoint when it has one and ``explicit`` is set, by autodiff otherwise."""
     v = tf.constant(np.random.default_rng(0).standard_normal((1, *op.input_shape)), op.dtype)
-    fn = tf.function(lambda v: jtj_product(op.fn, v)[1])
+    adjoint = op.adjoint if explicit else None
+    fn = tf.function(lambda v: jtj_product(op.fn, v, adjoint)[1])
     return _best_time(lambda: fn(v).numpy(), repeats)
 
 
@@ -110,7 +114,12 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
     t_forward = min(t_forward, forward())
 
     auto = est.engine
+    start = time.perf_counter()
+    auto.start_vectors()
+    t_starts = time.perf_counter() - start
     per_product = {op.name: product_time(op) for op in auto.operators}
+    autodiff = {op.name: product_time(op, explicit=False) for op in auto.operators
+                if op.adjoint is not None}
     cold = {row.name: row for row in estimate.layers}  # products of the cold estimate
     rand = {row.name: row for row in random_start.layers}
     layers = []
@@ -132,6 +141,8 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
             "warm_products": row.products,
             "estimate_seconds": (products * per_product[row.name]
                                  if row.name in per_product else 0.0),
+            "product_seconds": per_product.get(row.name),
+            "autodiff_product_seconds": autodiff.get(row.name),
             "certificate_seconds": timer.times.get(row.name),
         })
     ratios = [r["ratio"] for r in layers if r["ratio"] is not None]
@@ -152,6 +163,7 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
         "certified_forward_passes": t_certified / t_forward,
         "certificate_seconds": sum(t for t in timer.times.values()),
         "products_seconds": sum(r["estimate_seconds"] for r in layers),
+        "starts_seconds": t_starts,
         "upper_estimate": estimate.upper,
         "upper_certified": certified.upper,
         "certified": certified.certified,
@@ -164,15 +176,17 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
 def table(result: dict) -> str:
     """The per-layer table and the model summary as text."""
     head = (f"{'layer':<40}{'estimate':>11}{'certificate':>13}{'ratio':>9}{'products':>9}"
-            f"{'random':>8}{'est. s':>9}{'cert. s':>9}")
+            f"{'random':>8}{'est. s':>9}{'cert. s':>9}{'adj. x':>8}")
     lines = [f"== {result['model']} {tuple(result['input'])} ==", head, "-" * len(head)]
     for r in result["layers"]:
         name = r["name"] if len(r["name"]) <= 39 else r["name"][:36] + "..."
         ratio = f"{r['ratio']:.5f}" if r["ratio"] is not None else "-"
         cert_s = f"{r['certificate_seconds']:.2f}" if r["certificate_seconds"] is not None else "-"
+        adj = (f"{r['autodiff_product_seconds'] / r['product_seconds']:.2f}"
+               if r.get("autodiff_product_seconds") else "-")
         lines.append(f"{name:<40}{r['estimate']:>11.5g}{r['certificate'] or float('nan'):>13.5g}"
                      f"{ratio:>9}{r['products']:>9}{r['random_start_products'] or '-':>8}"
-                     f"{r['estimate_seconds']:>9.2f}{cert_s:>9}")
+                     f"{r['estimate_seconds']:>9.2f}{cert_s:>9}{adj:>8}")
     r = result
     lines += [
         "-" * len(head),
@@ -181,7 +195,8 @@ def table(result: dict) -> str:
          f"{r['first_call_forward_passes']:.1f} forward passes"),
         (f"AutoLip estimate:  {r['estimate_seconds']:.1f} s = "
          f"{r['estimate_forward_passes']:.1f} forward passes, upper {r['upper_estimate']:.6g} "
-         f"(operator products alone: {r['products_seconds']:.1f} s)"),
+         f"(operator products alone: {r['products_seconds']:.1f} s, Fourier starts "
+         f"{r['starts_seconds']:.1f} s)"),
         (f"  same, random start: {r['random_start_seconds']:.1f} s = "
          f"{r['random_start_forward_passes']:.1f} forward passes, upper "
          f"{r['upper_random_start']:.6g}"),

@@ -190,18 +190,24 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
             _, w = jtj_product(fn, tf.reshape(qj, shape), adjoint)
             w = tf.reshape(w, [-1])
             scale = tf.maximum(scale, tf.norm(w))
-            # Full re-orthogonalisation (a second pass when needed: "twice is enough"); the
-            # coefficients are the entries Q_iᵀ JᵀJ q_j of the projected matrix (rows beyond j
-            # are still zero).
+            # Full re-orthogonalisation against the rows filled so far (a leading slice shares
+            # the basis buffer; XLA needs static shapes and uses the whole, zero-padded basis).
+            # The coefficients are the entries Q_iᵀ JᵀJ q_j of the projected matrix.
+            rows = basis if xla else basis[: j + 1]
             norm_in = tf.norm(w)
-            h = tf.linalg.matvec(basis, w)
-            w = w - tf.matmul(h[None], basis)[0]
+            h = tf.linalg.matvec(rows, w)
+            w = w - tf.matmul(h[None], rows)[0]
 
-            def again():  # a second pass only when the first cancelled much (Kahan-Parlett)
-                h2 = tf.linalg.matvec(basis, w)
-                return w - tf.matmul(h2[None], basis)[0], h + h2
+            def again():
+                h2 = tf.linalg.matvec(rows, w)
+                return w - tf.matmul(h2[None], rows)[0], h + h2
 
+            # A second pass when the first cancelled much (Kahan-Parlett, "twice is enough").
+            # It is not optional: one pass against a basis that is off by δ leaves the new
+            # vector off by δ·‖w_in‖/‖w_out‖, and that factor compounds over the cycle.
             w, h = tf.cond(tf.norm(w) < 0.7071 * norm_in, again, lambda: (w, h))
+            if not xla:
+                h = tf.pad(h, tf.stack([[0, m - j]]))  # rows 0..m
             beta = tf.norm(w)
             # Breakdown: the Krylov space is invariant (up to rounding). A rounding-noise vector
             # would break orthogonality, so the basis stops growing.

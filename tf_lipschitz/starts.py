@@ -46,6 +46,7 @@ not clustered, random starts converge quickly and finding the peak would cost mo
 _COARSE_ENTRIES = 1 << 22  # budget of the coarse ranking: frequencies × groups × side²
 _RANK_STEPS = 12  # Lanczos steps ranking the coarse frequencies
 _CANDIDATES = 4  # separated coarse peaks refined
+_WARM_STEPS = 12  # power steps per refinement step, from the previous step's vector
 _KEEP = 0.995  # refined peaks within this factor of the best all enter the start
 
 
@@ -81,12 +82,12 @@ def _peak_coarse(taps: np.ndarray, shifts: np.ndarray, grid: tuple[int, ...]):
 
 
 def _top_pair(a: np.ndarray, v: np.ndarray | None):
-    """``(σ, u, v)`` top singular triplet of a complex matrix (warm-started power iteration
-    on the larger problems, an SVD on the small ones)."""
-    if min(a.shape) <= 128 or v is None:
+    """``(σ, u, v)`` top singular triplet of a complex matrix: an SVD from scratch, or a few
+    power steps from the previous step's vector (the ascent moves θ little between steps)."""
+    if v is None:
         u, s, vh = np.linalg.svd(a)
         return float(s[0]), u[:, 0], np.conj(vh[0])
-    for _ in range(12):
+    for _ in range(_WARM_STEPS):
         w = np.conj(a.T) @ (a @ v)
         v = w / np.linalg.norm(w)
     av = a @ v
