@@ -153,3 +153,30 @@ def test_xla_compiled_solver_matches(method, rng):
     m = rng.standard_normal((30, 20))
     res = SpectralSolver([_dense_op(m)], method=method, jit_compile=True).run(tol=1e-8)[0]
     assert res.sigma == pytest.approx(np.linalg.svd(m, compute_uv=False)[0], rel=1e-4)
+
+
+def test_finish_normalises_the_returned_vector():
+    from tf_lipschitz.power import _finish
+
+    w = np.diag([3.0, 1.0]).astype("float32")
+    sigma, resid = _finish(lambda x: tf.matmul(x, w), tf.constant([[5.0, 0.0]]))
+    assert float(sigma) == pytest.approx(3.0)  # ‖Av‖/‖v‖, not ‖Av‖ = 15
+    assert float(resid) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_warm_rerun_from_a_converged_vector_keeps_the_value():
+    # The first Gram-Schmidt pass then cancels all but ~tol of the product: the re-run must
+    # re-orthogonalise enough not to build a spurious basis (it used to return garbage).
+    import keras
+
+    keras.utils.set_random_seed(0)
+    conv = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)
+    conv.build((None, 48, 48, 16))
+    op = LinearOperator(lambda x: conv.convolution_op(x, conv.kernel), (48, 48, 16))
+    solver = SpectralSolver([op])
+    first = solver.run(tol=1e-5, init=None)[0]
+    assert first.converged
+    for _ in range(2):
+        again = solver.run(tol=1e-5, init="warm")[0]
+        assert again.converged and again.products <= 3
+        assert again.sigma == pytest.approx(first.sigma, rel=1e-6)
