@@ -193,7 +193,7 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
             # Full re-orthogonalisation; the coefficients are the entries Q_iᵀ JᵀJ q_j of the
             # projected matrix (rows beyond j are still zero). The whole basis goes through one
             # GEMV: its float32 dot products over millions of entries carry relative errors of
-            # about 3e-4 (1e-2 for a single-row product), so each pass leaves the new vector
+            # about 3e-4 (4e-3 for a single-row product), so each pass leaves the new vector
             # off the basis by that fraction of what it started with. Further passes run while
             # the previous one cancelled much (Kahan-Parlett/DGKS, "twice is enough" in exact
             # dot products); a third is needed when the start is almost an eigenvector (warm

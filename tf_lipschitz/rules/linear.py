@@ -56,7 +56,7 @@ def _with_certificate(layer, ctx: NodeContext, fn) -> Linear:
     return Linear(fn, _activation(layer), certificate=cert)
 
 
-def _adjoint_padding(layer, padding: str) -> list[tuple[int, int]] | None:
+def _adjoint_padding(layer) -> list[tuple[int, int]] | None:
     """Zero padding of the output, per axis (batch included), that turns a convolution with
     the flipped kernel into the transpose of a stride-1 convolution; ``None`` if strided.
 
@@ -70,8 +70,8 @@ def _adjoint_padding(layer, padding: str) -> list[tuple[int, int]] | None:
     pads = []
     for k, d in zip(layer.kernel_size, layer.dilation_rate):
         span = (k - 1) * d
-        left = {"valid": 0, "same": span // 2, "causal": span}[padding]
-        right = span - left if padding == "same" else 0
+        left = {"valid": 0, "same": span // 2, "causal": span}[layer.padding]
+        right = span - left if layer.padding == "same" else 0
         pads.append((span - left, span - right))
     if layer.data_format == "channels_first":
         return [(0, 0), (0, 0), *pads]
@@ -104,7 +104,7 @@ def _conv(layer, ctx: NodeContext) -> Linear:
         )
 
     cheap = math.prod(layer.kernel.shape) <= _KERNEL_RATIO * math.prod(ctx.input_shape)
-    pads = _adjoint_padding(layer, layer.padding) if layer.groups == 1 and cheap else None
+    pads = _adjoint_padding(layer) if layer.groups == 1 and cheap else None
 
     def adjoint(y):
         kernel = ops.swapaxes(_flip(_weight(layer.kernel, y), len(layer.kernel_size)), -1, -2)
@@ -122,7 +122,7 @@ def _depthwise_conv(layer, ctx: NodeContext) -> Linear:
             dilation_rate=layer.dilation_rate, data_format=layer.data_format,
         )
 
-    pads = _adjoint_padding(layer, layer.padding) if layer.depth_multiplier == 1 else None
+    pads = _adjoint_padding(layer) if layer.depth_multiplier == 1 else None
 
     def adjoint(y):  # one channel per group: the transposed kernel is the flipped kernel
         return ops.depthwise_conv(
