@@ -6,12 +6,14 @@ and for the whole model the AutoLip time (estimate, then certified) as a multipl
 model's own forward pass (batch 1), all measured in the same run. It prints a table and JSON.
 
 Per-layer estimate times are ``products × (time of one JᵀJ product of that operator)``, with the
-products of the fresh estimate; the certified run is warm-started. ``adj. x`` is the time of an
-autodiff ``JᵀJ`` product over that of the explicit-adjoint product the solver uses (stride-1
-convolutions and per-channel layers), both measured in this run. The
-solver runs all layers in one compiled call, so its total time is measured as a whole (the first
-call, which traces the solver, separately). Times are the fastest of several runs where
-repeating is cheap (forward pass, single products); the machine may be shared.
+products of the fresh estimate; the certified run is warm-started. ``error`` is the estimate's
+relative error against a reference: a re-run with a tolerance a thousand times tighter,
+warm-started from the estimate (or the random-start value if that is larger). ``adj. x`` is the
+time of an autodiff ``JᵀJ`` product over that of the explicit-adjoint product the solver uses
+(stride-1 convolutions and per-channel layers), both measured in this run. The solver runs all
+layers in one compiled call, so its total time is measured as a whole (the first call, which
+traces the solver, separately). Times are the fastest of several runs where repeating is cheap
+(forward pass, single products); the machine may be shared.
 
 Usage::
 
@@ -112,8 +114,13 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
     with CertificateTimer() as timer:
         certified, t_certified = timed(certified=True)  # warm-started estimate + certificates
     t_forward = min(t_forward, forward())
-
+    # Accuracy of the estimate: a reference re-run warm-started from the estimate's vectors
+    # with a tolerance a thousand times tighter (the larger of it and the random-start value).
     auto = est.engine
+    auto.tol = tol * 1e-3
+    reference = est.autolip(init="warm")
+    auto.tol = tol
+
     start = time.perf_counter()
     auto.start_vectors()
     t_starts = time.perf_counter() - start
@@ -122,6 +129,8 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
                 if op.adjoint is not None}
     cold = {row.name: row for row in estimate.layers}  # products of the cold estimate
     rand = {row.name: row for row in random_start.layers}
+    ref = {row.name: max(row.norm, rand[row.name].norm) for row in reference.layers
+           if row.kind == "linear" and row.name in rand}
     layers = []
     for row in certified.layers:
         if row.kind != "linear":
@@ -138,6 +147,9 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
             "products": products,
             "random_start_products": rand[row.name].products if row.name in rand else None,
             "random_start_estimate": rand[row.name].norm if row.name in rand else None,
+            "reference": ref.get(row.name),
+            "estimate_error": ((ref[row.name] - cold[row.name].norm) / ref[row.name]
+                               if ref.get(row.name) and row.name in cold else None),
             "warm_products": row.products,
             "estimate_seconds": (products * per_product[row.name]
                                  if row.name in per_product else 0.0),
@@ -169,6 +181,8 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
         "certified": certified.certified,
         "max_ratio": max(ratios) if ratios else None,
         "layers_within_1pct": sum(r <= 1.01 for r in ratios),
+        "max_estimate_error": max((r["estimate_error"] for r in layers
+                                   if r["estimate_error"] is not None), default=None),
         "layers": layers,
     }
 
@@ -176,7 +190,7 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
 def table(result: dict) -> str:
     """The per-layer table and the model summary as text."""
     head = (f"{'layer':<40}{'estimate':>11}{'certificate':>13}{'ratio':>9}{'products':>9}"
-            f"{'random':>8}{'est. s':>9}{'cert. s':>9}{'adj. x':>8}")
+            f"{'random':>8}{'est. s':>9}{'cert. s':>9}{'adj. x':>8}{'error':>9}")
     lines = [f"== {result['model']} {tuple(result['input'])} ==", head, "-" * len(head)]
     for r in result["layers"]:
         name = r["name"] if len(r["name"]) <= 39 else r["name"][:36] + "..."
@@ -184,9 +198,10 @@ def table(result: dict) -> str:
         cert_s = f"{r['certificate_seconds']:.2f}" if r["certificate_seconds"] is not None else "-"
         adj = (f"{r['autodiff_product_seconds'] / r['product_seconds']:.2f}"
                if r.get("autodiff_product_seconds") else "-")
+        err = f"{r['estimate_error']:.1e}" if r.get("estimate_error") is not None else "-"
         lines.append(f"{name:<40}{r['estimate']:>11.5g}{r['certificate'] or float('nan'):>13.5g}"
                      f"{ratio:>9}{r['products']:>9}{r['random_start_products'] or '-':>8}"
-                     f"{r['estimate_seconds']:>9.2f}{cert_s:>9}{adj:>8}")
+                     f"{r['estimate_seconds']:>9.2f}{cert_s:>9}{adj:>8}{err:>9}")
     r = result
     lines += [
         "-" * len(head),
@@ -206,6 +221,8 @@ def table(result: dict) -> str:
          f"certified={r['certified']}"),
         (f"max certificate/estimate: {r['max_ratio']:.5f}; layers within 1 %: "
          f"{r['layers_within_1pct']}/{len(r['layers'])}"),
+        (f"largest relative error of the estimate against a re-run at tol "
+         f"{r['solver']['tol'] * 1e-3:g}: {r['max_estimate_error']:.2e}"),
     ]
     return "\n".join(lines)
 

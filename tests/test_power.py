@@ -174,9 +174,27 @@ def test_warm_rerun_from_a_converged_vector_keeps_the_value():
     conv.build((None, 48, 48, 16))
     op = LinearOperator(lambda x: conv.convolution_op(x, conv.kernel), (48, 48, 16))
     solver = SpectralSolver([op])
-    first = solver.run(tol=1e-5, init=None)[0]
+    first = solver.run(tol=1e-7, init=None)[0]
     assert first.converged
     for _ in range(2):
         again = solver.run(tol=1e-5, init="warm")[0]
-        assert again.converged and again.products <= 3
+        assert again.converged and again.products <= 8
         assert again.sigma == pytest.approx(first.sigma, rel=1e-6)
+
+
+@pytest.mark.parametrize("start", ["random", "cluster"])
+def test_clustered_spectrum_is_not_stopped_early(start, rng):
+    """30 singular values within 6e-4 of the top, the rest below 0.95: while Lanczos has not
+    resolved the cluster, the gap between its Ritz values looks large, and a stop on a
+    gap-based estimate of the error (``r² / gap``) returned 0.99973 here (random start) or
+    0.99970 (start spread evenly over the cluster) for ``tol=1e-4``. The residual stop must
+    not."""
+    n = 3000
+    d = np.concatenate([1.0 - 2e-5 * np.arange(30), rng.uniform(0.0, 0.95, n - 30)])
+    diag = tf.constant(d[None])
+    op = LinearOperator(lambda x: x * diag, (n,), dtype="float64")
+    v0 = (rng.standard_normal(n) if start == "random"
+          else np.concatenate([np.ones(30), 1e-2 * rng.standard_normal(n - 30)]))
+    res = SpectralSolver([op]).run(tol=1e-4, init=[v0])[0]
+    assert res.converged
+    assert 1.0 - 1e-4 <= res.sigma <= 1.0 + 1e-12
