@@ -200,19 +200,26 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
             w = tf.reshape(w, [-1])
             scale = tf.maximum(scale, tf.norm(w))
             # Full re-orthogonalisation; the coefficients are the entries Q_iᵀ JᵀJ q_j of the
-            # projected matrix (rows beyond j are still zero). The whole basis goes through one
-            # GEMV: its float32 dot products over millions of entries carry relative errors of
-            # about 3e-4 (4e-3 for a single-row product), so each pass leaves the new vector
-            # off the basis by that fraction of what it started with. Further passes run while
-            # the previous one cancelled much (Kahan-Parlett/DGKS, "twice is enough" in exact
-            # dot products); a third is needed when the start is almost an eigenvector (warm
-            # starts), where the first pass cancels all but ~1e-4 of the vector.
+            # projected matrix (rows beyond j are still zero). A local pass first removes the
+            # two large Lanczos components, along q_j and q_{j-1}; one GEMV over the whole basis
+            # then removes the rest, and cancels little, so a second whole-basis pass (which
+            # costs as much memory traffic as a product on large inputs) is rarely needed.
+            # Further passes still run while the previous one cancelled much (Kahan-Parlett/
+            # DGKS): float32 dot products over millions of entries are off by ~1e-7 of the
+            # vector's norm, which matters when a pass leaves only a small fraction of it
+            # (starts that are almost an eigenvector, the first step after a restart).
             def project(w, h):
                 h2 = tf.linalg.matvec(basis, w)
                 return w - tf.matmul(h2[None], basis)[0], h + h2
 
+            rows = tf.stack([tf.maximum(j - 1, 0), j])
+            local = tf.gather(basis, rows)
+            c = tf.linalg.matvec(local, w) * tf.stack(
+                [tf.cast(j > 0, dtype), tf.ones([], dtype)])
+            w = w - tf.matmul(c[None], local)[0]
+            h = tf.tensor_scatter_nd_add(tf.zeros([m + 1], dtype), rows[:, None], c)
             norm_in = tf.norm(w)
-            w, h = project(w, tf.zeros([m + 1], dtype))
+            w, h = project(w, h)
             for _ in range(2):
                 norm_prev, norm_in = norm_in, tf.norm(w)
                 w, h = tf.cond(norm_in < 0.7071 * norm_prev, lambda w=w, h=h: project(w, h),
