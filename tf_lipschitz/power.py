@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tf_lipschitz.operators import LinearOperator
+from tf_lipschitz.operators import LinearOperator, bind_adjoint
 
 __all__ = [
     "SpectralResult",
@@ -297,7 +297,7 @@ class SpectralSolver:
 
     Example:
         >>> import keras, tf_lipschitz as tfl
-        >>> from tf_lipschitz.operators import LinearOperator
+        >>> from tf_lipschitz.operators import LinearOperator, bind_adjoint
         >>> w = keras.ops.convert_to_tensor([[3.0, 0.0], [0.0, 1.0]])
         >>> op = LinearOperator(lambda x: keras.ops.matmul(x, w), (2,), name="diag")
         >>> res = SpectralSolver([op]).run(tol=1e-8)[0]
@@ -329,13 +329,14 @@ class SpectralSolver:
     def _solve_all(self, inits, tol, max_products):
         outs = []
         for op, v0 in zip(self.operators, inits):
+            adjoint = bind_adjoint(op.adjoint, v0.dtype)  # prepared once, outside the loops
             if self.method == "power":
-                v, products, done = power_loop(op.fn, v0, tol, max_products, op.adjoint)
+                v, products, done = power_loop(op.fn, v0, tol, max_products, adjoint)
             else:
                 m = int(min(self.krylov_dim, max(2, op.size)))
                 v, products, done = lanczos_loop(op.fn, v0, tol, max_products, m,
-                                                 xla=self.jit_compile, adjoint=op.adjoint)
-            sigma, resid = _finish(op.fn, v, op.adjoint)
+                                                 xla=self.jit_compile, adjoint=adjoint)
+            sigma, resid = _finish(op.fn, v, adjoint)
             outs.append((sigma, v, products + 1, resid, done))
         return outs
 
@@ -499,8 +500,10 @@ def top_singular_triplets(
 
     @tf.function(reduce_retracing=True, autograph=False)
     def solve(v0, tol, max_iter):
+        adjoint = bind_adjoint(op.adjoint, v0.dtype)
+
         def apply(vb):
-            _, g = jtj_product(fn, tf.reshape(vb, (b, *shape)), op.adjoint)
+            _, g = jtj_product(fn, tf.reshape(vb, (b, *shape)), adjoint)
             return tf.reshape(g, (b, -1))
 
         def rayleigh_ritz(vb):

@@ -74,7 +74,9 @@ class Linear:
             When every layer of a fused chain has one, the spectral solver applies ``JᵀJ`` as
             ``adjoint(fn(v))`` instead of an autodiff backward pass (faster for stride-1
             convolutions on CPU). It must be the exact transpose: ``tests/test_adjoints.py``
-            checks ``<fn(x), y> == <x, adjoint(y)>`` for every built-in one.
+            checks ``<fn(x), y> == <x, adjoint(y)>`` for every built-in one. A
+            :class:`tf_lipschitz.operators.Adjoint` has its weight-dependent part (a flipped
+            kernel) prepared once per solve instead of once per product.
     """
 
     fn: Callable[[Any], Any]

@@ -15,12 +15,12 @@ certified bound (:mod:`tf_lipschitz.certify`) evaluated with the current weights
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import keras
 from keras import ops
 
 from tf_lipschitz import certify
+from tf_lipschitz.operators import Adjoint
 from tf_lipschitz.rules.activations import resolve_activation
 from tf_lipschitz.rules.base import Linear, NodeContext, register_rule
 
@@ -78,13 +78,6 @@ def _adjoint_padding(layer) -> list[tuple[int, int]] | None:
     return [(0, 0), *pads, (0, 0)]
 
 
-_KERNEL_RATIO = 32
-"""A convolution gets its explicit adjoint only if its kernel has at most this many times as
-many entries as its input: the kernel is flipped and transposed for every product, which on a
-small grid costs more than the autodiff backward pass saves (3×3×512×512 on 7×7: 0.62× in the
-solver loop; on 14×14, 24 times the input: 1.2-1.4× faster)."""
-
-
 def _flip(kernel, spatial: int):
     return ops.flip(kernel, axis=tuple(range(spatial)))
 
@@ -103,16 +96,19 @@ def _conv(layer, ctx: NodeContext) -> Linear:
             dilation_rate=layer.dilation_rate, data_format=layer.data_format,
         )
 
-    cheap = math.prod(layer.kernel.shape) <= _KERNEL_RATIO * math.prod(ctx.input_shape)
-    pads = _adjoint_padding(layer) if layer.groups == 1 and cheap else None
+    pads = _adjoint_padding(layer) if layer.groups == 1 else None
 
-    def adjoint(y):
-        kernel = ops.swapaxes(_flip(_weight(layer.kernel, y), len(layer.kernel_size)), -1, -2)
+    def prepare(dtype):  # once per solve: the flipped, channel-swapped kernel
+        return ops.swapaxes(_flip(ops.cast(layer.kernel, dtype), len(layer.kernel_size)), -1, -2)
+
+    def apply(y, kernel):
         return ops.conv(ops.pad(y, pads), kernel, strides=1, padding="valid",
                         dilation_rate=layer.dilation_rate, data_format=layer.data_format)
 
     bound = _with_certificate(layer, ctx, fn)
-    return dataclasses.replace(bound, adjoint=adjoint) if pads is not None else bound
+    if pads is None:
+        return bound
+    return dataclasses.replace(bound, adjoint=Adjoint(apply, prepare))
 
 
 def _depthwise_conv(layer, ctx: NodeContext) -> Linear:
@@ -124,15 +120,19 @@ def _depthwise_conv(layer, ctx: NodeContext) -> Linear:
 
     pads = _adjoint_padding(layer) if layer.depth_multiplier == 1 else None
 
-    def adjoint(y):  # one channel per group: the transposed kernel is the flipped kernel
+    def prepare(dtype):  # one channel per group: the transposed kernel is the flipped kernel
+        return _flip(ops.cast(layer.kernel, dtype), len(layer.kernel_size))
+
+    def apply(y, kernel):
         return ops.depthwise_conv(
-            ops.pad(y, pads), _flip(_weight(layer.kernel, y), len(layer.kernel_size)),
-            strides=1, padding="valid", dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
+            ops.pad(y, pads), kernel, strides=1, padding="valid",
+            dilation_rate=layer.dilation_rate, data_format=layer.data_format,
         )
 
     bound = _with_certificate(layer, ctx, fn)
-    return dataclasses.replace(bound, adjoint=adjoint) if pads is not None else bound
+    if pads is None:
+        return bound
+    return dataclasses.replace(bound, adjoint=Adjoint(apply, prepare))
 
 
 def _separable_conv(layer, ctx: NodeContext) -> Linear:
