@@ -208,9 +208,14 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
             # DGKS): float32 dot products over millions of entries are off by ~1e-7 of the
             # vector's norm, which matters when a pass leaves only a small fraction of it
             # (starts that are almost an eigenvector, the first step after a restart).
+            # Without XLA the passes read only the rows filled so far (a leading slice, no
+            # copy): a third less memory traffic on average over a restart cycle.
+            filled = basis if xla else basis[:j + 1]
+
             def project(w, h):
-                h2 = tf.linalg.matvec(basis, w)
-                return w - tf.matmul(h2[None], basis)[0], h + h2
+                h2 = tf.linalg.matvec(filled, w)
+                w = w - tf.matmul(h2[None], filled)[0]
+                return w, h + (h2 if xla else tf.pad(h2, [[0, m - j]]))
 
             rows = tf.stack([tf.maximum(j - 1, 0), j])
             local = tf.gather(basis, rows)
