@@ -201,15 +201,15 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
             scale = tf.maximum(scale, tf.norm(w))
             # Full re-orthogonalisation; the coefficients are the entries Q_iᵀ JᵀJ q_j of the
             # projected matrix (rows beyond j are still zero). A local pass first removes the
-            # two large Lanczos components, along q_j and q_{j-1}; one GEMV over the whole basis
-            # then removes the rest, and cancels little, so a second whole-basis pass (which
-            # costs as much memory traffic as a product on large inputs) is rarely needed.
-            # Further passes still run while the previous one cancelled much (Kahan-Parlett/
-            # DGKS): float32 dot products over millions of entries are off by ~1e-7 of the
-            # vector's norm, which matters when a pass leaves only a small fraction of it
-            # (starts that are almost an eigenvector, the first step after a restart).
-            # Without XLA the passes read only the rows filled so far (a leading slice, no
-            # copy): a third less memory traffic on average over a restart cycle.
+            # two large Lanczos components, along q_j and q_{j-1}; one pass (two GEMVs) over
+            # the basis then removes the rest and cancels little, so a second basis pass
+            # (memory-bound: about half a product on large inputs) is rarely needed. Further
+            # passes still run while the previous one cancelled much (Kahan-Parlett/DGKS):
+            # float32 dot products over millions of entries are off by ~1e-7 of the vector's
+            # norm, which matters when a pass leaves only a small fraction of it (starts that
+            # are almost an eigenvector, the first step after a restart). Without XLA the
+            # passes read only the rows filled so far (a leading slice): about a quarter less
+            # traffic on average over a restart cycle.
             filled = basis if xla else basis[:j + 1]
 
             def project(w, h):
