@@ -174,11 +174,11 @@ def test_warm_rerun_from_a_converged_vector_keeps_the_value():
     conv.build((None, 48, 48, 16))
     op = LinearOperator(lambda x: conv.convolution_op(x, conv.kernel), (48, 48, 16))
     solver = SpectralSolver([op])
-    first = solver.run(tol=1e-7, init=None)[0]
+    first = solver.run(tol=1e-5, init=None)[0]
     assert first.converged
     for _ in range(2):
         again = solver.run(tol=1e-5, init="warm")[0]
-        assert again.converged and again.products <= 8
+        assert again.converged and again.products <= 3
         assert again.sigma == pytest.approx(first.sigma, rel=1e-6)
 
 

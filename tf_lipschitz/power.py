@@ -302,7 +302,7 @@ class SpectralSolver:
 
     Example:
         >>> import keras, tf_lipschitz as tfl
-        >>> from tf_lipschitz.operators import LinearOperator, bind_adjoint
+        >>> from tf_lipschitz.operators import LinearOperator
         >>> w = keras.ops.convert_to_tensor([[3.0, 0.0], [0.0, 1.0]])
         >>> op = LinearOperator(lambda x: keras.ops.matmul(x, w), (2,), name="diag")
         >>> res = SpectralSolver([op]).run(tol=1e-8)[0]
