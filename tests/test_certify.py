@@ -339,3 +339,14 @@ def test_uncertified_member_makes_report_an_estimate(monkeypatch):
     assert not report.certified
     (row,) = [r for r in report.layers if r.kind == "linear"]
     assert row.certificate is None and row.bound_kind == "estimate"
+
+
+def test_certified_autolip_shows_progress(capsys):
+    model = keras.Sequential([keras.Input((6, 6, 2)),
+                              L.Conv2D(3, 3, padding="same", activation="relu"),
+                              L.Flatten(), L.Dense(2)])
+    tfl.LipschitzEstimator(model, verbose=1).autolip(certified=True)
+    out = capsys.readouterr().out
+    assert "2/2" in out and "/certificate" in out  # one step per linear group
+    tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
+    assert capsys.readouterr().out == ""

@@ -15,6 +15,7 @@ import time
 import warnings
 from typing import Sequence
 
+import keras
 import numpy as np
 
 from tf_lipschitz.certify import fused_certificate
@@ -215,7 +216,7 @@ class AutoLip:
 
     def run(self, *, certified: bool = False, init="warm", model_name: str = "model",
             spectral: dict[Group, SpectralResult] | None = None,
-            segments: Sequence[Segment] = ()) -> LipschitzReport:
+            segments: Sequence[Segment] = (), verbose: int = 0) -> LipschitzReport:
         """Computes the AutoLip bound.
 
         Args:
@@ -226,6 +227,8 @@ class AutoLip:
             model_name: Name shown in the report.
             spectral: Precomputed solver results (otherwise the solver runs).
             segments: Chains whose constant is given (SeqLip); their nodes are not re-bounded.
+            verbose: 1 shows a progress bar over the certificates (certified mode only; a
+                convolution on a small grid can take a minute, see :mod:`tf_lipschitz.gridconv`).
 
         Returns:
             A :class:`~tf_lipschitz.report.LipschitzReport`.
@@ -242,6 +245,9 @@ class AutoLip:
         in_group = {i for g in self.groups for i in g.nodes}
         segment_of_last = {seg.nodes[-1]: seg for seg in segments}
         in_segment = {i for seg in segments for i in seg.nodes}
+        bar = None
+        if certified and verbose:
+            bar = keras.utils.Progbar(len(self.groups), unit_name="certificate")
 
         for node in graph.nodes:
             i = node.index
@@ -285,6 +291,8 @@ class AutoLip:
                 continue  # interior of a fused chain: accounted for at its last node
             group = group_of_last[i]
             row, value, is_cert = self._group_row(group, bounds, spectral.get(group), certified)
+            if bar is not None:
+                bar.add(1)
             parent_lip = lip[group.parent] if group.parent is not None else 0.0
             lip[i] = value * parent_lip
             all_certified &= is_cert

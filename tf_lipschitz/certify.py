@@ -15,7 +15,9 @@ true operator norm of a layer's linear part on its real input shape, and tight:
   polyphase components of its input. The circular operator is block-diagonalised by the DFT of
   the polyphase kernel, so its norm is the largest singular value over a batch of small
   ``c_out × (c_in · Π strides)`` matrices, one per frequency, certified as above. Small
-  operators are materialised and bounded exactly instead (tighter: no boundary effect).
+  operators are materialised and bounded exactly instead (tighter: no boundary effect), and
+  stride-1 convolutions on small grids whose FFT bound shows a boundary effect get an exact
+  block-banded Cholesky certificate (:mod:`tf_lipschitz.gridconv`).
 - **Average pooling**: a Kronecker product of one-dimensional averaging matrices, whose norms
   are computed exactly.
 
@@ -48,6 +50,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_lipschitz.gridconv import small_grid_bound
+from tf_lipschitz.linalg import lanczos_ritz
 from tf_lipschitz.operators import LinearOperator, compose
 from tf_lipschitz.rules.normalization import DIAGONAL_LAYERS
 
@@ -126,29 +130,8 @@ def _lanczos_ritz(h: np.ndarray, steps: int = 32, seed: int = 0) -> np.ndarray:
     A Ritz value is a Rayleigh quotient, hence never above the top eigenvalue (up to rounding).
     It is only used to *propose* a bound, which the Cholesky test then proves.
     """
-    batch, r = h.shape[0], h.shape[-1]
-    k = min(steps, r)
-    q = np.random.default_rng(seed).standard_normal((batch, r)).astype(h.dtype)
-    q /= np.linalg.norm(q, axis=-1, keepdims=True)
-    basis = np.zeros((batch, k, r), h.dtype)
-    alpha = np.zeros((batch, k))
-    beta = np.zeros((batch, k))
-    for j in range(k):
-        basis[:, j] = q
-        w = np.matmul(h, q[..., None])[..., 0]
-        alpha[:, j] = np.real(np.sum(np.conj(q) * w, axis=-1))
-        active = basis[:, : j + 1]
-        for _ in range(2):  # full re-orthogonalisation, twice
-            coeff = np.matmul(np.conj(active), w[..., None])
-            w = w - np.matmul(np.swapaxes(active, -1, -2), coeff)[..., 0]
-        beta[:, j] = np.linalg.norm(w, axis=-1)
-        q = w / np.maximum(beta[:, j], 1e-300)[:, None]
-    tri = np.zeros((batch, k, k))
-    idx = np.arange(k)
-    tri[:, idx, idx] = alpha
-    tri[:, idx[:-1], idx[1:]] = beta[:, :-1]
-    tri[:, idx[1:], idx[:-1]] = beta[:, :-1]
-    return np.linalg.eigvalsh(tri)[:, -1]
+    start = np.random.default_rng(seed).standard_normal(h.shape[:-1]).astype(h.dtype)
+    return lanczos_ritz(lambda q: np.matmul(h, q[..., None])[..., 0], start, steps)
 
 
 def _cholesky_fails(shifted: np.ndarray) -> np.ndarray:
@@ -818,7 +801,7 @@ def _conv_kind(layer) -> str:
 
 def conv_certificate(layer, input_shape: Sequence[int], output_shape: Sequence[int],
                      fn: Callable | None = None, *, rtol: float = 1e-3,
-                     dense: bool = True) -> LayerCertificate:
+                     dense: bool = True, small_grid: bool = True) -> LayerCertificate:
     """Certificate of a convolution: exact when small, polyphase FFT otherwise.
 
     Covers ``Conv1D/2D/3D`` (any stride, dilation, padding, groups), ``DepthwiseConv1D/2D``,
@@ -835,6 +818,8 @@ def conv_certificate(layer, input_shape: Sequence[int], output_shape: Sequence[i
             route for small operators).
         rtol: Relative slack of the verified per-frequency bounds.
         dense: Allow the exact dense route for small operators.
+        small_grid: Allow the exact block-banded route of :mod:`tf_lipschitz.gridconv` for
+            stride-1 convolutions whose FFT bound shows a boundary effect (small grids).
 
     Returns:
         A :class:`LayerCertificate`.
@@ -845,8 +830,15 @@ def conv_certificate(layer, input_shape: Sequence[int], output_shape: Sequence[i
     def spec(in_scale, out_scale):
         return _conv_spec(layer, input_shape, output_shape, in_scale, out_scale)
 
+    spatial_out = output_shape[:-1] if channels_last else output_shape[1:]
+
     def structured(in_scale, out_scale):
-        return _conv_bound(spec(in_scale, out_scale), rtol)
+        conv = spec(in_scale, out_scale)
+        bound = _conv_bound(conv, rtol)
+        if small_grid:
+            exact = small_grid_bound(conv, spatial_out, rtol, safety_margin, bound)
+            bound = bound if exact is None else exact
+        return bound
 
     return LayerCertificate(structured, fn if dense else None, input_shape, output_shape,
                             -1 if channels_last else 0, "polyphase FFT", spec)

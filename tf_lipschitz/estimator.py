@@ -91,7 +91,8 @@ class LipschitzEstimator:
             n = len(self._autolip.operators)
             print(f"tf_lipschitz: AutoLip on '{self.name}': {len(self.graph) - 1} layer calls, "
                   f"{n} linear operators to measure ({self._autolip.method}).", flush=True)
-        return self._autolip.run(certified=certified, init=init, model_name=self.name)
+        return self._autolip.run(certified=certified, init=init, model_name=self.name,
+                                 verbose=self.verbose)
 
     def lower_bound(self, x: Any = None, **kwargs) -> LowerBound:
         """A proven lower bound: the largest Jacobian norm found by ascent over inputs.

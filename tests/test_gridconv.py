@@ -1,0 +1,180 @@
+"""Exact small-grid certificates (block-banded Cholesky) against each layer's dense matrix.
+
+Ground truth is the layer's own dense matrix (``layer(e_i)`` on the standard basis, float64
+SVD). For stride-1 convolutions of every kind:
+
+- :class:`GridConv` reproduces the layer's output, and its adjoint and Gram blocks are the
+  transpose and ``AᵀA`` of that matrix;
+- the block Cholesky test succeeds just above ``‖A‖²`` and fails just below it;
+- the small-grid certificate is within ``[exact, exact · 1.01]`` where the FFT bound is not,
+  and a failed proposal falls back to the (valid) FFT bound.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from tf_lipschitz import certify, gridconv, linalg
+
+L = keras.layers
+
+CASES = [
+    ("conv2d-same", lambda: L.Conv2D(5, 3, padding="same"), (6, 5, 3)),
+    ("conv2d-valid-d2", lambda: L.Conv2D(4, 3, padding="valid", dilation_rate=2), (7, 6, 3)),
+    ("conv2d-groups", lambda: L.Conv2D(4, (3, 2), padding="same", groups=2), (5, 6, 4)),
+    ("conv1d-causal", lambda: L.Conv1D(3, 3, padding="causal"), (9, 2)),
+    ("conv1d-wide", lambda: L.Conv1D(2, 3, padding="same"), (6, 5)),  # Gram on the output side
+    ("conv3d-same", lambda: L.Conv3D(2, 2, padding="same"), (3, 4, 3, 2)),
+    ("dw2d-same", lambda: L.DepthwiseConv2D(3, padding="same", depth_multiplier=2), (5, 5, 3)),
+    ("sep2d-same", lambda: L.SeparableConv2D(4, 3, padding="same"), (5, 4, 3)),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _layer(make, shape, seed=0):
+    layer = make()
+    keras.Sequential([keras.Input(shape), layer])
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.standard_normal(w.shape).astype("float32") for w in layer.weights])
+    return layer
+
+
+def _dense(layer, shape):
+    """The layer's linear part as a float64 matrix ``(n_out, n_in)``, from its own outputs."""
+    n = math.prod(shape)
+    basis = np.eye(n, dtype="float32").reshape((n, *shape))
+    out = np.asarray(layer(basis)) - np.asarray(layer(np.zeros((1, *shape), "float32")))
+    return out.reshape(n, -1).T.astype("float64")
+
+
+@pytest.fixture(scope="module", params=CASES, ids=IDS)
+def case(request):
+    _, make, shape = request.param
+    layer = _layer(make, shape)
+    out_shape = tuple(layer.compute_output_shape((1, *shape))[1:])
+    spec = certify.conv_certificate(layer, shape, out_shape).spec(None, None)
+    taps, shifts = spec.taps()
+    op = gridconv.GridConv(taps, shifts, spec.offset, spec.spatial, out_shape[:-1])
+    matrix = _dense(layer, shape)
+    return {"layer": layer, "shape": shape, "out_shape": out_shape, "spec": spec, "op": op,
+            "matrix": matrix, "exact": float(np.linalg.svd(matrix, compute_uv=False)[0])}
+
+
+def _grouped(x, groups):
+    """``(*grid, groups·a)`` → ``(groups, *grid, a)``: group ``g`` owns channels ``[g·a, …)``."""
+    return np.moveaxis(x.reshape(*x.shape[:-1], groups, -1), -2, 0)
+
+
+def _by_group(matrix, op):
+    """Per-group diagonal blocks of the dense matrix, in the grouped layout of :class:`GridConv`."""
+    grid_in, grid_out, g = op.grid_in, op.grid_out, op.groups
+    n_in, n_out = math.prod(grid_in), math.prod(grid_out)
+    a, b = op.taps.shape[-1], op.taps.shape[-2]
+    m = matrix.reshape(n_out, g, b, n_in, g, a)
+    return np.stack([m[:, k, :, :, k, :].reshape(n_out * b, n_in * a) for k in range(g)])
+
+
+def test_apply_matches_layer(case):
+    op, shape = case["op"], case["shape"]
+    x = np.random.default_rng(1).standard_normal(shape)
+    layer = case["layer"]  # the linear part: minus the bias
+    expected = np.asarray(layer(x[None].astype("float32")) - layer(np.zeros_like(x[None])))[0]
+    got = op.apply(_grouped(x, op.groups))
+    got = np.moveaxis(got.reshape(op.groups, *case["out_shape"][:-1], -1), 0, -2)
+    np.testing.assert_allclose(got.reshape(expected.shape), expected, atol=1e-5)
+
+
+def test_adjoint_is_transpose(case):
+    op = case["op"]
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((op.groups, op.size_in))
+    y = rng.standard_normal((op.groups, op.size_out))
+    lhs = np.sum(op.apply(x).reshape(y.shape) * y)
+    rhs = np.sum(x * op.adjoint(y).reshape(x.shape))
+    assert lhs == pytest.approx(rhs, rel=1e-12)
+
+
+def test_gram_blocks_are_gram_of_dense_matrix(case):
+    op = case["op"]
+    blocks = _by_group(case["matrix"], op)
+    gram = np.matmul(np.swapaxes(blocks, -1, -2), blocks)
+    np.testing.assert_allclose(op.dense_gram(), gram, atol=1e-5 * np.abs(gram).max())
+    t = op.transpose()  # the output-side Gram through the adjoint convolution
+    np.testing.assert_allclose(t.dense_gram(), np.matmul(blocks, np.swapaxes(blocks, -1, -2)),
+                               atol=1e-5 * np.abs(gram).max())
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_banded_cholesky_brackets_the_norm(case, side):
+    op = case["op"] if side == "input" else case["op"].transpose()
+    exact = case["exact"]
+
+    def passes(level):
+        return all(linalg.banded_cholesky_succeeds(gridconv._shifted(op, level, g), op.rows,
+                                                   op.bandwidth) for g in range(op.groups))
+
+    assert passes((exact * (1 + 1e-3)) ** 2)
+    assert not passes((exact * (1 - 1e-3)) ** 2)
+
+
+def test_small_grid_bound_is_tight(case, monkeypatch):
+    monkeypatch.setattr(gridconv, "DENSE_GRAM_SIDE", 0)  # force the block Cholesky route
+    monkeypatch.setattr(gridconv, "TIGHT", 0.0)  # even where the FFT bound is nearly tight
+    exact = case["exact"]
+    loose = certify._conv_bound(case["spec"], 1e-3)
+    bound = gridconv.small_grid_bound(case["spec"], case["out_shape"][:-1], 1e-3,
+                                      certify.safety_margin, loose)
+    assert exact <= bound <= min(loose, exact * 1.01)
+
+
+def test_failed_proposal_keeps_the_fft_bound(case, monkeypatch):
+    monkeypatch.setattr(gridconv, "DENSE_GRAM_SIDE", 0)
+    low = lambda matvec, start, steps: np.full(len(start), (0.9 * case["exact"]) ** 2)
+    monkeypatch.setattr(gridconv, "lanczos_ritz", low)
+    loose = certify._conv_bound(case["spec"], 1e-3)
+    bound = gridconv.small_grid_bound(case["spec"], case["out_shape"][:-1], 1e-3,
+                                      certify.safety_margin, loose)
+    assert bound is None
+
+
+def test_structured_certificate_uses_the_small_grid_route():
+    shape = (7, 7, 24)  # too large for the dense route at 2048: block Cholesky, 7 block rows
+    layer = _layer(lambda: L.Conv2D(24, 3, padding="same", use_bias=False), shape, seed=3)
+    exact = float(np.linalg.svd(_dense(layer, shape), compute_uv=False)[0])
+    fft_only = certify.conv_certificate(layer, shape, shape, small_grid=False)
+    refined = certify.conv_certificate(layer, shape, shape)
+    assert fft_only.structured(None, None) > exact * 1.01
+    assert exact <= refined.structured(None, None) <= exact * 1.01
+
+
+def test_one_by_one_kernels_skip_the_route():
+    layer = _layer(lambda: L.Conv2D(4, 1), (5, 5, 3))
+    spec = certify.conv_certificate(layer, (5, 5, 3), (5, 5, 4)).spec(None, None)
+    assert gridconv.small_grid_bound(spec, (5, 5), 1e-3, certify.safety_margin, 1.0) is None
+
+
+def test_strided_convolutions_skip_the_route():
+    layer = _layer(lambda: L.Conv2D(4, 3, strides=2, padding="same"), (6, 6, 3))
+    spec = certify.conv_certificate(layer, (6, 6, 3), (3, 3, 4)).spec(None, None)
+    assert gridconv.small_grid_bound(spec, (3, 3), 1e-3, certify.safety_margin, 9.0) is None
+
+
+def test_flop_limit_skips_the_route(monkeypatch):
+    monkeypatch.setattr(gridconv, "BANDED_FLOP_LIMIT", 0)
+    monkeypatch.setattr(gridconv, "DENSE_GRAM_SIDE", 0)
+    layer = _layer(lambda: L.Conv2D(4, 3, padding="same"), (6, 6, 3))
+    spec = certify.conv_certificate(layer, (6, 6, 3), (6, 6, 4)).spec(None, None)
+    assert gridconv.small_grid_bound(spec, (6, 6), 1e-3, certify.safety_margin, 9.0) is None
+
+
+def test_lanczos_ritz_is_below_and_close_to_the_top():
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((3, 40, 40))
+    h = np.matmul(np.swapaxes(a, -1, -2), a)
+    top = np.linalg.eigvalsh(h)[:, -1]
+    ritz = linalg.lanczos_ritz(lambda q: np.matmul(h, q[..., None])[..., 0],
+                               rng.standard_normal((3, 40)), steps=40)
+    assert np.all(ritz <= top * (1 + 1e-12))
+    np.testing.assert_allclose(ritz, top, rtol=1e-10)
