@@ -161,6 +161,12 @@ def test_strided_convolutions_skip_the_route():
     assert gridconv.small_grid_bound(spec, (3, 3), 1e-3, certify.safety_margin, 9.0) is None
 
 
+def test_large_grids_skip_the_route():
+    layer = _layer(lambda: L.Conv2D(2, 3, padding="same"), (17, 3, 2))
+    spec = certify.conv_certificate(layer, (17, 3, 2), (17, 3, 2)).spec(None, None)
+    assert gridconv.small_grid_bound(spec, (17, 3), 1e-3, certify.safety_margin, 9.0) is None
+
+
 def test_flop_limit_skips_the_route(monkeypatch):
     monkeypatch.setattr(gridconv, "BANDED_FLOP_LIMIT", 0)
     monkeypatch.setattr(gridconv, "DENSE_GRAM_SIDE", 0)
