@@ -84,6 +84,7 @@ class GridConv:
         self.shifts, self.offset = shifts, offset
         self.grid_in, self.grid_out = tuple(int(n) for n in grid_in), tuple(int(n) for n in grid_out)
         self._products = None
+        self._pairs: dict[int, list[tuple[int, int]]] = {}
 
     @property
     def groups(self) -> int:
@@ -157,51 +158,60 @@ class GridConv:
         """``AᵀA x`` on flat per-group vectors ``(groups, size_in)``."""
         return self.adjoint(self.apply(x)).reshape(self.groups, -1)
 
-    def block(self, row: int, col: int, group: int | None = None) -> np.ndarray:
+    def block(self, row: int, col: int, groups: slice = slice(None)) -> np.ndarray:
         """Block ``(row, col)`` of ``AᵀA``: input rows ``row`` and ``col`` of the first axis.
 
         ``M_{u,v} = Σ_i Σ_{q: i+q−p=u} Σ_{q': i+q'−p=v} A_qᵀ A_{q'}``; for rows ``(r, c)`` the
         pair of taps fixes the output row ``i₀ = r − q₀ + p₀`` (needs ``q₀ − q'₀ = r − c``),
         and the remaining axes pair input positions through every output position.
 
+        Args:
+            row: Block row (input row along the first axis).
+            col: Block column.
+            groups: The groups to assemble (a slice; all by default).
+
         Returns:
-            ``(groups, m, m)`` (or ``(m, m)`` for one ``group``), a fresh float64 array.
+            ``(selected groups, m, m)``, a fresh float64 array.
         """
         if self._products is None:  # A_qᵀ A_{q'} for every pair of taps: (Q, Q, G, a, a)
             t = self.taps
             self._products = np.matmul(np.swapaxes(t, -1, -2)[:, None], t[None])
-        products = self._products if group is None else self._products[:, :, group:group + 1]
+            self._pairs = {}  # row offset q₀ − q'₀ → pairs of taps
+            for ti, qi in enumerate(self.shifts):
+                for tj, qj in enumerate(self.shifts):
+                    self._pairs.setdefault(int(qi[0] - qj[0]), []).append((ti, tj))
+        products = self._products[:, :, groups]
         rest_in, rest_out = self.grid_in[1:], self.grid_out[1:]
         positions = np.indices(rest_out).reshape(len(rest_out), -1).T
         a = self.taps.shape[-1]
         out = np.zeros((products.shape[2], math.prod(rest_in), a, math.prod(rest_in), a))
-        for ti, qi in enumerate(self.shifts):
-            start = row - qi[0] + self.offset[0]
-            if not 0 <= start < self.grid_out[0]:
-                continue
+        for ti, tj in self._pairs.get(row - col, ()):
+            qi, qj = self.shifts[ti], self.shifts[tj]
+            if not 0 <= row - qi[0] + self.offset[0] < self.grid_out[0]:
+                continue  # the output row that would pair them is outside the output grid
             u = positions + qi[1:] - self.offset[1:]
-            u_ok = np.all((u >= 0) & (u < rest_in), axis=1)
-            for tj, qj in enumerate(self.shifts):
-                if qi[0] - qj[0] != row - col:
-                    continue
-                v = positions + qj[1:] - self.offset[1:]
-                ok = u_ok & np.all((v >= 0) & (v < rest_in), axis=1)
-                if ok.any():
-                    uf = np.ravel_multi_index(u[ok].T, rest_in)
-                    vf = np.ravel_multi_index(v[ok].T, rest_in)
-                    for ui, vi in zip(uf, vf):  # basic indexing: views, no copies
-                        out[:, ui, :, vi, :] += products[ti, tj]
+            v = positions + qj[1:] - self.offset[1:]
+            ok = np.all((u >= 0) & (u < rest_in) & (v >= 0) & (v < rest_in), axis=1)
+            if not ok.any():
+                continue
+            uf = np.ravel_multi_index(u[ok].T, rest_in)
+            vf = np.ravel_multi_index(v[ok].T, rest_in)  # distinct pairs (uf, vf) per tap pair
+            if a < 16:  # many small blocks: one fancy-indexed update
+                out[:, uf, :, vf, :] += products[ti, tj]
+            else:  # few large blocks: basic indexing, views without copies
+                for ui, vi in zip(uf, vf):
+                    out[:, ui, :, vi, :] += products[ti, tj]
         m = self.block_side
-        out = out.reshape(-1, m, m)
-        return out if group is None else out[0]
+        return out.reshape(-1, m, m)
 
-    def dense_gram(self) -> np.ndarray:
-        """The whole ``AᵀA`` per group, ``(groups, size_in, size_in)``."""
+    def dense_gram(self, groups: slice = slice(None)) -> np.ndarray:
+        """The whole ``AᵀA`` of the selected groups, ``(groups, size_in, size_in)``."""
         m, w = self.block_side, self.bandwidth
-        out = np.zeros((self.groups, self.size_in, self.size_in))
+        count = len(range(self.groups)[groups])
+        out = np.zeros((count, self.size_in, self.size_in))
         for r in range(self.rows):
             for c in range(max(0, r - w), r + 1):
-                blk = self.block(r, c)
+                blk = self.block(r, c, groups)
                 out[:, r * m:(r + 1) * m, c * m:(c + 1) * m] = blk
                 out[:, c * m:(c + 1) * m, r * m:(r + 1) * m] = np.swapaxes(blk, -1, -2)
         return out
@@ -246,8 +256,10 @@ def small_grid_bound(spec, grid_out: Sequence[int], rtol: float,
     margin = margin_of(op.size_out, op.size_in)
     if op.size_in > op.size_out:
         op = op.transpose()
-    if op.size_in <= DENSE_GRAM_SIDE:
-        lam = float(np.max(np.linalg.eigvalsh(op.dense_gram())[:, -1]))
+    if op.size_in <= DENSE_GRAM_SIDE:  # exact, in chunks of groups of at most 256 MB
+        chunk = max(1, (256 << 20) // (8 * op.size_in ** 2))
+        lam = max(float(np.max(np.linalg.eigvalsh(op.dense_gram(slice(g, g + chunk)))[:, -1]))
+                  for g in range(0, op.groups, chunk))
         return min(loose, math.sqrt(max(lam, 0.0)) * (1.0 + margin) * scale)
     flops = op.groups * banded_cholesky_flops(op.rows, op.block_side, op.bandwidth)
     if flops > BANDED_FLOP_LIMIT:
@@ -268,7 +280,7 @@ def small_grid_bound(spec, grid_out: Sequence[int], rtol: float,
 def _shifted(op: GridConv, level: float, group: int) -> Callable[[int, int], np.ndarray]:
     """Blocks of ``level · I − AᵀA`` for one group."""
     def block(r: int, c: int) -> np.ndarray:
-        out = -op.block(r, c, group)
+        out = -op.block(r, c, slice(group, group + 1))[0]
         if r == c:
             out[np.diag_indices_from(out)] += level
         return out

@@ -34,14 +34,22 @@ except ImportError:  # pragma: no cover - scipy is not a dependency
 
 __all__ = ["lanczos_ritz", "banded_cholesky_succeeds", "banded_cholesky_flops"]
 
+_BREAKDOWN = 1e-10
+"""Lanczos breakdown: a residual below this fraction of ``‖H‖`` (estimated) ends the basis."""
+
 
 def lanczos_ritz(matvec: Callable[[np.ndarray], np.ndarray], start: np.ndarray,
                  steps: int) -> np.ndarray:
-    """Largest Ritz value of Hermitian operators after ``steps`` Lanczos steps.
+    """Largest Ritz value of positive semi-definite operators after ``steps`` Lanczos steps.
 
     Full re-orthogonalisation (twice) in the dtype of ``start``. A Ritz value is a Rayleigh
     quotient, hence never above the top eigenvalue (up to rounding): it is only used to
-    *propose* a bound, which a Cholesky test then proves.
+    *propose* a bound, which a Cholesky test then proves. When the Krylov space of an operator
+    becomes invariant (``β`` at rounding level: repeated eigenvalues, a null space, fewer
+    distinct eigenvalues than steps), its basis stops growing; normalising the rounding noise
+    instead would add a direction that is not orthogonal to the basis and Ritz values far above
+    the spectrum. The padded steps add zero rows and columns to the projected matrix, harmless
+    for positive semi-definite operators.
 
     Args:
         matvec: ``matvec(q) -> H q`` for a batch ``q`` of shape ``(batch, n)``.
@@ -57,16 +65,20 @@ def lanczos_ritz(matvec: Callable[[np.ndarray], np.ndarray], start: np.ndarray,
     basis = np.zeros((batch, k, n), start.dtype)
     alpha = np.zeros((batch, k))
     beta = np.zeros((batch, k))
+    scale = np.zeros(batch)
     for j in range(k):
         basis[:, j] = q
         w = matvec(q)
+        scale = np.maximum(scale, np.linalg.norm(w, axis=-1))
         alpha[:, j] = np.real(np.sum(np.conj(q) * w, axis=-1))
         active = basis[:, : j + 1]
         for _ in range(2):  # full re-orthogonalisation, twice
             coeff = np.matmul(np.conj(active), w[..., None])
             w = w - np.matmul(np.swapaxes(active, -1, -2), coeff)[..., 0]
-        beta[:, j] = np.linalg.norm(w, axis=-1)
-        q = w / np.maximum(beta[:, j], 1e-300)[:, None]
+        norm = np.linalg.norm(w, axis=-1)
+        alive = norm > _BREAKDOWN * np.maximum(scale, 1e-300)  # else: invariant, stop growing
+        beta[:, j] = np.where(alive, norm, 0.0)
+        q = np.where(alive[:, None], w / np.maximum(norm, 1e-300)[:, None], 0.0)
     tri = np.zeros((batch, k, k))
     idx = np.arange(k)
     tri[:, idx, idx] = alpha
