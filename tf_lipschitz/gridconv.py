@@ -82,7 +82,8 @@ class GridConv:
                                          np.append(grid_out, 1))
         self.taps = np.asarray(taps, np.float64)
         self.shifts, self.offset = shifts, offset
-        self.grid_in, self.grid_out = tuple(int(n) for n in grid_in), tuple(int(n) for n in grid_out)
+        self.grid_in = tuple(int(n) for n in grid_in)
+        self.grid_out = tuple(int(n) for n in grid_out)
         self._products = None
         self._pairs: dict[int, list[tuple[int, int]]] = {}
 
@@ -176,8 +177,7 @@ class GridConv:
         if self._products is None:  # A_qᵀ A_{q'} for every pair of taps: (Q, Q, G, a, a)
             t = self.taps
             self._products = np.matmul(np.swapaxes(t, -1, -2)[:, None], t[None])
-            self._pairs = {}  # row offset q₀ − q'₀ → pairs of taps
-            for ti, qi in enumerate(self.shifts):
+            for ti, qi in enumerate(self.shifts):  # row offset q₀ − q'₀ → pairs of taps
                 for tj, qj in enumerate(self.shifts):
                     self._pairs.setdefault(int(qi[0] - qj[0]), []).append((ti, tj))
         products = self._products[:, :, groups]
