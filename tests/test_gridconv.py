@@ -194,6 +194,37 @@ def test_one_by_one_kernels_skip_the_route():
     assert gridconv.small_grid_bound(spec, (5, 5), 1e-3, certify.safety_margin, 1.0) is None
 
 
+def test_single_tap_kernels_skip_the_route_and_the_fft_bound_is_exact():
+    layer = _layer(lambda: L.Conv2D(4, 3, padding="same", use_bias=False), (5, 6, 3), seed=2)
+    kernel = np.zeros_like(layer.get_weights()[0])
+    kernel[0, 2] = np.random.default_rng(2).standard_normal(kernel.shape[2:])  # off-centre tap
+    layer.set_weights([kernel])
+    exact = float(np.linalg.svd(_dense(layer, (5, 6, 3)), compute_uv=False)[0])
+    cert = certify.conv_certificate(layer, (5, 6, 3), (5, 6, 4))
+    spec = cert.spec(None, None)
+    assert gridconv.small_grid_bound(spec, (5, 6), 1e-3, certify.safety_margin, 9.0) is None
+    assert exact <= cert.structured(None, None) <= exact * 1.001
+
+
+def test_flop_count_follows_the_factorisation():
+    for rows, bandwidth in ((7, 2), (2, 3), (1, 2), (5, 0)):
+        multiplies = []
+
+        def block(r, c, multiplies=multiplies):
+            multiplies.append((r, c))
+            return (4.0 * np.eye(3) if r == c else 0.1 * np.ones((3, 3)))
+
+        assert linalg.banded_cholesky_succeeds(block, rows, bandwidth)
+        below = [min(bandwidth, rows - 1 - i) for i in range(rows)]
+        # blocks requested = diagonal + off-diagonal blocks inside the band
+        assert len(multiplies) == rows + sum(below)
+        m3 = 27.0
+        assert linalg.banded_cholesky_flops(rows, 3, bandwidth) == pytest.approx(
+            m3 * sum(1 / 3 + b + b * (b + 1) for b in below))
+    # bandwidth beyond the matrix: one dense factorisation, no phantom blocks
+    assert linalg.banded_cholesky_flops(1, 10, 5) == pytest.approx(1000 / 3)
+
+
 def test_strided_convolutions_skip_the_route():
     layer = _layer(lambda: L.Conv2D(4, 3, strides=2, padding="same"), (6, 6, 3))
     spec = certify.conv_certificate(layer, (6, 6, 3), (3, 3, 4)).spec(None, None)

@@ -51,7 +51,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_lipschitz.gridconv import small_grid_bound
-from tf_lipschitz.linalg import lanczos_ritz
+from tf_lipschitz.linalg import lanczos_ritz, top_eigenvalue
 from tf_lipschitz.operators import LinearOperator, compose
 from tf_lipschitz.rules.normalization import DIAGONAL_LAYERS
 
@@ -176,7 +176,7 @@ def _max_eigenvalue(symbols: Callable[[np.ndarray], np.ndarray], count: int, chu
         indices = np.sort(order[start:start + chunk])  # generation order within a chunk
         h = symbols(indices)
         if side <= EXACT_EIG_LIMIT:
-            best = max(best, float(np.max(np.linalg.eigvalsh(h)[..., -1])))
+            best = max(best, top_eigenvalue(h))
             continue
         if level == 0.0:
             lead = h if priority is None else h[np.argsort(-priority[indices])[:4]]
@@ -186,7 +186,7 @@ def _max_eigenvalue(symbols: Callable[[np.ndarray], np.ndarray], count: int, chu
         failed = _cholesky_fails(level * (1.0 - margin) * np.eye(side, dtype=h.dtype) - h)
         best = max(best, level)
         if failed.any():
-            exact = float(np.max(np.linalg.eigvalsh(h[failed])[..., -1]))
+            exact = top_eigenvalue(h[failed])
             best = max(best, exact)
             level = max(level, exact * (1.0 + rtol) ** 2)
     return best
@@ -319,7 +319,7 @@ def max_singular_value(matrices: Any, *, method: str = "auto", rtol: float = 1e-
         return _loose_matrix_bound(a) * (1.0 + margin) * scale
     h = _gram(a)
     if method == "exact":
-        lam = float(max(np.max(np.linalg.eigvalsh(h)[..., -1]), 0.0))
+        lam = max(top_eigenvalue(h), 0.0)
     else:
         lam = _top_eigenvalue_bound(h, rtol, margin)
     return math.sqrt(lam) * (1.0 + margin) * scale

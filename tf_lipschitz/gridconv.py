@@ -36,7 +36,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tf_lipschitz.linalg import banded_cholesky_flops, banded_cholesky_succeeds, lanczos_ritz
+from tf_lipschitz.linalg import banded_cholesky_flops, banded_cholesky_succeeds, lanczos_ritz, \
+    top_eigenvalue
 
 __all__ = ["GridConv", "small_grid_bound", "BANDED_FLOP_LIMIT"]
 
@@ -221,9 +222,9 @@ def small_grid_bound(spec, grid_out: Sequence[int], rtol: float,
                      margin_of: Callable[[int, int], float], loose: float) -> float | None:
     """Certified norm of a stride-1 convolution without boundary effect, or ``None``.
 
-    ``None`` when the route does not apply (strides, transposed convolutions, kernels whose
-    symbol is constant, for which the FFT bound is already exact, grids larger than
-    :data:`SMALL_GRID`), when the FFT
+    ``None`` when the route does not apply (strides, transposed convolutions, kernels with a
+    single non-zero tap, whose symbol has a constant norm so that the FFT bound is already
+    exact, grids larger than :data:`SMALL_GRID`), when the FFT
     bound ``loose`` is already within :data:`TIGHT` of the Lanczos value, when the block Cholesky
     test would exceed :data:`BANDED_FLOP_LIMIT` flops, or when the test fails twice (the
     proposal was not the top singular value: ``loose`` stays, and it is valid).
@@ -245,9 +246,9 @@ def small_grid_bound(spec, grid_out: Sequence[int], rtol: float,
     if max(max(spec.spatial), max(grid_out)) > SMALL_GRID:
         return None
     taps, shifts = spec.taps()  # (Q, groups, b, a)
-    big = float(np.max(np.abs(taps))) if taps.size else 0.0
-    if big == 0.0:
+    if np.count_nonzero(np.any(taps != 0, axis=(1, 2, 3))) <= 1:  # one tap (or none): exact
         return None
+    big = float(np.max(np.abs(taps)))
     scale = 2.0 ** math.frexp(big)[1]  # exact rescaling: no overflow or underflow
     order = np.argsort([-n for n in spec.spatial], kind="stable")  # largest axis first:
     take = lambda v: [v[i] for i in order]                           # the smallest blocks
@@ -258,7 +259,7 @@ def small_grid_bound(spec, grid_out: Sequence[int], rtol: float,
         op = op.transpose()
     if op.size_in <= DENSE_GRAM_SIDE:  # exact, in chunks of groups of at most 256 MB
         chunk = max(1, (256 << 20) // (8 * op.size_in ** 2))
-        lam = max(float(np.max(np.linalg.eigvalsh(op.dense_gram(slice(g, g + chunk)))[:, -1]))
+        lam = max(top_eigenvalue(op.dense_gram(slice(g, g + chunk)))
                   for g in range(0, op.groups, chunk))
         return min(loose, math.sqrt(max(lam, 0.0)) * (1.0 + margin) * scale)
     flops = op.groups * banded_cholesky_flops(op.rows, op.block_side, op.bandwidth)

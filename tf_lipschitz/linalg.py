@@ -32,10 +32,23 @@ try:  # LAPACK trsm, about 2.5x faster than TensorFlow's on CPU; optional
 except ImportError:  # pragma: no cover - scipy is not a dependency
     _scipy_solve_triangular = None
 
-__all__ = ["lanczos_ritz", "banded_cholesky_succeeds", "banded_cholesky_flops"]
+__all__ = ["top_eigenvalue", "lanczos_ritz", "banded_cholesky_succeeds", "banded_cholesky_flops"]
 
 _BREAKDOWN = 1e-10
 """Lanczos breakdown: a residual below this fraction of ``‖H‖`` (estimated) ends the basis."""
+
+
+def top_eigenvalue(h: np.ndarray) -> float:
+    """Exact largest eigenvalue over a batch of Hermitian matrices ``(..., n, n)`` (``eigvalsh``).
+
+    The reference the certificates fall back on when a matrix is small enough, or when a
+    Cholesky test fails and the level must be raised to a true eigenvalue.
+
+    Example:
+        >>> top_eigenvalue(np.stack([np.diag([1.0, 3.0]), np.diag([2.0, 0.5])]))
+        3.0
+    """
+    return float(np.max(np.linalg.eigvalsh(h)[..., -1]))
 
 
 def lanczos_ritz(matvec: Callable[[np.ndarray], np.ndarray], start: np.ndarray,
@@ -97,11 +110,17 @@ def _solve_lower(lower: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 def banded_cholesky_flops(rows: int, block: int, bandwidth: int) -> float:
     """Floating-point operations of :func:`banded_cholesky_succeeds` (leading terms).
 
-    Per block row: one ``m³/3`` factorisation, ``w`` triangular solves (``m³`` each) and
-    ``w(w+1)/2`` block updates (``2m³`` each), for block side ``m`` and bandwidth ``w``.
+    Per block row: one ``m³/3`` factorisation, ``b`` triangular solves (``m³`` each) and
+    ``b(b+1)/2`` block updates (``2m³`` each), for block side ``m``, where ``b`` is the
+    bandwidth ``w`` except in the last ``w`` block rows, which have fewer rows below them.
+
+    Example:
+        >>> banded_cholesky_flops(rows=1, block=3, bandwidth=2)  # one dense 3×3 factorisation
+        9.0
     """
     m3 = float(block) ** 3
-    return rows * m3 * (1.0 / 3.0 + bandwidth + bandwidth * (bandwidth + 1))
+    below = [min(bandwidth, rows - 1 - i) for i in range(rows)]
+    return m3 * sum(1.0 / 3.0 + b + b * (b + 1) for b in below)
 
 
 def banded_cholesky_succeeds(block: Callable[[int, int], np.ndarray], rows: int,
