@@ -13,9 +13,9 @@ The blocks are assembled in float64 from the taps' products ``A_qᵀA_{q'}``, a 
 the exact operator proposes ``τ = σ_ritz (1 + rtol)``, and a block Cholesky factorisation of
 ``τ²(1 − margin)I − M``, streamed block row by block row
 (:func:`~tf_lipschitz.linalg.banded_cholesky_succeeds`), proves ``‖A‖ ≤ τ``. There is no
-boundary effect: the certificate is within ``rtol`` of the true norm. The cost,
-``R·(w² + 2w + ⅓)·m³`` flops, limits the route to small grids (:data:`SMALL_GRID`,
-:data:`BANDED_FLOP_LIMIT`): ResNet50's 7×7×512 convolutions take ``2.7·10¹²`` flops (about
+boundary effect: the certificate is within ``rtol`` of the true norm. The cost, up to
+``(w² + 2w + ⅓)·m³`` flops per block row, limits the route to small grids (:data:`SMALL_GRID`,
+:data:`BANDED_FLOP_LIMIT`): ResNet50's 7×7×512 convolutions take ``2.1·10¹²`` flops (about
 40 s on two CPU cores).
 
 Example:
@@ -42,7 +42,7 @@ from tf_lipschitz.linalg import banded_cholesky_flops, banded_cholesky_succeeds,
 __all__ = ["GridConv", "small_grid_bound", "BANDED_FLOP_LIMIT"]
 
 BANDED_FLOP_LIMIT = 4e12
-"""Largest flop count of a block-banded certificate (ResNet50's 7×7×512 convolutions: 2.7e12)."""
+"""Largest flop count of a block-banded certificate (ResNet50's 7×7×512 convolutions: 2.1e12)."""
 
 DENSE_GRAM_SIDE = 2048
 """Per-group Gram sides up to this get an exact ``eigvalsh`` instead of the Cholesky test."""
