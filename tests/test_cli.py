@@ -235,6 +235,7 @@ def test_subclassed_model_is_analysed_on_its_graph(tmp_path, capsys):
 def bad_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     (root / "corrupt.keras").write_bytes(b"this is not a zip archive")
+    (root / "corrupt.h5").write_bytes(b"this is not an HDF5 file")
     (root / "model.onnx").write_bytes(b"\x00")
     (root / "not_a_model").mkdir()
     (root / "corrupt_sm").mkdir()
@@ -253,13 +254,15 @@ def bad_models(tmp_path_factory):
 
 @pytest.mark.parametrize("make_args, code, pattern", [
     (lambda b, s, c: [b["root"] / "missing.keras"], 2, r"^error: .*missing\.keras': no such file"),
-    (lambda b, s, c: [b["root"] / "corrupt.keras"], 2, r"^error: cannot load .*corrupt\.keras"),
+    (lambda b, s, c: [b["root"] / "corrupt.keras"], 2,
+     r"^error: .*corrupt\.keras' is not a \.keras archive"),
+    (lambda b, s, c: [b["root"] / "corrupt.h5"], 2, r"^error: .*corrupt\.h5' is not an HDF5 file"),
     (lambda b, s, c: [b["root"] / "model.onnx"], 2, r"^error: .*unrecognised model format"),
     (lambda b, s, c: [b["root"] / "not_a_model"], 2, r"^error: .*not a SavedModel"),
     (lambda b, s, c: [b["root"] / "corrupt_sm"], 2, r"^error: Could not read the SavedModel"),
     (lambda b, s, c: [s["savedmodel"], "--signature", "nope"], 2,
      r"^error: .*no signature 'nope'; available signatures: serve, serving_default"),
-    (lambda b, s, c: [c[0]], 2, r"^error: .*unknown dimensions.*--input-shape"),
+    (lambda b, s, c: [c[0]], 2, r"^error: .*unknown dimensions.*--input-shape 1,224,224,1\)"),
     (lambda b, s, c: [c[0], "--input-shape", "1,6,6,3"], 2,
      r"^error: --input-shape .*does not fit"),
     (lambda b, s, c: [s["keras"], "--input-shape", "1,x"], 2, r"^error: .*invalid shape '1,x'"),
@@ -271,20 +274,40 @@ def bad_models(tmp_path_factory):
                                     r"'Sin' \(node '.*Sin.*'\)"),
     (lambda b, s, c: [b["product"]], 3, r"^unsupported model: .*\(Mul\) is not globally "
                                         r"Lipschitz"),
-], ids=["missing", "corrupt-keras", "format", "dir", "corrupt-savedmodel", "signature",
+    (lambda b, s, c: [s["keras"], "--methods", "lower", "--plot", b["root"] / "p.png"], 2,
+     r"^error: --plot needs an upper-bound method"),
+    (lambda b, s, c: [s["savedmodel"], "--methods", "seqlip"], 2,
+     r"^error: none of the requested methods can run on this model \(seqlip: "),
+], ids=["missing", "corrupt-keras", "corrupt-h5", "format", "dir", "corrupt-savedmodel", "signature",
         "unknown-dims", "shape-mismatch", "bad-shape", "bad-method", "json-dir", "int-input",
-        "unsupported-op", "not-lipschitz"])
+        "unsupported-op", "not-lipschitz", "plot-without-upper", "nothing-runs"])
 def test_errors_exit_code_and_one_line(make_args, code, pattern, bad_models, saved,
                                        conv_module, capsys):
     args = [*make_args(bad_models, saved, conv_module), "--quiet"]
     if "--methods" not in args:
         args += ["--methods", "autolip"]
     exit_code, out, err = _run(capsys, *args)
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
     assert exit_code == code, err
     assert len(lines) == 1, err
     assert "Traceback" not in err
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_multi_input_model_skips_the_lower_bound_only(tmp_path, capsys):
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    dense = L.Dense(2, use_bias=False)
+    model = keras.Model([a, b], L.Add()([dense(a), b]))
+    model.save(str(tmp_path / "two.keras"))
+    code, out, err = _run(capsys, tmp_path / "two.keras", "--quiet", "--json", "-")
+    assert code == 0, err
+    assert "note: lower skipped: the lower bound supports single-input models" in err
+    doc = json.loads(out)
+    assert doc["lower_bound"] is None and "lower" in doc["skipped"]
+    # x = (a, b) -> W a + b: exact norm is the largest singular value of [W, I]
+    exact = float(np.linalg.svd(np.concatenate([dense.kernel.numpy().T, np.eye(2)], 1),
+                                compute_uv=False)[0])
+    assert doc["reports"]["autolip"]["upper"] >= exact * (1 - 1e-4)
 
 
 def test_debug_shows_the_traceback(bad_models, capsys):

@@ -32,6 +32,7 @@ import sys
 import time
 import traceback
 import warnings
+import zipfile
 from typing import Any, Sequence, TextIO
 
 EXIT_OK = 0
@@ -383,8 +384,15 @@ def _format_of(path: str) -> str:
         raise UsageError(f"'{path}': permission denied")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".keras":
+        if not zipfile.is_zipfile(path):
+            raise UsageError(f"'{path}' is not a .keras archive (not a zip file); save the model "
+                             "with model.save('model.keras')")
         return "keras"
     if ext in (".h5", ".hdf5"):
+        import h5py  # a Keras dependency
+
+        if not h5py.is_hdf5(path):
+            raise UsageError(f"'{path}' is not an HDF5 file")
         return "h5"
     raise UsageError(f"'{path}': unrecognised model format '{ext or '(no extension)'}'; expected "
                      "a .keras or .h5 file or a SavedModel directory")
@@ -421,10 +429,11 @@ def _input_shapes(given, specs: Sequence[tuple[str, Sequence[Any]]]):
         if given is not None:
             shapes.append(_per_example(tuple(given[i]), spec, name))
         elif any(d is None for d in list(spec)[1:]):
+            example = ",".join(["1"] + [str(d) if d is not None else "224" for d in spec[1:]])
             raise UsageError(
                 f"input '{name}' has shape {tuple(spec)} with unknown dimensions; the operator "
                 "norm of a convolution depends on the input size, so pass --input-shape "
-                "(e.g. --input-shape 1,224,224,3)"
+                f"(e.g. --input-shape {example})"
             )
         else:
             shapes.append(tuple(int(d) for d in list(spec)[1:]))
@@ -536,6 +545,8 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
     progress = _Progress(err, not args.quiet)
     _check_writable(args.json_path, "--json")
     _check_writable(args.plot, "--plot")
+    if args.plot and not {"autolip", "seqlip"} & set(args.methods):
+        raise UsageError("--plot needs an upper-bound method: add autolip or seqlip to --methods")
     fmt = _format_of(args.path)
     if fmt == "savedmodel":
         est, kind, signature, input_shape = _savedmodel_target(args, progress)
@@ -554,9 +565,12 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
             analysis.reports["autolip"] = est.autolip(certified=args.certified)
         elif method == "seqlip":
             if kind != "keras-layers":
-                analysis.skipped["seqlip"] = ("SeqLip needs the Keras layer structure; a "
-                                              "TensorFlow graph only supports AutoLip (analyse "
-                                              "the .keras file for SeqLip)")
+                analysis.skipped["seqlip"] = (
+                    "SeqLip needs the Keras layer structure of a Sequential or Functional model; "
+                    + ("a subclassed model is analysed on the TensorFlow graph of its call, "
+                       "which supports AutoLip only" if fmt != "savedmodel" else
+                       "a SavedModel graph supports AutoLip only (analyse the model's .keras "
+                       "file for SeqLip)"))
             elif not hasattr(est, "seqlip"):
                 analysis.skipped["seqlip"] = "SeqLip is not available in this tf_lipschitz version"
             else:
@@ -564,6 +578,11 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
                 analysis.reports["seqlip"] = est.seqlip(certified=args.certified,
                                                         verbose=0 if args.quiet else 1)
         elif method == "lower":
+            inputs = len(est.graph.inputs)
+            if inputs != 1:
+                analysis.skipped["lower"] = ("the lower bound supports single-input models; "
+                                             f"this model has {inputs} inputs")
+                continue
             progress(f"lower bound: gradient ascent from {args.lower_starts} random start(s), "
                      f"{args.lower_steps} step(s)")
             analysis.lower = est.lower_bound(n_random=args.lower_starts, steps=args.lower_steps,
@@ -571,6 +590,10 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
             lower_value = analysis.lower.value
     for method, reason in analysis.skipped.items():
         print(f"note: {method} skipped: {reason}", file=err)
+    if not analysis.reports and analysis.lower is None:
+        raise UsageError("none of the requested methods can run on this model ("
+                         + "; ".join(f"{m}: {r}" for m, r in analysis.skipped.items())
+                         + "); choose others with --methods")
     if lower_value is not None:
         analysis.reports = {k: dataclasses.replace(r, lower=lower_value)
                             for k, r in analysis.reports.items()}

@@ -26,7 +26,7 @@ class UnsupportedLayerError(LipschitzError, TypeError):
         >>> tfl.register_rule(MyLayer, tfl.rules.constant(1.0))  # doctest: +SKIP
     """
 
-    def __init__(self, layer, detail: str = ""):
+    def __init__(self, layer, detail: str = "", *, suggest_rule: bool = True):
         cls = type(layer)
         name = getattr(layer, "name", repr(layer))
         message = (
@@ -35,12 +35,13 @@ class UnsupportedLayerError(LipschitzError, TypeError):
         )
         if detail:
             message += f" {detail}"
-        message += (
-            " Register one with `tf_lipschitz.register_rule("
-            f"{cls.__qualname__}, rule)`, for example "
-            "`tfl.register_rule(" + cls.__qualname__ + ", tfl.rules.constant(1.0))` if the layer "
-            "is 1-Lipschitz, or `tfl.rules.affine()` if it is affine in its input."
-        )
+        if suggest_rule:  # off when the detail already says what to register (an activation)
+            message += (
+                " Register one with `tf_lipschitz.register_rule("
+                f"{cls.__qualname__}, rule)`, for example "
+                "`tfl.register_rule(" + cls.__qualname__ + ", tfl.rules.constant(1.0))` if the "
+                "layer is 1-Lipschitz, or `tfl.rules.affine()` if it is affine in its input."
+            )
         super().__init__(message)
         self.layer = layer
 

@@ -95,6 +95,32 @@ def test_log_softmax_bound(n, rng):
     assert _max_jacobian_norm(keras.activations.log_softmax, n, rng) <= bound
 
 
+@pytest.mark.parametrize("make", [
+    lambda: keras.layers.Dense(4, activation="log_softmax"),
+    lambda: keras.layers.Conv1D(4, 2, activation="log_softmax"),
+])
+def test_log_softmax_fused_in_a_layer_uses_its_last_axis(make, rng):
+    layer = make()
+    shape = (5,) if isinstance(layer, keras.layers.Dense) else (6, 3)
+    model = keras.Sequential([keras.Input(shape), layer])
+    report = tfl.LipschitzEstimator(model, verbose=0, tol=1e-8).autolip()
+    plain = make()
+    plain.activation = keras.activations.linear
+    split = keras.Sequential([keras.Input(shape), plain, keras.layers.Activation("log_softmax")])
+    plain.set_weights(layer.get_weights())
+    x = rng.standard_normal((200, *shape)).astype("float32")
+    with tf.GradientTape() as tape:
+        xt = tf.constant(x)
+        tape.watch(xt)
+        y = tf.reshape(model(xt), (200, -1))
+    jac = tape.batch_jacobian(y, xt).numpy().reshape(200, y.shape[1], -1)
+    sampled = np.linalg.svd(jac, compute_uv=False)[:, 0].max()
+    assert sampled <= report.upper
+    # same bound as the layer followed by an Activation("log_softmax") layer
+    assert report.upper == pytest.approx(
+        tfl.LipschitzEstimator(split, verbose=0, tol=1e-8).autolip().upper, rel=1e-6)
+
+
 def test_sparsemax_is_1_lipschitz(rng):
     x = rng.standard_normal((500, 6)) * 3
     y = rng.standard_normal((500, 6)) * 3
@@ -123,8 +149,9 @@ def test_unknown_activation_names_the_layer_and_the_fix():
 
     layer = keras.layers.Dense(2, activation=mystery, name="odd_dense")
     model = keras.Sequential([keras.Input((3,)), layer])
-    with pytest.raises(UnsupportedLayerError, match="odd_dense.*register_activation"):
+    with pytest.raises(UnsupportedLayerError, match="odd_dense.*register_activation") as info:
         tfl.LipschitzEstimator(model, verbose=0)
+    assert "register_rule" not in str(info.value)  # a rule for Dense would be the wrong fix
     tfl.register_activation(mystery, 2.0, (2.0, 2.0))
     report = tfl.LipschitzEstimator(model, verbose=0, tol=1e-10).autolip()
     exact = np.linalg.svd(np.asarray(layer.kernel), compute_uv=False)[0]

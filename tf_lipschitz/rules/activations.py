@@ -157,7 +157,9 @@ def activation_info(name: str, owner: Any = None, *, size: int | None = None, **
         return _TABLE["gelu_tanh"]
     if name == "log_softmax":
         if size is None:
-            raise UnsupportedLayerError(owner, "log_softmax needs the size of its axis.")
+            raise UnsupportedLayerError(
+                owner, "log_softmax needs the size of its axis (pass `size=`).",
+                suggest_rule=False)
         return _log_softmax(size)
     if name in _TABLE:
         return _TABLE[name]
@@ -165,6 +167,7 @@ def activation_info(name: str, owner: Any = None, *, size: int | None = None, **
         owner,
         f"Unknown activation '{name}'. Register it with "
         "`tfl.register_activation(fn, lipschitz, slope_range)`.",
+        suggest_rule=False,
     )
 
 
@@ -197,6 +200,7 @@ def resolve_activation(fn: Callable | None, owner: Any = None, *, size: int | No
             owner if owner is not None else fn,
             f"Its activation {getattr(fn, '__name__', fn)!r} is not a Keras activation; register "
             "it with `tfl.register_activation(fn, lipschitz, slope_range)`.",
+            suggest_rule=False,
         )
     if name in _CUSTOM:
         return _CUSTOM[name]

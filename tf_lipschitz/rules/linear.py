@@ -28,8 +28,12 @@ from tf_lipschitz.rules.base import Linear, NodeContext, register_rule
 __all__: list[str] = []
 
 
-def _activation(layer):
-    return resolve_activation(getattr(layer, "activation", None), layer)
+def _activation(layer, ctx: NodeContext):
+    """The layer's fused activation; Keras applies it on the last axis (``log_softmax`` needs
+    that axis' size)."""
+    shape = ctx.output_shapes[0] if ctx.output_shapes else ()
+    size = int(shape[-1]) if shape and shape[-1] is not None else None
+    return resolve_activation(getattr(layer, "activation", None), layer, size=size)
 
 
 def _weight(variable, x):
@@ -39,7 +43,7 @@ def _weight(variable, x):
 def _dense(layer, ctx: NodeContext) -> Linear:
     return Linear(
         lambda x: ops.matmul(x, _weight(layer.kernel, x)),
-        _activation(layer),
+        _activation(layer, ctx),
         certificate=certify.dense_certificate(layer, ctx.input_shape, ctx.output_shapes[0]),
     )
 
@@ -47,14 +51,14 @@ def _dense(layer, ctx: NodeContext) -> Linear:
 def _einsum_dense(layer, ctx: NodeContext) -> Linear:
     return Linear(
         lambda x: ops.einsum(layer.equation, x, _weight(layer.kernel, x)),
-        _activation(layer),
+        _activation(layer, ctx),
         certificate=certify.einsum_certificate(layer, ctx.input_shape, ctx.output_shapes[0]),
     )
 
 
 def _with_certificate(layer, ctx: NodeContext, fn) -> Linear:
     cert = certify.conv_certificate(layer, ctx.input_shape, ctx.output_shapes[0], fn)
-    return Linear(fn, _activation(layer), certificate=cert)
+    return Linear(fn, _activation(layer, ctx), certificate=cert)
 
 
 def _adjoint_padding(layer) -> list[tuple[int, int]] | None:
