@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import string
 import warnings
 from typing import Any, Callable, Sequence
@@ -67,6 +68,7 @@ __all__ = [
     "conv_certificate",
     "average_pool_certificate",
     "average_pool_norm",
+    "average_pool_matrices",
     "fused_certificate",
     "fold_diagonals",
 ]
@@ -419,34 +421,109 @@ def _scaled_fn(fn, in_scale, out_scale, axis):
     return scaled
 
 
-def _dense_exact(fn, input_shape, output_shape) -> float | None:
-    """Exact float64 dense bound of a small operator, or ``None`` if ``fn`` is not float64.
+class _Float64Unavailable(Exception):
+    """A linear map could not be evaluated in float64, so the exact dense route does not apply.
+
+    The message says why (shown in the warning of :func:`fused_certificate`).
+    """
+
+
+# What a map that runs in float32 but not in float64 raises: a float32 constant or variable
+# mixed into a float64 op (InvalidArgumentError when run eagerly, TypeError or ValueError while
+# tracing) or an op without a float64 kernel (NotFoundError: AvgPool3D on CPU; Unimplemented).
+_FLOAT64_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+                   tf.errors.UnimplementedError, TypeError, ValueError)
+
+
+@contextlib.contextmanager
+def _no_autocast(layers):
+    """Lets data-movement layers called as ``layer(x)`` (Flatten, Reshape...) keep float64.
+
+    Keras casts floating inputs to a layer's compute dtype (float32); the exact dense route
+    needs the whole chain in float64. :func:`_float64_matrix` checks the result, so a layer that
+    still computes in float32, or fails in float64, only disables the dense route.
+    """
+    saved = [(layer, layer.autocast) for layer in layers if isinstance(layer, keras.layers.Layer)]
+    try:
+        for layer, _ in saved:
+            layer.autocast = False
+        yield
+    finally:
+        for layer, value in saved:
+            layer.autocast = value
+
+
+def _runs_in_float32(fn, input_shape) -> bool:
+    try:
+        fn(tf.zeros((1, *input_shape), tf.float32))
+    except Exception:  # noqa: BLE001 - only asks whether the failure is float64-specific
+        return False
+    return True
+
+
+def _error_summary(err: Exception) -> str:
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())
+    return f"{type(err).__name__}: {text[:200]}{'…' if len(text) > 200 else ''}"
+
+
+def _float64_matrix(fn, input_shape, output_shape, layers=()) -> np.ndarray:
+    """The dense float64 matrix ``(n_out, n_in)`` of a small linear map.
 
     The matrix is built from the smaller side: ``fn`` on the input basis, or its adjoint (one
     reverse-mode product) on the output basis. On one-hot vectors every entry is a single
-    weight (or a float64 product of weights), so the matrix is exact.
+    weight (or a float64 product of weights), so the matrix is exact. ``layers`` (those that
+    ``fn`` calls as ``layer(x)``) run without Keras' float32 input cast.
+
+    Raises:
+        _Float64Unavailable: ``fn`` returns float32, or fails in float64 (a float32 weight or
+            constant in a float64 op, an op without a float64 kernel) although it runs in
+            float32. A failure that also happens in float32 is re-raised as is.
     """
     input_shape, output_shape = tuple(input_shape), tuple(output_shape)
+    try:
+        with _no_autocast(layers):
+            matrix = _materialise(fn, input_shape, output_shape)
+    except _FLOAT64_ERRORS as err:
+        if not _runs_in_float32(fn, input_shape):
+            raise  # not a float64 limitation: a genuine error of the rule or the layer
+        raise _Float64Unavailable(f"it fails in float64 ({_error_summary(err)})") from err
+    return matrix
+
+
+def _check_float64(dtype) -> None:
+    name = keras.backend.standardize_dtype(dtype)
+    if name != "float64":
+        raise _Float64Unavailable(f"it computes in {name} when given float64 inputs")
+
+
+def _materialise(fn, input_shape, output_shape) -> np.ndarray:
     n_in, n_out = math.prod(input_shape), math.prod(output_shape)
     batch = max(1, _CHUNK_BYTES // (8 * max(n_in, n_out)))
     if n_in <= n_out:
         matrix = LinearOperator(fn, input_shape, dtype="float64").to_dense(batch_size=batch)
-    else:
-        rows = []
-        for start in range(0, n_out, batch):
-            count = min(n_out, start + batch) - start
-            x = tf.zeros((count, *input_shape), tf.float64)
-            basis = np.zeros((count, n_out))
-            basis[np.arange(count), np.arange(start, start + count)] = 1.0
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = fn(x)
-                if y.dtype != tf.float64:
-                    return None
-                energy = tf.reduce_sum(y * tf.constant(basis.reshape(y.shape), tf.float64))
-            rows.append(np.asarray(tape.gradient(energy, x)).reshape(count, n_in))
-        matrix = np.concatenate(rows)
-    if matrix.dtype != np.float64:
+        _check_float64(matrix.dtype)
+        return matrix
+    rows = []
+    for start in range(0, n_out, batch):
+        count = min(n_out, start + batch) - start
+        x = tf.zeros((count, *input_shape), tf.float64)
+        basis = np.zeros((count, n_out))
+        basis[np.arange(count), np.arange(start, start + count)] = 1.0
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+            _check_float64(y.dtype)
+            energy = tf.reduce_sum(y * tf.constant(basis.reshape(y.shape), tf.float64))
+        rows.append(np.asarray(tape.gradient(energy, x)).reshape(count, n_in))
+    return np.concatenate(rows)
+
+
+def _dense_exact(fn, input_shape, output_shape) -> float | None:
+    """Exact float64 dense bound of a small operator, or ``None`` if ``fn`` cannot run in
+    float64 (see :func:`_float64_matrix`)."""
+    try:
+        matrix = _float64_matrix(fn, input_shape, output_shape)
+    except _Float64Unavailable:
         return None
     return max_singular_value(matrix[None], method="exact")
 
@@ -864,13 +941,33 @@ def _average_matrix(n: int, pool: int, stride: int, padding: str) -> np.ndarray:
     return mat
 
 
+def average_pool_matrices(layer, input_shape: Sequence[int]) -> list[np.ndarray]:
+    """The 1-D averaging matrices ``A_d`` (``N_out,d × N_d``) of an average-pooling layer.
+
+    The layer's linear map is ``I_channels ⊗ A_1 ⊗ … ⊗ A_D`` on ``input_shape`` (TF semantics:
+    with ``"same"`` padding, padded entries are not counted).
+
+    Args:
+        layer: A ``keras.layers.AveragePooling1D/2D/3D``.
+        input_shape: Per-example input shape.
+
+    Returns:
+        One float64 matrix per spatial axis.
+    """
+    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
+    spatial = input_shape[:-1] if channels_last else input_shape[1:]
+    strides = layer.strides if layer.strides is not None else layer.pool_size
+    return [_average_matrix(int(n), int(k), int(s), layer.padding)
+            for n, k, s in zip(spatial, layer.pool_size, strides)]
+
+
 def average_pool_norm(layer, input_shape: Sequence[int]) -> float:
     """Exact operator norm of an average-pooling layer on ``input_shape``.
 
     Average pooling acts on every channel alike and its weights factor over the spatial axes
     (windows are boxes and the count of non-padded entries is a product), so the operator is
-    ``I_channels ⊗ A_1 ⊗ … ⊗ A_D`` with 1-D averaging matrices ``A_d`` and its norm is
-    ``Π_d ‖A_d‖₂``.
+    ``I_channels ⊗ A_1 ⊗ … ⊗ A_D`` with 1-D averaging matrices ``A_d``
+    (:func:`average_pool_matrices`) and its norm is ``Π_d ‖A_d‖₂``.
 
     Args:
         layer: A ``keras.layers.AveragePooling1D/2D/3D``.
@@ -879,12 +976,8 @@ def average_pool_norm(layer, input_shape: Sequence[int]) -> float:
     Returns:
         The norm (a float; exact up to float64 rounding).
     """
-    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
-    spatial = input_shape[:-1] if channels_last else input_shape[1:]
-    strides = layer.strides if layer.strides is not None else layer.pool_size
     value = 1.0
-    for n, k, s in zip(spatial, layer.pool_size, strides):
-        mat = _average_matrix(int(n), int(k), int(s), layer.padding)
+    for mat in average_pool_matrices(layer, input_shape):
         value *= float(np.linalg.norm(mat, 2)) if mat.size else 0.0
     return value
 
@@ -913,24 +1006,6 @@ def _per_channel(diag: np.ndarray, axis: int) -> np.ndarray | None:
     """The per-channel vector of a diagonal that is constant over the other axes."""
     moved = np.moveaxis(diag, axis, -1).reshape(-1, diag.shape[axis])
     return moved[0] if np.all(moved == moved[:1]) else None
-
-
-@contextlib.contextmanager
-def _no_autocast(layers):
-    """Lets data-movement layers called as ``layer(x)`` (Flatten, Reshape...) keep float64.
-
-    Keras casts floating inputs to a layer's compute dtype (float32); the exact dense route
-    needs the whole chain in float64. The output dtype is checked afterwards, so a layer that
-    still computes in float32 only disables the dense route.
-    """
-    saved = [(layer, layer.autocast) for layer in layers if isinstance(layer, keras.layers.Layer)]
-    try:
-        for layer, _ in saved:
-            layer.autocast = False
-        yield
-    finally:
-        for layer, value in saved:
-            layer.autocast = value
 
 
 def fold_diagonals(members: Sequence[tuple[Any, Any]]):
@@ -974,32 +1049,52 @@ def fold_diagonals(members: Sequence[tuple[Any, Any]]):
 def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
     """Certified bound on the norm of a fused chain of affine layers.
 
-    Small chains are materialised in float64 and bounded exactly. Otherwise per-channel
-    diagonal layers (BatchNormalization, Rescaling, Normalization) are folded into the
-    adjacent layer's weights (``‖diag(γ/σ) ∘ conv‖`` instead of ``max|γ/σ| · ‖conv‖``), and
-    the remaining factors are multiplied (``‖AB‖ ≤ ‖A‖‖B‖``).
+    A single layer with a closed-form norm (average pooling, isometries, products with
+    constants) keeps its closed form: it is exact already. Other small chains are materialised
+    in float64 and bounded exactly. Otherwise, or when a member cannot compute in float64 (a
+    user layer adding a float32 variable, an op without a float64 kernel), per-channel diagonal layers (BatchNormalization, Rescaling, Normalization)
+    are folded into the adjacent layer's weights (``‖diag(γ/σ) ∘ conv‖`` instead of
+    ``max|γ/σ| · ‖conv‖``), and the remaining factors are multiplied (``‖AB‖ ≤ ‖A‖‖B‖``).
 
     Args:
         members: ``(Linear bound, graph node)`` pairs of the chain, in order.
 
     Returns:
-        The certified bound, or ``None`` if some member has no certificate.
+        The certified bound, or ``None`` if some member has no certificate (with a warning
+        when the dense route was skipped because the chain does not compute in float64).
     """
     first, last = members[0][1], members[-1][1]
+    if len(members) == 1:
+        bound = members[0][0]
+        if bound.norm is not None and bound.certificate is not None:
+            return float(bound.certificate())
+    skipped = None
     if _small(first.input_shapes[0], last.output_shapes[0]):
         ops_ = [LinearOperator(b.fn, tuple(n.input_shapes[0]), name=n.name, dtype="float64")
                 for b, n in members]
-        with _no_autocast([n.operation for _, n in members]):
-            exact = _dense_exact(compose(ops_).fn, first.input_shapes[0],
-                                 last.output_shapes[0])
-        if exact is not None:
-            return exact
+        try:
+            matrix = _float64_matrix(compose(ops_).fn, first.input_shapes[0],
+                                     last.output_shapes[0], [n.operation for _, n in members])
+        except _Float64Unavailable as err:
+            skipped = err
+        else:
+            return max_singular_value(matrix[None], method="exact")
     folds, used = fold_diagonals(members)
     factors = [members[i][0].certificate.scaled(a, b) for i, a, b in folds]
     for i, (bound, node) in enumerate(members):
         if used[i]:
             continue
         if bound.certificate is None:
+            if skipped is not None:
+                warnings.warn(
+                    f"Certified mode: '{'+'.join(n.name for _, n in members)}' was not "
+                    f"materialised in float64 for an exact bound because {skipped}, and "
+                    f"'{node.name}' has no certificate of its own, so this factor stays an "
+                    "estimate. To certify it, make the layers compute in the dtype of their "
+                    "input: cast weights and constants with `ops.cast(w, x.dtype)`, or use "
+                    "`ops.add(y, self.b)` instead of `y + self.b`.",
+                    stacklevel=2,
+                )
             return None
         factors.append(float(bound.certificate()))
     return math.prod(factors)

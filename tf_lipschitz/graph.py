@@ -170,6 +170,8 @@ class _Builder:
                     constants.append(keras.ops.convert_to_numpy(values[id(arg)]))
             elif isinstance(arg, (int, float, np.ndarray, np.generic)) and not isinstance(arg, bool):
                 constants.append(np.asarray(arg))
+            elif isinstance(arg, keras.Variable) or keras.ops.is_tensor(arg):  # captured tensors
+                constants.append(keras.ops.convert_to_numpy(arg))
         first = in_entries[0][0] if in_entries else None
         graph_node = self.add(
             operation=op,

@@ -20,6 +20,9 @@ import dataclasses
 import math
 from typing import Any, Callable, Sequence, Union
 
+import keras
+import numpy as np
+
 from tf_lipschitz.errors import UnsupportedLayerError
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "registered_classes",
     "constant",
     "affine",
+    "constant_like",
 ]
 
 
@@ -233,10 +237,45 @@ def constant(value: float, *, certified: bool = True, note: str = "") -> Rule:
     return rule
 
 
+def constant_like(value: Any) -> Callable[[Any], Any]:
+    """A constant captured by a rule, converted to the dtype of the input it is applied to.
+
+    A rule's ``fn`` runs in the model's dtype (float32) in the spectral solver and in float64
+    when :mod:`tf_lipschitz.certify` materialises a small operator for an exact certificate;
+    a constant frozen in one dtype makes the other fail (TensorFlow does not promote
+    ``float64 * float32``). The value is kept in float64 (float32 values convert exactly) and
+    converted on use.
+
+    Args:
+        value: The constant: a number or an array that broadcasts against the input.
+
+    Returns:
+        ``like(x)``: the constant as a tensor of ``x``'s dtype.
+
+    Example:
+        >>> import numpy as np
+        >>> scale = constant_like(np.array([2.0, 0.5], "float32"))
+        >>> x = np.ones((1, 2), "float64")
+        >>> keras.backend.standardize_dtype((x * scale(x)).dtype)
+        'float64'
+    """
+    array = np.asarray(value, dtype=np.float64)
+
+    def like(x):  # NumPy is converted on use: no tensor is shared between traced graphs
+        return keras.ops.convert_to_tensor(array, dtype=keras.backend.standardize_dtype(x.dtype))
+
+    return like
+
+
 def affine() -> Rule:
     """A rule for a layer that is affine in its input: ``x ↦ layer(x) − layer(0)`` is measured.
 
-    The layer's norm is estimated by the autodiff power method on its real input shape.
+    The layer's norm is estimated by the autodiff power method on its real input shape. With
+    ``autolip(certified=True)``, a small chain containing the layer is materialised in float64
+    (called without Keras' float32 input cast) and bounded exactly; that needs the layer to
+    compute in the dtype of its input (``ops.add(y, self.b)`` or ``ops.cast(self.b, x.dtype)``
+    rather than ``y + self.b`` with a float32 variable). A layer that cannot leaves its factor
+    an estimate, with a warning (see ``docs/certified.md``).
     """
 
     def rule(layer, ctx):

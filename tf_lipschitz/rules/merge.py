@@ -6,7 +6,8 @@ AutoLip (Scaman & Virmaux 2018, Alg. 1) gives a node with inputs ``p`` the const
 - Add / Subtract: ``Σ L_p``; Average: ``(Σ L_p) / n``;
 - Concatenate: ``√(Σ L_p²)`` (the outputs occupy disjoint coordinates);
 - Maximum / Minimum: ``√(Σ L_p²)`` (per coordinate ``|Δ max| ≤ max_p |Δ x_p|``);
-- Multiply of one input-dependent tensor by constants: linear, norm ``max |c|``;
+- Multiply of one input-dependent tensor by constants ``c``: linear, norm ``max |c|``, or
+  ``max_j ‖c‖₂`` over the output entries each input entry ``j`` is broadcast to;
 - Multiply / Dot / attention of two input-dependent tensors: not globally Lipschitz.
 """
 
@@ -19,8 +20,8 @@ import numpy as np
 from keras import ops
 from keras.src.ops import numpy as knp
 
-from tf_lipschitz.errors import NotLipschitzError
-from tf_lipschitz.rules.base import Linear, Merge, NodeContext, register_rule
+from tf_lipschitz.errors import LipschitzError, NotLipschitzError
+from tf_lipschitz.rules.base import Linear, Merge, NodeContext, constant_like, register_rule
 
 __all__: list[str] = []
 
@@ -53,19 +54,51 @@ def _product_rule(layer, ctx: NodeContext):
             "it multiplies two tensors that both depend on the input (a bilinear map grows "
             "without bound). Bound the input domain, or move the product out of the analysed model.",
         )
+    known = sum(ctx.dependent) + sum(value is not None for value in ctx.constants)
+    if isinstance(layer, knp.Multiply) and known != 2:  # an operand read as neither
+        raise LipschitzError(
+            f"Layer '{ctx.name or layer.name}' ({type(layer).__name__}) multiplies by an operand "
+            "that is neither input-dependent nor readable as a constant; pass the constant as a "
+            "number, a NumPy array or a tensor.")
     factor = np.ones((), dtype="float64")
+    bound = np.ones((), dtype="float64")
     for value in ctx.constants:
         if value is not None:
-            factor = factor * np.asarray(value, dtype="float64")
-    factor_t = ops.convert_to_tensor(factor.astype(ctx.dtype))
-    norm_value = float(np.max(np.abs(factor))) if factor.size else 0.0
+            exact = np.asarray(value, dtype="float64")
+            factor = factor * exact
+            # The model may multiply by the constant rounded to its dtype (a Python float in a
+            # float32 model): bound both readings.
+            rounded = exact
+            if keras.backend.is_float_dtype(ctx.dtype):
+                rounded = ops.convert_to_numpy(  # via float64: NumPy has no bfloat16
+                    ops.cast(ops.cast(exact, ctx.dtype), "float64"))
+            bound = bound * np.maximum(np.abs(exact), np.abs(rounded))
+    factor_like = constant_like(factor)
+    norm_value = _broadcast_product_norm(bound, ctx.input_shapes[dependent[0]],
+                                         ctx.output_shapes[0]) if dependent else 0.0
 
-    def fn(x):
-        return x * factor_t
+    def fn(x):  # the constant follows x: float32 in the solver, float64 when materialised
+        return x * factor_like(x)
 
-    # Only exact when the constant broadcasts elementwise (no summation over a shape).
     return Linear(fn, norm=lambda: norm_value, certificate=lambda: norm_value,
                   note="product with a constant")
+
+
+def _broadcast_product_norm(magnitude: np.ndarray, input_shape, output_shape) -> float:
+    """Norm of ``x ↦ x ⊙ c`` on one example, ``|c|`` given, broadcasting included.
+
+    Every input entry ``x_j`` is copied to the output entries of its broadcast fibre and scaled
+    by ``c`` there; fibres are disjoint, so the columns of the matrix are orthogonal and the
+    norm is ``max_j ‖c|fibre(j)‖₂`` (``max |c|`` when nothing is broadcast).
+    """
+    out = (1, *output_shape)
+    x = (1, *input_shape)
+    x = (1,) * (len(out) - len(x)) + x
+    c = np.broadcast_to(magnitude, out)
+    axes = tuple(a for a, (n, m) in enumerate(zip(x, out)) if n == 1 and m != 1)
+    if c.size == 0:
+        return 0.0
+    return float(np.sqrt(np.max(np.sum(c * c, axis=axes)))) if axes else float(np.max(c))
 
 
 def _bilinear_error(layer, ctx: NodeContext):
