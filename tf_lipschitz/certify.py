@@ -1090,9 +1090,10 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
                     f"Certified mode: '{'+'.join(n.name for _, n in members)}' was not "
                     f"materialised in float64 for an exact bound because {skipped}, and "
                     f"'{node.name}' has no certificate of its own, so this factor stays an "
-                    "estimate. To certify it, make the layers compute in the dtype of their "
-                    "input: cast weights and constants with `ops.cast(w, x.dtype)`, or use "
-                    "`ops.add(y, self.b)` instead of `y + self.b`.",
+                    "estimate (the report is not certified). A layer of your own can be made "
+                    "to compute in the dtype of its input (`ops.cast(w, x.dtype)`, or "
+                    "`ops.add(y, self.b)` instead of `y + self.b`); a TensorFlow op without a "
+                    "float64 kernel (FusedBatchNormV3 on CPU) cannot be certified this way.",
                     stacklevel=2,
                 )
             return None
