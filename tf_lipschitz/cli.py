@@ -171,10 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative tolerance of the spectral solver (default: 1e-6)")
     p.add_argument("--max-products", type=_positive_int, default=2000, metavar="N",
                    help="cap on operator products per linear operator (default: 2000)")
-    p.add_argument("--lower-starts", type=_positive_int, default=16, metavar="N",
-                   help="random starting points of the lower-bound search (default: 16)")
-    p.add_argument("--lower-steps", type=_non_negative_int, default=50, metavar="N",
-                   help="ascent steps of the lower-bound search (default: 50)")
+    p.add_argument("--lower-starts", type=_positive_int, default=256, metavar="N",
+                   help="random points screened by the lower-bound search (default: 256)")
+    p.add_argument("--lower-steps", type=_non_negative_int, default=25, metavar="N",
+                   help="refinement steps of the lower-bound search (default: 25)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--json", metavar="FILE", dest="json_path",
                    help="write the results as JSON (schema tf_lipschitz.analyze/1, see "
@@ -583,8 +583,8 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
                 analysis.skipped["lower"] = ("the lower bound supports single-input models; "
                                              f"this model has {inputs} inputs")
                 continue
-            progress(f"lower bound: gradient ascent from {args.lower_starts} random start(s), "
-                     f"{args.lower_steps} step(s)")
+            progress(f"lower bound: search from {args.lower_starts} random point(s), "
+                     f"{args.lower_steps} refinement step(s)")
             analysis.lower = est.lower_bound(n_random=args.lower_starts, steps=args.lower_steps,
                                              seed=args.seed, verbose=0 if args.quiet else 1)
             lower_value = analysis.lower.value

@@ -3,12 +3,15 @@
 For any ``x`` where ``f`` is differentiable and any unit ``v``, ``‖J_f(x) v‖ ≤ L(f)``
 (shared/ALGORITHMS.md §6). :func:`lower_bound` maximises that quantity:
 
-1. starting points: data points (if given) and random Gaussian inputs;
-2. at each point, power iteration on ``J(x)ᵀJ(x)`` through forward-mode (JVP) and reverse-mode
-   (VJP) products gives the top right singular vector ``v``;
-3. the points move by gradient ascent on ``‖J(x) v‖²`` (second-order autodiff: useful for
-   smooth activations) and by random proposals accepted when they increase it (useful for
-   piecewise-linear networks, whose Jacobian is locally constant).
+1. screening: data points (if given) and random Gaussian points at radii spread over
+   ``[¼, 64]`` times the data scale get one Jacobian norm each, by power iteration on
+   ``J(x)ᵀJ(x)`` through forward-mode (JVP) and reverse-mode (VJP) products;
+2. search from the best screened points: random jumps with self-adapting radii (needed for
+   piecewise-linear networks, whose Jacobian is constant on each linear region so that its
+   gradient in ``x`` is zero almost everywhere) and gradient steps on ``‖J(x) v‖²``
+   (second-order autodiff: useful for smooth activations), each proposal scored by a
+   warm-started power step;
+3. the best point is re-measured with more power steps.
 
 Everything runs batched inside one ``tf.function``. :func:`extreme_value_estimate` fits a
 generalised extreme-value distribution to per-batch maxima of ``‖J(x)‖`` in the manner of CLEVER
@@ -18,7 +21,7 @@ generalised extreme-value distribution to per-batch maxima of ``‖J(x)‖`` in 
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -26,7 +29,14 @@ import tensorflow as tf
 
 from tf_lipschitz.report import ExtremeValueEstimate, LowerBound
 
-__all__ = ["jacobian_norms", "lower_bound", "extreme_value_estimate"]
+__all__ = ["extreme_value_estimate", "jacobian_norms", "lower_bound"]
+
+# Random starting points: radius log-uniform in this range, relative to the data spread.
+_START_RADII = (0.25, 64.0)
+# Random proposals: radius multiplier log-uniform in [1 / _JUMP, _JUMP] times the trust radius.
+_JUMP = 8.0
+# Gradient proposals: step lengths relative to the trust radius.
+_GRADIENT_STEPS = (0.25, 1.0, 4.0)
 
 
 def _per_example_norm(t: tf.Tensor) -> tf.Tensor:
@@ -67,8 +77,26 @@ def _power(f, x, v, iters):
 def jacobian_norms(f: Callable, x, *, iters: int = 30, seed: int = 0) -> np.ndarray:
     """Spectral norms of the Jacobian of ``f`` at each example of the batch ``x``.
 
-    Each value is a lower bound on the Lipschitz constant of ``f`` (where ``f`` is
-    differentiable at that point).
+    Power iteration on ``J(x)ᵀJ(x)`` (forward- and reverse-mode products), all examples at once.
+    Each value is ``‖J(x) v‖`` for a unit ``v``, hence a lower bound on the Lipschitz constant
+    of ``f`` (where ``f`` is differentiable at that point); it approaches ``‖J(x)‖₂`` from below.
+
+    Args:
+        f: A batched callable (for example a Keras model).
+        x: A batch of inputs ``(n, ...)``.
+        iters: Power iterations.
+        seed: Seed of the random starting directions.
+
+    Returns:
+        A ``(n,)`` array of Jacobian norms.
+
+    Example:
+        >>> import numpy as np, keras
+        >>> from tf_lipschitz.lower import jacobian_norms
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
+        >>> s = jacobian_norms(model, np.zeros((4, 3), "float32"))
+        >>> bool(np.allclose(s, np.linalg.norm(model.layers[0].kernel.numpy(), 2), rtol=1e-4))
+        True
     """
     x = tf.convert_to_tensor(x)
     v = _normalize(tf.random.stateless_normal(tf.shape(x), [seed, 1], dtype=x.dtype))
@@ -76,51 +104,87 @@ def jacobian_norms(f: Callable, x, *, iters: int = 30, seed: int = 0) -> np.ndar
     return s.numpy()
 
 
-def _ascent(f, x, v, scale, steps, lr, noise, power_iters, seed):
-    """Batched hill climbing on ``‖J(x) v‖`` with gradient and random proposals."""
-    best_s, v = _power(f, x, v, power_iters)
+def _per_example(r: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """Reshapes per-example values ``r`` (leading axes of ``x``) to broadcast against ``x``."""
+    ones = tf.ones([tf.rank(x) - tf.rank(r)], tf.int32)
+    return tf.reshape(r, tf.concat([tf.shape(r), ones], 0))
 
-    def objective(xc, vc):
-        _, jv = _jvp(f, xc, vc)
-        return _per_example_norm(jv)
 
-    def body(t, x, v, best_s):
-        decay = tf.pow(tf.cast(0.97, x.dtype), tf.cast(t, x.dtype))
-        # (1) refresh the direction at the current points
-        _, v = _power(f, x, v, power_iters)
-        # (2) gradient proposal (second order: zero for piecewise-linear nets)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            _, jv = _jvp(f, x, v)
-            obj = tf.reduce_sum(tf.square(jv))
-        grad = tape.gradient(obj, x)
-        grad = tf.where(tf.math.is_finite(grad), grad, tf.zeros_like(grad))
-        x_grad = x + lr * decay * scale * _normalize(grad) * tf.sqrt(tf.cast(tf.size(x[0]), x.dtype))
-        # (3) random proposal
-        eps = tf.random.stateless_normal(tf.shape(x), tf.stack([seed, t]), dtype=x.dtype)
-        x_rand = x + noise * decay * scale * eps
-        cands = [x, x_grad, x_rand]
-        values = tf.stack([objective(c, v) for c in cands], axis=0)  # (3, batch)
-        values = tf.where(tf.math.is_finite(values), values, tf.zeros_like(values))
-        pick = tf.argmax(values, axis=0, output_type=tf.int32)
-        stacked = tf.stack(cands, axis=0)
-        idx = tf.stack([pick, tf.range(tf.shape(x)[0])], axis=1)
-        x_new = tf.gather_nd(stacked, idx)
-        return t + 1, x_new, v, tf.reduce_max(values, axis=0)
+def _search(f, x, v, sigma, steps, proposals, power_iters, learning_rate, key, max_sigma):
+    """Batched hill climbing on ``‖J(x)‖`` with self-adapting trust radii.
 
-    _, x, v, best_s = tf.while_loop(
-        lambda t, *_: t < steps, body, (tf.constant(0), x, v, best_s)
-    )
-    s, v = _power(f, x, v, power_iters * 4)
+    Each step, every point ``x_i`` gets ``proposals`` Gaussian perturbations of radius
+    ``σ_i · m`` (``m`` log-uniform in ``[1/8, 8]``, per coordinate) and, when
+    ``learning_rate > 0``, three steps of length ``σ_i · {¼, 1, 4} · learning_rate · √dim`` along
+    the gradient of ``‖J(x) v‖²`` (zero for piecewise-linear networks). Every proposal is scored
+    by one warm-started power step, ``‖J(x') v'‖`` with ``v' ∝ J(x')ᵀJ(x') v``. The best one
+    replaces ``x_i`` when it is not worse (moves across the flat regions of ReLU networks are
+    allowed); ``σ_i`` becomes 1.2 times the radius that improved the value by more than 0.1 %,
+    else shrinks by 0.9. The best point of each trajectory is kept and re-measured with
+    ``4 · power_iters`` power steps.
+    """
+    dtype = x.dtype
+    batch = tf.shape(x)[0]
+    dim = tf.cast(tf.size(x[0]), dtype)
+    log_jump = tf.math.log(tf.constant(_JUMP, dtype))
+    grad_steps = tf.constant(_GRADIENT_STEPS, dtype)
+    s, v = _power(f, x, v, power_iters)
+
+    def body(t, x, v, s, sigma, best_x, best_v, best_s):
+        key_t = tf.random.experimental.stateless_fold_in(key, t)
+        shape = tf.concat([[proposals], tf.shape(x)], 0)
+        eps = tf.random.stateless_normal(shape, key_t, dtype=dtype)
+        key_m = tf.random.experimental.stateless_fold_in(key_t, 1)
+        radius = sigma[None] * tf.exp(
+            tf.random.stateless_uniform([proposals, batch], key_m, -log_jump, log_jump, dtype))
+        cands = x[None] + _per_example(radius, eps) * eps
+        if learning_rate > 0:  # Python constant: the gradient branch is traced only if used
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                _, jv = _jvp(f, x, v)
+                objective = tf.reduce_sum(tf.square(jv))
+            grad = tape.gradient(objective, x)
+            grad = tf.where(tf.math.is_finite(grad), grad, tf.zeros_like(grad))
+            grad_radius = grad_steps[:, None] * sigma[None]
+            length = grad_radius * tf.cast(learning_rate, dtype) * tf.sqrt(dim)
+            cands = tf.concat(
+                [cands, x[None] + _per_example(length, cands[:len(_GRADIENT_STEPS)])
+                 * _normalize(grad)[None]], 0)
+            radius = tf.concat([radius, grad_radius], 0)
+        n = tf.shape(cands)[0]
+        flat = tf.reshape(cands, tf.concat([[n * batch], tf.shape(x)[1:]], 0))
+        v_flat = tf.reshape(tf.repeat(v[None], n, axis=0), tf.shape(flat))
+        values, v_new = _power(f, flat, v_flat, 1)
+        values = tf.reshape(tf.where(tf.math.is_finite(values), values, tf.zeros_like(values)),
+                            [n, batch])
+        pick = tf.stack([tf.argmax(values, axis=0, output_type=tf.int32), tf.range(batch)], 1)
+        s_new = tf.gather_nd(values, pick)
+        accept = s_new >= s
+        improved = s_new > s * 1.001
+        x = tf.where(_per_example(accept, x), tf.gather_nd(cands, pick), x)
+        v = tf.where(_per_example(accept, v),
+                     tf.gather_nd(tf.reshape(v_new, tf.shape(cands)), pick), v)
+        s = tf.where(accept, s_new, s)
+        sigma = tf.where(improved, 1.2 * tf.gather_nd(radius, pick), 0.9 * sigma)
+        sigma = tf.clip_by_value(sigma, max_sigma * 1e-9, max_sigma)
+        better = s > best_s
+        best_x = tf.where(_per_example(better, x), x, best_x)
+        best_v = tf.where(_per_example(better, v), v, best_v)
+        return t + 1, x, v, s, sigma, best_x, best_v, tf.maximum(s, best_s)
+
+    _, _, _, _, _, x, v, _ = tf.while_loop(
+        lambda t, *_: t < steps, body, (tf.constant(0), x, v, s, sigma, x, v, s))
+    s, v = _power(f, x, v, 4 * power_iters)
     return x, v, s
 
 
-_MODEL_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MODEL_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 
 # Compiled once per process; the model callable is part of the cache key, so each model's
 # graph is traced once and reused by later calls (the callback calls these every epoch).
-_ASCENT = tf.function(_ascent, autograph=False, reduce_retracing=True)
+_SEARCH = tf.function(_search, autograph=False, reduce_retracing=True)
 _POWER = tf.function(_power, autograph=False, reduce_retracing=True)
 
 
@@ -149,19 +213,29 @@ def _as_model_fn(model) -> Callable:
     raise TypeError(f"Expected a keras.Model or a callable, received {model!r}.")
 
 
-def _starts(x, input_shape, n_random, dtype, rng):
+def _starts(x, input_shape, n_random, dtype, rng) -> tuple[np.ndarray, float]:
+    """Data points and ``n_random`` Gaussian points at log-uniform radii around the data mean.
+
+    Returns the points and the data spread (1 without data) that sets the search's length scale.
+    """
     parts = []
     if x is not None:
         parts.append(np.asarray(x, dtype=dtype).reshape((-1, *input_shape)))
+    spread = (float(np.std(parts[0])) if parts else 1.0) or 1.0
     if n_random > 0:
-        scale = float(np.std(parts[0])) if parts else 1.0
         mean = float(np.mean(parts[0])) if parts else 0.0
+        low, high = np.log(_START_RADII[0]), np.log(_START_RADII[1])
+        radii = np.exp(rng.uniform(low, high, n_random)).reshape((-1,) + (1,) * len(input_shape))
         parts.append(
-            (mean + scale * rng.standard_normal((n_random, *input_shape))).astype(dtype)
+            (mean + spread * radii * rng.standard_normal((n_random, *input_shape))).astype(dtype)
         )
     if not parts:
         raise ValueError("lower_bound needs data points x or n_random > 0.")
-    return np.concatenate(parts, axis=0)
+    return np.concatenate(parts, axis=0), spread
+
+
+def _chunks(n: int, size: int):
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def lower_bound(
@@ -169,69 +243,131 @@ def lower_bound(
     input_shape: tuple[int, ...],
     x=None,
     *,
-    n_random: int = 16,
-    steps: int = 50,
+    n_random: int = 256,
+    population: int = 32,
+    steps: int = 25,
+    proposals: int = 8,
     power_iters: int = 5,
-    learning_rate: float = 0.05,
-    noise: float = 0.1,
-    batch_size: int = 64,
+    learning_rate: float = 1.0,
+    noise: float = 0.5,
+    batch_size: int = 512,
     seed: int = 0,
     verbose: int = 0,
     dtype: str = "float32",
 ) -> LowerBound:
-    """Maximises ``‖J_f(x) v‖`` over inputs; the result is a proven lower bound on ``L(f)``.
+    """Maximises ``‖J_f(x)‖₂`` over inputs; the result is a proven lower bound on ``L(f)``.
+
+    ``L(f) ≥ ‖J_f(x) v‖`` for every point ``x`` where ``f`` is differentiable and every unit
+    ``v`` (shared/ALGORITHMS.md §6). The Jacobian of a ReLU network is constant on each linear
+    region, so its gradient with respect to ``x`` is zero almost everywhere and plain gradient
+    ascent does not move; the largest norms are often far from the data (on ReLU networks, the
+    Jacobian far out along a ray is that of the bias-free network). The search therefore:
+
+    1. *screens* the data points and ``n_random`` Gaussian points around the data mean, with
+       radii log-uniform in ``[¼, 64]`` times the data spread (1 without data), by ``power_iters``
+       power steps on ``J(x)ᵀJ(x)`` each (forward- and reverse-mode products);
+    2. *climbs* from the ``population`` best of them for ``steps`` steps: each step proposes
+       ``proposals`` random jumps of self-adapting radius (which crosses linear regions) plus
+       three gradient steps on ``‖J(x) v‖²`` (second-order autodiff, useful for smooth
+       activations; ``learning_rate=0`` skips them), scores each by a warm-started power step,
+       and moves each point to its best proposal when that is not worse;
+    3. re-measures the best point of each trajectory with ``4 · power_iters`` power steps.
+
+    Everything is batched inside one ``tf.function``. The returned value is ``‖J_f(x) v‖`` at
+    the returned point and unit direction, never an extrapolation; ``secant`` re-checks it with
+    a finite difference. On 20 random small MLPs (ReLU, tanh, ELU, GELU; 2-9 inputs; two seeds
+    each), the default found at least the largest Jacobian norm of as many random points as its
+    budget buys, at each of the scales 1 and 3, in all 40 runs.
 
     Args:
         model: A single-input Keras model, or a batched callable.
         input_shape: Shape of one example.
-        x: Optional data points ``(n, *input_shape)`` used as starting points.
-        n_random: Random Gaussian starting points (matched to the data's mean and spread).
-        steps: Ascent steps.
-        power_iters: Power iterations per step at each point.
-        learning_rate: Gradient step, relative to the data scale times ``√dim``.
-        noise: Random-proposal step, relative to the data scale.
-        batch_size: Starting points processed together.
-        seed: Random seed.
-        verbose: 1 shows a progress bar over batches.
+        x: Optional data points ``(n, *input_shape)``: screened as starting points, and their
+            mean and spread centre and scale the random points and the jumps.
+        n_random: Random starting points screened (in addition to ``x``).
+        population: Number of best-screened points that the search refines.
+        steps: Search steps; 0 only screens.
+        proposals: Random proposals per point and step.
+        power_iters: Power steps per screened point (and 4× for the final measurement).
+        learning_rate: Gradient step relative to the trust radius times ``√dim``; 0 skips the
+            second-order gradient (it is zero anyway on piecewise-linear networks).
+        noise: Initial trust radius per coordinate, relative to the data spread.
+        batch_size: Largest number of points passed through the model at once.
+        seed: Random seed; equal seeds give equal results.
+        verbose: 1 shows a progress bar over the search batches.
         dtype: Input dtype.
 
     Returns:
-        A :class:`~tf_lipschitz.report.LowerBound`.
+        A :class:`~tf_lipschitz.report.LowerBound`; ``evaluations`` counts Jacobian-vector
+        products (forward or reverse mode; one second-order gradient counts as two).
+
+    Example:
+        >>> import keras, tf_lipschitz as tfl
+        >>> from tf_lipschitz.lower import lower_bound
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(8, "relu"),
+        ...                           keras.layers.Dense(2)])
+        >>> lb = lower_bound(model, (3,))
+        >>> lb.value <= tfl.LipschitzEstimator(model, verbose=0).autolip().upper
+        True
     """
-    if steps < 0 or power_iters < 1 or batch_size < 1:
+    if (steps < 0 or power_iters < 1 or batch_size < 1 or population < 1 or proposals < 1
+            or n_random < 0 or learning_rate < 0 or noise <= 0):
         raise ValueError(
-            f"Expected steps >= 0, power_iters >= 1, batch_size >= 1; received steps={steps}, "
-            f"power_iters={power_iters}, batch_size={batch_size}."
+            "Expected steps >= 0, power_iters >= 1, batch_size >= 1, population >= 1, "
+            "proposals >= 1, n_random >= 0, learning_rate >= 0 and noise > 0; received "
+            f"steps={steps}, power_iters={power_iters}, batch_size={batch_size}, "
+            f"population={population}, proposals={proposals}, n_random={n_random}, "
+            f"learning_rate={learning_rate}, noise={noise}."
         )
     f = _as_model_fn(model)
     rng = np.random.default_rng(seed)
-    starts = _starts(x, tuple(input_shape), n_random, dtype, rng)
-    scale = float(np.std(starts)) or 1.0
-    ascent = _ASCENT
+    starts, spread = _starts(x, tuple(input_shape), n_random, dtype, rng)
+
+    # 1. screening
+    scores, directions = [], []
+    for c, part in enumerate(_chunks(len(starts), batch_size)):
+        xb = tf.convert_to_tensor(starts[part])
+        v0 = _normalize(tf.random.stateless_normal(tf.shape(xb), [seed, c], dtype=xb.dtype))
+        sb, vb = _POWER(f, xb, v0, tf.constant(power_iters))
+        scores.append(np.nan_to_num(sb.numpy(), nan=-1.0, posinf=-1.0))
+        directions.append(vb.numpy())
+    scores, directions = np.concatenate(scores), np.concatenate(directions)
+    keep = np.argsort(-scores, kind="stable")[:population]
+
+    # 2-3. search from the best screened points
+    per_point = proposals + (len(_GRADIENT_STEPS) if learning_rate > 0 else 0)
+    chunks = _chunks(len(keep), max(1, batch_size // per_point))
+    bar = keras.utils.Progbar(len(chunks), verbose=verbose, unit_name="batch") if verbose else None
     best = (-1.0, None, None)
-    n_batches = (len(starts) + batch_size - 1) // batch_size
-    bar = keras.utils.Progbar(n_batches, verbose=verbose, unit_name="batch") if verbose else None
-    for b in range(n_batches):
-        xb = tf.convert_to_tensor(starts[b * batch_size:(b + 1) * batch_size])
-        v0 = _normalize(tf.random.stateless_normal(tf.shape(xb), [seed, b], dtype=xb.dtype))
-        xs, vs, ss = ascent(
-            f, xb, v0, tf.constant(scale, xb.dtype), tf.constant(steps),
-            tf.constant(learning_rate, xb.dtype), tf.constant(noise, xb.dtype),
-            tf.constant(power_iters), tf.constant(seed),
+    for c, part in enumerate(chunks):
+        xb = tf.convert_to_tensor(starts[keep[part]])
+        xs, vs, ss = _SEARCH(
+            f, xb, tf.convert_to_tensor(directions[keep[part]]),
+            tf.fill([tf.shape(xb)[0]], tf.constant(noise * spread, xb.dtype)),
+            tf.constant(steps), proposals, tf.constant(power_iters), float(learning_rate),
+            tf.constant([seed, c]), tf.constant(1e3 * spread, xb.dtype),
         )
-        ss = ss.numpy()
-        k = int(np.nanargmax(ss))
+        ss = np.nan_to_num(ss.numpy(), nan=-1.0, posinf=-1.0)
+        k = int(np.argmax(ss))
         if ss[k] > best[0]:
             best = (float(ss[k]), xs.numpy()[k], vs.numpy()[k])
         if bar is not None:
-            bar.update(b + 1, values=[("lower", best[0])])
+            bar.update(c + 1, values=[("lower", best[0])])
     value, x_best, v_best = best
+    if value < 0:
+        raise FloatingPointError(
+            "lower_bound: the Jacobian norm was not finite at any searched point; check the "
+            "model for overflow (try smaller `noise`, or data points `x`)."
+        )
     eps = 1e-3 * (float(np.linalg.norm(x_best)) / np.sqrt(x_best.size) + 1.0)
-    x64 = tf.convert_to_tensor(x_best[None])
-    y0 = f(x64)
-    y1 = f(x64 + eps * tf.convert_to_tensor(v_best[None]))
+    x0 = tf.convert_to_tensor(x_best[None])
+    y0 = f(x0)
+    y1 = f(x0 + eps * tf.convert_to_tensor(v_best[None]))
     secant = float(np.linalg.norm(np.asarray(y1 - y0).ravel()) / eps)
-    evaluations = len(starts) * (power_iters * (steps + 1) * 2 + steps * 5 + power_iters * 8)
+    gradient = 2 if learning_rate > 0 else 0
+    evaluations = (len(starts) * (2 * power_iters + 1)
+                   + len(keep) * (2 * power_iters + 1 + 8 * power_iters + 1
+                                  + steps * (3 * per_point + gradient)))
     return LowerBound(value=value, x=x_best, direction=v_best, secant=secant,
                       evaluations=evaluations, starts=len(starts))
 
@@ -254,8 +390,11 @@ def extreme_value_estimate(
 
     Points are drawn uniformly in balls of ``radius`` (relative to the data scale) around the
     data points, or from a standard Gaussian without data. The fit uses
-    ``tfp.distributions.GeneralizedExtremeValue`` by maximum likelihood. The result is a
-    statistical **estimate**: it can fall below the true constant.
+    ``tfp.distributions.GeneralizedExtremeValue`` by maximum likelihood. The value is the right
+    end of the fitted support when it is bounded (concentration ``ξ < 0``), else the fitted
+    location, and never less than ``sample_max``, the largest sampled Jacobian norm (an
+    estimate of a maximum cannot be below an observed value). The result is a statistical
+    **estimate**: it can fall below the true constant, and it is not a bound either way.
 
     Args:
         model: Single-input Keras model or batched callable.
@@ -271,12 +410,24 @@ def extreme_value_estimate(
         dtype: Input dtype.
 
     Returns:
-        An :class:`~tf_lipschitz.report.ExtremeValueEstimate`.
+        An :class:`~tf_lipschitz.report.ExtremeValueEstimate` with ``value >= sample_max``.
+
+    Example:
+        >>> import keras
+        >>> from tf_lipschitz.lower import extreme_value_estimate
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(8, "tanh"),
+        ...                           keras.layers.Dense(2)])
+        >>> ev = extreme_value_estimate(model, (3,), batches=20, batch_size=16)
+        >>> ev.value >= ev.sample_max
+        True
     """
     import tensorflow_probability as tfp  # heavy import, only needed here
 
     if batches < 3 or batch_size < 1:
-        raise ValueError(f"Need batches >= 3 and batch_size >= 1; received {batches}, {batch_size}.")
+        raise ValueError(
+            f"Need batches >= 3 and batch_size >= 1; received batches={batches}, "
+            f"batch_size={batch_size}."
+        )
     f = _as_model_fn(model)
     rng = np.random.default_rng(seed)
     shape = tuple(input_shape)
@@ -330,6 +481,9 @@ def extreme_value_estimate(
     conc_v = float(conc.numpy())
     # TFP's GEV with concentration ξ < 0 has support bounded above at loc - scale / ξ.
     value = loc_v - scale_v / conc_v if conc_v < 0 else loc_v
+    # A maximum below an observed value is wrong by construction (the fit can put its right
+    # end, or its location when the support is unbounded, below the largest sample).
+    value = max(value, float(sample.max()))
     return ExtremeValueEstimate(
         value=float(value), loc=loc_v, scale=scale_v, concentration=conc_v,
         sample_max=float(sample.max()), batches=batches, batch_size=batch_size,
