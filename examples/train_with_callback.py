@@ -55,8 +55,9 @@ def build_cnn(constrained: bool = False, max_lipschitz: float = 1.0,
     """The paper's 4-layer MNIST CNN; ``constrained`` wraps every convolution.
 
     ``power_iterations=4`` (a 4-product Lanczos step per training call) keeps each layer within
-    0.2% of the target from the first epoch; the default of 1 lags by a few % early on (see
-    ``docs/keras_integration.md``).
+    0.2% of the target after the first epoch of the full run; the default of 1 lags by a few %
+    early on, and short runs can end a few % above the target until the wrappers are
+    calibrated (see ``docs/keras_integration.md``).
     """
 
     def conv(filters, kernel, strides, activation, name):
