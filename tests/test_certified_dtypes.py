@@ -101,6 +101,60 @@ def test_product_with_constant_in_both_dtypes():
 
 
 # --------------------------------------------------------------------------------------------
+# Division by constants: the product with 1/c; division by the input is not Lipschitz
+# --------------------------------------------------------------------------------------------
+
+_QUOTIENTS = {
+    "python-constant": lambda y: y / 4.0,
+    "rounded-constant": lambda y: y / 3.0,  # 1/3 is not a float32 number
+    "ops-divide-vector": lambda y: keras.ops.divide(y, np.array([1.0, -0.25, 0.5, 2.0], "float32")),
+    "ops-true-divide-tensor": lambda y: keras.ops.true_divide(
+        y, keras.ops.convert_to_tensor(np.array([4.0, 1.0, 0.5, 8.0], "float32"))),
+    "divide-no-nan-zero": lambda y: keras.ops.divide_no_nan(
+        y, np.array([0.0, 2.0, 0.25, 1.0], "float32")),
+}
+
+
+@pytest.mark.parametrize("name", list(_QUOTIENTS))
+def test_division_by_constant_is_certified_exactly(name):
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, L.Dense(3)(_QUOTIENTS[name](L.Dense(4)(inputs))))
+    with _no_warnings():
+        report = _certified(model)
+    exact = _jacobian_norm(model, (5,))
+    assert report.certified
+    assert exact <= report.upper <= exact * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("constant,shape", [
+    (np.array([[2.0], [1.0], [-0.5]], "float32"), (1, 5)),  # each entry copied 3 times
+    (np.float32(-0.25), (2, 3)),
+], ids=["copies", "scalar"])
+def test_division_norm_is_the_reciprocals_norm(constant, shape):
+    inputs = keras.Input(shape)
+    model = keras.Model(inputs, inputs / constant)
+    exact = _jacobian_norm(model, shape)
+    report = tfl.LipschitzEstimator(model, verbose=0).autolip()
+    assert report.certified  # a closed form
+    assert exact <= report.upper <= exact * (1 + 1e-6)
+
+
+def test_division_by_the_input_is_not_lipschitz():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, 2.0 / L.Dense(3)(inputs))
+    with pytest.raises(tfl.NotLipschitzError, match="divides by a tensor that depends"):
+        tfl.LipschitzEstimator(model, verbose=0).autolip()
+
+
+def test_division_by_zero_names_the_layer_and_the_fix():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, inputs / np.array([1.0, 0.0, 2.0], "float32"))
+    with pytest.raises(tfl.LipschitzError, match=r"true_divide.*1 zero.*divide_no_nan"):
+        tfl.LipschitzEstimator(model, verbose=0).autolip()
+
+
+# --------------------------------------------------------------------------------------------
 # A user affine() layer that adds a float32 bias: the dense route is skipped, not a crash
 # --------------------------------------------------------------------------------------------
 

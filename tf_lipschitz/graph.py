@@ -33,7 +33,9 @@ class GraphNode:
         output_shapes: Per-example shapes of the outputs.
         dependent: Whether the node's output depends on the model input.
         input_dependent: For each tensor input, whether it depends on the model input.
-        constants: Values of the inputs (tensor or not) that do not depend on the model input.
+        constants: One entry per positional argument of the call (flattened, in order):
+            ``None`` for a tensor that depends on the model input, else the argument's value
+            (a constant tensor's batch-1 value, a number, an array, a captured tensor).
         consumers: Indices of nodes using this node's output.
         dtype: Floating dtype of the first input.
     """
@@ -166,8 +168,8 @@ class _Builder:
         dependent_ids = {id(x) for x, d in zip(node.input_tensors, input_dependent) if d}
         for arg in tree.flatten(node.arguments.args):
             if isinstance(arg, keras.KerasTensor):
-                if id(arg) not in dependent_ids:
-                    constants.append(keras.ops.convert_to_numpy(values[id(arg)]))
+                constants.append(None if id(arg) in dependent_ids
+                                 else keras.ops.convert_to_numpy(values[id(arg)]))
             elif isinstance(arg, (int, float, np.ndarray, np.generic)) and not isinstance(arg, bool):
                 constants.append(np.asarray(arg))
             elif isinstance(arg, keras.Variable) or keras.ops.is_tensor(arg):  # captured tensors

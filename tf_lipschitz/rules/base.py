@@ -137,8 +137,9 @@ class NodeContext:
         output_shapes: Per-example shapes of the outputs.
         dependent: For each input, whether it depends on the model input (``False`` for
             constants).
-        constants: For each input, its value (a batch-1 array) when it does not depend on the
-            model input, else ``None``.
+        constants: For each positional argument of the call (flattened, in order), its value
+            (a batch-1 array, a number, a captured tensor) when it does not depend on the model
+            input, else ``None``: ``x / 2.0`` gives ``(None, 2.0)``, ``2.0 / x`` ``(2.0, None)``.
         dtype: Floating dtype of the inputs.
         name: Qualified name of the node (``"outer/inner/conv1"`` for nested models).
     """

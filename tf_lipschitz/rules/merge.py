@@ -8,6 +8,9 @@ AutoLip (Scaman & Virmaux 2018, Alg. 1) gives a node with inputs ``p`` the const
 - Maximum / Minimum: ``√(Σ L_p²)`` (per coordinate ``|Δ max| ≤ max_p |Δ x_p|``);
 - Multiply of one input-dependent tensor by constants ``c``: linear, norm ``max |c|``, or
   ``max_j ‖c‖₂`` over the output entries each input entry ``j`` is broadcast to;
+- Division of an input-dependent tensor by constants ``c`` (``x / 2.0``, ``ops.divide``,
+  ``ops.divide_no_nan``): the product with ``1 / c``; a division *by* an input-dependent
+  tensor (``1 / x``) is not globally Lipschitz;
 - Multiply / Dot / attention of two input-dependent tensors: not globally Lipschitz.
 """
 
@@ -24,6 +27,8 @@ from tf_lipschitz.errors import LipschitzError, NotLipschitzError
 from tf_lipschitz.rules.base import Linear, Merge, NodeContext, constant_like, register_rule
 
 __all__: list[str] = []
+
+_EPS = float(np.finfo(np.float64).eps)
 
 
 def _sum(values):
@@ -60,28 +65,77 @@ def _product_rule(layer, ctx: NodeContext):
             f"Layer '{ctx.name or layer.name}' ({type(layer).__name__}) multiplies by an operand "
             "that is neither input-dependent nor readable as a constant; pass the constant as a "
             "number, a NumPy array or a tensor.")
+    return _scaling(ctx, [v for v in ctx.constants if v is not None], dependent)
+
+
+def _readings(value, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """A constant exactly (float64) and as the model may use it, rounded to its dtype (a
+    Python float in a float32 model): bounds must hold for both."""
+    exact = np.asarray(value, dtype="float64")
+    rounded = exact
+    if keras.backend.is_float_dtype(dtype):
+        rounded = ops.convert_to_numpy(  # via float64: NumPy has no bfloat16
+            ops.cast(ops.cast(exact, dtype), "float64"))
+    return exact, rounded
+
+
+def _scaling(ctx: NodeContext, multipliers, dependent, divisor=None, no_nan=False) -> Linear:
+    """``x ↦ x · Π multipliers`` (``/ divisor``): linear, norm from the broadcast magnitudes."""
     factor = np.ones((), dtype="float64")
     bound = np.ones((), dtype="float64")
-    for value in ctx.constants:
-        if value is not None:
-            exact = np.asarray(value, dtype="float64")
-            factor = factor * exact
-            # The model may multiply by the constant rounded to its dtype (a Python float in a
-            # float32 model): bound both readings.
-            rounded = exact
-            if keras.backend.is_float_dtype(ctx.dtype):
-                rounded = ops.convert_to_numpy(  # via float64: NumPy has no bfloat16
-                    ops.cast(ops.cast(exact, ctx.dtype), "float64"))
-            bound = bound * np.maximum(np.abs(exact), np.abs(rounded))
-    factor_like = constant_like(factor)
+    for value in multipliers:
+        exact, rounded = _readings(value, ctx.dtype)
+        factor = factor * exact
+        bound = bound * np.maximum(np.abs(exact), np.abs(rounded))
+    note = "product with a constant"
+    divisor_like = None
+    if divisor is not None:
+        exact, rounded = _readings(divisor, ctx.dtype)
+        zero = (exact == 0) | (rounded == 0)
+        if np.any(zero) and not no_nan:
+            raise LipschitzError(
+                f"Layer '{ctx.name}' divides by a constant with {int(np.sum(zero))} zero "
+                "entries (an infinite or undefined output); use `keras.ops.divide_no_nan` if the "
+                "zeros are intended.")
+        with np.errstate(divide="ignore"):
+            magnitude = np.where(zero, 0.0, 1.0 / np.minimum(np.abs(exact), np.abs(rounded)))
+        bound = bound * magnitude * (1 + 2 * _EPS)  # the reciprocal is rounded to nearest
+        divisor_like = constant_like(exact)
+        note = "division by a constant"
+    factor_like = constant_like(factor) if len(multipliers) else None
     norm_value = _broadcast_product_norm(bound, ctx.input_shapes[dependent[0]],
                                          ctx.output_shapes[0]) if dependent else 0.0
 
-    def fn(x):  # the constant follows x: float32 in the solver, float64 when materialised
-        return x * factor_like(x)
+    def fn(x):  # the constants follow x: float32 in the solver, float64 when materialised
+        y = x if factor_like is None else x * factor_like(x)
+        if divisor_like is None:
+            return y
+        return ops.divide_no_nan(y, divisor_like(x)) if no_nan else y / divisor_like(x)
 
-    return Linear(fn, norm=lambda: norm_value, certificate=lambda: norm_value,
-                  note="product with a constant")
+    return Linear(fn, norm=lambda: norm_value, certificate=lambda: norm_value, note=note)
+
+
+def _quotient_rule(layer, ctx: NodeContext):
+    """``x / c`` for an input-dependent ``x`` and a constant ``c``."""
+    if len(ctx.constants) != 2:
+        raise LipschitzError(
+            f"Layer '{ctx.name or layer.name}' ({type(layer).__name__}): expected two operands, "
+            f"read {len(ctx.constants)}.")
+    numerator, denominator = ctx.constants
+    if denominator is None:
+        raise NotLipschitzError(
+            layer,
+            "it divides by a tensor that depends on the input (`c / x` has no global Lipschitz "
+            "constant near x = 0). Bound the input domain, or move the division out of the "
+            "analysed model.",
+        )
+    dependent = [i for i, d in enumerate(ctx.dependent) if d]
+    if numerator is not None or not dependent:  # neither operand depends on the input
+        raise LipschitzError(
+            f"Layer '{ctx.name or layer.name}' ({type(layer).__name__}) divides by a constant "
+            "but its numerator is neither input-dependent nor readable as a constant.")
+    return _scaling(ctx, [], dependent, divisor=denominator,
+                    no_nan=isinstance(layer, knp.DivideNoNan))
 
 
 def _broadcast_product_norm(magnitude: np.ndarray, input_shape, output_shape) -> float:
@@ -98,7 +152,11 @@ def _broadcast_product_norm(magnitude: np.ndarray, input_shape, output_shape) ->
     axes = tuple(a for a, (n, m) in enumerate(zip(x, out)) if n == 1 and m != 1)
     if c.size == 0:
         return 0.0
-    return float(np.sqrt(np.max(np.sum(c * c, axis=axes)))) if axes else float(np.max(c))
+    if not axes:
+        return float(np.max(c))
+    # A float64 sum of k squares and its root are within (k + 2)·eps of the exact value.
+    copies = math.prod(out[a] for a in axes)
+    return float(np.sqrt(np.max(np.sum(c * c, axis=axes)))) * (1 + (copies + 2) * _EPS)
 
 
 def _bilinear_error(layer, ctx: NodeContext):
@@ -128,3 +186,5 @@ register_rule(knp.Concatenate, _l2_rule("√(Σ L²) (disjoint coordinates)"))
 register_rule(knp.Maximum, _l2_rule("√(Σ L²) (coordinatewise max)"))
 register_rule(knp.Minimum, _l2_rule("√(Σ L²) (coordinatewise min)"))
 register_rule(knp.Multiply, _product_rule)
+for _cls in (knp.TrueDivide, knp.Divide, knp.DivideNoNan):
+    register_rule(_cls, _quotient_rule)
