@@ -23,7 +23,8 @@ from tf_lipschitz.errors import LipschitzError
 from tf_lipschitz.graph import GraphNode, ModelGraph
 from tf_lipschitz.operators import LinearOperator, compose
 from tf_lipschitz.power import SpectralResult, SpectralSolver
-from tf_lipschitz.report import CERTIFIED, ESTIMATE, LayerRow, LipschitzReport, combine_outputs
+from tf_lipschitz.report import (CERTIFIED, ESTIMATE, LayerRow, LipschitzReport, combine_outputs,
+                                 round_up)
 from tf_lipschitz.rules import Constant, LayerBound, Linear, Merge, NodeContext, get_rule
 from tf_lipschitz.starts import group_start
 
@@ -300,6 +301,10 @@ class AutoLip:
 
         outputs = {graph.nodes[o].name: lip[o] for o in graph.outputs}
         upper = combine_outputs(list(outputs.values()))
+        if all_certified:
+            # Products and sums of certified factors round to nearest: widen by their worst
+            # case (a few per node), so that a certified bound stays provably above.
+            upper = round_up(upper, operations=4 * len(graph.nodes) + 8)
         return LipschitzReport(
             method="autolip",
             upper=upper,
