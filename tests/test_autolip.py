@@ -171,3 +171,61 @@ def test_certified_bound_is_rounded_up_over_exact_rational_arithmetic():
         assert report.certified
         assert Fraction(report.upper) >= exact
         assert report.upper <= float(exact) * (1 + 1e-12)
+
+
+def _two_branches(seed=0):
+    keras.utils.set_random_seed(seed)
+    a, b = keras.Input((4,)), keras.Input((3,))
+    da, db = L.Dense(5, use_bias=False), L.Dense(5, use_bias=False)
+    return a, b, da, db, da(a), db(b)
+
+
+def test_concatenating_branches_of_separate_inputs_is_their_max():
+    # ‖Δx‖² = ‖Δa‖² + ‖Δb‖²: the Jacobian is block diagonal, its norm max(σ_a, σ_b), not √2 ×.
+    a, b, da, db, ya, yb = _two_branches()
+    model = keras.Model([a, b], L.Concatenate()([ya, yb]))
+    wa, wb = da.kernel.numpy(), db.kernel.numpy()
+    jacobian = np.block([[wa, np.zeros((4, 5))], [np.zeros((3, 5)), wb]])
+    exact = np.linalg.norm(jacobian, 2)
+    report = tfl.LipschitzEstimator(model, verbose=0, tol=1e-9).autolip()
+    assert report.upper == pytest.approx(exact, rel=1e-5)
+    assert "disjoint model inputs" in [r for r in report.layers if r.kind == "merge"][0].note
+    # Two outputs of separate inputs: the same block-diagonal map.
+    both = tfl.LipschitzEstimator(keras.Model([a, b], [ya, yb]), verbose=0, tol=1e-9).autolip()
+    assert both.upper == pytest.approx(exact, rel=1e-5)
+
+
+def test_sum_of_branches_of_separate_inputs_is_cauchy_schwarz():
+    a, b, da, db, ya, yb = _two_branches(1)
+    sa, sb = np.linalg.norm(da.kernel.numpy(), 2), np.linalg.norm(db.kernel.numpy(), 2)
+    exact = np.linalg.norm(np.vstack([da.kernel.numpy(), db.kernel.numpy()]), 2)
+    for merge, scale in ((L.Add(), 1.0), (L.Average(), 0.5)):
+        report = tfl.LipschitzEstimator(keras.Model([a, b], merge([ya, yb])), verbose=0,
+                                        tol=1e-9).autolip()
+        assert scale * exact <= report.upper * (1 + 1e-6)
+        assert report.upper == pytest.approx(scale * math.hypot(sa, sb), rel=1e-5)  # < sa + sb
+
+
+def test_maximum_of_branches_of_separate_inputs_holds_on_samples():
+    a, b, da, db, ya, yb = _two_branches(2)
+    model = keras.Model([a, b], L.Maximum()([L.ReLU()(ya), yb]))
+    upper = tfl.LipschitzEstimator(model, verbose=0, tol=1e-9).autolip().upper
+    rng = np.random.default_rng(0)
+    xa, xb = rng.standard_normal((4000, 4)), rng.standard_normal((4000, 3))
+    ea, eb = 1e-3 * rng.standard_normal((4000, 4)), 1e-3 * rng.standard_normal((4000, 3))
+    out = np.asarray(model([xa + ea, xb + eb])) - np.asarray(model([xa, xb]))
+    ratios = np.linalg.norm(out, axis=1) / np.sqrt(np.sum(ea**2, 1) + np.sum(eb**2, 1))
+    assert ratios.max() <= upper * (1 + 1e-4)
+    assert upper == pytest.approx(max(np.linalg.norm(da.kernel.numpy(), 2),
+                                      np.linalg.norm(db.kernel.numpy(), 2)), rel=1e-5)
+
+
+def test_branches_sharing_an_input_keep_the_general_rule():
+    keras.utils.set_random_seed(3)
+    x = keras.Input((4,))
+    d1, d2 = L.Dense(5, use_bias=False), L.Dense(5, use_bias=False)
+    model = keras.Model(x, L.Concatenate()([d1(x), d2(x)]))
+    s1, s2 = np.linalg.norm(d1.kernel.numpy(), 2), np.linalg.norm(d2.kernel.numpy(), 2)
+    report = tfl.LipschitzEstimator(model, verbose=0, tol=1e-9).autolip()
+    assert report.upper == pytest.approx(math.hypot(s1, s2), rel=1e-5)  # not max(s1, s2)
+    assert report.upper >= np.linalg.norm(np.hstack([d1.kernel.numpy(), d2.kernel.numpy()]), 2)

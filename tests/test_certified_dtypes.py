@@ -154,6 +154,47 @@ def test_division_by_zero_names_the_layer_and_the_fix():
         tfl.LipschitzEstimator(model, verbose=0).autolip()
 
 
+def test_variable_operand_is_read_at_every_run():
+    # The variable is captured by the graph: an estimator re-run after it changed (as
+    # LipCallback does every epoch) must see the new value, alone and inside a fused chain.
+    v = keras.Variable(np.float32(2.0))
+    inputs = keras.Input((4,))
+    quotient = tfl.LipschitzEstimator(keras.Model(inputs, inputs / v), verbose=0)
+    assert quotient.autolip().upper == pytest.approx(0.5, rel=1e-12)
+    dense = L.Dense(3, use_bias=False)
+    chain = keras.Model(inputs, dense(L.Dense(4, use_bias=False)(inputs) * v))
+    est = tfl.LipschitzEstimator(chain, verbose=0, tol=1e-9)
+    before = est.autolip().upper
+    v.assign(0.25)
+    report = quotient.autolip(certified=True)
+    assert report.certified and report.upper == pytest.approx(4.0, rel=1e-12)
+    assert est.autolip().upper == pytest.approx(before / 8, rel=1e-6)
+    exact = _jacobian_norm(chain, (4,))
+    assert exact <= est.autolip(certified=True).upper <= exact * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "float16"])
+def test_low_precision_constant_is_certified_as_the_model_rounds_it(policy):
+    # A bfloat16 model divides by bf16(0.7) = 0.69921875 (norm 1.43017): the fused chain
+    # materialised in float64 used 0.7 exactly (1.42857, 0.11 % below the model's map).
+    def rounded(value):
+        return float(ops.convert_to_numpy(ops.cast(ops.cast(value, policy), "float64")))
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        inputs = keras.Input((4,))
+        dense = L.Dense(4, use_bias=False, kernel_initializer="identity")
+        cases = ((dense(inputs) / 0.7, 1 / rounded(0.7)), (dense(inputs) * (1 / 0.7), rounded(1 / 0.7)))
+        for out, model_map in cases:  # the norm of the map the model computes
+            report = tfl.LipschitzEstimator(keras.Model(inputs, out), verbose=0).autolip(
+                certified=True)
+            assert report.certified
+            assert model_map <= report.upper <= max(model_map, 1 / 0.7) * (1 + 1e-5)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 # --------------------------------------------------------------------------------------------
 # A user affine() layer that adds a float32 bias: the dense route is skipped, not a crash
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Scaman & Virmaux (NeurIPS 2018), Algorithm 1: walk the graph in topological orde
 ``L = 1`` at the inputs, ``0`` for constants, and ``L_k = Σ_p Lip_p(g_k) · L_p`` elsewhere.
 Layers affine in their input are first fused into maximal chains (Conv → BatchNorm →
 Rescaling; Conv → Flatten → Dense), whose operator norm is measured as one linear map on its
-real input shape: ``‖AB‖ ≤ ‖A‖‖B‖``, so fusing can only tighten the bound.
+real input shape: ``‖AB‖ ≤ ‖A‖‖B‖``, so fusing can only tighten the bound. Merges of tensors
+that depend on disjoint sets of model inputs (branches of a multi-input model) use the tighter
+forms of :class:`~tf_lipschitz.rules.Merge` (``disjoint``), since then ``‖Δx‖² = Σ ‖Δx_p‖²``.
 """
 
 from __future__ import annotations
@@ -73,6 +75,28 @@ def node_context(node: GraphNode) -> NodeContext:
         dtype=node.dtype,
         name=node.name,
     )
+
+
+def model_input_sources(graph: ModelGraph) -> dict[int, frozenset]:
+    """For every node, the model inputs (their node indices) its output depends on."""
+    sources: dict[int, frozenset] = {}
+    for node in graph.nodes:
+        if node.is_input:
+            sources[node.index] = frozenset([node.index])
+        else:
+            sources[node.index] = frozenset().union(*(
+                sources[p] for p, d in zip(node.parents, node.input_dependent) if d))
+    return sources
+
+
+def _disjoint(sets: Sequence[frozenset]) -> bool:
+    """Whether the sets are pairwise disjoint (a set repeated is not)."""
+    seen: set = set()
+    for s in sets:
+        if seen & s:
+            return False
+        seen |= s
+    return True
 
 
 def evaluate_rules(graph: ModelGraph) -> dict[int, LayerBound]:
@@ -250,6 +274,7 @@ class AutoLip:
         if certified and verbose:
             bar = keras.utils.Progbar(len(self.groups), unit_name="certificate")
 
+        sources = model_input_sources(graph)
         for node in graph.nodes:
             i = node.index
             if node.is_input:
@@ -272,9 +297,16 @@ class AutoLip:
             bound = bounds[i]
             if isinstance(bound, Merge):
                 parents = [lip[p] if d else 0.0 for p, d in zip(node.parents, node.input_dependent)]
-                lip[i] = float(bound.combine(parents))
+                note = bound.note
+                separate = _disjoint([sources[p] for p, d in zip(node.parents, node.input_dependent)
+                                      if d])
+                if bound.disjoint is not None and separate:
+                    lip[i] = float(bound.disjoint(parents))
+                    note = f"{note}; inputs from disjoint model inputs" if note else note
+                else:
+                    lip[i] = float(bound.combine(parents))
                 rows[i] = LayerRow(node.name, node.class_name, "merge", node.input_shapes[0],
-                                   node.output_shapes[0], cumulative=lip[i], note=bound.note)
+                                   node.output_shapes[0], cumulative=lip[i], note=note)
                 continue
             if isinstance(bound, Constant):
                 parent = _dependent_parent(node)
@@ -300,11 +332,16 @@ class AutoLip:
             rows[i] = dataclasses.replace(row, cumulative=lip[i])
 
         outputs = {graph.nodes[o].name: lip[o] for o in graph.outputs}
-        upper = combine_outputs(list(outputs.values()))
+        if len(graph.outputs) > 1 and _disjoint([sources[o] for o in graph.outputs]):
+            upper = max(lip[o] for o in graph.outputs)  # ‖Δx‖² = Σ ‖Δx_o‖² over the outputs
+        else:
+            upper = combine_outputs([lip[o] for o in graph.outputs])
         if all_certified:
             # Products and sums of certified factors round to nearest: widen by their worst
             # case (a few per node), so that a certified bound stays provably above.
-            upper = round_up(upper, operations=4 * len(graph.nodes) + 8)
+            operations = 4 * len(graph.nodes) + 8
+            upper = round_up(upper, operations)
+            outputs = {name: round_up(value, operations) for name, value in outputs.items()}
         return LipschitzReport(
             method="autolip",
             upper=upper,

@@ -35,7 +35,8 @@ class GraphNode:
         input_dependent: For each tensor input, whether it depends on the model input.
         constants: One entry per positional argument of the call (flattened, in order):
             ``None`` for a tensor that depends on the model input, else the argument's value
-            (a constant tensor's batch-1 value, a number, an array, a captured tensor).
+            (a constant tensor's batch-1 value, a Python number, an array, a captured tensor's
+            value, or a captured ``keras.Variable`` itself, which rules read when they run).
         consumers: Indices of nodes using this node's output.
         dtype: Floating dtype of the first input.
     """
@@ -170,9 +171,13 @@ class _Builder:
             if isinstance(arg, keras.KerasTensor):
                 constants.append(None if id(arg) in dependent_ids
                                  else keras.ops.convert_to_numpy(values[id(arg)]))
-            elif isinstance(arg, (int, float, np.ndarray, np.generic)) and not isinstance(arg, bool):
+            elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+                constants.append(arg)  # a Python scalar (weakly typed: takes x's dtype)
+            elif isinstance(arg, (np.ndarray, np.generic)):
                 constants.append(np.asarray(arg))
-            elif isinstance(arg, keras.Variable) or keras.ops.is_tensor(arg):  # captured tensors
+            elif isinstance(arg, keras.Variable):
+                constants.append(arg)  # kept, not read: rules read it when they run
+            elif keras.ops.is_tensor(arg):  # captured tensors
                 constants.append(keras.ops.convert_to_numpy(arg))
         first = in_entries[0][0] if in_entries else None
         graph_node = self.add(

@@ -119,10 +119,15 @@ class Merge:
     Attributes:
         combine: Maps the Lipschitz constants of the inputs (in call order) to the layer's.
         note: Shown in the report, e.g. ``"sum of inputs"``.
+        disjoint: The same map when the inputs depend on disjoint sets of model inputs (two
+            branches of a multi-input model), where ``‖Δx‖² = Σ_p ‖Δx_p‖²`` allows a tighter
+            form: ``√(Σ L_p²)`` for a sum (Cauchy–Schwarz), ``max_p L_p`` for a concatenation.
+            ``None``: ``combine`` is used.
     """
 
     combine: Callable[[Sequence[float]], float]
     note: str = ""
+    disjoint: Callable[[Sequence[float]], float] | None = None
 
 
 LayerBound = Union[Linear, Constant, Merge]

@@ -6,6 +6,9 @@ AutoLip (Scaman & Virmaux 2018, Alg. 1) gives a node with inputs ``p`` the const
 - Add / Subtract: ``Σ L_p``; Average: ``(Σ L_p) / n``;
 - Concatenate: ``√(Σ L_p²)`` (the outputs occupy disjoint coordinates);
 - Maximum / Minimum: ``√(Σ L_p²)`` (per coordinate ``|Δ max| ≤ max_p |Δ x_p|``);
+- inputs that depend on disjoint sets of model inputs (branches of a multi-input model):
+  ``√(Σ L_p²)`` for sums, ``max L_p`` for Concatenate / Maximum / Minimum, since then
+  ``‖Δx‖² = Σ_p ‖Δx_p‖²``;
 - Multiply of one input-dependent tensor by constants ``c``: linear, norm ``max |c|``, or
   ``max_j ‖c‖₂`` over the output entries each input entry ``j`` is broadcast to;
 - Division of an input-dependent tensor by constants ``c`` (``x / 2.0``, ``ops.divide``,
@@ -39,16 +42,21 @@ def _l2(values):
     return math.sqrt(sum(v * v for v in values))
 
 
+def _max(values):
+    return float(max(values, default=0.0))
+
+
 def _sum_rule(layer, ctx):
-    return Merge(_sum, "sum of inputs")
+    return Merge(_sum, "sum of inputs", disjoint=_l2)
 
 
 def _average_rule(layer, ctx):
-    return Merge(lambda values: _sum(values) / len(values), "mean of inputs")
+    return Merge(lambda values: _sum(values) / len(values), "mean of inputs",
+                 disjoint=lambda values: _l2(values) / len(values))
 
 
 def _l2_rule(note):
-    return lambda layer, ctx: Merge(_l2, note)
+    return lambda layer, ctx: Merge(_l2, note, disjoint=_max)
 
 
 def _product_rule(layer, ctx: NodeContext):
@@ -68,46 +76,76 @@ def _product_rule(layer, ctx: NodeContext):
     return _scaling(ctx, [v for v in ctx.constants if v is not None], dependent)
 
 
+def _reading_dtype(value, dtype: str) -> str | None:
+    """The dtype in which the model applies a constant to a ``dtype`` tensor, or ``None`` when
+    it is not a float computation (the constant is then used exactly)."""
+    if not keras.backend.is_float_dtype(dtype):
+        return None
+    if isinstance(value, (bool, int, float)):  # Python scalars are weakly typed: x's dtype
+        return dtype
+    value_dtype = value.dtype if isinstance(value, keras.Variable) else np.asarray(value).dtype
+    return keras.backend.result_type(dtype, keras.backend.standardize_dtype(value_dtype))
+
+
 def _readings(value, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """A constant exactly (float64) and as the model may use it, rounded to its dtype (a
-    Python float in a float32 model): bounds must hold for both."""
-    exact = np.asarray(value, dtype="float64")
-    rounded = exact
-    if keras.backend.is_float_dtype(dtype):
-        rounded = ops.convert_to_numpy(  # via float64: NumPy has no bfloat16
-            ops.cast(ops.cast(exact, dtype), "float64"))
-    return exact, rounded
+    """A constant exactly (float64) and as the model uses it (rounded to the dtype of the
+    computation: a Python float in a float32 or bfloat16 model), both in float64. A variable is
+    read now (rules are evaluated at every run, so a changed variable is seen)."""
+    array = ops.convert_to_numpy(value) if isinstance(value, keras.Variable) else value
+    exact = np.asarray(array, dtype="float64")
+    used_dtype = _reading_dtype(value, dtype)
+    used = exact if used_dtype is None else ops.convert_to_numpy(  # via float64: no NumPy bf16
+        ops.cast(ops.cast(exact, used_dtype), "float64"))
+    return exact, used
+
+
+def _as_used(value, dtype: str):
+    """``like(x)``: the constant as the model uses it, in ``x``'s dtype. A variable is read at
+    every call (the solver's operators are built once and re-run after training steps)."""
+    if isinstance(value, keras.Variable):
+        used_dtype = _reading_dtype(value, dtype) or "float64"
+
+        def like(x):
+            return ops.cast(ops.cast(value, used_dtype), keras.backend.standardize_dtype(x.dtype))
+
+        return like
+    return constant_like(_readings(value, dtype)[1])
 
 
 def _scaling(ctx: NodeContext, multipliers, dependent, divisor=None, no_nan=False) -> Linear:
-    """``x ↦ x · Π multipliers`` (``/ divisor``): linear, norm from the broadcast magnitudes."""
-    factor = np.ones((), dtype="float64")
+    """``x ↦ x · Π multipliers`` (``/ divisor``): linear, norm from the broadcast magnitudes.
+
+    The operator (``fn``, materialised in float64 by certified mode) uses the constants as the
+    model does, rounded to the dtype of the computation; the closed-form norm bounds both that
+    and the exact reading.
+    """
     bound = np.ones((), dtype="float64")
     for value in multipliers:
-        exact, rounded = _readings(value, ctx.dtype)
-        factor = factor * exact
-        bound = bound * np.maximum(np.abs(exact), np.abs(rounded))
+        exact, used = _readings(value, ctx.dtype)
+        bound = bound * np.maximum(np.abs(exact), np.abs(used))
+    factors = [_as_used(value, ctx.dtype) for value in multipliers]
     note = "product with a constant"
     divisor_like = None
     if divisor is not None:
-        exact, rounded = _readings(divisor, ctx.dtype)
-        zero = (exact == 0) | (rounded == 0)
+        exact, used = _readings(divisor, ctx.dtype)
+        zero = (exact == 0) | (used == 0)
         if np.any(zero) and not no_nan:
             raise LipschitzError(
                 f"Layer '{ctx.name}' divides by a constant with {int(np.sum(zero))} zero "
                 "entries (an infinite or undefined output); use `keras.ops.divide_no_nan` if the "
                 "zeros are intended.")
         with np.errstate(divide="ignore"):
-            magnitude = np.where(zero, 0.0, 1.0 / np.minimum(np.abs(exact), np.abs(rounded)))
+            magnitude = np.where(zero, 0.0, 1.0 / np.minimum(np.abs(exact), np.abs(used)))
         bound = bound * magnitude * (1 + 2 * _EPS)  # the reciprocal is rounded to nearest
-        divisor_like = constant_like(exact)
+        divisor_like = _as_used(divisor, ctx.dtype)
         note = "division by a constant"
-    factor_like = constant_like(factor) if len(multipliers) else None
     norm_value = _broadcast_product_norm(bound, ctx.input_shapes[dependent[0]],
                                          ctx.output_shapes[0]) if dependent else 0.0
 
     def fn(x):  # the constants follow x: float32 in the solver, float64 when materialised
-        y = x if factor_like is None else x * factor_like(x)
+        y = x
+        for like in factors:
+            y = y * like(x)
         if divisor_like is None:
             return y
         return ops.divide_no_nan(y, divisor_like(x)) if no_nan else y / divisor_like(x)
