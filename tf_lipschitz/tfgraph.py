@@ -482,10 +482,6 @@ def _bilinear(ctx: OpContext) -> Linear:
     return ctx.linear(note=f"{ctx.op_type} (linear)")
 
 
-def _l2_norm(values) -> float:
-    return math.sqrt(sum(v * v for v in values))
-
-
 def _affine_sum(ctx: OpContext) -> LayerBound:
     """Add, AddV2, Sub, BiasAdd, AddN: a sum of dependent tensors, or x + constant."""
     slots = ctx.dependent_slots
@@ -493,7 +489,7 @@ def _affine_sum(ctx: OpContext) -> LayerBound:
         if ctx.op_type in ("BiasAdd", "BiasAddV1"):
             raise NotLipschitzError(_culprit(ctx), "a bias that depends on the input is a "
                                     "broadcast sum; not supported.")
-        return Merge(lambda values: float(sum(values)), "sum of inputs", disjoint=_l2_norm)
+        return Merge.sum()
     slot = slots[0]
     offsets = tuple(i for i in range(len(ctx.inputs)) if i != slot)
     note = "affine: constant added" if ctx.op_type != "Sub" or slot == 0 else "constant − x"
@@ -565,8 +561,7 @@ def _concat(ctx: OpContext) -> LayerBound:
     if any(s not in data for s in slots):
         raise UnsupportedOpError(ctx.op_type, ctx.name, "Its axis depends on the input.")
     if len(slots) > 1:
-        return Merge(_l2_norm, "√(Σ L²) (disjoint coordinates)",
-                     disjoint=lambda values: float(max(values, default=0.0)))
+        return Merge.l2("√(Σ L²) (disjoint coordinates)")
     offsets = tuple(i for i in data if i != slots[0])
     return ctx.linear(offsets=offsets, norm=1.0, note="embedding into a concatenation")
 
@@ -578,8 +573,7 @@ def _split_like(ctx: OpContext) -> Constant:
 
 def _max_merge(ctx: OpContext) -> LayerBound:
     if len(ctx.dependent_slots) > 1:
-        return Merge(_l2_norm, "√(Σ L²) (coordinatewise max/min)",
-                     disjoint=lambda values: float(max(values, default=0.0)))
+        return Merge.l2("√(Σ L²) (coordinatewise max/min)")
     return Constant(1.0, note=f"{ctx.op_type} with a constant: 1-Lipschitz")
 
 

@@ -129,6 +129,31 @@ class Merge:
     note: str = ""
     disjoint: Callable[[Sequence[float]], float] | None = None
 
+    @classmethod
+    def sum(cls, note: str = "sum of inputs") -> "Merge":
+        """A sum of the inputs: ``Σ L_p``, or ``√(Σ L_p²)`` for disjoint model inputs."""
+        return cls(_sum, note, disjoint=_l2)
+
+    @classmethod
+    def mean(cls, note: str = "mean of inputs") -> "Merge":
+        """The mean of the inputs: ``Σ L_p / n``, or ``√(Σ L_p²) / n`` for disjoint inputs."""
+        return cls(lambda values: _sum(values) / len(values), note,
+                   disjoint=lambda values: _l2(values) / len(values))
+
+    @classmethod
+    def l2(cls, note: str) -> "Merge":
+        """Inputs on disjoint output coordinates (concatenation) or a coordinatewise max/min:
+        ``√(Σ L_p²)``, or ``max_p L_p`` for disjoint model inputs."""
+        return cls(_l2, note, disjoint=lambda values: float(max(values, default=0.0)))
+
+
+def _sum(values: Sequence[float]) -> float:
+    return float(sum(values))
+
+
+def _l2(values: Sequence[float]) -> float:
+    return math.sqrt(sum(v * v for v in values))
+
 
 LayerBound = Union[Linear, Constant, Merge]
 

@@ -34,29 +34,16 @@ __all__: list[str] = []
 _EPS = float(np.finfo(np.float64).eps)
 
 
-def _sum(values):
-    return float(sum(values))
-
-
-def _l2(values):
-    return math.sqrt(sum(v * v for v in values))
-
-
-def _max(values):
-    return float(max(values, default=0.0))
-
-
 def _sum_rule(layer, ctx):
-    return Merge(_sum, "sum of inputs", disjoint=_l2)
+    return Merge.sum()
 
 
 def _average_rule(layer, ctx):
-    return Merge(lambda values: _sum(values) / len(values), "mean of inputs",
-                 disjoint=lambda values: _l2(values) / len(values))
+    return Merge.mean()
 
 
 def _l2_rule(note):
-    return lambda layer, ctx: Merge(_l2, note, disjoint=_max)
+    return lambda layer, ctx: Merge.l2(note)
 
 
 def _product_rule(layer, ctx: NodeContext):
@@ -99,9 +86,10 @@ def _readings(value, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     return exact, used
 
 
-def _as_used(value, dtype: str):
-    """``like(x)``: the constant as the model uses it, in ``x``'s dtype. A variable is read at
-    every call (the solver's operators are built once and re-run after training steps)."""
+def _as_used(value, used: np.ndarray, dtype: str):
+    """``like(x)``: the constant as the model uses it (``used``, from :func:`_readings`), in
+    ``x``'s dtype. A variable is read at every call instead (the solver's operators are built
+    once and re-run after training steps)."""
     if isinstance(value, keras.Variable):
         used_dtype = _reading_dtype(value, dtype) or "float64"
 
@@ -109,7 +97,7 @@ def _as_used(value, dtype: str):
             return ops.cast(ops.cast(value, used_dtype), keras.backend.standardize_dtype(x.dtype))
 
         return like
-    return constant_like(_readings(value, dtype)[1])
+    return constant_like(used)
 
 
 def _scaling(ctx: NodeContext, multipliers, dependent, divisor=None, no_nan=False) -> Linear:
@@ -120,10 +108,11 @@ def _scaling(ctx: NodeContext, multipliers, dependent, divisor=None, no_nan=Fals
     and the exact reading.
     """
     bound = np.ones((), dtype="float64")
+    factors = []
     for value in multipliers:
         exact, used = _readings(value, ctx.dtype)
         bound = bound * np.maximum(np.abs(exact), np.abs(used))
-    factors = [_as_used(value, ctx.dtype) for value in multipliers]
+        factors.append(_as_used(value, used, ctx.dtype))
     note = "product with a constant"
     divisor_like = None
     if divisor is not None:
@@ -137,7 +126,7 @@ def _scaling(ctx: NodeContext, multipliers, dependent, divisor=None, no_nan=Fals
         with np.errstate(divide="ignore"):
             magnitude = np.where(zero, 0.0, 1.0 / np.minimum(np.abs(exact), np.abs(used)))
         bound = bound * magnitude * (1 + 2 * _EPS)  # the reciprocal is rounded to nearest
-        divisor_like = _as_used(divisor, ctx.dtype)
+        divisor_like = _as_used(divisor, used, ctx.dtype)
         note = "division by a constant"
     norm_value = _broadcast_product_norm(bound, ctx.input_shapes[dependent[0]],
                                          ctx.output_shapes[0]) if dependent else 0.0
