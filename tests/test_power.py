@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tf_lipschitz as tfl
 from tf_lipschitz.operators import LinearOperator, compose
 from tf_lipschitz.power import SpectralSolver, spectral_norm, top_singular_triplets
 
@@ -198,3 +199,45 @@ def test_clustered_spectrum_is_not_stopped_early(start, rng):
     res = SpectralSolver([op]).run(tol=1e-4, init=[v0])[0]
     assert res.converged
     assert 1.0 - 1e-4 <= res.sigma <= 1.0 + 1e-12
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+@pytest.mark.parametrize("scale", [1e-17, 1e-12, 1e12, 1e18])
+def test_operators_of_extreme_norm_are_measured(method, scale, rng):
+    # JᵀJ squares the norm: in float32 products of size 1e36 overflow in the norms of the
+    # iteration and 1e-36 ones underflow; without the solver's power-of-two scaling, ×1e18 came
+    # out at 0.68 of its norm and ×1e-17 at 0.78, silently.
+    m = rng.standard_normal((30, 20))
+    w = tf.constant(m, tf.float32)
+    c = tf.constant(scale, tf.float32)
+    op = LinearOperator(lambda x: tf.matmul(x, w) * c, (30,), name="scaled")
+    res = SpectralSolver([op], method=method).run(tol=1e-9, max_products=5000)[0]
+    exact = np.linalg.svd(m, compute_uv=False)[0] * float(np.float32(scale))
+    assert res.sigma == pytest.approx(exact, rel=1e-4)
+    assert res.converged
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+@pytest.mark.parametrize("bad", ["nan", "overflow"])
+def test_non_finite_products_name_the_operator(method, bad, rng):
+    m = rng.standard_normal((6, 4)).astype("float32")
+    if bad == "nan":
+        m[2, 1] = np.nan
+        op = LinearOperator(lambda x: tf.matmul(x, m), (6,), name="broken")
+    else:  # σ² = 1e50 overflows float32 whatever the scaling of the iteration
+        op = LinearOperator(lambda x: tf.matmul(x, m) * 1e25, (6,), name="broken")
+    with pytest.raises(tfl.LipschitzError, match=r"'broken'.*not finite.*float32"):
+        SpectralSolver([op], method=method).run(tol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e15])
+def test_top_singular_triplets_of_extreme_norm(scale, rng):
+    m = rng.standard_normal((12, 9))
+    w, c = tf.constant(m, tf.float32), tf.constant(scale, tf.float32)
+    op = LinearOperator(lambda x: tf.matmul(x, w) * c, (12,), name="scaled")
+    trip = top_singular_triplets(op, 3, tol=1e-7)
+    u, s, vt = np.linalg.svd(m)
+    np.testing.assert_allclose(trip.s, s[:3] * float(np.float32(scale)), rtol=1e-4)
+    for i in range(3):  # unit singular vectors (the operator is x ↦ x·m, of matrix mᵀ)
+        assert abs(np.dot(trip.v[i].ravel(), u[:, i])) == pytest.approx(1.0, abs=1e-3)
+        assert abs(np.dot(trip.u[i].ravel(), vt[i])) == pytest.approx(1.0, abs=1e-3)

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tf_lipschitz.errors import LipschitzError
 from tf_lipschitz.operators import LinearOperator, bind_adjoint
 
 __all__ = [
@@ -101,23 +102,27 @@ def power_loop(fn, v0, tol, max_products, adjoint=None):
     tiny = tf.cast(1e-30, dtype)
     tol = tf.maximum(tf.cast(tol, dtype), tf.cast(np.finfo(dtype.as_numpy_dtype).eps, dtype))
 
-    def cond(i, v, s2, done):
+    def cond(i, v, s2, done, bad):
         return tf.logical_and(i < max_products, tf.logical_not(done))
 
-    def body(i, v, s2, done):
+    def body(i, v, s2, done, bad):
         _, g = jtj_product(fn, v, adjoint)
         s2_new = _dot(v, g)
         gnorm = tf.norm(tf.reshape(g, [-1]))
         v_new = tf.where(gnorm > tiny, g / tf.maximum(gnorm, tiny), v)
         rel = tf.abs(s2_new - s2) / tf.maximum(tf.abs(s2_new), tiny)
-        return i + 1, v_new, s2_new, rel <= tol
+        bad = tf.logical_not(tf.math.is_finite(gnorm))
+        return i + 1, v_new, s2_new, tf.logical_or(rel <= tol, bad), bad
 
-    i, v, _, done = tf.while_loop(
+    i, v, _, done, bad = tf.while_loop(
         cond,
         body,
-        (tf.constant(0), _unit(v0), tf.constant(-1.0, dtype), tf.constant(False)),
+        (tf.constant(0), _unit(v0), tf.constant(-1.0, dtype), tf.constant(False),
+         tf.constant(False)),
     )
-    return v, i, done
+    # A non-finite product returns a NaN vector, as in lanczos_loop.
+    v = tf.where(bad, tf.fill(tf.shape(v), tf.constant(np.nan, dtype)), v)
+    return v, i, tf.logical_and(done, tf.logical_not(bad))
 
 
 def _set_row(matrix: tf.Tensor, index: tf.Tensor, row: tf.Tensor, xla: bool) -> tf.Tensor:
@@ -194,10 +199,15 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
         """Extends the basis from row ``start`` towards ``m`` rows, testing convergence after
         every product; returns the last row reached and the Ritz data."""
 
-        def step(j, basis, tri, scale, converged):
+        def step(j, basis, tri, scale, converged, bad):
             qj = basis[j]
             _, w = jtj_product(fn, tf.reshape(qj, shape), adjoint)
             w = tf.reshape(w, [-1])
+            # A product that is not finite (inf/NaN weights, or constants whose product
+            # overflows in the autodiff graph) ends the iteration as a breakdown; the final
+            # residual is then not finite and SpectralSolver.run names the operator.
+            finite = tf.math.is_finite(tf.norm(w))
+            w = tf.cond(finite, lambda: w, lambda: tf.zeros_like(w))
             scale = tf.maximum(scale, tf.norm(w))
             # Full re-orthogonalisation; the coefficients are the entries Q_iᵀ JᵀJ q_j of the
             # projected matrix (rows beyond j are still zero). A local pass first removes the
@@ -243,17 +253,19 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
             evals, evecs = ritz(tri)
             resid = tf.abs(tf.cast(beta, tf.float64) * evecs[j, -1]) / tf.maximum(
                 tf.abs(evals[-1]), 1e-300)
-            return j + 1, basis, tri, scale, resid <= tol
+            bad = tf.logical_not(finite)
+            return j + 1, basis, tri, scale, tf.logical_or(resid <= tol, bad), bad
 
-        j, basis, tri, _, converged = tf.while_loop(
-            lambda j, basis, tri, scale, converged: tf.logical_and(
+        j, basis, tri, _, converged, bad = tf.while_loop(
+            lambda j, basis, tri, scale, converged, bad: tf.logical_and(
                 j < m, tf.logical_not(converged)),
-            step, (start, basis, tri, tf.zeros([], dtype), tf.constant(False)))
+            step, (start, basis, tri, tf.zeros([], dtype), tf.constant(False),
+                   tf.constant(False)))
         evals, evecs = ritz(tri)
-        return j, basis, evals, evecs, converged
+        return j, basis, evals, evecs, converged, bad
 
-    def body(i, start, basis, tri, done):
-        j, basis, evals, evecs, converged = cycle(start, basis, tri)
+    def body(i, start, basis, tri, done, bad):
+        j, basis, evals, evecs, converged, bad = cycle(start, basis, tri)
         # Thick restart: the top k Ritz vectors, then the residual direction q_{m+1}. (On
         # convergence only the first row, the top Ritz vector, is used.)
         top = evecs[:, ::-1][:, :k]  # (m, k), largest first
@@ -262,18 +274,50 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
             [ritz_vectors, basis[m:m + 1], tf.zeros(tf.stack([m - k, n]), dtype)], 0)
         diag = tf.concat([evals[::-1][:k], tf.zeros([m + 1 - k], tf.float64)], 0)
         new_tri = tf.linalg.diag(diag)[:m, :]  # (m, m + 1): kept Ritz values on the diagonal
-        return i + (j - start), tf.constant(k), new_basis, new_tri, converged
+        return i + (j - start), tf.constant(k), new_basis, new_tri, converged, bad
 
     q = tf.reshape(_unit(v0), [-1])
     basis0 = tf.concat([q[None], tf.zeros(tf.stack([m, n]), dtype)], 0)
     tri0 = tf.zeros([m, m + 1], tf.float64)
 
-    def cond(i, start, basis, tri, done):
+    def cond(i, start, basis, tri, done, bad):
         return tf.logical_and(i < max_products, tf.logical_not(done))
 
-    i, _, basis, _, done = tf.while_loop(
-        cond, body, (tf.constant(0), tf.constant(0), basis0, tri0, tf.constant(False)))
-    return tf.reshape(basis[0], shape), i, done
+    i, _, basis, _, done, bad = tf.while_loop(
+        cond, body, (tf.constant(0), tf.constant(0), basis0, tri0, tf.constant(False),
+                     tf.constant(False)))
+    # A non-finite product returns a NaN vector: the caller's σ is then NaN, never a value
+    # computed from a truncated iteration.
+    v = tf.where(bad, tf.fill(tf.shape(basis[0]), tf.constant(np.nan, dtype)), basis[0])
+    return tf.reshape(v, shape), i, tf.logical_and(done, tf.logical_not(bad))
+
+
+def _scaled(fn, adjoint, v0):
+    """The operator divided by a power of two ``s`` near its size, and ``s`` (float64).
+
+    ``JᵀJ`` squares the operator's scale: in float32 a norm above about ``1e18`` overflows in
+    the products and one below about ``1e-18`` underflows into denormals, and either returns a
+    wrong value silently (a fused ``Dense → ×1e18`` came out at 0.68 of its norm, ``×1e-25`` at
+    0). The solver therefore works on ``fn / s`` with ``s = 2^⌊log₂ max|fn(v₀)|⌋``, whose norm
+    is within a few orders of magnitude of 1; the scaling is exact (a power of two), and ``s``
+    is 1 when ``fn(v₀)`` is zero or not finite (weights with inf/NaN: the result is then not
+    finite either, and :meth:`SpectralSolver.run` names the operator).
+    """
+    dtype = v0.dtype
+    peak = tf.cast(tf.reduce_max(tf.abs(fn(_unit(v0)))), tf.float64)
+    usable = tf.logical_and(tf.math.is_finite(peak), peak > 0.0)
+    exponent = tf.where(usable, tf.floor(tf.math.log(tf.where(usable, peak, 1.0)) / np.log(2.0)),
+                        0.0)
+    # Keep 1/s and s representable in the operator's dtype (float16 included).
+    limit = float(np.floor(np.log2(np.finfo(dtype.as_numpy_dtype).max))) - 1.0
+    exponent = tf.clip_by_value(exponent, -limit, limit)
+    inverse = tf.cast(tf.pow(tf.constant(2.0, tf.float64), -exponent), dtype)
+
+    def scaled_fn(x):
+        return fn(x) * inverse
+
+    scaled_adjoint = None if adjoint is None else (lambda y: adjoint(y) * inverse)
+    return scaled_fn, scaled_adjoint, tf.pow(tf.constant(2.0, tf.float64), exponent)
 
 
 def _finish(fn, v, adjoint=None):
@@ -335,14 +379,15 @@ class SpectralSolver:
         outs = []
         for op, v0 in zip(self.operators, inits):
             adjoint = bind_adjoint(op.adjoint, v0.dtype)  # prepared once, outside the loops
+            fn, adjoint, scale = _scaled(op.fn, adjoint, v0)
             if self.method == "power":
-                v, products, done = power_loop(op.fn, v0, tol, max_products, adjoint)
+                v, products, done = power_loop(fn, v0, tol, max_products, adjoint)
             else:
                 m = int(min(self.krylov_dim, max(2, op.size)))
-                v, products, done = lanczos_loop(op.fn, v0, tol, max_products, m,
+                v, products, done = lanczos_loop(fn, v0, tol, max_products, m,
                                                  xla=self.jit_compile, adjoint=adjoint)
-            sigma, resid = _finish(op.fn, v, adjoint)
-            outs.append((sigma, v, products + 1, resid, done))
+            sigma, resid = _finish(fn, v, adjoint)
+            outs.append((tf.cast(sigma, tf.float64) * scale, v, products + 1, resid, done))
         return outs
 
     @property
@@ -398,6 +443,14 @@ class SpectralSolver:
         outs = self._fn(inits, tf.constant(tol, tf.float64), tf.constant(int(max_products)))
         results = []
         for op, (sigma, v, products, resid, done) in zip(self.operators, outs):
+            if not (np.isfinite(float(sigma)) and np.isfinite(float(resid))):
+                raise LipschitzError(
+                    f"The power method on operator '{op.name}' met values that are not finite "
+                    f"in {op.dtype} (σ = {float(sigma):.6g}, residual {float(resid):.3g}). Check "
+                    "the layer's weights and constants for inf/NaN. Very large or small "
+                    "constants (beyond about 1e±18 in float32: the backward pass multiplies by "
+                    "them twice) overflow the products: fold them into the weights, or build "
+                    "the model in float64.")
             results.append(
                 SpectralResult(
                     sigma=float(sigma),
@@ -505,7 +558,9 @@ def top_singular_triplets(
 
     @tf.function(reduce_retracing=True, autograph=False)
     def solve(v0, tol, max_iter):
-        adjoint = bind_adjoint(op.adjoint, v0.dtype)
+        # On the operator divided by a power of two near its size (see _scaled).
+        fn, adjoint, scale = _scaled(op.fn, bind_adjoint(op.adjoint, v0.dtype),
+                                     tf.reshape(v0[:1], (1, *shape)))
 
         def apply(vb):
             _, g = jtj_product(fn, tf.reshape(vb, (b, *shape)), adjoint)
@@ -534,16 +589,24 @@ def top_singular_triplets(
         )
         v_fin, ev, av = rayleigh_ritz(vb)
         out = fn(tf.reshape(v_fin, (b, *shape)))
-        return i, v_fin, ev, av, out
+        return i, v_fin, ev, av, out, scale
 
-    i, v_fin, ev, av, out = solve(tf.convert_to_tensor(v0), tf.constant(tol, v0.dtype), tf.constant(max_iter))
-    ev = np.maximum(ev.numpy()[:k], 0.0)
+    i, v_fin, ev, av, out, scale = solve(tf.convert_to_tensor(v0), tf.constant(tol, v0.dtype),
+                                         tf.constant(max_iter))
+    # Everything below is of the scaled operator; only the singular values are scaled back.
+    ev = np.maximum(ev.numpy()[:k].astype(np.float64), 0.0)
     s = np.sqrt(ev)
     v_np = v_fin.numpy()[:k]
     av_np = av.numpy()[:k]
     resid = np.linalg.norm(av_np - ev[:, None] * v_np, axis=1) / np.maximum(ev, 1e-30)
     out_np = out.numpy()[:k].reshape(k, -1)
     u = out_np / np.maximum(s, 1e-30)[:, None]
+    s = s * float(scale)
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(resid))):
+        raise LipschitzError(
+            f"The subspace iteration on operator '{op.name}' met values that are not finite in "
+            f"{op.dtype}. Check the layer's weights and constants for inf/NaN, or build the "
+            "model in float64.")
     return SingularTriplets(
         s=s,
         u=u.reshape((k, *out.shape[1:])),
