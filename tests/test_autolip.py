@@ -166,11 +166,24 @@ def test_certified_bound_is_rounded_up_over_exact_rational_arithmetic():
         report = tfl.LipschitzEstimator(keras.Model(inputs, y), verbose=0).autolip()
         # The model multiplies by each constant rounded to float32; the rule bounds both readings.
         exact = Fraction(1)
+        prefixes = []  # exact bound up to each layer, in order
         for c in constants:
             exact *= max(Fraction(c), Fraction(float(np.float32(c))))
+            prefixes.append(exact)
         assert report.certified
         assert Fraction(report.upper) >= exact
         assert report.upper <= float(exact) * (1 + 1e-12)
+        # The same chain with a ReLU after each product (1-Lipschitz, certified): one row
+        # per product, whose cumulative bound is certified too, so rounded up as well.
+        y = inputs
+        for c in constants:
+            y = keras.ops.relu(y * c)
+        report = tfl.LipschitzEstimator(keras.Model(inputs, y), verbose=0).autolip()
+        assert report.certified
+        cumulative = [r.cumulative for r in report.layers if r.kind == "linear"]
+        assert len(cumulative) == len(prefixes)
+        for value, prefix in zip(cumulative, prefixes):
+            assert Fraction(value) >= prefix
 
 
 def _two_branches(seed=0):

@@ -154,6 +154,23 @@ def test_division_by_zero_names_the_layer_and_the_fix():
         tfl.LipschitzEstimator(model, verbose=0).autolip()
 
 
+def test_division_rule_errors_say_what_to_do():
+    from keras.src.ops import numpy as knp
+
+    from tf_lipschitz.rules.base import NodeContext, get_rule
+
+    divide = knp.Divide()
+    rule = get_rule(divide)
+    one = NodeContext(input_shapes=((3,),), output_shapes=((3,),), dependent=(True,),
+                      constants=(None,), name="div")
+    with pytest.raises(tfl.LipschitzError, match=r"'div'.*read 1.*positional.*register_rule"):
+        rule(divide, one)
+    opaque = NodeContext(input_shapes=((3,), ()), output_shapes=((3,),), dependent=(False, False),
+                         constants=(None, 2.0), name="div")
+    with pytest.raises(tfl.LipschitzError, match=r"'div'.*numerator.*pass a constant numerator"):
+        rule(divide, opaque)
+
+
 def test_variable_operand_is_read_at_every_run():
     # The variable is captured by the graph: an estimator re-run after it changed (as
     # LipCallback does every epoch) must see the new value, alone and inside a fused chain.

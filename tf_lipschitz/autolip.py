@@ -342,6 +342,9 @@ class AutoLip:
             operations = 4 * len(graph.nodes) + 8
             upper = round_up(upper, operations)
             outputs = {name: round_up(value, operations) for name, value in outputs.items()}
+            rows = {k: row if row.kind == "input" else dataclasses.replace(
+                        row, cumulative=round_up(row.cumulative, operations))
+                    for k, row in rows.items()}
         return LipschitzReport(
             method="autolip",
             upper=upper,

@@ -146,8 +146,10 @@ def _quotient_rule(layer, ctx: NodeContext):
     """``x / c`` for an input-dependent ``x`` and a constant ``c``."""
     if len(ctx.constants) != 2:
         raise LipschitzError(
-            f"Layer '{ctx.name or layer.name}' ({type(layer).__name__}): expected two operands, "
-            f"read {len(ctx.constants)}.")
+            f"Layer '{ctx.name or layer.name}' ({type(layer).__name__}): expected two operands "
+            f"(`x / c`), read {len(ctx.constants)}. Call the division with its two operands as "
+            "positional arguments (`x / c` or `keras.ops.divide(x, c)`), or register a rule for "
+            "the layer that computes it with `tfl.register_rule`.")
     numerator, denominator = ctx.constants
     if denominator is None:
         raise NotLipschitzError(
@@ -160,7 +162,8 @@ def _quotient_rule(layer, ctx: NodeContext):
     if numerator is not None or not dependent:  # neither operand depends on the input
         raise LipschitzError(
             f"Layer '{ctx.name or layer.name}' ({type(layer).__name__}) divides by a constant "
-            "but its numerator is neither input-dependent nor readable as a constant.")
+            "but its numerator is neither input-dependent nor readable as a constant; pass a "
+            "constant numerator as a number, a NumPy array or a tensor.")
     return _scaling(ctx, [], dependent, divisor=denominator,
                     no_nan=isinstance(layer, knp.DivideNoNan))
 
