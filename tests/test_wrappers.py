@@ -174,3 +174,24 @@ def test_calibrated_at_build_and_after_set_weights(rng):
     raw = _norm(wrapper.layer, (6,))
     assert wrapper.calibrate() == pytest.approx(raw, rel=1e-5)
     assert _norm(wrapper, (6,)) == pytest.approx(0.2, rel=1e-5)
+
+
+def test_calibrate_all_after_weights_moved(rng):
+    """Stale vectors (the state after a short fit, made here deterministically by new kernels)
+    let the layers exceed the target; calibrate_all re-converges every wrapper, nested included."""
+    inner = keras.Sequential([keras.Input((6,)), LipschitzWrapper(keras.layers.Dense(5))],
+                             name="inner")
+    outer = keras.Sequential([keras.Input((6,)), inner, keras.layers.ReLU(),
+                              LipschitzWrapper(keras.layers.Dense(4))])
+    wrappers = [inner.layers[0], outer.layers[2]]
+    for wrapper in wrappers:
+        kernel, bias = wrapper.layer.get_weights()
+        wrapper.layer.set_weights([3.0 * rng.standard_normal(kernel.shape).astype("float32"),
+                                   bias])
+    before = [_norm(w, (6,) if w is wrappers[0] else (5,)) for w in wrappers]
+    assert max(before) > 1.0 + 1e-3  # the stale vectors no longer see the top direction
+    norms = LipschitzWrapper.calibrate_all(outer)
+    assert sorted(norms) == sorted(w.name for w in wrappers)
+    for wrapper, shape in zip(wrappers, [(6,), (5,)]):
+        assert _norm(wrapper, shape) == pytest.approx(1.0, rel=1e-6)
+        assert norms[wrapper.name] == pytest.approx(_norm(wrapper.layer, shape), rel=1e-6)

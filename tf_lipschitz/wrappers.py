@@ -29,7 +29,9 @@ style, like the constraints of :mod:`tf_lipschitz.constraints`).
 
 ``σ̂`` converges from below and lags when the weights move fast (early epochs, large learning
 rates), so ``W_eff``'s norm can exceed the target by that lag; ``power_iterations=4`` removes
-most of it at four products per step. :class:`~tf_lipschitz.LipschitzEstimator` (and
+most of it at four products per step. The vector of the last training step trails that step's
+optimizer update: :meth:`LipschitzWrapper.calibrate_all` after ``fit`` converges every
+wrapper of a model on its final weights. :class:`~tf_lipschitz.LipschitzEstimator` (and
 ``LipCallback``) measure the effective operator independently, through the rule registered
 here, so an excess is always visible.
 """
@@ -213,6 +215,46 @@ class LipschitzWrapper(keras.layers.Wrapper):
         self._check_built()
         self._update_eagerly(0, force_calibration=True)
         return self.raw_operator_norm()
+
+    @staticmethod
+    def calibrate_all(model: keras.layers.Layer) -> dict[str, float]:
+        """Calibrates every ``LipschitzWrapper`` inside ``model``; call it after ``fit``.
+
+        Training advances each wrapper's vector by ``power_iterations`` products per step,
+        computed before that step's optimizer update, so after a short or fast run the fitted
+        model can exceed its targets by a few % (see the module docstring). This converges
+        every vector on the final weights (nested models and wrappers inside other wrappers
+        included), after which each wrapped layer's norm is within ``tol`` of its target.
+
+        Args:
+            model: A model or layer; built wrappers anywhere inside it are calibrated.
+
+        Returns:
+            ``{wrapper name: estimate of the unscaled layer's operator norm}``.
+
+        Example:
+            >>> import keras, tf_lipschitz as tfl
+            >>> model = keras.Sequential([keras.Input((4,)),
+            ...                           tfl.LipschitzWrapper(keras.layers.Dense(3))])
+            >>> sorted(tfl.LipschitzWrapper.calibrate_all(model)) == [model.layers[0].name]
+            True
+        """
+        norms: dict[str, float] = {}
+        seen: set[int] = set()
+
+        def visit(layer):
+            if id(layer) in seen:  # a layer shared between models is calibrated once
+                return
+            seen.add(id(layer))
+            if isinstance(layer, LipschitzWrapper) and layer.built:
+                norms[layer.name] = layer.calibrate()
+            if isinstance(layer, keras.layers.Wrapper):
+                visit(layer.layer)
+            for sub in getattr(layer, "layers", None) or ():
+                visit(sub)
+
+        visit(model)
+        return norms
 
     def is_calibrated(self) -> bool:
         """Whether the persistent vector has been computed (it starts at zero)."""
