@@ -176,22 +176,38 @@ def test_calibrated_at_build_and_after_set_weights(rng):
     assert _norm(wrapper, (6,)) == pytest.approx(0.2, rel=1e-5)
 
 
+class _Holder(keras.layers.Layer):
+    """A custom layer holding a wrapper (not a model: no ``.layers``)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.wrap = LipschitzWrapper(keras.layers.Dense(4), name="wrap")
+
+    def call(self, x):
+        return self.wrap(x)
+
+
 def test_calibrate_all_after_weights_moved(rng):
     """Stale vectors (the state after a short fit, made here deterministically by new kernels)
-    let the layers exceed the target; calibrate_all re-converges every wrapper, nested included."""
-    inner = keras.Sequential([keras.Input((6,)), LipschitzWrapper(keras.layers.Dense(5))],
-                             name="inner")
-    outer = keras.Sequential([keras.Input((6,)), inner, keras.layers.ReLU(),
-                              LipschitzWrapper(keras.layers.Dense(4))])
-    wrappers = [inner.layers[0], outer.layers[2]]
-    for wrapper in wrappers:
+    let the layers exceed the target; calibrate_all re-converges every wrapper: in nested
+    models, in a custom layer, and with the same name in two places."""
+    first = keras.Sequential([keras.Input((6,)), LipschitzWrapper(keras.layers.Dense(5),
+                                                                   name="wrap")], name="first")
+    second = keras.Sequential([keras.Input((5,)), LipschitzWrapper(keras.layers.Dense(5),
+                                                                    name="wrap")], name="second")
+    outer = keras.Sequential([keras.Input((6,)), first, keras.layers.ReLU(), second,
+                              _Holder(name="holder")], name="outer")
+    wrappers = {"outer/first/wrap": (first.layers[0], (6,)),
+                "outer/second/wrap": (second.layers[0], (5,)),
+                "outer/holder/wrap": (outer.layers[-1].wrap, (5,))}
+    for wrapper, _ in wrappers.values():
         kernel, bias = wrapper.layer.get_weights()
         wrapper.layer.set_weights([3.0 * rng.standard_normal(kernel.shape).astype("float32"),
                                    bias])
-    before = [_norm(w, (6,) if w is wrappers[0] else (5,)) for w in wrappers]
+    before = [_norm(w, shape) for w, shape in wrappers.values()]
     assert max(before) > 1.0 + 1e-3  # the stale vectors no longer see the top direction
     norms = LipschitzWrapper.calibrate_all(outer)
-    assert sorted(norms) == sorted(w.name for w in wrappers)
-    for wrapper, shape in zip(wrappers, [(6,), (5,)]):
+    assert sorted(norms) == sorted(wrappers)
+    for name, (wrapper, shape) in wrappers.items():
         assert _norm(wrapper, shape) == pytest.approx(1.0, rel=1e-6)
-        assert norms[wrapper.name] == pytest.approx(_norm(wrapper.layer, shape), rel=1e-6)
+        assert norms[name] == pytest.approx(_norm(wrapper.layer, shape), rel=1e-6)

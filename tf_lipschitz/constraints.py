@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_lipschitz.power import lanczos_loop, power_loop
+from tf_lipschitz.power import lanczos_loop, power_loop, scaled_operator
 
 __all__ = ["SpectralNorm", "ConvOperatorNorm", "track_top_vector"]
 
@@ -97,6 +97,10 @@ def track_top_vector(
     if iterations < 0:
         raise ValueError(f"`iterations` must be >= 0. Received: iterations={iterations}")
 
+    # The iteration runs on the layer divided by a power of two near its size (exact; keeps
+    # JᵀJ in range for very large or small kernels, see power.scaled_operator).
+    fn, _, _, _ = scaled_operator(fn, None, vector)
+
     def calibrated():
         m = int(min(krylov_dim, max(2, size)))
         # xla=True: the train step that applies a constraint may be XLA-compiled.
@@ -118,6 +122,9 @@ def track_top_vector(
         v = calibrated() if calibrate else stepped()
     else:
         v = tf.cond(tf.convert_to_tensor(calibrate, tf.bool), calibrated, stepped)
+    # Products that are not finite (inf/NaN weights) return a NaN vector: keep the previous one
+    # rather than store NaN in the persistent state.
+    v = tf.where(tf.reduce_all(tf.math.is_finite(v)), v, tf.cast(vector, v.dtype))
     return tf.stop_gradient(v)
 
 

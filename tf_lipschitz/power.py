@@ -292,24 +292,27 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
     return tf.reshape(v, shape), i, tf.logical_and(done, tf.logical_not(bad))
 
 
-def _scaled(fn, adjoint, v0):
-    """The operator divided by a power of two ``s`` near its size, and ``s`` (float64).
+def scaled_operator(fn, adjoint, v0):
+    """``(fn / s, adjoint / s, s, ‖fn(v₀)‖ / s)`` for a power of two ``s`` near the size of ``fn``.
 
     ``JᵀJ`` squares the operator's scale: in float32 a norm above about ``1e18`` overflows in
     the products and one below about ``1e-18`` underflows into denormals, and either returns a
-    wrong value silently (a fused ``Dense → ×1e18`` came out at 0.68 of its norm, ``×1e-25`` at
-    0). The solver therefore works on ``fn / s`` with ``s = 2^⌊log₂ max|fn(v₀)|⌋``, whose norm
-    is within a few orders of magnitude of 1; the scaling is exact (a power of two), and ``s``
+    wrong value silently (an operator ``x ↦ 10¹⁸·xW`` came out at 0.68 of its norm, ``10¹²·``
+    at half of it or 0). The solver therefore works on ``fn / s`` with
+    ``s = 2^⌊log₂ ‖fn(v₀)‖⌋`` for the unit start ``v₀``, so that the scaled norm is at least
+    about 1 and at most ``1/|⟨v₀, v_top⟩|``; the scaling is exact (a power of two), and ``s``
     is 1 when ``fn(v₀)`` is zero or not finite (weights with inf/NaN: the result is then not
     finite either, and :meth:`SpectralSolver.run` names the operator).
     """
     dtype = v0.dtype
-    peak = tf.cast(tf.reduce_max(tf.abs(fn(_unit(v0)))), tf.float64)
+    out = tf.cast(fn(_unit(v0)), tf.float64)
+    peak = tf.reduce_max(tf.abs(out))
     usable = tf.logical_and(tf.math.is_finite(peak), peak > 0.0)
-    exponent = tf.where(usable, tf.floor(tf.math.log(tf.where(usable, peak, 1.0)) / np.log(2.0)),
-                        0.0)
-    # Keep 1/s and s representable in the operator's dtype (float16 included).
-    limit = float(np.floor(np.log2(np.finfo(dtype.as_numpy_dtype).max))) - 1.0
+    peak = tf.where(usable, peak, 1.0)
+    size = peak * tf.norm(tf.reshape(out / peak, [-1]))  # ‖out‖ without overflow
+    exponent = tf.where(usable, tf.floor(tf.math.log(size) / np.log(2.0)), 0.0)
+    # Keep 1/s and s representable in the operator's dtype (float16 and bfloat16 included).
+    limit = float(np.floor(np.log2(float(dtype.max)))) - 1.0
     exponent = tf.clip_by_value(exponent, -limit, limit)
     inverse = tf.cast(tf.pow(tf.constant(2.0, tf.float64), -exponent), dtype)
 
@@ -317,18 +320,26 @@ def _scaled(fn, adjoint, v0):
         return fn(x) * inverse
 
     scaled_adjoint = None if adjoint is None else (lambda y: adjoint(y) * inverse)
-    return scaled_fn, scaled_adjoint, tf.pow(tf.constant(2.0, tf.float64), exponent)
+    scale = tf.pow(tf.constant(2.0, tf.float64), exponent)
+    return scaled_fn, scaled_adjoint, scale, tf.where(usable, size / scale, 0.0)
 
 
 def _finish(fn, v, adjoint=None):
     """Returns ``(sigma, relative residual)`` at ``v``, normalised first: whatever the solver
-    returned, ``σ = ‖fn(v)‖ / ‖v‖`` is then a true lower bound on the operator norm."""
+    returned, ``σ = ‖fn(v)‖ / ‖v‖`` is then a true lower bound on the operator norm.
+
+    The residual is NaN when the product disagrees with the forward pass
+    (``vᵀJᵀJv ≠ ‖Jv‖²`` by more than 1 %): TensorFlow may fold a chain's constants ``c · c``
+    into one that underflows or overflows in the backward pass, and the iteration's values
+    are then meaningless even if finite. :meth:`SpectralSolver.run` raises on it.
+    """
     v = _unit(v)
     out, g = jtj_product(fn, v, adjoint)
     s2 = _dot(v, g)
     sigma = tf.norm(tf.reshape(out, [-1]))
     resid = tf.norm(tf.reshape(g - s2 * v, [-1])) / tf.maximum(s2, tf.cast(1e-30, v.dtype))
-    return sigma, resid
+    agree = tf.abs(s2 - sigma * sigma) <= 1e-2 * sigma * sigma
+    return sigma, tf.where(agree, resid, tf.constant(np.nan, resid.dtype))
 
 
 class SpectralSolver:
@@ -379,7 +390,7 @@ class SpectralSolver:
         outs = []
         for op, v0 in zip(self.operators, inits):
             adjoint = bind_adjoint(op.adjoint, v0.dtype)  # prepared once, outside the loops
-            fn, adjoint, scale = _scaled(op.fn, adjoint, v0)
+            fn, adjoint, scale, start = scaled_operator(op.fn, adjoint, v0)
             if self.method == "power":
                 v, products, done = power_loop(fn, v0, tol, max_products, adjoint)
             else:
@@ -387,6 +398,10 @@ class SpectralSolver:
                 v, products, done = lanczos_loop(fn, v0, tol, max_products, m,
                                                  xla=self.jit_compile, adjoint=adjoint)
             sigma, resid = _finish(fn, v, adjoint)
+            # Both iterations only raise σ above the start's ‖h(v₀)‖ (v₀ spans their first
+            # space); a value below it comes from products inconsistent with the forward pass.
+            resid = tf.where(tf.cast(sigma, tf.float64) < (1.0 - 1e-3) * start,
+                             tf.constant(np.nan, resid.dtype), resid)
             outs.append((tf.cast(sigma, tf.float64) * scale, v, products + 1, resid, done))
         return outs
 
@@ -445,12 +460,13 @@ class SpectralSolver:
         for op, (sigma, v, products, resid, done) in zip(self.operators, outs):
             if not (np.isfinite(float(sigma)) and np.isfinite(float(resid))):
                 raise LipschitzError(
-                    f"The power method on operator '{op.name}' met values that are not finite "
-                    f"in {op.dtype} (σ = {float(sigma):.6g}, residual {float(resid):.3g}). Check "
-                    "the layer's weights and constants for inf/NaN. Very large or small "
-                    "constants (beyond about 1e±18 in float32: the backward pass multiplies by "
-                    "them twice) overflow the products: fold them into the weights, or build "
-                    "the model in float64.")
+                    f"The spectral solver ({self.method}) on operator '{op.name}' met {op.dtype} "
+                    f"products that are not finite or disagree with its forward pass (σ = "
+                    f"{float(sigma):.6g}). Check the layer's weights and constants for inf/NaN. "
+                    "Very large or small constants (beyond about 1e±18 in float32: the backward "
+                    "pass multiplies by them twice) overflow or underflow the products: fold "
+                    "them into the weights"
+                    + (", or build the model in float64." if op.dtype != "float64" else "."))
             results.append(
                 SpectralResult(
                     sigma=float(sigma),
@@ -558,8 +574,8 @@ def top_singular_triplets(
 
     @tf.function(reduce_retracing=True, autograph=False)
     def solve(v0, tol, max_iter):
-        # On the operator divided by a power of two near its size (see _scaled).
-        fn, adjoint, scale = _scaled(op.fn, bind_adjoint(op.adjoint, v0.dtype),
+        # On the operator divided by a power of two near its size (see scaled_operator).
+        fn, adjoint, scale, _ = scaled_operator(op.fn, bind_adjoint(op.adjoint, v0.dtype),
                                      tf.reshape(v0[:1], (1, *shape)))
 
         def apply(vb):
@@ -571,7 +587,10 @@ def top_singular_triplets(
             aq = apply(tf.transpose(q))  # (b, n)
             h = tf.matmul(aq, q)  # (b, b)
             h = 0.5 * (h + tf.transpose(h))
-            evals, evecs = tf.linalg.eigh(h)
+            # Products that are not finite (inf/NaN weights) give NaN values, not an eigh error.
+            finite = tf.reduce_all(tf.math.is_finite(h))
+            evals, evecs = tf.linalg.eigh(tf.where(finite, h, tf.zeros_like(h)))
+            evals = tf.where(finite, evals, tf.constant(np.nan, evals.dtype))
             evals = tf.reverse(evals, [0])
             evecs = tf.reverse(evecs, [1])
             return tf.transpose(tf.matmul(q, evecs)), evals, tf.matmul(tf.transpose(evecs), aq)
@@ -582,7 +601,8 @@ def top_singular_triplets(
         def body(i, vb, ev, done):
             v_new, ev_new, av = rayleigh_ritz(vb)
             rel = tf.reduce_max(tf.abs(ev_new[:k] - ev[:k]) / tf.maximum(tf.abs(ev_new[:k]), 1e-30))
-            return i + 1, av, ev_new, rel <= tol
+            return i + 1, av, ev_new, tf.logical_or(rel <= tol,
+                                                    tf.logical_not(tf.math.is_finite(ev_new[0])))
 
         i, vb, _, _ = tf.while_loop(
             cond, body, (tf.constant(0), v0, -tf.ones([b], v0.dtype), tf.constant(False))
@@ -601,12 +621,16 @@ def top_singular_triplets(
     resid = np.linalg.norm(av_np - ev[:, None] * v_np, axis=1) / np.maximum(ev, 1e-30)
     out_np = out.numpy()[:k].reshape(k, -1)
     u = out_np / np.maximum(s, 1e-30)[:, None]
+    # ‖J v_i‖² = v_iᵀJᵀJv_i: a product folded out of range by TensorFlow shows as disagreement.
+    forward = np.sum(np.square(out_np.astype(np.float64)), axis=1)
+    top = max(float(np.max(forward, initial=0.0)), float(np.max(ev, initial=0.0)))
+    agree = np.all(np.abs(forward - ev) <= 1e-2 * np.maximum(forward, ev) + 1e-4 * top)
     s = s * float(scale)
-    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(resid))):
+    if not (agree and np.all(np.isfinite(s)) and np.all(np.isfinite(resid))):
         raise LipschitzError(
-            f"The subspace iteration on operator '{op.name}' met values that are not finite in "
-            f"{op.dtype}. Check the layer's weights and constants for inf/NaN, or build the "
-            "model in float64.")
+            f"The subspace iteration on operator '{op.name}' met {op.dtype} products that are "
+            "not finite or disagree with its forward pass. Check the layer's weights and "
+            "constants for inf/NaN, or fold very large or small constants into the weights.")
     return SingularTriplets(
         s=s,
         u=u.reshape((k, *out.shape[1:])),

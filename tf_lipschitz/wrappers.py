@@ -230,30 +230,32 @@ class LipschitzWrapper(keras.layers.Wrapper):
             model: A model or layer; built wrappers anywhere inside it are calibrated.
 
         Returns:
-            ``{wrapper name: estimate of the unscaled layer's operator norm}``.
+            ``{qualified name: estimate of the unscaled layer's operator norm}`` per wrapper,
+            named by its path of layer names from ``model`` (``"model/inner/wrapper"``).
 
         Example:
             >>> import keras, tf_lipschitz as tfl
             >>> model = keras.Sequential([keras.Input((4,)),
-            ...                           tfl.LipschitzWrapper(keras.layers.Dense(3))])
-            >>> sorted(tfl.LipschitzWrapper.calibrate_all(model)) == [model.layers[0].name]
-            True
+            ...                           tfl.LipschitzWrapper(keras.layers.Dense(3), name="w")],
+            ...                          name="m")
+            >>> list(tfl.LipschitzWrapper.calibrate_all(model))
+            ['m/w']
         """
         norms: dict[str, float] = {}
         seen: set[int] = set()
 
-        def visit(layer):
+        def visit(layer, prefix):
             if id(layer) in seen:  # a layer shared between models is calibrated once
                 return
             seen.add(id(layer))
+            name = f"{prefix}{layer.name}"
             if isinstance(layer, LipschitzWrapper) and layer.built:
-                norms[layer.name] = layer.calibrate()
-            if isinstance(layer, keras.layers.Wrapper):
-                visit(layer.layer)
-            for sub in getattr(layer, "layers", None) or ():
-                visit(sub)
+                norms[name] = layer.calibrate()
+            # Direct sublayers of any layer: models, wrappers and custom layers alike.
+            for sub in layer._flatten_layers(include_self=False, recursive=False):
+                visit(sub, f"{name}/")
 
-        visit(model)
+        visit(model, "")
         return norms
 
     def is_calibrated(self) -> bool:
