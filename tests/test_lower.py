@@ -156,3 +156,31 @@ def test_extreme_value_estimate_is_never_below_its_largest_sample(seed):
     assert ev.value >= ev.sample_max
     assert ev.value == pytest.approx(max(fitted, ev.sample_max), rel=1e-12)
     assert ev.sample_max <= tfl.LipschitzEstimator(model, verbose=0).autolip().upper
+
+
+@pytest.mark.parametrize("scale", [3e-10, 1e-15, 1e15])
+def test_lower_bound_of_a_tiny_or_huge_linear_map(scale):
+    # The sum of squares of a 1e-10-sized direction underflows float32: the search used to
+    # divide by the 1e-30 floor, score a direction of norm 1e11, and report 27 for a map of
+    # norm 3e-10.
+    model = keras.Sequential([keras.Input((3,)),
+                              keras.layers.Dense(3, use_bias=False, kernel_initializer="identity")])
+    model.layers[0].kernel.assign(np.eye(3, dtype="float32") * np.float32(scale))
+    true = float(np.float32(scale))
+    lb = lower_bound(model, (3,), x=np.random.default_rng(0).standard_normal((4, 3)).astype("float32"))
+    assert true * (1 - 1e-4) <= lb.value <= true * (1 + 1e-5)
+    assert np.linalg.norm(lb.direction) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_lower_bound_stays_below_certified_upper_on_smooth_nets():
+    # sigmoid/softplus nets whose Jacobians are small: the 1e-30 floor made the lower bound up
+    # to 88x the certified upper bound.
+    for act in ("sigmoid", "softplus"):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((3,)),
+                                  keras.layers.Dense(4, activation=act, use_bias=False),
+                                  keras.layers.Dense(2)])
+        est = tfl.LipschitzEstimator(model, verbose=0)
+        upper = est.autolip(certified=True).upper
+        lb = est.lower_bound(x=np.random.default_rng(1).standard_normal((8, 3)).astype("float32"))
+        assert 0 < lb.value <= upper

@@ -40,13 +40,19 @@ _GRADIENT_STEPS = (0.25, 1.0, 4.0)
 
 
 def _per_example_norm(t: tf.Tensor) -> tf.Tensor:
-    return tf.sqrt(tf.reduce_sum(tf.square(tf.reshape(t, [tf.shape(t)[0], -1])), axis=1))
+    """Euclidean norm of each example, scaled by its largest entry first: the plain sum of
+    squares underflows to 0 in float32 below about 1e-19 (and overflows above 1e19)."""
+    flat = tf.reshape(t, [tf.shape(t)[0], -1])
+    peak = tf.reduce_max(tf.abs(flat), axis=1)
+    safe = tf.where(peak > 0, peak, tf.ones_like(peak))
+    return peak * tf.sqrt(tf.reduce_sum(tf.square(flat / safe[:, None]), axis=1))
 
 
 def _normalize(v: tf.Tensor) -> tf.Tensor:
+    """Each example divided by its norm (zero examples stay zero)."""
     n = _per_example_norm(v)
     shape = tf.concat([tf.shape(v)[:1], tf.ones([tf.rank(v) - 1], tf.int32)], 0)
-    return v / tf.reshape(tf.maximum(n, 1e-30), shape)
+    return tf.math.divide_no_nan(v, tf.reshape(n, shape))
 
 
 def _jvp(f, x, v):
