@@ -242,3 +242,18 @@ def test_branches_sharing_an_input_keep_the_general_rule():
     report = tfl.LipschitzEstimator(model, verbose=0, tol=1e-9).autolip()
     assert report.upper == pytest.approx(math.hypot(s1, s2), rel=1e-5)  # not max(s1, s2)
     assert report.upper >= np.linalg.norm(np.hstack([d1.kernel.numpy(), d2.kernel.numpy()]), 2)
+
+
+def test_factors_that_are_not_numbers_are_refused():
+    # A NaN factor passes every comparison: BN gamma = NaN gave upper = nan with certified=True,
+    # and PReLU alpha = NaN read as max(1, nan) = 1 (certified 1.25 for an undefined map).
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3, activation="relu"),
+                              L.BatchNormalization()])
+    model.layers[1].gamma.assign(np.array([1.0, np.nan, 1.0], "float32"))
+    for certified in (False, True):
+        with pytest.raises(tfl.LipschitzError, match=r"'batch_normalization.*nan"):
+            tfl.LipschitzEstimator(model, verbose=0).autolip(certified=certified)
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3), L.PReLU()])
+    model.layers[1].alpha.assign(np.array([0.1, np.nan, 0.2], "float32"))
+    with pytest.raises(tfl.LipschitzError, match=r"PReLU layer 'p_re_lu.*not finite"):
+        tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)

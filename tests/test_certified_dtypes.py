@@ -388,3 +388,29 @@ def test_op_without_float64_kernel_falls_back_to_the_product():
     assert exact <= row.certificate <= product * (1 + 1e-5)
     assert row.certificate >= product * (1 - 1e-5)  # the product, not a dense bound
     assert row.norm == pytest.approx(exact, rel=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_half_precision_chain_is_estimated_in_float32(policy):
+    # Flatten+Dense after a float16 convolution is a float16 operator. Iterated in float16, its
+    # norms overflow at 256 (after the solver's scaling it raised; bfloat16 failed in np.finfo);
+    # it is now applied in its dtype and iterated in float32.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6, 6, 2))
+        x = L.ReLU()(L.Conv2D(3, 3, padding="same")(inputs))
+        dense = L.Dense(4)
+        model = keras.Model(inputs, dense(L.Flatten()(x)))
+        kernel = np.asarray(dense.kernel.numpy(), "float64") * 4.0
+        dense.kernel.assign(kernel)
+        est = tfl.LipschitzEstimator(model, verbose=0)
+        for certified in (False, True):
+            row = [r for r in est.autolip(certified=certified).layers
+                   if r.name.endswith(f"+{dense.name}")][0]
+            exact = np.linalg.svd(np.asarray(dense.kernel.numpy(), "float64"), compute_uv=False)[0]
+            eps = 2.0 ** -10 if policy == "mixed_float16" else 2.0 ** -7
+            assert row.norm == pytest.approx(exact, rel=8 * eps)
+    finally:
+        keras.config.set_dtype_policy(previous)

@@ -137,7 +137,9 @@ def test_lanczos_tests_convergence_after_every_product(noise, most, rng):
     w = rng.standard_normal((40, 30))
     top = np.linalg.svd(w)[0][:, 0]  # the operator is x -> x @ w
     v0 = top + noise * rng.standard_normal(40)
-    res = SpectralSolver([_dense_op(w)]).run(tol=1e-6, max_products=500, init=[v0])[0]
+    # start_noise=0: the start exactly as given (the solver blends in 2 % of a random vector).
+    res = SpectralSolver([_dense_op(w)], start_noise=0.0).run(tol=1e-6, max_products=500,
+                                                              init=[v0])[0]
     assert res.converged and res.products <= most  # products include the final evaluation
     assert res.sigma == pytest.approx(np.linalg.svd(w, compute_uv=False)[0], rel=1e-6)
 
@@ -174,13 +176,18 @@ def test_warm_rerun_from_a_converged_vector_keeps_the_value():
     conv = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)
     conv.build((None, 48, 48, 16))
     op = LinearOperator(lambda x: conv.convolution_op(x, conv.kernel), (48, 48, 16))
-    solver = SpectralSolver([op])
+    solver = SpectralSolver([op], start_noise=0.0)  # the converged vector exactly
     first = solver.run(tol=1e-5, init=None)[0]
     assert first.converged
     for _ in range(2):
         again = solver.run(tol=1e-5, init="warm")[0]
         assert again.converged and again.products <= 3
         assert again.sigma == pytest.approx(first.sigma, rel=1e-6)
+    # With the default blend of 2 % random vector: a few more products, the same value.
+    solver.start_noise = 0.02
+    again = solver.run(tol=1e-5, init="warm")[0]
+    assert again.converged and again.products < first.products
+    assert again.sigma == pytest.approx(first.sigma, rel=1e-6)
 
 
 @pytest.mark.parametrize("start", ["random", "cluster"])
@@ -264,3 +271,24 @@ def test_top_singular_triplets_of_extreme_norm(scale, rng):
     for i in range(3):  # unit singular vectors (the operator is x ↦ x·m, of matrix mᵀ)
         assert abs(np.dot(trip.v[i].ravel(), u[:, i])) == pytest.approx(1.0, abs=1e-3)
         assert abs(np.dot(trip.u[i].ravel(), vt[i])) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+def test_warm_start_finds_a_singular_value_that_grew(method):
+    # The previous top vector e1 is still an exact singular vector after the weights change; a
+    # Krylov iteration from it alone never leaves span{e1} and reported 1.0 (converged) for a
+    # norm of 2.0. The start is blended with a random vector (start_noise).
+    w = tf.Variable(np.diag([1.0, 0.5, 0.25, 0.1]).astype("float32"))
+    op = LinearOperator(lambda x: tf.matmul(x, w), (4,), name="diag")
+    solver = SpectralSolver([op], method=method)
+    assert solver.run(tol=1e-8, max_products=500)[0].sigma == pytest.approx(1.0, rel=1e-6)
+    w.assign(np.diag([1.0, 2.0, 0.25, 0.1]).astype("float32"))
+    assert solver.run(tol=1e-8, max_products=500)[0].sigma == pytest.approx(2.0, rel=1e-6)
+    # A supplied start with no component along the top direction, likewise.
+    res = SpectralSolver([op], method=method).run(tol=1e-8, max_products=500,
+                                                  init=[np.array([1.0, 0, 0, 0], "float32")])
+    assert res[0].sigma == pytest.approx(2.0, rel=1e-6)
+    # Without the blend the iteration is stuck (what the test guards against).
+    stuck = SpectralSolver([op], method=method, start_noise=0.0)
+    assert stuck.run(tol=1e-8, init=[np.array([1.0, 0, 0, 0], "float32")])[0].sigma == \
+        pytest.approx(1.0, rel=1e-6)

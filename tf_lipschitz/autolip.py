@@ -331,6 +331,14 @@ class AutoLip:
             all_certified &= is_cert
             rows[i] = dataclasses.replace(row, cumulative=lip[i])
 
+        for i, value in lip.items():  # a NaN would pass every comparison silently
+            if not (math.isfinite(value) or value == math.inf):
+                node = graph.nodes[i]
+                raise LipschitzError(
+                    f"The Lipschitz bound up to layer '{node.name}' ({node.class_name}) is "
+                    f"{value}: a factor read from the weights is not a number (NaN, or the "
+                    "square root of a negative BatchNormalization variance). Check that layer "
+                    "and the ones before it for inf/NaN weights.")
         outputs = {graph.nodes[o].name: lip[o] for o in graph.outputs}
         if len(graph.outputs) > 1 and _disjoint([sources[o] for o in graph.outputs]):
             upper = max(lip[o] for o in graph.outputs)  # ‖Δx‖² = Σ ‖Δx_o‖² over the outputs

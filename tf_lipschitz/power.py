@@ -292,6 +292,18 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
     return tf.reshape(v, shape), i, tf.logical_and(done, tf.logical_not(bad))
 
 
+def _widened(fn, adjoint, dtype):
+    """``fn`` and ``adjoint`` of a ``dtype`` operator, taking and returning float32."""
+
+    def wide_fn(x):
+        return tf.cast(fn(tf.cast(x, dtype)), tf.float32)
+
+    def wide_adjoint(y):
+        return tf.cast(adjoint(tf.cast(y, dtype)), tf.float32)
+
+    return wide_fn, (None if adjoint is None else wide_adjoint)
+
+
 def scaled_operator(fn, adjoint, v0):
     """``(fn / s, adjoint / s, s, ‖fn(v₀)‖ / s)`` for a power of two ``s`` near the size of ``fn``.
 
@@ -317,19 +329,25 @@ def scaled_operator(fn, adjoint, v0):
     inverse = tf.cast(tf.pow(tf.constant(2.0, tf.float64), -exponent), dtype)
 
     def scaled_fn(x):
-        return fn(x) * inverse
+        y = fn(x)  # may compute in another dtype than its input (mixed precision)
+        return y * tf.cast(inverse, y.dtype)
 
-    scaled_adjoint = None if adjoint is None else (lambda y: adjoint(y) * inverse)
+    def scaled_adjoint(y):
+        g = adjoint(y)
+        return g * tf.cast(inverse, g.dtype)
+
+    if adjoint is None:
+        scaled_adjoint = None
     scale = tf.pow(tf.constant(2.0, tf.float64), exponent)
     return scaled_fn, scaled_adjoint, scale, tf.where(usable, size / scale, 0.0)
 
 
-def _finish(fn, v, adjoint=None):
+def _finish(fn, v, adjoint=None, slack=1e-2):
     """Returns ``(sigma, relative residual)`` at ``v``, normalised first: whatever the solver
     returned, ``σ = ‖fn(v)‖ / ‖v‖`` is then a true lower bound on the operator norm.
 
     The residual is NaN when the product disagrees with the forward pass
-    (``vᵀJᵀJv ≠ ‖Jv‖²`` by more than 1 %): TensorFlow may fold a chain's constants ``c · c``
+    (``vᵀJᵀJv ≠ ‖Jv‖²`` by more than ``slack``, relative): TensorFlow may fold a chain's constants ``c · c``
     into one that underflows or overflows in the backward pass, and the iteration's values
     are then meaningless even if finite. :meth:`SpectralSolver.run` raises on it.
     """
@@ -338,7 +356,7 @@ def _finish(fn, v, adjoint=None):
     s2 = _dot(v, g)
     sigma = tf.norm(tf.reshape(out, [-1]))
     resid = tf.norm(tf.reshape(g - s2 * v, [-1])) / tf.maximum(s2, tf.cast(1e-30, v.dtype))
-    agree = tf.abs(s2 - sigma * sigma) <= 1e-2 * sigma * sigma
+    agree = tf.abs(s2 - sigma * sigma) <= slack * sigma * sigma
     return sigma, tf.where(agree, resid, tf.constant(np.nan, resid.dtype))
 
 
@@ -354,6 +372,11 @@ class SpectralSolver:
         method: ``"lanczos"`` (default; restarted Lanczos, far fewer products) or ``"power"``.
         krylov_dim: Krylov basis size per Lanczos restart.
         jit_compile: Passed to ``tf.function`` (XLA), useful on GPU.
+        start_noise: Relative weight of a random vector blended into warm and supplied starts
+            (0 uses them exactly). A Krylov iteration never leaves the invariant subspace of
+            its start: a warm vector that is still a singular vector after the weights changed,
+            or a structured start missing some channels, would otherwise stop on a value below
+            the norm with a small residual.
 
     Example:
         >>> import keras, tf_lipschitz as tfl
@@ -372,6 +395,7 @@ class SpectralSolver:
         method: str = "lanczos",
         krylov_dim: int = 16,
         jit_compile: bool = False,
+        start_noise: float = 0.02,
     ):
         if method not in METHODS:
             raise ValueError(f"Unknown method={method!r}; expected one of {METHODS}.")
@@ -381,6 +405,7 @@ class SpectralSolver:
         self.method = method
         self.krylov_dim = krylov_dim
         self.jit_compile = jit_compile
+        self.start_noise = float(start_noise)
         self._last: list[np.ndarray] | None = None
         self._fn = tf.function(
             self._solve_all, jit_compile=jit_compile, reduce_retracing=True, autograph=False
@@ -390,20 +415,53 @@ class SpectralSolver:
         outs = []
         for op, v0 in zip(self.operators, inits):
             adjoint = bind_adjoint(op.adjoint, v0.dtype)  # prepared once, outside the loops
-            fn, adjoint, scale, start = scaled_operator(op.fn, adjoint, v0)
+            fn, given = op.fn, v0.dtype
+            if given in (tf.float16, tf.bfloat16):
+                # Half-precision operators (mixed precision) are applied in their dtype, but the
+                # iteration runs in float32: float16 norms overflow at 256, and its eps (1e-3)
+                # is far above any useful tolerance.
+                fn, adjoint = _widened(fn, adjoint, given)
+                v0 = tf.cast(v0, tf.float32)
+            fn, adjoint, scale, start = scaled_operator(fn, adjoint, v0)
             if self.method == "power":
                 v, products, done = power_loop(fn, v0, tol, max_products, adjoint)
             else:
                 m = int(min(self.krylov_dim, max(2, op.size)))
                 v, products, done = lanczos_loop(fn, v0, tol, max_products, m,
                                                  xla=self.jit_compile, adjoint=adjoint)
-            sigma, resid = _finish(fn, v, adjoint)
+            # Consistency tolerances: 1 % and 0.1 %, or the rounding of half-precision products.
+            eps = 2.0 ** -10 if given == tf.float16 else 2.0 ** -7 if given == tf.bfloat16 else 0.0
+            sigma, resid = _finish(fn, v, adjoint, slack=max(1e-2, 16 * eps))
             # Both iterations only raise σ above the start's ‖h(v₀)‖ (v₀ spans their first
             # space); a value below it comes from products inconsistent with the forward pass.
-            resid = tf.where(tf.cast(sigma, tf.float64) < (1.0 - 1e-3) * start,
+            resid = tf.where(tf.cast(sigma, tf.float64) < (1.0 - max(1e-3, 16 * eps)) * start,
                              tf.constant(np.nan, resid.dtype), resid)
-            outs.append((tf.cast(sigma, tf.float64) * scale, v, products + 1, resid, done))
+            outs.append((tf.cast(sigma, tf.float64) * scale, tf.cast(v, given), products + 1,
+                         resid, done))
         return outs
+
+    def _blend(self, vectors, seed):
+        """Given starts plus a random vector of relative weight ``start_noise``.
+
+        A Krylov iteration never leaves the invariant subspace its start lies in: a warm vector
+        that is still an exact singular vector after the weights changed (a diagonal entry that
+        grew), or a structured start with no component in some channels, stops at once on a
+        value below the norm, with a small residual. The random part gives every direction a
+        component, as a random start does.
+        """
+        if self.start_noise <= 0:
+            return vectors
+        noise = self.initial_vectors(seed + 1)
+        out = []
+        for v, r in zip(vectors, noise):
+            v = np.asarray(v, np.float64)
+            norm = np.linalg.norm(v)
+            if not (np.isfinite(norm) and norm > 0):
+                out.append(r)
+                continue
+            dtype, r = r.dtype, r.astype(np.float64)
+            out.append((v / norm + self.start_noise * r / np.linalg.norm(r)).astype(dtype))
+        return out
 
     @property
     def has_warm_start(self) -> bool:
@@ -448,12 +506,13 @@ class SpectralSolver:
         if isinstance(init, str):
             if init != "warm":
                 raise ValueError(f"init must be 'warm', None or a list of arrays; got {init!r}.")
-            inits = self._last if self._last is not None else self.initial_vectors(seed)
+            inits = (self._blend(self._last, seed) if self._last is not None
+                     else self.initial_vectors(seed))
         elif init is None:
             inits = self.initial_vectors(seed)
         else:
-            inits = [np.reshape(np.asarray(v, op.dtype), (1, *op.input_shape))
-                     for v, op in zip(init, self.operators)]
+            inits = self._blend([np.reshape(np.asarray(v, op.dtype), (1, *op.input_shape))
+                                 for v, op in zip(init, self.operators)], seed)
         inits = [tf.convert_to_tensor(v) for v in inits]
         outs = self._fn(inits, tf.constant(tol, tf.float64), tf.constant(int(max_products)))
         results = []

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from tf_lipschitz.errors import NotLipschitzError, UnsupportedLayerError
+from tf_lipschitz.errors import LipschitzError, NotLipschitzError, UnsupportedLayerError
 from tf_lipschitz.rules.base import IDENTITY, Activation, Constant, NodeContext, register_rule
 
 __all__ = ["activation_info", "register_activation", "resolve_activation"]
@@ -241,6 +241,9 @@ def _elu_layer(layer, ctx):
 
 def _prelu_layer(layer, ctx):
     alpha = keras.ops.convert_to_numpy(layer.alpha)
+    if not np.all(np.isfinite(alpha)):  # max(1, nan) would read as 1
+        raise LipschitzError(f"PReLU layer '{ctx.name or layer.name}' has alpha values that are "
+                             "not finite (inf/NaN); fix or reinitialise its weights.")
     lo = float(min(alpha.min(), 1.0))
     hi = float(max(alpha.max(), 1.0))
     value = float(max(1.0, np.abs(alpha).max()))
