@@ -120,9 +120,14 @@ def power_loop(fn, v0, tol, max_products, adjoint=None):
         (tf.constant(0), _unit(v0), tf.constant(-1.0, dtype), tf.constant(False),
          tf.constant(False)),
     )
-    # A non-finite product returns a NaN vector, as in lanczos_loop.
-    v = tf.where(bad, tf.fill(tf.shape(v), tf.constant(np.nan, dtype)), v)
-    return v, i, tf.logical_and(done, tf.logical_not(bad))
+    return _nan_if(bad, v), i, tf.logical_and(done, tf.logical_not(bad))
+
+
+def _nan_if(bad: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
+    """``v``, or NaN everywhere when an iteration met a non-finite product: the caller's σ is
+    then NaN (and :meth:`SpectralSolver.run` names the operator), never a value computed from a
+    truncated iteration."""
+    return tf.where(bad, tf.fill(tf.shape(v), tf.constant(np.nan, v.dtype)), v)
 
 
 def _set_row(matrix: tf.Tensor, index: tf.Tensor, row: tf.Tensor, xla: bool) -> tf.Tensor:
@@ -286,10 +291,7 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
     i, _, basis, _, done, bad = tf.while_loop(
         cond, body, (tf.constant(0), tf.constant(0), basis0, tri0, tf.constant(False),
                      tf.constant(False)))
-    # A non-finite product returns a NaN vector: the caller's σ is then NaN, never a value
-    # computed from a truncated iteration.
-    v = tf.where(bad, tf.fill(tf.shape(basis[0]), tf.constant(np.nan, dtype)), basis[0])
-    return tf.reshape(v, shape), i, tf.logical_and(done, tf.logical_not(bad))
+    return tf.reshape(_nan_if(bad, basis[0]), shape), i, tf.logical_and(done, tf.logical_not(bad))
 
 
 def _widened(fn, adjoint, dtype):
@@ -336,10 +338,9 @@ def scaled_operator(fn, adjoint, v0):
         g = adjoint(y)
         return g * tf.cast(inverse, g.dtype)
 
-    if adjoint is None:
-        scaled_adjoint = None
     scale = tf.pow(tf.constant(2.0, tf.float64), exponent)
-    return scaled_fn, scaled_adjoint, scale, tf.where(usable, size / scale, 0.0)
+    return (scaled_fn, None if adjoint is None else scaled_adjoint, scale,
+            tf.where(usable, size / scale, 0.0))
 
 
 def _finish(fn, v, adjoint=None, slack=1e-2):
@@ -347,9 +348,9 @@ def _finish(fn, v, adjoint=None, slack=1e-2):
     returned, ``σ = ‖fn(v)‖ / ‖v‖`` is then a true lower bound on the operator norm.
 
     The residual is NaN when the product disagrees with the forward pass
-    (``vᵀJᵀJv ≠ ‖Jv‖²`` by more than ``slack``, relative): TensorFlow may fold a chain's constants ``c · c``
-    into one that underflows or overflows in the backward pass, and the iteration's values
-    are then meaningless even if finite. :meth:`SpectralSolver.run` raises on it.
+    (``vᵀJᵀJv ≠ ‖Jv‖²`` by more than ``slack``, relative): TensorFlow may fold a chain's
+    constants ``c · c`` into one that underflows or overflows in the backward pass, and the
+    iteration's values are then meaningless even if finite. :meth:`SpectralSolver.run` raises on it.
     """
     v = _unit(v)
     out, g = jtj_product(fn, v, adjoint)
@@ -430,7 +431,7 @@ class SpectralSolver:
                 v, products, done = lanczos_loop(fn, v0, tol, max_products, m,
                                                  xla=self.jit_compile, adjoint=adjoint)
             # Consistency tolerances: 1 % and 0.1 %, or the rounding of half-precision products.
-            eps = 2.0 ** -10 if given == tf.float16 else 2.0 ** -7 if given == tf.bfloat16 else 0.0
+            eps = {tf.float16: 2.0 ** -10, tf.bfloat16: 2.0 ** -7}.get(given, 0.0)
             sigma, resid = _finish(fn, v, adjoint, slack=max(1e-2, 16 * eps))
             # Both iterations only raise σ above the start's ‖h(v₀)‖ (v₀ spans their first
             # space); a value below it comes from products inconsistent with the forward pass.
