@@ -117,3 +117,23 @@ def test_attention_is_not_lipschitz():
     out = L.MultiHeadAttention(2, 4, name="mha")(inp, inp)
     with pytest.raises(tfl.NotLipschitzError, match="mha"):
         tfl.LipschitzEstimator(keras.Model(inp, out), verbose=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (3, 1, 4)])
+def test_constant_broadcast_into_the_batch_axis_is_refused_by_name(shape):
+    # x * c with c of shape (2, 4) gives 2 "examples" per example: not a per-example map
+    # (this was a raw NumPy broadcasting error from inside a rule).
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(4)(inputs) * np.full(shape, 2.0, "float32")
+    model = keras.Model(inputs, outputs)
+    with pytest.raises(tfl.LipschitzError, match="multiply.*examples for one input example"):
+        build_graph(model)
+
+
+def test_constant_with_a_unit_batch_axis_is_a_per_example_scaling():
+    inputs = keras.Input((4,))
+    outputs = inputs * np.array([[[1.0, -2.0, 0.5, 1.0]], [[2.0, 0.0, 0.0, 1.0]]])[None]
+    model = keras.Model(inputs, outputs)  # (1, 2, 1, 4): each example copied into 2 rows
+    report = tfl.LipschitzEstimator(model, verbose=0).autolip()
+    # Input entry j goes to two outputs scaled by c[0, j] and c[1, j]: norm max_j ‖c[:, j]‖₂.
+    np.testing.assert_allclose(report.upper, np.sqrt(1.0**2 + 2.0**2), rtol=1e-6)

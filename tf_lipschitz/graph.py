@@ -108,6 +108,25 @@ def _example_shape(value) -> tuple[int, ...]:
     return tuple(int(d) for d in value.shape[1:])
 
 
+def _check_batch_axis(name: str, op, outputs, dependent: bool) -> None:
+    """Refuses an input-dependent layer whose output does not keep the batch axis of its input.
+
+    The graph is walked on one example; an output with more examples than that (a constant of
+    shape ``(2, n)`` broadcast into the batch axis, a reshape across examples) is not a
+    per-example map, so no per-example constant describes it.
+    """
+    if not dependent:
+        return
+    for value in outputs:
+        if len(value.shape) and value.shape[0] != 1:
+            raise LipschitzError(
+                f"Layer '{name}' ({type(op).__name__}) returns {value.shape[0]} examples for one "
+                f"input example (output shape {tuple(value.shape)}): a constant broadcasts into "
+                "the batch axis, or the layer reshapes across examples. tf_lipschitz bounds "
+                "per-example maps: give such a constant a batch axis of size 1 or none, and "
+                "keep the batch axis first and unchanged.")
+
+
 class _Builder:
     def __init__(self):
         self.nodes: list[GraphNode] = []
@@ -165,6 +184,7 @@ class _Builder:
         flat_out = tree.flatten(outputs)
         parents = tuple(e[1] for e in in_entries)
         input_dependent = tuple(self.nodes[p].dependent for p in parents)
+        _check_batch_axis(f"{prefix}{op.name}", op, flat_out, any(input_dependent))
         constants = []
         dependent_ids = {id(x) for x, d in zip(node.input_tensors, input_dependent) if d}
         for arg in tree.flatten(node.arguments.args):
