@@ -6,11 +6,17 @@ float32), a user ``affine()`` layer adding a float32 bias, and 3-D average pooli
 ``AvgPool3D`` kernel on CPU). Ground truth is the SVD of each linear model's Jacobian, built
 from the model itself on the standard basis (``model(e_i) − model(0)``); every certified upper
 bound must be ``≥`` it, and within 1 % where the route is exact.
+
+Mixed-precision and float64 models were certified a little *below* the map they compute: the
+weights were read as float32 variables, not as the float16 numbers the layer multiplies by, and
+float64 normalisation layers were read in float32. There the ground truth is a float64 copy of
+the model given the weights as Keras rounds them, or exact rational arithmetic (``fractions``).
 """
 
 import contextlib
 import math
 import warnings
+from fractions import Fraction
 
 import keras
 import numpy as np
@@ -25,11 +31,11 @@ from tf_lipschitz.autolip import evaluate_rules
 L = keras.layers
 
 
-def _jacobian_norm(model, shape):
+def _jacobian_norm(model, shape, dtype="float32"):
     """σ_max of the Jacobian of a linear (or affine) model, from the model on the basis."""
     n = math.prod(shape)
-    basis = np.eye(n, dtype="float32").reshape((n, *shape))
-    out = np.asarray(model(basis)) - np.asarray(model(np.zeros((1, *shape), "float32")))
+    basis = np.eye(n, dtype=dtype).reshape((n, *shape))
+    out = np.asarray(model(basis)) - np.asarray(model(np.zeros((1, *shape), dtype)))
     return float(np.linalg.svd(out.reshape(n, -1).astype("float64"), compute_uv=False)[0])
 
 
@@ -414,3 +420,280 @@ def test_half_precision_chain_is_estimated_in_float32(policy):
             assert row.norm == pytest.approx(exact, rel=8 * eps)
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed precision: a certificate is of the weights as the layer multiplies by them
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _policy(policy, floatx=None):
+    previous, previous_floatx = keras.config.dtype_policy(), keras.config.floatx()
+    keras.config.set_dtype_policy(policy)
+    keras.config.set_floatx(floatx or previous_floatx)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+        keras.config.set_floatx(previous_floatx)
+
+
+def _read_as_multiplied(layer, weight):
+    """A weight in float64 as Keras' own call uses it: kernels (autocast variables) rounded to
+    the compute dtype; BatchNormalization upcasts half precision to float32."""
+    dtype = layer.compute_dtype
+    if isinstance(layer, L.BatchNormalization):
+        dtype = keras.backend.result_type(dtype, "float32")
+    return ops.convert_to_numpy(ops.cast(ops.cast(weight, dtype), "float64"))
+
+
+def _norm_as_computed(model, shape):
+    """σ_max of the model's linear map with every weight as its layer multiplies by it: a
+    float64 copy of the model, given those weights, evaluated on the standard basis."""
+    twins = [type(layer).from_config({**layer.get_config(), "dtype": "float64"})
+             for layer in model.layers]
+    copy = keras.Sequential([keras.Input(shape, dtype="float64"), *twins])
+    for layer, twin in zip(model.layers, twins):
+        twin.set_weights([_read_as_multiplied(layer, w) for w in layer.weights])
+    n = math.prod(shape)
+    basis = np.eye(n).reshape((n, *shape))
+    out = np.asarray(copy(basis, training=False)) - np.asarray(
+        copy(np.zeros((1, *shape)), training=False))
+    return float(np.linalg.svd(out.reshape(n, -1), compute_uv=False)[0])
+
+
+_HALF_ULP = {"mixed_float16": 2.0 ** -10, "mixed_bfloat16": 2.0 ** -7}
+
+
+def _rounding_up_kernels(model, policy, rng):
+    """Kernels of ``±c · 2^e`` with ``c`` a float32 number 0.6 units above 1 in the compute
+    dtype: it rounds every entry up by the same factor (``3.9e-4`` in float16, ``3.1e-3`` in
+    bfloat16), so the operator the model applies has a norm that much above the float32 one."""
+    c = np.float32(1 + 0.6 * _HALF_ULP[policy])
+    for layer in model.layers:
+        values = []
+        for w in layer.weights:
+            if w.path.endswith("kernel"):
+                signs = rng.choice([-1.0, 1.0], w.shape) * 2.0 ** rng.integers(-1, 2, w.shape)
+                values.append((signs * c).astype("float32"))
+            else:
+                values.append(rng.uniform(0.5, 2.0, w.shape).astype("float32"))
+        layer.set_weights(values)
+
+
+_MIXED_LAYERS = {
+    "dense": (lambda k: L.Dense(5), (4,)),
+    "einsum": (lambda k: L.EinsumDense("abc,cd->abd", output_shape=(3, 5)), (3, 4)),
+    "conv1d": (lambda k: L.Conv1D(3, k, padding="same"), (6, 2)),
+    "conv2d-strided": (lambda k: L.Conv2D(3, k, strides=2), (5, 5, 2)),
+    "conv3d": (lambda k: L.Conv3D(2, k, padding="same"), (3, 3, 3, 2)),
+    "depthwise1d": (lambda k: L.DepthwiseConv1D(k, depth_multiplier=2), (6, 2)),
+    "depthwise2d": (lambda k: L.DepthwiseConv2D(k, padding="same"), (5, 5, 2)),
+    "separable1d": (lambda k: L.SeparableConv1D(3, k, padding="same"), (6, 2)),
+    "separable2d": (lambda k: L.SeparableConv2D(3, k, strides=2), (5, 5, 2)),
+    "transpose1d": (lambda k: L.Conv1DTranspose(3, k, strides=2), (4, 2)),
+    "transpose2d": (lambda k: L.Conv2DTranspose(3, k, padding="same"), (4, 4, 2)),
+    "transpose3d": (lambda k: L.Conv3DTranspose(2, k), (2, 2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("route", ["dense", "structured"])
+@pytest.mark.parametrize("name", list(_MIXED_LAYERS))
+@pytest.mark.parametrize("policy", list(_HALF_ULP))
+def test_mixed_precision_certificate_is_of_the_rounded_kernel(policy, name, route, monkeypatch):
+    # The certificate was of the float32 variables: 16.00798 for a float16 map of norm 16.01562.
+    # "dense" materialises the rule's fn in float64; "structured" (kernel SVD, polyphase FFT)
+    # reads the kernel itself, on 1-tap kernels where it is exact.
+    if route == "structured":
+        monkeypatch.setattr(certify, "DENSE_LIMIT", 0)
+    make, shape = _MIXED_LAYERS[name]
+    with _policy(policy):
+        model = keras.Sequential([keras.Input(shape), make(3 if route == "dense" else 1)])
+        _rounding_up_kernels(model, policy, np.random.default_rng(7))
+        report = _certified(model)
+    exact = _norm_as_computed(model, shape)
+    assert report.certified
+    assert exact <= report.upper <= exact * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("route", ["dense", "structured"])
+@pytest.mark.parametrize("policy", list(_HALF_ULP))
+def test_mixed_precision_fused_conv_batchnorm(policy, route, monkeypatch):
+    if route == "structured":  # BN's scales folded into the kernel (exact for one tap)
+        monkeypatch.setattr(certify, "DENSE_LIMIT", 0)
+    shape = (4, 4, 3)
+    with _policy(policy):
+        model = keras.Sequential([keras.Input(shape), L.Conv2D(4, 3 if route == "dense" else 1,
+                                                               padding="same"),
+                                  L.BatchNormalization()])
+        _rounding_up_kernels(model, policy, np.random.default_rng(8))
+        report = _certified(model)
+    (row,) = [r for r in report.layers if r.kind == "linear"]
+    assert "+" in row.name and report.certified
+    exact = _norm_as_computed(model, shape)
+    assert exact <= report.upper <= exact * (1 + 1e-5)
+
+
+def test_mixed_precision_adjoint_is_the_transpose_of_the_rounded_kernel():
+    # The solver's explicit transpose (stride-1 convolutions) reads the kernel too.
+    from tf_lipschitz.operators import LinearOperator
+    from tf_lipschitz.rules import NodeContext, get_rule
+
+    shape = (4, 4, 2)
+    with _policy("mixed_float16"):
+        layer = L.Conv2D(2, 3, padding="same")
+        model = keras.Sequential([keras.Input(shape), layer])
+        _rounding_up_kernels(model, "mixed_float16", np.random.default_rng(9))
+    twin = L.Conv2D(2, 3, padding="same", use_bias=False, dtype="float64")
+    twin.build((None, *shape))
+    twin.set_weights([_read_as_multiplied(layer, layer.kernel)])
+    matrix = LinearOperator(twin, shape, dtype="float64").to_dense()  # (n_out, n_in)
+    bound = get_rule(layer)(layer, NodeContext((shape,), (shape,)))
+    y = np.random.default_rng(1).standard_normal((1, *shape))
+    adjoint = np.asarray(bound.adjoint(tf.constant(y))).reshape(-1)
+    np.testing.assert_allclose(adjoint, matrix.T @ y.reshape(-1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", list(_HALF_ULP))
+@pytest.mark.parametrize("kind", ["rescaling", "layer-scale"])
+def test_mixed_precision_channel_scale_is_the_rounded_factor(policy, kind):
+    from keras.src.applications.convnext import LayerScale
+
+    c = float(np.float32(1 + 0.6 * _HALF_ULP[policy]))
+    with _policy(policy):
+        layer = L.Rescaling(c) if kind == "rescaling" else LayerScale(c, 3)
+        model = keras.Sequential([keras.Input((2, 3)), layer])
+        report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
+        used = float(ops.convert_to_numpy(ops.cast(ops.cast(c, layer.compute_dtype), "float64")))
+    assert used > c  # the factor the model multiplies by
+    assert report.certified
+    assert used <= report.upper <= used * (1 + 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# float64 models: closed forms in float64, above the exact value
+# --------------------------------------------------------------------------------------------
+
+
+def _float64_model(where, make, shape):
+    """``make()`` in a float64 model (``floatx``) or as a float64 layer in a float32 model."""
+    if where == "floatx":
+        with _policy("float64", floatx="float64"):
+            layer = make({})
+            return keras.Sequential([keras.Input(shape), layer]), layer
+    layer = make({"dtype": "float64"})
+    return keras.Sequential([keras.Input(shape), layer]), layer
+
+
+@pytest.mark.parametrize("where", ["floatx", "layer"])
+def test_float64_batchnorm_certificate_is_above_the_exact_value(where):
+    # The rule computed γ/√(var+ε) in float32: certified 1.0000000000000038 for 1.000000059.
+    gamma = np.array([1 + 2.0 ** -24, 0.5, -1 - 3 * 2.0 ** -26])  # not float32 numbers
+    var = np.array([1 - 1e-3, 0.999, 1.5 + 2.0 ** -30])
+    model, bn = _float64_model(where, lambda kw: L.BatchNormalization(**kw), (3,))
+    bn.set_weights([gamma, np.zeros(3), np.zeros(3), var])
+    assert bn.moving_variance.dtype == "float64"
+    with _no_warnings():
+        report = _certified(model)
+    (row,) = [r for r in report.layers if r.kind == "linear"]
+    eps = Fraction(bn.epsilon)
+    for bound in (Fraction(row.certificate), Fraction(report.upper)):
+        assert all(bound ** 2 * (Fraction(v) + eps) >= Fraction(g) ** 2 for g, v in zip(gamma, var))
+    assert report.upper == pytest.approx(np.max(np.abs(gamma) / np.sqrt(var + bn.epsilon)),
+                                         rel=1e-14)
+
+
+@pytest.mark.parametrize("invert", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_normalization_certificate_is_above_the_models_factor(dtype, invert):
+    # float64: the variance was read in float32 (0.25 or 4.0), giving 2.0 for 2 + 2⁻³⁹. float32:
+    # 1/√var was rounded to float32, 1.2e-8 below the factor the model divides by, and the
+    # certificate was that factor, below the exact 1/√var (or √var, inverted).
+    if dtype == "float64":
+        var = np.array([4.0 + 2.0 ** -30, 1.0, 0.5] if invert else [0.25 - 2.0 ** -40, 1.0, 3.0])
+        model, _ = _float64_model("floatx", lambda kw: L.Normalization(
+            mean=np.zeros(3), variance=var, invert=invert, **kw), (3,))
+    else:
+        var = np.array([0.3, 2.0, 0.7], "float32")
+        model = keras.Sequential([keras.Input((3,)), L.Normalization(
+            mean=np.zeros(3), variance=var, invert=invert)])
+    with _no_warnings():
+        report = _certified(model)
+    (row,) = [r for r in report.layers if r.kind == "linear"]
+    std = np.sqrt(var)  # the model's √var, rounded in its dtype
+    for value in (report.upper, row.certificate):  # the factor the model multiplies by
+        bound = Fraction(value)
+        assert all(bound >= Fraction(s) if invert else bound * Fraction(s) >= 1
+                   for s in map(float, std))
+    bound = Fraction(row.certificate)  # and the exact one
+    assert all(bound ** 2 >= Fraction(v) if invert else bound ** 2 * Fraction(v) >= 1
+               for v in map(float, var))
+    assert report.upper == pytest.approx(float(np.max(std if invert else 1 / std)), rel=1e-7)
+
+
+@pytest.mark.parametrize("route", ["dense", "structured"])
+def test_float64_fused_conv_batchnorm_uses_float64_scales(route, monkeypatch):
+    # Variances below float32's normal range (a float64 model's reason to be): the rule read
+    # them in float32, where TensorFlow flushes them to zero, and the chain's scales became inf
+    # (the solver refused a NaN). The scales fold into the kernel or go into the float64 matrix.
+    if route == "structured":
+        monkeypatch.setattr(certify, "DENSE_LIMIT", 0)
+    shape = (4, 4, 2)
+    with _policy("float64", floatx="float64"):
+        conv = L.Conv2D(3, 3 if route == "dense" else 1, padding="same", use_bias=False)
+        bn = L.BatchNormalization(epsilon=1e-60)
+        model = keras.Sequential([keras.Input(shape), conv, bn])
+    rng = np.random.default_rng(10)
+    conv.set_weights([rng.standard_normal(conv.kernel.shape)])
+    var = (np.array([1000, 700, 1500]) + 0.51) * 2.0 ** -149
+    bn.set_weights([np.full(3, 1e-21), np.zeros(3), np.zeros(3), var])
+    report = _certified(model)
+    exact = _jacobian_norm(model, shape, "float64")
+    assert report.certified
+    assert exact <= report.upper <= exact * (1 + 1e-5)
+
+
+def test_layer_normalization_bound_uses_the_epsilon_the_model_adds():
+    # float32(1e-5) < 1e-5: max|γ|/√ε with the float64 epsilon was 1.3e-8 below the model's.
+    model = keras.Sequential([keras.Input((4,)), L.LayerNormalization(epsilon=1e-5)])
+    with pytest.warns(UserWarning, match="epsilon"):
+        report = _certified(model)
+    bound = Fraction(report.upper)
+    for eps in (1e-5, float(np.float32(1e-5))):
+        assert bound ** 2 * Fraction(eps) >= 1
+    assert report.upper == pytest.approx(1 / math.sqrt(1e-5), rel=1e-7)
+
+
+def test_float32_batchnorm_alone_reports_its_rounded_up_certificate():
+    # A closed-form factor reported its float32 norm in certified mode, not its certificate:
+    # here float32 rsqrt(var + ε) rounds below the exact 1/√(var + ε).
+    rng = np.random.default_rng(3)
+    var = rng.uniform(0.5, 2.0, 4096).astype("float32")
+    computed = ops.convert_to_numpy(ops.rsqrt(ops.convert_to_tensor(var) + 1e-3)).astype("float64")
+    exact = 1.0 / np.sqrt(var.astype("float64") + 1e-3)
+    low = var[np.argmax(exact - computed)]  # the channel whose float32 scale is furthest below
+    var = np.full(64, low)  # computed as above (TensorFlow's vectorised rsqrt)
+    model = keras.Sequential([keras.Input((64,)), L.BatchNormalization()])
+    model.layers[0].set_weights([np.ones(64), np.zeros(64), np.zeros(64), var])
+    scale = float(np.max(ops.convert_to_numpy(ops.rsqrt(ops.convert_to_tensor(var) + 1e-3))))
+    report = _certified(model)
+    assert report.certified
+    for eps in (Fraction(1e-3), Fraction(float(np.float32(1e-3)))):
+        assert Fraction(report.upper) ** 2 * (Fraction(float(low)) + eps) >= 1
+        assert Fraction(scale) ** 2 * (Fraction(float(low)) + eps) < 1  # the old value
+    assert report.upper == pytest.approx(scale, rel=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_prelu_slope_is_the_rounded_one(policy):
+    # PReLU multiplies by alpha rounded to the compute dtype, up to half a unit above.
+    with _policy(policy):
+        model = keras.Sequential([keras.Input((2,)), L.PReLU()])
+    alpha = -(1 + 0.6 * _HALF_ULP[policy])  # rounds away from zero in the compute dtype
+    model.layers[0].set_weights([np.array([alpha, 0.5], "float32")])
+    used = abs(float(_read_as_multiplied(model.layers[0], model.layers[0].alpha)[0]))
+    assert used > abs(alpha)
+    for certified in (False, True):
+        report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=certified)
+        assert report.upper >= used

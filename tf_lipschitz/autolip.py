@@ -389,8 +389,8 @@ class AutoLip:
                 )
         act_cert = last.activation is None or last.activation.certified
         value = norm
-        if certified and cert is not None and not is_cert:
-            value, is_cert = cert, True
+        if certified and cert is not None:  # a closed form's certificate is rounded up: use it
+            value, is_cert = (cert if not is_cert else max(norm, cert)), True
         is_cert = is_cert and act_cert
         row = LayerRow(
             name="+".join(n.name for n in nodes),

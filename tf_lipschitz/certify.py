@@ -21,12 +21,14 @@ true operator norm of a layer's linear part on its real input shape, and tight:
 - **Average pooling**: a Kronecker product of one-dimensional averaging matrices, whose norms
   are computed exactly.
 
-Floating point: every bound is computed in float64 from the float32 weights (exactly
-representable) and multiplied by ``1 + margin``, ``margin = max(1e-6, 16·(m+n)·min(m,n)·u)``
-for an ``m × n`` matrix, ``u = 2⁻⁵³``. The worst-case rounding errors of the Gram product
-(``≤ m·u·‖W‖_F²``), of the Cholesky test (Rump's criterion, ``≤ (r+1)·r·u·τ²``), of the
-eigen-solver and of the DFT are all below it, as is the float32 rounding (a few units of
-``6e-8``) of derived per-channel scales such as BatchNormalization's ``γ/√(var+ε)``.
+Floating point: every bound is computed in float64 from the weights as the layer multiplies by
+them (rounded to its compute dtype, float16 under ``mixed_float16``, then converted exactly:
+:func:`~tf_lipschitz.rules.base.weight_values`) and multiplied by ``1 + margin``,
+``margin = max(1e-6, 16·(m+n)·min(m,n)·u)`` for an ``m × n`` matrix, ``u = 2⁻⁵³``. The
+worst-case rounding errors of the Gram product (``≤ m·u·‖W‖_F²``), of the Cholesky test (Rump's
+criterion, ``≤ (r+1)·r·u·τ²``), of the eigen-solver and of the DFT are all below it, as is the
+float32 rounding (a few units of ``6e-8``) of derived per-channel scales such as
+BatchNormalization's ``γ/√(var+ε)``.
 See ``docs/certified.md`` for the arguments.
 
 Example:
@@ -54,6 +56,7 @@ import tensorflow as tf
 from tf_lipschitz.gridconv import small_grid_bound
 from tf_lipschitz.linalg import lanczos_ritz, top_eigenvalue
 from tf_lipschitz.operators import LinearOperator, compose
+from tf_lipschitz.rules.base import weight_values
 from tf_lipschitz.rules.normalization import DIAGONAL_LAYERS
 
 __all__ = [
@@ -252,8 +255,11 @@ def gram_iteration(matrices: Any, iterations: int = 8) -> np.ndarray:
         >>> import numpy as np
         >>> w = np.random.default_rng(0).standard_normal((1, 20, 10))
         >>> exact = np.linalg.norm(w[0], 2)
-        >>> bool(exact <= gram_iteration(w, 10)[0] <= exact * 1.001)
+        >>> bool(exact <= gram_iteration(w, 6)[0] <= exact * 1.001)
         True
+
+        After about 10 squarings the bound meets ``σ_max`` to the last bit and can round a unit
+        below it; :func:`max_singular_value` adds the margin that makes it a certificate.
     """
     a = np.asarray(matrices)
     if a.ndim != 3:
@@ -528,10 +534,6 @@ def _dense_exact(fn, input_shape, output_shape) -> float | None:
     return max_singular_value(matrix[None], method="exact")
 
 
-def _float64(value) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64)
-
-
 def _scale_axis(kernel: np.ndarray, scale, axis: int) -> np.ndarray:
     if scale is None:
         return kernel
@@ -555,7 +557,7 @@ def dense_certificate(layer, input_shape: Sequence[int],
     """
 
     def structured(in_scale, out_scale):
-        w = _float64(layer.kernel)
+        w = weight_values(layer, layer.kernel)
         w = _scale_axis(_scale_axis(w, in_scale, 0), out_scale, 1)
         return max_singular_value(w[None])
 
@@ -614,7 +616,7 @@ def einsum_certificate(layer, input_shape: Sequence[int],
 
     def structured(in_scale, out_scale):
         factor, blocks = _einsum_blocks(layer.equation, len(x_shape), x_shape,
-                                        _float64(layer.kernel))
+                                        weight_values(layer, layer.kernel))
         return factor * max_singular_value(blocks)
 
     return LayerCertificate(structured, None, tuple(input_shape), tuple(output_shape), None,
@@ -814,13 +816,14 @@ def _conv_spec(layer, input_shape, output_shape, in_scale=None, out_scale=None) 
     kind = _conv_kind(layer)
     offset = _left_padding(layer, spatial_in, spatial_out, strides, dilation)
     if kind == "separable":
-        dw = _float64(layer.depthwise_kernel)  # (k..., c_in, m)
+        dw = weight_values(layer, layer.depthwise_kernel)  # (k..., c_in, m)
         dw = _scale_axis(dw, in_scale, rank)
-        pw = _float64(layer.pointwise_kernel).reshape(-1, layer.pointwise_kernel.shape[-1])
+        pw = weight_values(layer, layer.pointwise_kernel)
+        pw = pw.reshape(-1, pw.shape[-1])
         pw = _scale_axis(pw, out_scale, 1)
         kernel = dw[..., :, None, :]  # groups = c_in, a = 1, b = m
         return ConvSpec(kernel, strides, dilation, spatial_in, pointwise=pw, offset=offset)
-    w = _float64(layer.kernel)
+    w = weight_values(layer, layer.kernel)
     if kind == "depthwise":  # (k..., c_in, m): output channel c·m + j; groups = c_in, a = 1
         w = w[..., :, None, :]
         groups, b = w.shape[rank], w.shape[-1]

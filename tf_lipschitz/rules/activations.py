@@ -43,7 +43,14 @@ import keras
 import numpy as np
 
 from tf_lipschitz.errors import LipschitzError, NotLipschitzError, UnsupportedLayerError
-from tf_lipschitz.rules.base import IDENTITY, Activation, Constant, NodeContext, register_rule
+from tf_lipschitz.rules.base import (
+    IDENTITY,
+    Activation,
+    Constant,
+    NodeContext,
+    register_rule,
+    weight_values,
+)
 
 __all__ = ["activation_info", "register_activation", "resolve_activation"]
 
@@ -240,7 +247,10 @@ def _elu_layer(layer, ctx):
 
 
 def _prelu_layer(layer, ctx):
-    alpha = keras.ops.convert_to_numpy(layer.alpha)
+    # The slopes as stored and as the layer multiplies by them (rounded to float16 under
+    # mixed precision, possibly above the stored value): the bound covers both.
+    stored = weight_values(layer, layer.alpha, compute_dtype="float64")
+    alpha = np.concatenate([stored.ravel(), weight_values(layer, layer.alpha).ravel()])
     if not np.all(np.isfinite(alpha)):  # max(1, nan) would read as 1
         raise LipschitzError(f"PReLU layer '{ctx.name or layer.name}' has alpha values that are "
                              "not finite (inf/NaN); fix or reinitialise its weights.")

@@ -38,6 +38,8 @@ __all__ = [
     "constant",
     "affine",
     "constant_like",
+    "weight_as_used",
+    "weight_values",
 ]
 
 
@@ -296,6 +298,46 @@ def constant_like(value: Any) -> Callable[[Any], Any]:
         return keras.ops.convert_to_tensor(array, dtype=keras.backend.standardize_dtype(x.dtype))
 
     return like
+
+
+def weight_as_used(layer: Any, value: Any, dtype: str = "float64", *,
+                   compute_dtype: str | None = None) -> Any:
+    """A weight as ``layer`` multiplies by it, converted to ``dtype``.
+
+    A Keras layer computes in its ``compute_dtype``: under ``mixed_float16`` a Dense layer keeps
+    a float32 kernel and multiplies by its float16 rounding. Every weight a rule reads, for its
+    ``fn`` (run in float32, in float16, or in float64 when :mod:`tf_lipschitz.certify`
+    materialises it) and for a certificate, goes through that rounding first, so that the bound
+    is of the map the model computes rather than of its float32 variables.
+
+    Args:
+        layer: The layer that owns the weight.
+        value: A variable, tensor, array or number.
+        dtype: Dtype of the result (that of the input the weight is applied to).
+        compute_dtype: The dtype the layer computes this product in, when it is not
+            ``layer.compute_dtype`` (BatchNormalization upcasts half precision to float32).
+
+    Returns:
+        A tensor of ``dtype``.
+
+    Example:
+        >>> import keras
+        >>> layer = keras.layers.Dense(1, dtype="mixed_float16")
+        >>> layer.build((None, 1))
+        >>> _ = layer.kernel.assign([[1.0001]])
+        >>> float(weight_as_used(layer, layer.kernel)[0, 0])
+        1.0
+    """
+    computed = compute_dtype or getattr(layer, "compute_dtype", None)
+    if computed is not None:
+        value = keras.ops.cast(value, computed)
+    return keras.ops.cast(value, dtype)
+
+
+def weight_values(layer: Any, value: Any, *, compute_dtype: str | None = None) -> np.ndarray:
+    """:func:`weight_as_used` as a float64 NumPy array, for closed forms and certificates."""
+    used = weight_as_used(layer, value, "float64", compute_dtype=compute_dtype)
+    return np.asarray(keras.ops.convert_to_numpy(used), dtype=np.float64)
 
 
 def affine() -> Rule:

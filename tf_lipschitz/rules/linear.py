@@ -8,8 +8,9 @@ transpose, which the spectral solver uses instead of an autodiff backward pass: 
 with the flipped kernel on the output padded by the complement of the forward padding, the
 flipped kernel prepared once per solve (:class:`tf_lipschitz.operators.Adjoint`); 1.0-1.9x
 faster per product on CPU.
-The weights are cast to the dtype of the input, so the same function runs in float64 when
-:mod:`tf_lipschitz.certify` materialises a small operator exactly. Every rule also attaches a
+The weights are read as the layer multiplies by them (rounded to its compute dtype: float16
+under ``mixed_float16``) and cast to the dtype of the input, so the same function runs in float64
+when :mod:`tf_lipschitz.certify` materialises a small operator exactly. Every rule also attaches a
 certified bound (:mod:`tf_lipschitz.certify`) evaluated with the current weights.
 """
 
@@ -23,7 +24,7 @@ from keras import ops
 from tf_lipschitz import certify
 from tf_lipschitz.operators import Adjoint
 from tf_lipschitz.rules.activations import resolve_activation
-from tf_lipschitz.rules.base import Linear, NodeContext, register_rule
+from tf_lipschitz.rules.base import Linear, NodeContext, register_rule, weight_as_used
 
 __all__: list[str] = []
 
@@ -36,13 +37,9 @@ def _activation(layer, ctx: NodeContext):
     return resolve_activation(getattr(layer, "activation", None), layer, size=size)
 
 
-def _weight(variable, x):
-    return ops.cast(variable, x.dtype)
-
-
 def _dense(layer, ctx: NodeContext) -> Linear:
     return Linear(
-        lambda x: ops.matmul(x, _weight(layer.kernel, x)),
+        lambda x: ops.matmul(x, weight_as_used(layer, layer.kernel, x.dtype)),
         _activation(layer, ctx),
         certificate=certify.dense_certificate(layer, ctx.input_shape, ctx.output_shapes[0]),
     )
@@ -50,7 +47,7 @@ def _dense(layer, ctx: NodeContext) -> Linear:
 
 def _einsum_dense(layer, ctx: NodeContext) -> Linear:
     return Linear(
-        lambda x: ops.einsum(layer.equation, x, _weight(layer.kernel, x)),
+        lambda x: ops.einsum(layer.equation, x, weight_as_used(layer, layer.kernel, x.dtype)),
         _activation(layer, ctx),
         certificate=certify.einsum_certificate(layer, ctx.input_shape, ctx.output_shapes[0]),
     )
@@ -97,14 +94,15 @@ def _conv(layer, ctx: NodeContext) -> Linear:
         if causal is not None:
             x = ops.pad(x, causal)
         return ops.conv(
-            x, _weight(layer.kernel, x), strides=list(layer.strides), padding=padding,
-            dilation_rate=layer.dilation_rate, data_format=layer.data_format,
+            x, weight_as_used(layer, layer.kernel, x.dtype), strides=list(layer.strides),
+            padding=padding, dilation_rate=layer.dilation_rate, data_format=layer.data_format,
         )
 
     pads = _adjoint_padding(layer) if layer.groups == 1 else None
 
     def prepare(dtype):  # once per solve: the flipped, channel-swapped kernel
-        return ops.swapaxes(_flip(ops.cast(layer.kernel, dtype), len(layer.kernel_size)), -1, -2)
+        kernel = weight_as_used(layer, layer.kernel, dtype)
+        return ops.swapaxes(_flip(kernel, len(layer.kernel_size)), -1, -2)
 
     def apply(y, kernel):
         return ops.conv(ops.pad(y, pads), kernel, strides=1, padding="valid",
@@ -119,14 +117,15 @@ def _conv(layer, ctx: NodeContext) -> Linear:
 def _depthwise_conv(layer, ctx: NodeContext) -> Linear:
     def fn(x):
         return ops.depthwise_conv(
-            x, _weight(layer.kernel, x), strides=layer.strides, padding=layer.padding,
-            dilation_rate=layer.dilation_rate, data_format=layer.data_format,
+            x, weight_as_used(layer, layer.kernel, x.dtype), strides=layer.strides,
+            padding=layer.padding, dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
         )
 
     pads = _adjoint_padding(layer) if layer.depth_multiplier == 1 else None
 
     def prepare(dtype):  # one channel per group: the transposed kernel is the flipped kernel
-        return _flip(ops.cast(layer.kernel, dtype), len(layer.kernel_size))
+        return _flip(weight_as_used(layer, layer.kernel, dtype), len(layer.kernel_size))
 
     def apply(y, kernel):
         return ops.depthwise_conv(
@@ -143,8 +142,9 @@ def _depthwise_conv(layer, ctx: NodeContext) -> Linear:
 def _separable_conv(layer, ctx: NodeContext) -> Linear:
     def fn(x):
         return ops.separable_conv(
-            x, _weight(layer.depthwise_kernel, x), _weight(layer.pointwise_kernel, x),
-            strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate,
+            x, weight_as_used(layer, layer.depthwise_kernel, x.dtype),
+            weight_as_used(layer, layer.pointwise_kernel, x.dtype), strides=layer.strides,
+            padding=layer.padding, dilation_rate=layer.dilation_rate,
             data_format=layer.data_format,
         )
 
@@ -154,9 +154,9 @@ def _separable_conv(layer, ctx: NodeContext) -> Linear:
 def _conv_transpose(layer, ctx: NodeContext) -> Linear:
     def fn(x):
         return ops.conv_transpose(
-            x, _weight(layer.kernel, x), strides=list(layer.strides), padding=layer.padding,
-            output_padding=layer.output_padding, dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
+            x, weight_as_used(layer, layer.kernel, x.dtype), strides=list(layer.strides),
+            padding=layer.padding, output_padding=layer.output_padding,
+            dilation_rate=layer.dilation_rate, data_format=layer.data_format,
         )
 
     return _with_certificate(layer, ctx, fn)

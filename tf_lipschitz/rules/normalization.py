@@ -9,15 +9,23 @@ LayerNormalization and GroupNormalization are Lipschitz only thanks to ``epsilon
 
 from __future__ import annotations
 
-import math
 import warnings
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
 from tf_lipschitz.errors import NotLipschitzError
-from tf_lipschitz.rules.base import Constant, Linear, NodeContext, register_rule
+from tf_lipschitz.report import round_up
+from tf_lipschitz.rules.base import (
+    Constant,
+    Linear,
+    NodeContext,
+    register_rule,
+    weight_as_used,
+    weight_values,
+)
 
 __all__: list[str] = []
 
@@ -35,14 +43,53 @@ def _diagonal(fn, ctx: NodeContext):
     return fn if same else None
 
 
+def _arithmetic_dtype(layer) -> str:
+    """The dtype BatchNormalization, LayerNormalization and GroupNormalization compute in: they
+    upcast half precision to float32 (float64 stays float64)."""
+    return keras.backend.result_type(layer.compute_dtype, "float32")
+
+
+def _certified_max(layer, closed_form: Callable[[float], Any], epsilon: float, dtype: str,
+                   computed: Sequence[Any], operations: int) -> float:
+    """A certified upper bound on the largest entry of a per-channel closed form.
+
+    ``closed_form(ε)`` gives the magnitudes in float64, from the weights as the layer reads them
+    (:func:`~tf_lipschitz.rules.base.weight_values`). It is evaluated for ``ε`` in float64 and
+    rounded to ``dtype`` as the layer adds it (a smaller ``ε`` gives a larger ``1/√(var+ε)``;
+    both are tried), its maximum is widened by ``operations`` float64 roundings, and the values
+    the layer computes itself (``computed``: rounded in its dtype, they can sit a unit above the
+    exact ones) are included. A NaN stays NaN, so that AutoLip refuses the factor.
+
+    Args:
+        layer: The layer.
+        closed_form: ``closed_form(epsilon) -> float64 array`` of non-negative magnitudes.
+        epsilon: The layer's epsilon.
+        dtype: The dtype the layer adds epsilon in.
+        computed: Magnitudes as the layer computes them (arrays or tensors).
+        operations: Float64 operations in ``closed_form`` (each rounds once).
+
+    Returns:
+        The bound (a float).
+    """
+    readings = (float(epsilon), float(weight_values(layer, epsilon, compute_dtype=dtype)))
+    with np.errstate(divide="ignore", invalid="ignore"):  # np.max keeps NaN, max() may not
+        exact = float(np.max([np.max(closed_form(eps)) for eps in readings]))
+    values = [round_up(exact, operations)]
+    values += [np.max(np.abs(ops.convert_to_numpy(v))) for v in computed]
+    return float(np.max(values))
+
+
 def _batch_norm(layer, ctx: NodeContext) -> Linear:
     ndim = len(ctx.input_shape) + 1
+    dtype = _arithmetic_dtype(layer)
 
-    def scale():
-        var = ops.cast(layer.moving_variance, "float32")
-        s = ops.rsqrt(var + layer.epsilon)
+    def read(variable):
+        return weight_as_used(layer, variable, dtype, compute_dtype=dtype)
+
+    def scale():  # as the layer computes it: rsqrt(var + ε) · γ in its arithmetic dtype
+        s = ops.rsqrt(read(layer.moving_variance) + layer.epsilon)
         if layer.scale:
-            s = s * ops.cast(layer.gamma, "float32")
+            s = s * read(layer.gamma)
         return s
 
     def fn(x):
@@ -51,40 +98,76 @@ def _batch_norm(layer, ctx: NodeContext) -> Linear:
     def norm():
         return float(np.max(np.abs(ops.convert_to_numpy(scale()))))
 
-    return Linear(fn, norm=norm, certificate=norm, note="BN (inference): max|γ|/√(var+ε)",
-                  adjoint=_diagonal(fn, ctx))
+    def certificate():
+        var = weight_values(layer, layer.moving_variance, compute_dtype=dtype)
+        gamma = weight_values(layer, layer.gamma, compute_dtype=dtype) if layer.scale else 1.0
+        return _certified_max(layer, lambda eps: np.abs(gamma) / np.sqrt(var + eps),
+                              layer.epsilon, dtype, [scale()], operations=4)
+
+    return Linear(fn, norm=norm, certificate=certificate,
+                  note="BN (inference): max|γ|/√(var+ε)", adjoint=_diagonal(fn, ctx))
+
+
+def _channel_scale(layer, ctx: NodeContext, value, note: str) -> Linear:
+    """``x ↦ x · c`` for a per-channel factor ``c`` (a variable is read at every call).
+
+    The layer multiplies by ``c`` rounded to its compute dtype (``Rescaling(1/255)`` by the
+    float32 number above ``1/255``); the certificate bounds that and the exact value.
+    """
+
+    def fn(x):
+        return x * weight_as_used(layer, value, x.dtype)
+
+    def norm():
+        return float(np.max(np.abs(weight_values(layer, value))))
+
+    def certificate():
+        exact = weight_values(layer, value, compute_dtype="float64")
+        return max(norm(), float(np.max(np.abs(exact))))
+
+    return Linear(fn, norm=norm, certificate=certificate, note=note, adjoint=_diagonal(fn, ctx))
 
 
 def _rescaling(layer, ctx: NodeContext) -> Linear:
-    def fn(x):
-        return x * ops.cast(layer.scale, x.dtype)
-
-    def norm():
-        return float(np.max(np.abs(np.asarray(layer.scale, dtype="float64"))))
-
-    return Linear(fn, norm=norm, certificate=norm, note="rescaling", adjoint=_diagonal(fn, ctx))
+    return _channel_scale(layer, ctx, layer.scale, "rescaling")
 
 
 def _normalization(layer, ctx: NodeContext) -> Linear:
-    def factor():
-        std = ops.maximum(ops.sqrt(ops.cast(layer.variance, "float32")), keras.backend.epsilon())
-        return std if layer.invert else 1.0 / std
+    def std():  # as the layer computes it, in its compute dtype
+        deviation = ops.sqrt(weight_as_used(layer, layer.variance, layer.compute_dtype))
+        return ops.maximum(deviation, keras.backend.epsilon())
+
+    def factor(dtype):  # the layer divides by std (or multiplies, inverted)
+        value = ops.cast(std(), dtype)
+        return value if layer.invert else 1.0 / value
 
     def fn(x):
-        return x * ops.cast(factor(), x.dtype)
+        return x * factor(x.dtype)
 
     def norm():
-        return float(np.max(np.abs(ops.convert_to_numpy(factor()))))
+        return float(np.max(np.abs(ops.convert_to_numpy(factor("float64")))))
 
-    return Linear(fn, norm=norm, certificate=norm, note="normalization",
+    def certificate():
+        var = weight_values(layer, layer.variance)
+
+        def closed_form(eps):
+            deviation = np.maximum(np.sqrt(var), eps)
+            return deviation if layer.invert else 1.0 / deviation
+
+        return _certified_max(layer, closed_form, keras.backend.epsilon(), layer.compute_dtype,
+                              [factor("float64"), factor(layer.compute_dtype)], operations=2)
+
+    return Linear(fn, norm=norm, certificate=certificate, note="normalization",
                   adjoint=_diagonal(fn, ctx))
 
 
 def _eps_normalization(layer, ctx: NodeContext) -> Constant:
     gamma = 1.0
+    dtype = _arithmetic_dtype(layer)
     if getattr(layer, "scale", False) and getattr(layer, "gamma", None) is not None:
-        gamma = float(np.max(np.abs(ops.convert_to_numpy(layer.gamma))))
-    value = gamma / math.sqrt(layer.epsilon)
+        gamma = weight_values(layer, layer.gamma, compute_dtype=dtype)
+    value = _certified_max(layer, lambda eps: np.abs(gamma) / np.sqrt(eps), layer.epsilon,
+                           dtype, [], operations=2)
     warnings.warn(
         f"Layer '{layer.name}' ({type(layer).__name__}) is Lipschitz only thanks to "
         f"epsilon={layer.epsilon:g}: its bound max|gamma|/sqrt(epsilon) = {value:.4g} is valid "
@@ -99,14 +182,7 @@ def _unit_normalization(layer, ctx):
 
 
 def _layer_scale(layer, ctx: NodeContext) -> Linear:
-    def fn(x):
-        return x * ops.cast(layer.gamma, x.dtype)
-
-    def norm():
-        return float(np.max(np.abs(np.asarray(ops.convert_to_numpy(layer.gamma), "float64"))))
-
-    return Linear(fn, norm=norm, certificate=norm, note="layer scale: max|γ|",
-                  adjoint=_diagonal(fn, ctx))
+    return _channel_scale(layer, ctx, layer.gamma, "layer scale: max|γ|")
 
 
 try:  # ConvNeXt's learned per-channel scale; Keras does not export the class
