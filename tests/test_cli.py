@@ -220,15 +220,42 @@ def test_subclassed_model_is_analysed_on_its_graph(tmp_path, capsys):
     net.save(str(tmp_path / "net.keras"))
     args = [tmp_path / "net.keras", "--custom-objects", module, "--methods", "autolip",
             "--quiet"]
-    code, _, err = _run(capsys, *args)
-    assert code == 2 and "pass --input-shape" in err
-    code, out, err = _run(capsys, *args, "--input-shape", "1,5", "--json", "-")
-    assert code == 0, err
-    doc = json.loads(out)
-    assert doc["analysis"] == "tf-graph" and doc["input_shape"] == [5]
     expected = (np.linalg.svd(net.hidden.kernel.numpy(), compute_uv=False)[0]
                 * np.linalg.svd(net.out.kernel.numpy(), compute_uv=False)[0])
-    assert doc["reports"]["autolip"]["upper"] == pytest.approx(expected, rel=1e-4)
+    # The shape comes from --input-shape, or else from the shape the model was built on.
+    for given in (["--input-shape", "1,5"], []):
+        code, out, err = _run(capsys, *args, *given, "--json", "-")
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["analysis"] == "tf-graph" and doc["input_shape"] == [5]
+        assert doc["reports"]["autolip"]["upper"] == pytest.approx(expected, rel=1e-4)
+    code, _, err = _run(capsys, *args, "--input-shape", "7")
+    assert code == 2 and "--input-shape 7 does not fit input" in err and "(None, 5)" in err
+
+
+@keras.saving.register_keras_serializable(package="tests_cli")
+class _TwoDense(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = L.Dense(4, activation="relu")
+        self.out = L.Dense(2)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def test_subclassed_model_without_a_recorded_shape_names_the_flag(tmp_path, capsys,
+                                                                   monkeypatch):
+    net = _TwoDense()
+    net(np.zeros((1, 5), "float32"))
+    net.save(str(tmp_path / "net.keras"))
+    monkeypatch.setattr(cli, "_built_input_shape", lambda model: None)  # as if never built
+    code, _, err = _run(capsys, tmp_path / "net.keras", "--methods", "autolip", "--quiet")
+    assert code == 2 and "has no recorded input shape; pass --input-shape" in err
+    code, _, err = _run(capsys, tmp_path / "net.keras", "--methods", "autolip", "--quiet",
+                        "--input-shape", "7")
+    assert code == 2 and "fails on inputs of shape (None, 7)" in err and "\x1b" not in err
+    assert "check --input-shape" in err
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +294,8 @@ def bad_models(tmp_path_factory):
      r"^error: --input-shape .*does not fit"),
     (lambda b, s, c: [s["keras"], "--input-shape", "1,x"], 2, r"^error: .*invalid shape '1,x'"),
     (lambda b, s, c: [s["keras"], "--methods", "autolip,magic"], 2, r"^error: .*unknown method"),
+    (lambda b, s, c: [s["keras"], "--tol", "inf"], 2, r"^error: .*--tol.*tolerance in \(0, 0.1\]"),
+    (lambda b, s, c: [s["keras"], "--tol", "0.9"], 2, r"^error: .*--tol.*tolerance in \(0, 0.1\]"),
     (lambda b, s, c: [s["keras"], "--json", b["root"] / "no_dir" / "r.json"], 2,
      r"^error: --json .*does not exist"),
     (lambda b, s, c: [b["int"]], 3, r"^unsupported model: .*dtype int32"),
@@ -279,7 +308,7 @@ def bad_models(tmp_path_factory):
     (lambda b, s, c: [s["savedmodel"], "--methods", "seqlip"], 2,
      r"^error: none of the requested methods can run on this model \(seqlip: "),
 ], ids=["missing", "corrupt-keras", "corrupt-h5", "format", "dir", "corrupt-savedmodel", "signature",
-        "unknown-dims", "shape-mismatch", "bad-shape", "bad-method", "json-dir", "int-input",
+        "unknown-dims", "shape-mismatch", "bad-shape", "bad-method", "tol-inf", "tol-large", "json-dir", "int-input",
         "unsupported-op", "not-lipschitz", "plot-without-upper", "nothing-runs"])
 def test_errors_exit_code_and_one_line(make_args, code, pattern, bad_models, saved,
                                        conv_module, capsys):

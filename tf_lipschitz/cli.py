@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -90,6 +91,15 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    value = _positive_float(text)
+    if not value <= 0.1:  # inf and nan included
+        raise argparse.ArgumentTypeError(
+            f"expected a relative tolerance in (0, 0.1], got {text!r} (a larger one would let "
+            "an estimate stop far below the norm)")
     return value
 
 
@@ -167,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "as certified only when every factor is)")
     p.add_argument("--solver", choices=("lanczos", "power"), default="lanczos",
                    help="spectral-norm method for linear layers (default: lanczos)")
-    p.add_argument("--tol", type=_positive_float, default=1e-6, metavar="TOL",
-                   help="relative tolerance of the spectral solver (default: 1e-6)")
+    p.add_argument("--tol", type=_tolerance, default=1e-6, metavar="TOL",
+                   help="relative accuracy asked of the spectral solver, in (0, 0.1] "
+                        "(default: 1e-6)")
     p.add_argument("--max-products", type=_positive_int, default=2000, metavar="N",
                    help="cap on operator products per linear operator (default: 2000)")
     p.add_argument("--lower-starts", type=_positive_int, default=256, metavar="N",
@@ -368,7 +379,7 @@ def _custom_objects(modules: Sequence[str]) -> dict[str, Any]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # Keras bolds names in messages
     return text.splitlines()[0] if text else type(exc).__name__
 
 
@@ -463,11 +474,12 @@ def _keras_target(args, fmt: str, progress: _Progress):
     inputs = getattr(model, "inputs", None) or []
     specs = [(getattr(t, "name", f"input_{i}"), tuple(t.shape)) for i, t in enumerate(inputs)]
     layered = isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
-    if not specs:
-        if args.input_shape is None:
+    if not specs:  # a subclassed model: its build config may record the shape it was built on
+        recorded = _built_input_shape(model)
+        if recorded is None and args.input_shape is None:
             raise UsageError(f"model '{model.name}' has no recorded input shape; pass "
                              "--input-shape")
-        specs = [("input", None)]
+        specs = [("input", recorded)]
     shapes = _input_shapes(args.input_shape, specs)
     if not layered:
         return _graph_from_keras(model, shapes, args, fmt, progress)
@@ -479,20 +491,37 @@ def _keras_target(args, fmt: str, progress: _Progress):
     return est, "keras-layers", None, tuple(est.input_shape)
 
 
+def _built_input_shape(model) -> tuple | None:
+    """The input shape (batch axis first) a loaded subclassed model was built on, if recorded."""
+    shape = (model.get_build_config() or {}).get("input_shape")
+    if isinstance(shape, (list, tuple)) and shape and all(
+            d is None or isinstance(d, int) for d in shape):
+        return (None, *shape[1:])
+    return None  # never built, or several inputs: --input-shape says it
+
+
 def _graph_from_keras(model, shapes, args, fmt, progress):
     """A subclassed Keras model: analysed on the graph of its ``call``."""
     import tensorflow as tf
 
+    from tf_lipschitz.errors import LipschitzError
     from tf_lipschitz.tfgraph import GraphEstimator
 
     if len(shapes) != 1:
         raise UsageError("subclassed models are analysed with one input only")
     progress(f"subclassed model '{model.name}': tracing and freezing its TensorFlow graph")
     dtype = getattr(model, "compute_dtype", None) or "float32"
-    est = GraphEstimator(lambda x: model(x, training=False),
-                         tf.TensorSpec((None, *shapes[0]), dtype), name=model.name,
-                         solver=args.solver, tol=args.tol, max_products=args.max_products,
-                         seed=args.seed, verbose=0 if args.quiet else 1)
+    try:
+        est = GraphEstimator(lambda x: model(x, training=False),
+                             tf.TensorSpec((None, *shapes[0]), dtype), name=model.name,
+                             solver=args.solver, tol=args.tol, max_products=args.max_products,
+                             seed=args.seed, verbose=0 if args.quiet else 1)
+    except LipschitzError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own call failed on this shape
+        raise UsageError(
+            f"subclassed model '{model.name}' fails on inputs of shape "
+            f"{(None, *shapes[0])}: {_first_line(exc)}; check --input-shape") from exc
     return est, "tf-graph", None, tuple(est.input_shape)
 
 

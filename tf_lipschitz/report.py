@@ -182,7 +182,8 @@ class LipschitzReport:
             for name, value in self.outputs.items():
                 lines.append(f"  output {name}: {value:.6g}")
         if self.lower is not None:
-            lines.append(f"Lower bound: {self.lower:.6g}   gap upper/lower: {self.gap:.4g}")
+            gap = "undefined (lower bound 0)" if self.gap is None else f"{self.gap:.4g}"
+            lines.append(f"Lower bound: {self.lower:.6g}   gap upper/lower: {gap}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
