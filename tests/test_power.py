@@ -292,3 +292,70 @@ def test_warm_start_finds_a_singular_value_that_grew(method):
     stuck = SpectralSolver([op], method=method, start_noise=0.0)
     assert stuck.run(tol=1e-8, init=[np.array([1.0, 0, 0, 0], "float32")])[0].sigma == \
         pytest.approx(1.0, rel=1e-6)
+
+
+def _half_precision_operator(kind, rng):
+    """A float16 Dense (2048 -> 16) or Conv2D (12x12x8 -> 16) map of norm about 1e3, as a
+    mixed_float16 model gives it to the solvers, and the singular values of the same map with
+    the float16-cast kernel in float64."""
+    if kind == "dense":
+        kernel, shape = rng.standard_normal((2048, 16)), (2048,)
+        apply = tf.matmul
+    else:
+        kernel, shape = rng.standard_normal((3, 3, 8, 16)), (12, 12, 8)
+        apply = lambda x, k: tf.nn.conv2d(x, k, 1, "SAME")  # noqa: E731
+
+    def exact(k):
+        k = tf.constant(k, tf.float64)
+        dense = LinearOperator(lambda x: apply(x, k), shape, dtype="float64").to_dense()
+        return np.linalg.svd(dense, compute_uv=False)
+
+    kernel = tf.constant(kernel * 1e3 / exact(kernel)[0], tf.float16)
+    op = LinearOperator(lambda x: apply(x, kernel), shape, name=kind, dtype="float16")
+    return op, exact(kernel.numpy().astype(np.float64))
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_half_precision_operator_in_the_solver_and_the_block_iteration(kind, rng):
+    # Applied in float16, iterated in float32 by both. The block iteration of SeqLip used to
+    # iterate in float16 (it raised: eigh has no float16 kernel).
+    op, exact = _half_precision_operator(kind, rng)
+    res = SpectralSolver([op]).run(tol=1e-6)[0]
+    assert res.sigma == pytest.approx(exact[0], rel=2.0 ** -10)
+    trip = top_singular_triplets(op, 3)
+    np.testing.assert_allclose(trip.s, exact[:3], rtol=2.0 ** -10)
+    # Its tolerance is raised to a 16th of the float16 rounding, so it stops (300 iterations,
+    # 3311 products, without).
+    assert trip.products < 1000
+
+
+@pytest.mark.parametrize("head, reachable", [((1.0, 0.99999, 0.9999, 0.999, 0.99), False),
+                                              ((1.0, 0.99, 0.98, 0.9), True)])
+def test_power_method_converged_means_within_tol(head, reachable, rng):
+    # The power method stopped when σ² changed by less than tol between iterations: here it
+    # reported converged 1.1e-4 (cluster) and 1.1e-5 (gap of 1 %) below the top for tol=1e-6.
+    # It now stops on the residual, as Lanczos does; on the cluster it runs out of products,
+    # and says so.
+    n = 200
+    d = np.concatenate([head, rng.uniform(0.0, 0.8, n - len(head))])
+    diag = tf.constant(d[None], tf.float32)
+    op = LinearOperator(lambda x: x * diag, (n,), name="diag")
+    res = SpectralSolver([op], method="power").run(tol=1e-6, max_products=2000,
+                                                   init=[rng.standard_normal(n)])[0]
+    assert res.converged == reachable
+    if res.converged:
+        assert 1.0 - 1e-6 <= res.sigma <= 1.0 + 1e-6
+    else:
+        assert res.products == 2000
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+@pytest.mark.parametrize("cap", [1, 3, 20])
+def test_max_products_is_a_hard_cap(method, cap, rng):
+    # Lanczos finished its Krylov cycle of 16 products (17 with the final evaluation for a cap
+    # of 3, 33 for 20); the power method spent the cap plus the final evaluation.
+    op = _dense_op(rng.standard_normal((60, 60)))
+    res = SpectralSolver([op], method=method).run(tol=1e-8, max_products=cap)[0]
+    assert res.products <= cap
+    assert not res.converged
+    assert 0 < res.sigma <= np.linalg.svd(op.to_dense(), compute_uv=False)[0] * (1 + 1e-6)

@@ -346,3 +346,23 @@ def test_progress_output_when_verbose(capsys):
     model = mlp((6, 7, 2), seed=10)
     tfl.LipschitzEstimator(model, verbose=0).seqlip(verbose=1)
     assert "SeqLip" in capsys.readouterr().out
+
+
+def test_mixed_float16_chain_through_the_block_iteration():
+    # With dense_limit=0 the spectra come from the block subspace iteration, which iterated the
+    # float16 operators of a mixed_float16 model in float16 and raised (eigh has no float16
+    # kernel). It now runs on the solver's preparation: applied in float16, iterated in float32.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = mlp((10, 8, 4))
+        for layer in model.layers:
+            layer.kernel.assign(layer.kernel.numpy() * 1e3)  # norms about 1e3
+        w1, w2 = [m.astype("float16").astype("float64") for m in dense_matrices(model)]
+        truth = brute_pattern_max(w2, w1)  # of the float16-cast kernels
+        rep = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode="exact", dense_limit=0)
+        assert [r.method for r in rep.layers if r.kind == "linear"] == \
+            ["seqlip-start (subspace)", "seqlip-exact"]
+        assert rep.upper == pytest.approx(truth, rel=2.0 ** -10)
+    finally:
+        keras.config.set_dtype_policy(previous)

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tf_lipschitz as tfl
 from tf_lipschitz.operators import LinearOperator
@@ -211,3 +212,52 @@ def test_calibrate_all_after_weights_moved(rng):
     for name, (wrapper, shape) in wrappers.items():
         assert _norm(wrapper, shape) == pytest.approx(1.0, rel=1e-6)
         assert norms[name] == pytest.approx(_norm(wrapper.layer, shape), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dense", "conv2d_strided"])
+def test_float16_layer_of_large_norm(name, rng):
+    # Under the float16 policy the vector and σ̂ are float16: ‖h(v)‖² overflowed above σ̂ = 256,
+    # σ̂ was inf and the wrapped layer computed with its kernel times 0. The vector is now
+    # iterated in float32 and σ̂ measured without overflow.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float16")
+    try:
+        make, shape = LAYERS[name]
+        inner = make()
+        inner.build((None, *shape))
+        inner.kernel.assign(inner.kernel.numpy() * (1e3 / _norm(inner, shape)))
+        raw = _norm(inner, shape)  # of the float16 kernel
+        wrapper = LipschitzWrapper(inner, max_lipschitz=1.0)
+        x = rng.standard_normal((3, *shape)).astype("float16")
+        y = np.asarray(wrapper(x), "float64")  # built eagerly: calibrated
+        assert wrapper.raw_operator_norm() == pytest.approx(raw, rel=2.0 ** -10)
+        assert _norm(wrapper, shape) == pytest.approx(1.0, rel=2.0 ** -9)
+        expected = np.asarray(inner(x), "float64") / wrapper.raw_operator_norm()  # zero bias
+        np.testing.assert_allclose(y, expected, rtol=2.0 ** -8,
+                                   atol=2.0 ** -8 * np.abs(y).max())
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@pytest.mark.parametrize("power_iterations", [1, 4])
+def test_training_step_calls_the_layer_once_per_product_plus_once_for_sigma(power_iterations,
+                                                                              rng):
+    # The scale that keeps JᵀJ in range comes from the first product's forward pass, and σ̂ of
+    # the update scales the kernel: a step used to call the linear map twice more (4 calls
+    # for one power step, 7 for a 4-product restart).
+    calls = tf.Variable(0, dtype=tf.int64, trainable=False)
+    wrapper = LipschitzWrapper(keras.layers.Dense(3), power_iterations=power_iterations)
+    model = keras.Sequential([keras.Input((6,)), wrapper])
+    linear = wrapper._linear
+
+    def counted(v):
+        with tf.control_dependencies([calls.assign_add(1)]):
+            return linear(v)
+
+    wrapper._linear = counted
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    x, y = rng.standard_normal((32, 6)), rng.standard_normal((32, 3))
+    model.fit(x, y, batch_size=32, verbose=0)  # traces the step
+    calls.assign(0)
+    model.fit(x, y, batch_size=8, verbose=0)  # 4 steps
+    assert int(calls.numpy()) == 4 * (power_iterations + 1)

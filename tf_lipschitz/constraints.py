@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_lipschitz.power import lanczos_loop, power_loop, scaled_operator
+from tf_lipschitz.power import example_norms, lanczos_loop, power_loop, prepare_operator
 
 __all__ = ["SpectralNorm", "ConvOperatorNorm", "track_top_vector"]
 
@@ -69,7 +69,10 @@ def track_top_vector(
     Rayleigh quotient over them all, which helps most when the top singular values are close,
     as for convolutions on large inputs), ``0`` only normalises ``vector``. Each product is one
     forward and one backward pass of ``fn`` on a batch of one example
-    (:func:`tf_lipschitz.power.jtj_product`).
+    (:func:`tf_lipschitz.power.jtj_product`). The iteration runs on the map as
+    :func:`tf_lipschitz.power.prepare_operator` prepares it (half precision iterated in float32,
+    divided by a power of two near its size), whose scale comes from the forward pass of the
+    first product: no pass beyond the products.
 
     Args:
         fn: Linear map on batches ``(batch, *input_shape)``.
@@ -97,25 +100,26 @@ def track_top_vector(
     if iterations < 0:
         raise ValueError(f"`iterations` must be >= 0. Received: iterations={iterations}")
 
-    # The iteration runs on the layer divided by a power of two near its size (exact; keeps
-    # JᵀJ in range for very large or small kernels, see power.scaled_operator).
-    fn, _, _, _ = scaled_operator(fn, None, vector)
+    # Every branch but a zero-step one starts with the product at the (unit) vector.
+    prep = prepare_operator(fn, None, vector,
+                            first_product=calibrate is not False or iterations > 0)
+    fn, start, first = prep.fn, prep.start, prep.first
 
     def calibrated():
         m = int(min(krylov_dim, max(2, size)))
         # xla=True: the train step that applies a constraint may be XLA-compiled.
-        v, _, _ = lanczos_loop(fn, vector, tf.constant(float(tol), tf.float64),
-                                tf.constant(int(max_iterations)), m, xla=True)
+        v, _, _ = lanczos_loop(fn, start, tf.constant(float(tol), tf.float64),
+                                tf.constant(int(max_iterations)), m, xla=True, first=first)
         return v
 
     def stepped():
         if iterations >= 2 and size >= 2:
             m = min(iterations, size)
-            v, _, _ = lanczos_loop(fn, vector, tf.constant(0.0, tf.float64), tf.constant(m), m,
-                                    xla=True)
+            v, _, _ = lanczos_loop(fn, start, tf.constant(0.0, tf.float64), tf.constant(m), m,
+                                    xla=True, first=first)
         else:
-            v, _, _ = power_loop(fn, vector, tf.constant(0.0, tf.float64),
-                                  tf.constant(iterations))
+            v, _, _ = power_loop(fn, start, tf.constant(0.0, tf.float64),
+                                  tf.constant(iterations), first=first)
         return v
 
     if isinstance(calibrate, bool):  # known when tracing: keep only the branch that runs
@@ -124,8 +128,8 @@ def track_top_vector(
         v = tf.cond(tf.convert_to_tensor(calibrate, tf.bool), calibrated, stepped)
     # Products that are not finite (inf/NaN weights) return a NaN vector: keep the previous one
     # rather than store NaN in the persistent state.
-    v = tf.where(tf.reduce_all(tf.math.is_finite(v)), v, tf.cast(vector, v.dtype))
-    return tf.stop_gradient(v)
+    v = tf.where(tf.reduce_all(tf.math.is_finite(v)), v, start)
+    return tf.stop_gradient(tf.cast(v, vector.dtype))
 
 
 def start_vector(shape, dtype) -> tf.Tensor:
@@ -201,7 +205,7 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
         v = track_top_vector(fn, v0, iterations=self.power_iterations, calibrate=fresh,
                              tol=self.tol, max_iterations=self.max_iterations)
         state.assign(v)
-        return tf.norm(tf.reshape(fn(v), [-1]))
+        return example_norms(fn(v))[0]  # float16: ‖·‖² overflows at 256
 
     def __call__(self, w):
         sigma, kernel = self._sigma(w)

@@ -46,6 +46,7 @@ import tensorflow as tf
 from keras import ops
 
 from tf_lipschitz.constraints import start_vector, track_top_vector
+from tf_lipschitz.power import example_norms
 from tf_lipschitz.rules.base import Linear, NodeContext, get_rule, register_rule
 
 __all__ = ["LipschitzWrapper"]
@@ -184,21 +185,22 @@ class LipschitzWrapper(keras.layers.Wrapper):
             calibrate=calibrate, tol=self.tol, max_iterations=self.max_iterations,
         )
 
-    def _update(self, iterations, force_calibration=False) -> tf.Tensor:
-        """Advances and stores the vector and ``sigma``; returns the new vector."""
+    def _update(self, iterations, force_calibration=False) -> tuple[tf.Tensor, tf.Tensor]:
+        """Advances and stores the vector and ``sigma``; returns both."""
         v = self._next_vector(iterations, force_calibration)
+        sigma = self._sigma_at(v)
         self.vector.assign(v)
-        self.sigma.assign(ops.norm(ops.reshape(self._linear(v), [-1])))
-        return v
+        self.sigma.assign(sigma)
+        return v, sigma
 
-    def _update_eagerly(self, iterations, force_calibration=False) -> tf.Tensor:
+    def _update_eagerly(self, iterations, force_calibration=False) -> tuple[tf.Tensor, tf.Tensor]:
         # Eager callers (build, calibrate(), run_eagerly=True) get a compiled function instead
         # of while-loops executed op by op (traced once per value of `iterations`).
         if self._compiled_update is None:
             self._compiled_update = tf.function(self._update, autograph=False)
-        v = self._compiled_update(int(iterations), bool(force_calibration))
+        out = self._compiled_update(int(iterations), bool(force_calibration))
         self._calibrated_eagerly = True
-        return v
+        return out
 
     def calibrate(self) -> float:
         """Converges the vector on the current weights (restarted Lanczos to ``tol``), stores it.
@@ -263,8 +265,12 @@ class LipschitzWrapper(keras.layers.Wrapper):
         self._check_built()
         return bool(np.any(ops.convert_to_numpy(self.vector) != 0))
 
-    def _scale_at(self, v: tf.Tensor) -> tf.Tensor:
-        sigma = ops.norm(ops.reshape(self._linear(v), [-1]))
+    def _sigma_at(self, v: tf.Tensor) -> tf.Tensor:
+        """``σ̂ = ‖h_W(v)‖`` by one forward pass (overflow-free: in float16 ‖·‖² overflows at
+        256)."""
+        return example_norms(self._linear(v))[0]
+
+    def _scale_for(self, sigma: tf.Tensor) -> tf.Tensor:
         dtype = sigma.dtype
         return ops.minimum(ops.cast(1.0, dtype),
                            ops.cast(self.max_lipschitz, dtype) / ops.maximum(sigma, 1e-12))
@@ -275,17 +281,17 @@ class LipschitzWrapper(keras.layers.Wrapper):
         Reads the weights and the vector without updating anything (the estimator's rule uses
         it).
         """
-        return self._scale_at(ops.convert_to_tensor(self.vector))
+        return self._scale_for(self._sigma_at(ops.convert_to_tensor(self.vector)))
 
     def call(self, inputs, training=None):
         if training:
             if tf.executing_eagerly():
-                v = self._update_eagerly(self.power_iterations)
+                _, sigma = self._update_eagerly(self.power_iterations)
             else:
-                v = self._update(self.power_iterations)
+                _, sigma = self._update(self.power_iterations)
         elif tf.executing_eagerly() and not self.is_calibrated():
             # A fresh wrapper calibrates on its first eager call.
-            v = self._update_eagerly(0, force_calibration=True)
+            _, sigma = self._update_eagerly(0, force_calibration=True)
         else:
             # Graph inference is a plain read: no loops, no writes (it may be traced in a
             # stateless scope, or differentiated in forward mode by the lower bound). A vector
@@ -293,9 +299,10 @@ class LipschitzWrapper(keras.layers.Wrapper):
             # uncalibrated scale until the first training call or calibrate().
             v0 = ops.convert_to_tensor(self.vector)
             start = start_vector(tf.shape(v0), v0.dtype)
-            v = ops.where(ops.all(ops.equal(v0, 0)), start, v0)
-        # No gradient through the scale: see the module docstring.
-        scale = ops.stop_gradient(self._scale_at(v))
+            sigma = self._sigma_at(ops.where(ops.all(ops.equal(v0, 0)), start, v0))
+        # No gradient through the scale: see the module docstring. The σ̂ of an update is the
+        # one just stored: the kernel is the same, so no second forward pass.
+        scale = ops.stop_gradient(self._scale_for(sigma))
         kernel = getattr(self.layer, self._kernel_attribute)
         # Every variable of the wrapped layer is mapped to its current value (so that an outer
         # StatelessScope keeps working); the kernel is mapped to its scaled value.
@@ -321,8 +328,8 @@ class LipschitzWrapper(keras.layers.Wrapper):
         :class:`~tf_lipschitz.LipschitzEstimator` gives a converged value.
         """
         self._check_built()
-        v = ops.convert_to_tensor(self.vector)
-        return float(self._scale_at(v) * ops.norm(ops.reshape(self._linear(v), [-1])))
+        sigma = self._sigma_at(ops.convert_to_tensor(self.vector))
+        return float(self._scale_for(sigma) * sigma)
 
     def raw_operator_norm(self) -> float:
         """Estimate of the *unscaled* layer's operator norm at the last vector update."""
