@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 
 import tf_lipschitz as tfl
-from tf_lipschitz.lower import extreme_value_estimate, lower_bound
+from tf_lipschitz.errors import LipschitzError
+from tf_lipschitz.lower import (LowerBoundError, NonFiniteLowerBoundError, extreme_value_estimate,
+                                jacobian_norms, lower_bound)
 
 L = keras.layers
 POWER_ITERS = 5  # lower_bound's default: one screened random point costs 2 * 5 + 1 products
@@ -137,12 +139,13 @@ def test_small_batch_size_splits_the_search():
                                           ({"steps": -1}, "steps"),
                                           ({"noise": 0.0}, "noise")])
 def test_invalid_arguments_are_named(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(LowerBoundError, match=name) as info:
         lower_bound(_trial_mlp(), (3,), **kwargs)
+    assert isinstance(info.value, LipschitzError) and isinstance(info.value, ValueError)
 
 
 def test_no_starting_points_is_an_error():
-    with pytest.raises(ValueError, match="n_random"):
+    with pytest.raises(LowerBoundError, match="n_random"):
         lower_bound(_trial_mlp(), (3,), n_random=0)
 
 
@@ -184,3 +187,92 @@ def test_lower_bound_stays_below_certified_upper_on_smooth_nets():
         upper = est.autolip(certified=True).upper
         lb = est.lower_bound(x=np.random.default_rng(1).standard_normal((8, 3)).astype("float32"))
         assert 0 < lb.value <= upper
+
+
+def _bias_free(act):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((4,)), L.Dense(6, activation=act, use_bias=False),
+                             L.Dense(5, activation=act, use_bias=False),
+                             L.Dense(2, use_bias=False)])
+
+
+@pytest.mark.parametrize("act", ["celu", "relu", "hard_sigmoid", "relu6", "leaky_relu", "elu",
+                                 "selu"])
+def test_lower_bound_at_a_kink_stays_below_the_certified_upper_bound(act):
+    # Every pre-activation of a bias-free net is exactly 0 at x = 0. There autodiff passes
+    # gradient 1 through both branches of celu (derivative 2): the lower bound was 4.48 against
+    # a certified upper bound of 3.31.
+    model = _bias_free(act)
+    upper = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True).upper
+    zeros = np.zeros((4, 4), "float32")
+    for kwargs in ({"n_random": 0, "steps": 0}, {}):
+        lb = lower_bound(model, (4,), zeros, **kwargs)
+        assert 0 <= lb.value <= upper * (1 + 1e-5)
+
+
+def test_celu_at_zero_is_measured_by_its_slope_not_its_autodiff_derivative():
+    # celu is continuously differentiable with slope 1 at 0, so the Jacobian of the bias-free
+    # net at 0 is W3 W2 W1; autodiff returned 4 W3 W2 W1 (4.48).
+    model = _bias_free("celu")
+    w1, w2, w3 = (np.asarray(layer.kernel.numpy(), "float64") for layer in model.layers)
+    exact = np.linalg.svd(w1 @ w2 @ w3, compute_uv=False)[0]
+    zeros = np.zeros((4, 4), "float32")
+    lb = lower_bound(model, (4,), zeros, n_random=0, steps=0)
+    assert lb.value == pytest.approx(exact, rel=2e-3)
+    assert jacobian_norms(model, zeros) == pytest.approx(np.full(4, exact), rel=2e-3)
+
+
+def test_a_function_that_is_identically_zero_has_lower_bound_zero():
+    # x - relu(x) + relu(-x) = 0 for every x (exactly, in floating point too), so L = 0; at
+    # x = 0 autodiff takes relu'(0) = 0 in both branches and returned ‖J‖ = 1.
+    def negated():
+        return L.Dense(3, use_bias=False,
+                       kernel_initializer=keras.initializers.Constant(-np.eye(3)))
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, L.Add()([inputs, negated()(L.ReLU()(inputs)),
+                                         L.ReLU()(negated()(inputs))]))
+    zeros = np.zeros((2, 3), "float32")
+    assert np.all(model(np.random.default_rng(0).standard_normal((64, 3))).numpy() == 0)
+    assert lower_bound(model, (3,), zeros, n_random=0, steps=0).value == 0.0
+    assert lower_bound(model, (3,), zeros).value == 0.0
+    assert np.all(jacobian_norms(model, zeros) == 0.0)
+
+
+def test_no_finite_norm_is_a_named_lipschitz_error():
+    model = keras.Sequential([keras.Input((3,)), L.Dense(2, use_bias=False)], name="nan_net")
+    model.layers[0].kernel.assign(np.full((3, 2), np.nan, "float32"))
+    with pytest.raises(NonFiniteLowerBoundError, match="nan_net") as info:
+        lower_bound(model, (3,), n_random=8, steps=1)
+    assert isinstance(info.value, LipschitzError) and isinstance(info.value, FloatingPointError)
+
+
+def test_multi_input_model_is_a_named_lipschitz_error():
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    model = keras.Model([a, b], L.Add()([L.Dense(2)(a), b]), name="two_inputs")
+    for call in (lambda: lower_bound(model, (3,)),
+                 lambda: jacobian_norms(model, np.zeros((1, 3), "float32"))):
+        with pytest.raises(LowerBoundError, match="two_inputs.*2 inputs") as info:
+            call()
+        assert isinstance(info.value, LipschitzError)
+
+
+@pytest.mark.parametrize("norm", [1e3, 1e4])
+def test_half_precision_lower_bound_is_measured_in_float32(norm):
+    # Under mixed_float16 the norms were summed and the products J^T J v taken in float16: the
+    # power step overflowed (65504) from a norm of 256, and lower_bound raised for 1e3.
+    previous = keras.config.dtype_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = keras.Sequential([keras.Input((6,)), L.Dense(5, use_bias=False)])
+        kernel = np.random.default_rng(0).standard_normal((6, 5))
+        model.layers[0].kernel.assign((kernel * norm / np.linalg.norm(kernel, 2)).astype("float32"))
+        # the model computes with its kernel rounded to float16
+        exact = np.linalg.norm(model.layers[0].kernel.numpy().astype("float16").astype("float64"), 2)
+        x = np.random.default_rng(1).standard_normal((4, 6)).astype("float32")
+        lb = lower_bound(model, (6,), x)
+        assert lb.value == pytest.approx(exact, rel=2.0 ** -10)
+        assert lb.secant == pytest.approx(exact, rel=4.0 * 2.0 ** -10)
+        assert jacobian_norms(model, x) == pytest.approx(np.full(4, exact), rel=2.0 ** -10)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
