@@ -192,14 +192,16 @@ class LipschitzReport:
 
 @dataclasses.dataclass(frozen=True)
 class LowerBound:
-    """A proven lower bound ``‖J_f(x) v‖ ≤ L(f)``, with the point and direction that attain it.
+    """A lower bound ``‖J_f(x) v‖ ≤ L(f)``, with the point and direction that attain it.
 
     Attributes:
-        value: The lower bound (norm of the Jacobian-vector product at ``x``).
+        value: The lower bound: the norm of the Jacobian-vector product at ``x``, or the best
+            secant ratio there when autodiff's "Jacobian" is not confirmed by it (at a kink,
+            see ``docs/concepts.md``).
         x: The input point (one example, no batch axis).
         direction: The unit input direction ``v``.
-        secant: ``‖f(x + εv) − f(x)‖ / ε`` for a small ε: a lower bound that holds even where
-            ``f`` is not differentiable.
+        secant: The best of the one-sided ratios ``‖f(x ± hv) − f(x)‖ / h`` for two small
+            steps ``h``: a lower bound that holds even where ``f`` is not differentiable.
         evaluations: Number of Jacobian products used.
         starts: Number of starting points.
     """
