@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 from tf_lipschitz.callbacks import LipCallback
-from tf_lipschitz.errors import ModelNotBuiltError, NotLipschitzError, UnsupportedLayerError
+from tf_lipschitz.errors import (InvalidArgumentError, ModelNotBuiltError, NotLipschitzError,
+                                 UnsupportedLayerError)
 from tf_lipschitz.estimator import LipschitzEstimator
 
 
@@ -101,6 +102,21 @@ def test_every_n_batches(data):
     assert "lipschitz_autolip" not in history.history
 
 
+def test_every_n_batches_with_steps_per_execution(data):
+    # With steps_per_execution=4 Keras calls on_train_batch_end at steps 4, 8, 12...; the
+    # callback fired only when the step was a multiple of n (steps 12 and 24 here, silently
+    # 2 estimates where 3 were due). It now fires once n steps have passed since the last one.
+    x, y = data
+    model = _model()
+    model.compile("adam", "mse", steps_per_execution=4)
+    cb = LipCallback(every_n_epochs=None, every_n_batches=6)
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[cb])  # 8 steps per epoch
+    assert [r.step for r in cb.records if r.stage == "batch_end"] == [8, 16, 24]
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])  # the count goes on
+    assert [r.step for r in cb.records if r.stage == "batch_end"] == [8, 16, 24, 32]
+    assert int(model.optimizer.iterations.numpy()) == 32
+
+
 def _events(directory):
     scalars = {}
     for name in sorted(os.listdir(directory)):
@@ -134,6 +150,27 @@ def test_tensorboard_scalars_next_to_keras_tensorboard(data, tmp_path):
     # keras.callbacks.TensorBoard still writes its own run, and sees the logs we added
     theirs = _events(os.path.join(log_dir, "train"))
     assert "epoch_loss" in theirs and "epoch_lipschitz_autolip" in theirs
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 2), (4, 7)])
+def test_x_of_the_wrong_shape_fails_before_training(shape, data):
+    # (4, 7) failed with NumPy's "cannot reshape array of size 28 into shape (8,8,1)";
+    # (4, 8, 8, 2) was silently reshaped into 8 examples of the model's input shape.
+    x, y = data
+    model = _model()
+    cb = LipCallback(methods=("autolip", "lower"), x=np.ones(shape, "float32"))
+    with pytest.raises(InvalidArgumentError) as info:
+        _fit(model, x, y, [cb], epochs=1)
+    message = str(info.value)
+    assert "x=" in message and str(shape) in message and "(8, 8, 1)" in message
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_x_may_be_one_example(data):
+    x, y = data
+    cb = LipCallback(methods=("autolip", "lower"), x=x[0], lower_kwargs=LOWER)
+    _fit(_model(), x, y, [cb], epochs=1)
+    assert cb._x_batch.shape == (1, 8, 8, 1)
 
 
 def test_tf_data_dataset(data):
@@ -213,20 +250,38 @@ def test_unusable_model_fails_before_training(make, error, rng):
     [
         ({"methods": ("autolip", "clever")}, "Unknown Lipschitz method"),
         ({"methods": ()}, "Unknown Lipschitz method"),
-        ({"every_n_epochs": 0}, "every_n_epochs"),
-        ({"every_n_epochs": -2}, "every_n_epochs"),
-        ({"every_n_epochs": 1.5}, "every_n_epochs"),
-        ({"every_n_epochs": True}, "every_n_epochs"),
-        ({"every_n_batches": 0}, "every_n_batches"),
+        ({"every_n_epochs": 0}, "every_n_epochs=0"),
+        ({"every_n_epochs": -2}, "every_n_epochs=-2"),
+        ({"every_n_epochs": 1.5}, "every_n_epochs=1.5"),
+        ({"every_n_epochs": True}, "every_n_epochs=True"),
+        ({"every_n_batches": 0}, "every_n_batches=0"),
         ({"every_n_epochs": None}, "never run"),
-        ({"verbose": 3}, "verbose"),
+        ({"verbose": 3}, "verbose=3"),
         ({"lower_kwargs": {"steps": 3}}, "lower"),
         ({"methods": ("lower",), "lower_kwargs": {"x": 1}}, "LipCallback"),
         ({"seqlip_kwargs": {"mode": "greedy"}}, "seqlip"),
+        # accepted at construction and failing only in fit (or never) before:
+        ({"solver": "svd"}, "solver='svd'"),
+        ({"tol": -1}, "tol=-1"),
+        ({"tol": 0.5}, "tol=0.5"),
+        ({"max_products": 0}, "max_products=0"),
+        ({"methods": ("lower",), "lower_kwargs": {"stepz": 3}}, "'stepz'.*'steps'"),
+        ({"methods": ("lower",), "lower_kwargs": [("steps", 3)]}, "lower_kwargs="),
+        ({"methods": ("seqlip",), "seqlip_kwargs": {"topk": 3}}, "'topk'.*'top_k'"),
+        ({"methods": ("seqlip",), "seqlip_kwargs": {"top_k": 0}}, "top_k=0"),
+        ({"x": np.ones((4, 3))}, "'lower' is not in `methods`"),
+        ({"methods": ("lower",), "x": [[1.0, 2.0], [3.0]]}, "x"),
+        ({"methods": ("lower",), "x": "images.npy"}, "x with shape"),
+        ({"per_layer": "yes"}, "per_layer='yes'"),
+        ({"certified": 1}, "certified=1"),
+        ({"log_dir": 3}, "log_dir=3"),
+        ({"input_shape": 28}, "input_shape=28"),
     ],
 )
 def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    # InvalidArgumentError (a LipschitzError, also a ValueError) naming the argument and the
+    # value received, raised at construction; they were plain ValueErrors or not raised at all.
+    with pytest.raises(InvalidArgumentError, match=match):
         LipCallback(**kwargs)
 
 

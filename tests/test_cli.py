@@ -256,6 +256,9 @@ def test_subclassed_model_without_a_recorded_shape_names_the_flag(tmp_path, caps
                         "--input-shape", "7")
     assert code == 2 and "fails on inputs of shape (None, 7)" in err and "\x1b" not in err
     assert "check --input-shape" in err
+    # The failed trace left the model's Keras name scope on Keras' stack: every variable
+    # created afterwards in the process was named "__two_dense/...".
+    assert keras.Variable(1.0, name="probe").path == "probe"
 
 
 @pytest.fixture(scope="module")

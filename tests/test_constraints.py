@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras import ops
 
 from tf_lipschitz.constraints import ConvOperatorNorm, SpectralNorm, track_top_vector
+from tf_lipschitz.errors import InvalidArgumentError, LipschitzError
 from tf_lipschitz.operators import LinearOperator
 
 
@@ -63,6 +64,53 @@ def test_spectral_norm_vector_is_persistent_and_warm(rng):
     assert len(constraint._vectors) == 1
 
 
+@pytest.mark.parametrize("kind", ["variable", "tensor"])
+def test_shared_constraint_calibrates_each_new_kernel(kind, rng):
+    # Two kernels with the same path ("kernel"): the second one's top right singular vector is
+    # orthogonal to the first one's, which is a singular vector of the second for σ = 0.5.
+    # Vectors were keyed by path (by shape for tensors): the second kernel warm-started from
+    # the first one's vector, one power step stayed on it, σ̂ = 0.5 < 1 and a kernel of norm 2
+    # was left unprojected.
+    a, _ = np.linalg.qr(rng.standard_normal((8, 6)))
+    b, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    first = (a * [3.0, 1.0, 0.9, 0.8, 0.7, 0.6]) @ b.T
+    second = (a * [0.5, 2.0, 0.9, 0.8, 0.7, 0.6]) @ b.T
+    wrap = (lambda m: keras.Variable(m.astype("float32"), name="kernel")) if kind == "variable" \
+        else (lambda m: tf.constant(m, tf.float32))
+    constraint = SpectralNorm(1.0)
+    kernels = [wrap(matrix) for matrix in (first, second)]
+    assert len({getattr(kernel, "path", "kernel") for kernel in kernels}) == 1
+    for kernel in kernels:
+        assert _top_sv(np.asarray(constraint(kernel))) == pytest.approx(1.0, rel=1e-5)
+
+
+def _fit_named_model(constraint, x, y, seed):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((20,)),
+        keras.layers.Dense(30, activation="relu", kernel_constraint=constraint, name="d1"),
+        keras.layers.Dense(3, kernel_constraint=constraint, name="d2"),
+    ], name="net")
+    model.compile(keras.optimizers.SGD(0.02), "mse")
+    model.fit(x, y, epochs=1, batch_size=128, verbose=0)  # 2 steps
+    return model
+
+
+def test_constraint_shared_by_a_rebuilt_model_of_the_same_name(rng):
+    # A module-level constraint used by a model rebuilt under the same name (a loop, a re-run
+    # notebook cell): the kernel paths are again "net/d1/kernel"... The rebuilt model's d1
+    # ended at 1.0842 (by SVD) after its 2 steps, never calibrated; 0.9985 with fresh
+    # constraints, as now.
+    x = rng.normal(size=(256, 20)).astype("float32")
+    y = 10.0 * rng.normal(size=(256, 3)).astype("float32")
+    shared = SpectralNorm(1.0)
+    _fit_named_model(shared, x, y, seed=0)
+    model = _fit_named_model(shared, x, y, seed=1)
+    assert model.layers[0].kernel.path == "net/d1/kernel"
+    for layer in model.layers:
+        assert _top_sv(layer.kernel.numpy()) <= 1.0 + 1e-3
+
+
 @pytest.mark.parametrize(
     "input_shape,strides,padding,dilation",
     [((9, 9, 2), 1, "same", 1), ((9, 9, 2), 2, "valid", 1), ((10, 8, 3), (2, 1), "same", 1),
@@ -85,7 +133,7 @@ def test_conv_operator_norm_is_not_the_reshaped_kernel_norm(rng):
     reshaped = _top_sv(np.asarray(projected).reshape(-1, 16))
     assert _conv_norm(projected, (16, 16, 3), 1, "same") == pytest.approx(1.0, rel=1e-4)
     assert reshaped < 0.8  # normalising the reshaped kernel instead would leave the op at > 1.2
-    with pytest.raises(ValueError, match="ConvOperatorNorm"):
+    with pytest.raises(InvalidArgumentError, match="ConvOperatorNorm"):
         SpectralNorm(1.0)(keras.Variable(kernel))
 
 
@@ -138,23 +186,34 @@ def test_serialisation_round_trip(tmp_path, rng):
 @pytest.mark.parametrize(
     "factory,match",
     [
-        (lambda: SpectralNorm(0.0), "max_value"),
-        (lambda: SpectralNorm(float("inf")), "max_value"),
-        (lambda: SpectralNorm(1.0, power_iterations=0), "power_iterations"),
-        (lambda: ConvOperatorNorm(1.0), "input_shape"),
+        (lambda: SpectralNorm(0.0), "max_value=0.0"),
+        (lambda: SpectralNorm(float("inf")), "max_value=inf"),
+        (lambda: SpectralNorm("1"), "max_value='1'"),
+        (lambda: SpectralNorm(1.0, power_iterations=0), "power_iterations=0"),
+        (lambda: SpectralNorm(1.0, tol=0.5), r"\(0, 0.1\].*tol=0.5"),
+        (lambda: SpectralNorm(1.0, max_iterations=1.5), "max_iterations=1.5"),
+        (lambda: ConvOperatorNorm(1.0), "input_shape=None"),
+        (lambda: ConvOperatorNorm(1.0, 28), "input_shape=28"),
         (lambda: ConvOperatorNorm(1.0, (8, None, 1)), "input_shape"),
-        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), padding="causal"), "padding"),
+        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), padding="causal"), "padding='causal'"),
+        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), padding=None), "padding=None"),
         (lambda: ConvOperatorNorm(1.0, (8, 8, 1), strides=(1, 2, 3)), "strides"),
+        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), strides="2"), "strides='2'"),
+        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), data_format="NHWC"), "data_format='NHWC'"),
     ],
 )
 def test_bad_arguments(factory, match):
-    with pytest.raises(ValueError, match=match):
+    # InvalidArgumentError (a LipschitzError, still a ValueError and a TypeError) whose message
+    # names the argument and the value received; they were plain ValueError / TypeError, and
+    # tol=0.5, max_value="1" or input_shape=28 were raw Python errors or accepted.
+    with pytest.raises(InvalidArgumentError, match=match) as info:
         factory()
+    assert isinstance(info.value, LipschitzError) and isinstance(info.value, ValueError)
 
 
 def test_kernel_that_does_not_fit_the_input_shape(rng):
     constraint = ConvOperatorNorm(1.0, (8, 8, 3))
-    with pytest.raises(ValueError, match="input_shape"):
+    with pytest.raises(InvalidArgumentError, match="input_shape"):
         constraint(keras.Variable(rng.standard_normal((3, 3, 2, 4)).astype("float32")))
 
 

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tf_lipschitz as tfl
+from tf_lipschitz.errors import InvalidArgumentError, ModelNotBuiltError
 from tf_lipschitz.operators import LinearOperator
 from tf_lipschitz.rules import Linear, NodeContext, get_rule
 from tf_lipschitz.wrappers import LipschitzWrapper
@@ -24,6 +25,15 @@ def _norm(layer, input_shape) -> float:
     bound = get_rule(layer)(layer, ctx)
     assert isinstance(bound, Linear)
     return _top_sv(LinearOperator(bound.fn, tuple(input_shape)).to_dense())
+
+
+def _inference_norm(layer, input_shape) -> float:
+    """Exact norm of the Jacobian of ``layer(x) − layer(0)`` in inference, materialised."""
+    n = int(np.prod(input_shape))
+    eye = np.eye(n, dtype="float32").reshape((n, *input_shape))
+    zero = np.zeros((1, *input_shape), "float32")
+    columns = np.asarray(layer(eye, training=False)) - np.asarray(layer(zero, training=False))
+    return _top_sv(columns.reshape(n, -1))
 
 
 LAYERS = {
@@ -142,9 +152,11 @@ def test_activity_regularizer_loss_is_kept(rng):
 @pytest.mark.parametrize(
     "layer,shape,error,match",
     [
-        (keras.layers.ReLU(), (4,), TypeError, "affine"),
-        (keras.layers.BatchNormalization(), (4,), TypeError, "kernel"),
-        (keras.layers.Conv2D(2, 3), (None, None, 1), ValueError, "input shape"),
+        (keras.layers.ReLU(), (4,), InvalidArgumentError, "affine.*layer='re_lu'"),
+        (keras.layers.BatchNormalization(), (4,), InvalidArgumentError, "kernel"),
+        (keras.layers.Conv2D(2, 3), (None, None, 1), ModelNotBuiltError, "input shape"),
+        (keras.layers.EinsumDense("abc,cd->abd", (None, 3)), (None, 4), ModelNotBuiltError,
+         "EinsumDense"),
     ],
 )
 def test_bad_layers(layer, shape, error, match):
@@ -152,12 +164,57 @@ def test_bad_layers(layer, shape, error, match):
         keras.Sequential([keras.Input(shape), LipschitzWrapper(layer)])
 
 
-@pytest.mark.parametrize("kwargs,match", [({"max_lipschitz": 0.0}, "max_lipschitz"),
-                                          ({"max_lipschitz": float("nan")}, "max_lipschitz"),
-                                          ({"power_iterations": 0}, "power_iterations")])
+@pytest.mark.parametrize("kwargs,match", [({"max_lipschitz": 0.0}, "max_lipschitz=0.0"),
+                                          ({"max_lipschitz": float("nan")}, "max_lipschitz=nan"),
+                                          ({"power_iterations": 0}, "power_iterations=0"),
+                                          ({"max_iterations": 2.5}, "max_iterations=2.5"),
+                                          ({"tol": 0.5}, "tol=0.5")])
 def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    # InvalidArgumentError naming the argument and the value; they were plain ValueErrors, and
+    # tol=0.5 (a calibration stopping far below the norm) was accepted.
+    with pytest.raises(InvalidArgumentError, match=match):
         LipschitzWrapper(keras.layers.Dense(2), **kwargs)
+    with pytest.raises(InvalidArgumentError, match="layer="):
+        LipschitzWrapper("dense")
+
+
+def test_dense_on_variable_length_sequences(rng):
+    # A Dense layer acts on the last axis only: its operator on (T, 4) is I_T ⊗ W, of norm ‖W‖
+    # for every T. The wrapper refused (None, None, 4) with a message about convolutions; it
+    # now tracks a vector of shape (1, 4).
+    wrapper = LipschitzWrapper(keras.layers.Dense(3), max_lipschitz=0.5)
+    model = keras.Sequential([keras.Input((None, 4)), wrapper])
+    assert tuple(wrapper.vector.shape) == (1, 4)
+    assert _top_sv(wrapper.layer.kernel.numpy()) > 0.5
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    for length in (5, 2):
+        x = rng.standard_normal((16, length, 4)).astype("float32")
+        model.fit(x, 10.0 * rng.standard_normal((16, length, 3)), batch_size=8, verbose=0)
+    wrapper.calibrate()
+    for length in (1, 3, 7):
+        assert _inference_norm(wrapper, (length, 4)) == pytest.approx(0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dense", "conv2d_strided"])
+def test_operator_norm_is_the_effective_norm(name, rng):
+    # New weights with a stale vector (the state after fast training, made deterministic):
+    # the layer computes with a norm above its target. operator_norm() returned
+    # min(σ̂, max_lipschitz) and read 1.0 whatever the truth (1.137 after 2 epochs of Adam 0.05
+    # in a user trial); it now gives the norm of the map inference computes, without changing it.
+    make, shape = LAYERS[name]
+    wrapper = LipschitzWrapper(make(), max_lipschitz=1.0)
+    keras.Sequential([keras.Input(shape), wrapper])
+    kernel = wrapper.layer.kernel
+    kernel.assign(3.0 * rng.standard_normal(kernel.shape).astype("float32"))
+    exact = _inference_norm(wrapper, shape)
+    assert exact > 1.0 + 1e-3
+    vector = wrapper.vector.numpy().copy()
+    assert wrapper.operator_norm() == pytest.approx(exact, rel=1e-5)
+    np.testing.assert_array_equal(wrapper.vector.numpy(), vector)  # read-only
+    assert _inference_norm(wrapper, shape) == exact
+    wrapper.calibrate()
+    assert wrapper.operator_norm() == pytest.approx(1.0, rel=1e-5)
+    assert _inference_norm(wrapper, shape) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_calibrated_at_build_and_after_set_weights(rng):

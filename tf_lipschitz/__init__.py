@@ -24,6 +24,7 @@ from tf_lipschitz import rules, tfgraph, wrappers
 from tf_lipschitz.callbacks import LipCallback, LipschitzRecord
 from tf_lipschitz.constraints import ConvOperatorNorm, SpectralNorm
 from tf_lipschitz.errors import (
+    InvalidArgumentError,
     LipschitzError,
     ModelNotBuiltError,
     NotLipschitzError,
@@ -52,6 +53,7 @@ __all__ = [
     "SpectralNorm",
     "ExtremeValueEstimate",
     "GraphEstimator",
+    "InvalidArgumentError",
     "LayerRow",
     "LinearOperator",
     "LipschitzError",

@@ -21,16 +21,41 @@ import keras
 import numpy as np
 
 from tf_lipschitz.certify import fused_certificate
-from tf_lipschitz.errors import LipschitzError
+from tf_lipschitz.errors import InvalidArgumentError, LipschitzError
 from tf_lipschitz.graph import GraphNode, ModelGraph
 from tf_lipschitz.operators import LinearOperator, compose
-from tf_lipschitz.power import SpectralResult, SpectralSolver
+from tf_lipschitz.power import (METHODS, SpectralResult, SpectralSolver, check_choice, check_int,
+                                 check_tol)
 from tf_lipschitz.report import (CERTIFIED, ESTIMATE, LayerRow, LipschitzReport, combine_outputs,
                                  round_up)
 from tf_lipschitz.rules import Constant, LayerBound, Linear, Merge, NodeContext, get_rule
 from tf_lipschitz.starts import group_start
 
-__all__ = ["AutoLip", "Group", "Segment"]
+__all__ = ["AutoLip", "Group", "Segment", "check_solver_arguments"]
+
+
+def check_solver_arguments(method: str, tol: float, max_products: int, *,
+                           method_name: str = "method") -> tuple[str, float, int]:
+    """Validates the spectral-solver arguments every AutoLip entry point takes.
+
+    The estimators call it before reading the model, so that a bad value fails at once.
+
+    Args:
+        method: ``"lanczos"`` or ``"power"``.
+        tol: Relative tolerance, in ``(0, 0.1]``.
+        max_products: Cap on operator products, ``>= 1``.
+        method_name: The name of ``method`` at the entry point (``"solver"`` for the estimators).
+
+    Returns:
+        ``(method, tol, max_products)``, with ``tol`` a float and ``max_products`` an int.
+
+    Raises:
+        InvalidArgumentError: Naming the argument at fault.
+    """
+    return (check_choice(method, method_name, METHODS),
+            check_tol(tol),
+            check_int(max_products, "max_products", minimum=1,
+                      hint="2000 (the default) is enough for most layers."))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +202,8 @@ class AutoLip:
 
     def __init__(self, graph: ModelGraph, *, method: str = "lanczos", tol: float = 1e-6,
                  max_products: int = 2000, krylov_dim: int = 16, jit_compile: bool = False):
+        self.method, self.tol, self.max_products = check_solver_arguments(method, tol, max_products)
         self.graph = graph
-        self.tol = tol
-        self.max_products = max_products
-        self.method = method
         bounds = evaluate_rules(graph)
         self.groups = fuse(graph, bounds)
         self.iterative = [g for g in self.groups if not self._closed_form(g, bounds)]
@@ -229,8 +252,9 @@ class AutoLip:
                 arrays shaped like each group's input.
         """
         if isinstance(init, str) and init not in ("warm", "random"):
-            raise ValueError(f"init must be 'warm', 'random', None or a list of arrays (one per "
-                             f"linear operator); received init={init!r}.")
+            raise InvalidArgumentError(
+                f"init must be 'warm', 'random', None or a list of arrays (one per linear "
+                f"operator); received init={init!r}.")
         if isinstance(init, str) and init == "random":
             init = None
         elif init is None or (isinstance(init, str) and init == "warm"

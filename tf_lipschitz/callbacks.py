@@ -27,13 +27,17 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_lipschitz.autolip import check_solver_arguments
+from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.estimator import LipschitzEstimator
+from tf_lipschitz.lower import lower_bound
+from tf_lipschitz.power import check_int, check_keywords, keyword_names
 from tf_lipschitz.report import json_ready
 
 __all__ = ["LipCallback", "LipschitzRecord"]
@@ -70,8 +74,23 @@ class LipschitzRecord:
         return json_ready(dataclasses.asdict(self))
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+def _as_batch(x) -> np.ndarray:
+    """``x`` (an array-like) as a numeric array, or :class:`InvalidArgumentError` naming ``x``."""
+    try:
+        batch = np.asarray(x)
+    except (TypeError, ValueError) as exc:  # ragged nested lists
+        raise InvalidArgumentError(
+            f"LipCallback(x=...) must be an array of input examples or a tf.data.Dataset; "
+            f"converting it to an array failed ({exc}). Received: x of type {type(x).__name__}"
+        ) from exc
+    if batch.ndim == 0 or not (np.issubdtype(batch.dtype, np.number)
+                               or batch.dtype == np.bool_):
+        raise InvalidArgumentError(
+            "LipCallback(x=...) must be a numeric array of input examples, shape "
+            f"(n, *input_shape), or a tf.data.Dataset. Received: x with shape {batch.shape} and "
+            f"dtype {batch.dtype}"
+        )
+    return batch
 
 
 def _first_batch(x) -> np.ndarray:
@@ -80,19 +99,34 @@ def _first_batch(x) -> np.ndarray:
         if isinstance(element, (tuple, list)):
             element = element[0]
         if isinstance(element, dict):
-            raise TypeError(
+            raise InvalidArgumentError(
                 "LipCallback(x=...) received a dataset of dicts; pass the input batch as an "
                 "array (the lower bound supports single-input models)."
             )
-        return np.asarray(element)
-    return np.asarray(x)
+        return _as_batch(element)
+    return _as_batch(x)
+
+
+def _check_batch_shape(batch: np.ndarray, input_shape: tuple[int, ...], model_name: str
+                       ) -> np.ndarray:
+    """``batch`` as ``(n, *input_shape)`` (a single example becomes a batch of one)."""
+    if tuple(batch.shape) == tuple(input_shape):
+        return batch[None]
+    if tuple(batch.shape[1:]) != tuple(input_shape):
+        raise InvalidArgumentError(
+            f"LipCallback(x=...) must hold inputs of model '{model_name}', shape (n, "
+            f"{', '.join(map(str, input_shape))}) for the per-example input shape "
+            f"{tuple(input_shape)}. Received: x with shape {tuple(batch.shape)}"
+        )
+    return batch
 
 
 class LipCallback(keras.callbacks.Callback):
     """Logs Lipschitz bounds of the model during training (History, CSV, TensorBoard).
 
     Use it to watch how training changes the model's Lipschitz constant (robustness,
-    generalisation and stability all depend on it), and to check constrained models. The
+    generalisation and stability all depend on it), and to check constrained models. Bad
+    arguments raise :class:`~tf_lipschitz.InvalidArgumentError` at construction. The
     first estimate runs at ``on_train_begin``: a model the estimator cannot analyse fails
     there, before any training, with the estimator's error. Later failures (NaN weights,
     numerical trouble) never stop training: the callback warns and records NaN.
@@ -104,13 +138,18 @@ class LipCallback(keras.callbacks.Callback):
         every_n_epochs: Estimate at the end of every n-th epoch (``None``: never at epoch end,
             then ``every_n_batches`` is required). Epochs without an estimate log NaN, so that
             ``CSVLogger`` keeps a fixed set of columns.
-        every_n_batches: Also estimate every n training batches (counted over the whole run).
+        every_n_batches: Also estimate at the end of a training batch once at least n
+            optimizer steps have passed since the last batch estimate (counted over the whole
+            run, across ``fit`` calls). With ``compile(steps_per_execution=k)`` Keras calls
+            batch callbacks every k steps only, so estimates come every ``k·⌈n/k⌉`` steps.
         log_dir: Directory for TensorBoard scalars (written to ``log_dir/lipschitz``); use the
             same directory as ``keras.callbacks.TensorBoard``.
         per_layer: Also record and write each layer's own constant.
-        x: A small batch of inputs (e.g. 64 examples; an array, or a ``tf.data.Dataset``
-            whose first batch is used) to start the lower-bound search from; every example is
-            a starting point. Random inputs are used without it.
+        x: A small batch of inputs, shape ``(n, *input_shape)`` (e.g. 64 examples; an array,
+            or a ``tf.data.Dataset`` whose first batch is used) to start the lower-bound search
+            from; every example is a starting point. Only with ``"lower"`` in ``methods``;
+            random inputs are used without it. Its shape is checked against the model's input
+            at ``on_train_begin``.
         verbose: 1 prints one line per estimate.
         input_shape: Per-example input shape, for models with unknown input dimensions.
         certified: Use certified per-layer norms where available (AutoLip). Certificates are
@@ -157,46 +196,81 @@ class LipCallback(keras.callbacks.Callback):
         super().__init__()
         if isinstance(methods, str):
             methods = (methods,)
-        methods = tuple(dict.fromkeys(methods))
+        try:
+            methods = tuple(dict.fromkeys(methods))
+        except TypeError:  # not iterable, or unhashable items
+            methods = (methods,)
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Unknown Lipschitz method(s) {unknown}; `methods` must be a non-empty subset of "
                 f"{METHODS}. Received: methods={methods!r}"
             )
         if "seqlip" in methods and not hasattr(LipschitzEstimator, "seqlip"):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "methods includes 'seqlip', but this tf_lipschitz has no "
                 "LipschitzEstimator.seqlip. Use methods=('autolip',) or ('autolip', 'lower')."
             )
-        for name, value in (("every_n_epochs", every_n_epochs),
-                            ("every_n_batches", every_n_batches)):
-            if value is not None and (not _is_int(value) or value <= 0):
-                raise ValueError(
-                    f"`{name}` must be a positive integer or None. Received: {name}={value!r}"
-                )
+        every_n_epochs, every_n_batches = (
+            None if value is None else check_int(
+                value, name, minimum=1, hint="Use None to never estimate at that point.")
+            for name, value in (("every_n_epochs", every_n_epochs),
+                                ("every_n_batches", every_n_batches)))
         if every_n_epochs is None and every_n_batches is None:
-            raise ValueError(
-                "LipCallback would never run: set `every_n_epochs` and/or `every_n_batches`."
+            raise InvalidArgumentError(
+                "LipCallback would never run: set `every_n_epochs` and/or `every_n_batches` to a "
+                "positive integer. Received: every_n_epochs=None, every_n_batches=None"
             )
-        if verbose not in (0, 1, 2):
-            raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
-        lower_kwargs = dict(lower_kwargs or {})
+        if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+            raise InvalidArgumentError(
+                f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
+        for name, value, accepted, what in (
+            ("log_dir", log_dir, (str, os.PathLike, type(None)), "a directory path or None"),
+            ("input_shape", input_shape, (tuple, list, type(None)),
+             "a per-example shape such as (28, 28, 1), or None"),
+            ("per_layer", per_layer, (bool, np.bool_), "True or False"),
+            ("certified", certified, (bool, np.bool_), "True or False"),
+        ):
+            if not isinstance(value, accepted):
+                raise InvalidArgumentError(
+                    f"`{name}` must be {what}. Received: {name}={value!r}")
+        solver, tol, max_products = check_solver_arguments(solver, tol, max_products,
+                                                           method_name="solver")
+        lower_kwargs = self._check_kwargs("lower_kwargs", lower_kwargs, "lower", methods)
         if "x" in lower_kwargs:
-            raise ValueError(
-                "Pass the lower-bound data as LipCallback(x=...), not in `lower_kwargs`."
+            raise InvalidArgumentError(
+                "Pass the lower-bound data as LipCallback(x=...), not in `lower_kwargs`. "
+                f"Received: lower_kwargs={lower_kwargs!r}"
             )
-        if lower_kwargs and "lower" not in methods:
-            raise ValueError("`lower_kwargs` is set but 'lower' is not in `methods`.")
-        seqlip_kwargs = dict(seqlip_kwargs or {})
-        if seqlip_kwargs and "seqlip" not in methods:
-            raise ValueError("`seqlip_kwargs` is set but 'seqlip' is not in `methods`.")
+        # dtype comes from the model; x is LipCallback(x=...).
+        check_keywords(lower_kwargs, keyword_names(lower_bound, ("model", "input_shape", "x",
+                                                                 "dtype")),
+                       "LipCallback(lower_kwargs=...), forwarded to tfl.lower.lower_bound(),")
+        seqlip_kwargs = self._check_kwargs("seqlip_kwargs", seqlip_kwargs, "seqlip", methods)
         reserved = {"certified", "init", "verbose"} & set(seqlip_kwargs)
         if reserved:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"`seqlip_kwargs` may not set {sorted(reserved)}: LipCallback sets them (use "
-                "LipCallback(certified=...))."
+                f"LipCallback(certified=...)). Received: seqlip_kwargs={seqlip_kwargs!r}"
             )
+        if seqlip_kwargs:
+            from tf_lipschitz.estimator import _seqlip_options
+            from tf_lipschitz.seqlip import check_options
+
+            options = dict(seqlip_kwargs)
+            mode = options.pop("mode", "auto")
+            check_keywords(options, ("mode", *_seqlip_options()),
+                           "LipCallback(seqlip_kwargs=...), forwarded to "
+                           "LipschitzEstimator.seqlip(),")
+            check_options(mode, **options)
+        if x is not None:
+            if "lower" not in methods:
+                raise InvalidArgumentError(
+                    "`x` is set but 'lower' is not in `methods`: x only gives the lower bound "
+                    f"its starting points. Received: methods={methods!r}"
+                )
+            if not isinstance(x, tf.data.Dataset):
+                _as_batch(x)
         self.methods = methods
         self.every_n_epochs = every_n_epochs
         self.every_n_batches = every_n_batches
@@ -207,6 +281,7 @@ class LipCallback(keras.callbacks.Callback):
         self.input_shape = None if input_shape is None else tuple(input_shape)
         self.certified = bool(certified)
         self.estimator_kwargs = {"solver": solver, "tol": tol, "max_products": max_products}
+        self._last_batch_step: int | None = None
         self.lower_kwargs = lower_kwargs
         self.seqlip_kwargs = seqlip_kwargs
         self.records: list[LipschitzRecord] = []
@@ -215,6 +290,23 @@ class LipCallback(keras.callbacks.Callback):
         self._writer = None
         self._cold = True  # next solver run starts from random vectors (after a failure)
         self._epoch: int | None = None
+
+    @staticmethod
+    def _check_kwargs(name: str, value: Any, method: str, methods: tuple[str, ...]) -> dict:
+        """``value`` (``None`` or a mapping) as a dict; refused if ``method`` is not used."""
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise InvalidArgumentError(
+                f"`{name}` must be a dict of keyword arguments of the {method!r} estimate. "
+                f"Received: {name}={value!r}"
+            )
+        if value and method not in methods:
+            raise InvalidArgumentError(
+                f"`{name}` is set but {method!r} is not in `methods`. Received: "
+                f"methods={methods!r}, {name}={dict(value)!r}"
+            )
+        return dict(value)
 
     # ------------------------------------------------------------------ set-up and tear-down
     def on_train_begin(self, logs=None):
@@ -231,8 +323,13 @@ class LipCallback(keras.callbacks.Callback):
                 )
                 raise
             self._cold = True
+            self._last_batch_step = None
             if "lower" in self.methods and self.x is not None:
-                self._x_batch = _first_batch(self.x)
+                self._x_batch = _check_batch_shape(_first_batch(self.x),
+                                                   self.estimator.input_shape, self.model.name)
+        step = self._step()
+        if self._last_batch_step is None or step < self._last_batch_step:  # new run or optimizer
+            self._last_batch_step = step
         if self.log_dir is not None and self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "lipschitz"))
         # The first estimate compiles the solver and checks the model end to end: errors here
@@ -259,7 +356,11 @@ class LipCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.every_n_batches is None:
             return
-        if self._step() % self.every_n_batches == 0:
+        # With compile(steps_per_execution=k) this runs once per k steps, so the step count is
+        # compared with the last estimate's rather than tested for a multiple of n.
+        step = self._step()
+        if step - self._last_batch_step >= self.every_n_batches:
+            self._last_batch_step = step
             record = self._record("batch_end", self._epoch, batch)
             if logs is not None:
                 logs.update(record.values)

@@ -55,7 +55,9 @@ import tensorflow as tf
 
 from tf_lipschitz.gridconv import small_grid_bound
 from tf_lipschitz.linalg import lanczos_ritz, top_eigenvalue
+from tf_lipschitz.errors import InvalidArgumentError, LipschitzError
 from tf_lipschitz.operators import LinearOperator, compose
+from tf_lipschitz.power import check_choice, check_int, check_tol
 from tf_lipschitz.rules.base import weight_values
 from tf_lipschitz.rules.normalization import DIAGONAL_LAYERS
 
@@ -236,6 +238,22 @@ def _gram_iteration_tf(g: tf.Tensor, iterations: tf.Tensor) -> tf.Tensor:
     return tf.where(fro > 0, bound, tf.zeros_like(bound))
 
 
+def _matrix_batch(matrices: Any, *, allow_single: bool) -> np.ndarray:
+    """``matrices`` as an array ``(B, m, n)`` (one matrix ``(m, n)`` too if ``allow_single``)."""
+    try:
+        a = np.asarray(matrices)
+    except (TypeError, ValueError):  # ragged nested lists
+        a = None
+    if a is not None and a.ndim == 2 and allow_single:
+        a = a[None]
+    if a is None or a.ndim != 3 or not np.issubdtype(a.dtype, np.number):
+        received = f"shape {a.shape}, dtype {a.dtype}" if a is not None else repr(matrices)
+        raise InvalidArgumentError(
+            "matrices must be a numeric array of shape (B, m, n), a batch of matrices"
+            + (" (or one matrix (m, n))" if allow_single else "") + f"; received {received}.")
+    return a
+
+
 def gram_iteration(matrices: Any, iterations: int = 8) -> np.ndarray:
     """Gram iteration (Delattre et al., ICML 2023): certified bounds on each ``σ_max``.
 
@@ -261,11 +279,8 @@ def gram_iteration(matrices: Any, iterations: int = 8) -> np.ndarray:
         After about 10 squarings the bound meets ``σ_max`` to the last bit and can round a unit
         below it; :func:`max_singular_value` adds the margin that makes it a certificate.
     """
-    a = np.asarray(matrices)
-    if a.ndim != 3:
-        raise ValueError(f"gram_iteration expects a batch (B, m, n); received shape {a.shape}.")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, received iterations={iterations}.")
+    a = _matrix_batch(matrices, allow_single=False)
+    iterations = check_int(iterations, "iterations", minimum=0)
     dtype = np.complex128 if np.iscomplexobj(a) else np.float64
     if a.shape[-2] < a.shape[-1]:
         a = np.swapaxes(a, -1, -2)
@@ -293,7 +308,9 @@ def max_singular_value(matrices: Any, *, method: str = "auto", rtol: float = 1e-
         A float ``>= max_b σ_max(matrices[b])``, margin included.
 
     Raises:
-        ValueError: On an unknown ``method`` or a non-finite matrix.
+        InvalidArgumentError: On an unknown ``method``, an ``rtol`` outside ``(0, 0.1]`` or an
+            array that is not a batch of matrices.
+        LipschitzError: On a non-finite matrix (no bound exists).
 
     Example:
         >>> import numpy as np
@@ -302,18 +319,19 @@ def max_singular_value(matrices: Any, *, method: str = "auto", rtol: float = 1e-
         >>> bool(exact <= max_singular_value(a) <= exact * 1.001)
         True
     """
-    a = np.asarray(matrices)
-    if a.ndim == 2:
-        a = a[None]
-    if a.ndim != 3:
-        raise ValueError(f"Expected a batch of matrices (B, m, n); received shape {a.shape}.")
-    if method not in ("auto", "exact", "gram"):
-        raise ValueError(f"Unknown method={method!r}; expected 'auto', 'exact' or 'gram'.")
+    a = _matrix_batch(matrices, allow_single=True)
+    check_choice(method, "method", ("auto", "exact", "gram"))
+    if method == "auto":
+        rtol = check_tol(rtol, "rtol", default=1e-4)
+    if method == "gram":
+        iterations = check_int(iterations, "iterations", minimum=0)
     if a.size == 0:
         return 0.0
     a = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64, copy=False)
     if not np.all(np.isfinite(a)):
-        raise ValueError("The weights contain NaN or inf: no operator-norm bound exists.")
+        raise LipschitzError(
+            "The weights contain NaN or inf: no operator-norm bound exists. Check the layer's "
+            "weights (a diverged training step) before certifying.")
     big = float(np.max(np.abs(a)))
     if big == 0.0:
         return 0.0
@@ -575,12 +593,16 @@ def _einsum_blocks(equation: str, x_ndim: int, x_shape: Sequence[int], kernel: n
         fill = "".join(spare[:n_ell])
         x_spec, out = x_spec.replace("...", fill), out.replace("...", fill)
     if "..." in k_spec or len(set(x_spec)) != len(x_spec) or len(set(k_spec)) != len(k_spec):
-        raise ValueError(f"Unsupported EinsumDense equation {equation!r} for certification.")
+        raise LipschitzError(
+            f"EinsumDense equation {equation!r} (an ellipsis in the kernel or a repeated index) "
+            "has no certificate; run without certified=True for an estimate.")
     sizes = dict(zip(x_spec, x_shape))
     sizes.update(zip(k_spec, kernel.shape))
     batch = x_spec[0]
     if batch in k_spec or batch not in out:
-        raise ValueError(f"EinsumDense equation {equation!r} mixes batch examples.")
+        raise LipschitzError(
+            f"EinsumDense equation {equation!r} mixes batch examples (its first input index "
+            "is in the kernel or not in the output), so no per-example certificate exists.")
     k_only = [i for i, c in enumerate(k_spec) if c not in x_spec and c not in out]
     if k_only:
         kernel = kernel.sum(axis=tuple(k_only))

@@ -15,8 +15,13 @@ stateless but wrong: power iteration converges *from below*, so a short run from
 start every step can stay well under ``σ`` forever, and the "constrained" kernel would keep a
 norm above ``max_value``. Running to convergence every step is correct but costs tens to
 hundreds of products per step for a convolution. Instead each constraint owns one small
-non-trainable ``tf.Variable`` per constrained kernel (keyed by the variable's path, created on
-first use, mirrored under ``tf.distribute`` strategies). The first call runs restarted Lanczos
+non-trainable ``tf.Variable`` per constrained kernel (created on first use, mirrored under
+``tf.distribute`` strategies). It belongs to the kernel *variable object*, not to its name: one
+constraint shared by several models, or by a model rebuilt under the same name (a loop, a
+re-run notebook cell), calibrates a new vector for each new kernel instead of warm-starting
+from another kernel's (which left the "constrained" kernel 8 % above ``max_value``). A tensor
+that is not a variable has no identity across calls, so it is measured from scratch (to
+``tol``) at every call. The first call runs restarted Lanczos
 from a fixed pseudo-random start until its residual is below ``tol``; every later call spends
 ``power_iterations`` operator products from the previous vector (one power step, or a short
 Lanczos restart for ``power_iterations >= 2``, see :func:`track_top_vector`). The weights move
@@ -34,15 +39,18 @@ the convolution itself on its real input shape, strides and padding.
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Sequence
+import numbers
+import weakref
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_lipschitz.power import example_norms, lanczos_loop, power_loop, prepare_operator
+from tf_lipschitz.errors import InvalidArgumentError
+from tf_lipschitz.power import (check_int, check_tol, example_norms, lanczos_loop, power_loop,
+                                prepare_operator)
 
 __all__ = ["SpectralNorm", "ConvOperatorNorm", "track_top_vector"]
 
@@ -96,9 +104,7 @@ def track_top_vector(
     """
     vector = tf.convert_to_tensor(vector)
     size = int(np.prod(vector.shape[1:]))
-    iterations = int(iterations)
-    if iterations < 0:
-        raise ValueError(f"`iterations` must be >= 0. Received: iterations={iterations}")
+    iterations = check_int(iterations, "iterations", minimum=0)
 
     # Every branch but a zero-step one starts with the product at the (unit) vector.
     prep = prepare_operator(fn, None, vector,
@@ -137,14 +143,26 @@ def start_vector(shape, dtype) -> tf.Tensor:
     return tf.random.stateless_normal(shape, seed=_START_SEED, dtype=dtype)
 
 
-def _check_positive(name: str, value, *, integer: bool = False):
-    if integer:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        value > 0 and math.isfinite(value)
+def check_positive(name: str, value: Any) -> float:
+    """Validates a finite number > 0 (a target norm such as ``max_value``).
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value received.
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        InvalidArgumentError: Unless ``value`` is a real number, finite and > 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+        0 < value < float("inf")
     ):
-        raise ValueError(f"`{name}` must be a finite number > 0. Received: {name}={value!r}")
+        raise InvalidArgumentError(
+            f"`{name}` must be a finite number > 0. Received: {name}={value!r}"
+        )
+    return float(value)
 
 
 class _OperatorNormConstraint(keras.constraints.Constraint):
@@ -152,25 +170,27 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
 
     def __init__(self, max_value: float, power_iterations: int, tol: float,
                  max_iterations: int):
-        _check_positive("max_value", max_value)
-        _check_positive("power_iterations", power_iterations, integer=True)
-        _check_positive("tol", tol)
-        _check_positive("max_iterations", max_iterations, integer=True)
-        self.max_value = float(max_value)
-        self.power_iterations = int(power_iterations)
-        self.tol = float(tol)
-        self.max_iterations = int(max_iterations)
-        self._vectors: dict[str, tf.Variable] = {}
+        self.max_value = check_positive("max_value", max_value)
+        self.power_iterations = check_int(power_iterations, "power_iterations", minimum=1)
+        self.tol = check_tol(tol, default=1e-8)
+        self.max_iterations = check_int(max_iterations, "max_iterations", minimum=1)
+        # id(kernel variable) -> (weak reference to it, its tracked vector). A weak reference
+        # (Keras variables are unhashable) tells a kernel from a later one that reuses its id or
+        # its name, and drops the entry when the kernel is deleted.
+        self._vectors: dict[int, tuple[weakref.ref, tf.Variable]] = {}
         self._compiled = None
 
     def _operator(self, w: tf.Tensor) -> tuple[Callable[[tf.Tensor], tf.Tensor], tuple[int, ...]]:
         """Returns the linear map defined by kernel ``w`` and its per-example input shape."""
         raise NotImplementedError
 
-    def _vector_for(self, w, input_shape: tuple[int, ...], dtype) -> tf.Variable:
-        key = getattr(w, "path", None) or f"<tensor {tuple(w.shape)}>"
-        var = self._vectors.get(key)
-        if var is None or tuple(var.shape) != (1, *input_shape):
+    def _vector_for(self, w, input_shape: tuple[int, ...], dtype) -> tf.Variable | None:
+        """The persistent vector of kernel variable ``w``; ``None`` if ``w`` is not a variable."""
+        if not isinstance(w, (keras.Variable, tf.Variable)):
+            return None
+        key = id(w)
+        ref, var = self._vectors.get(key, (None, None))
+        if ref is None or ref() is not w or tuple(var.shape) != (1, *input_shape):
             # Zeros mark a vector that has not been calibrated yet. init_scope lifts the creation
             # out of the training function; under a distribution strategy the variable is
             # mirrored and every replica computes the same update, so the first one is kept.
@@ -182,7 +202,13 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
                     synchronization=tf.VariableSynchronization.ON_WRITE,
                 )
-            self._vectors[key] = var
+            vectors = self._vectors
+
+            def forget(dead, key=key):
+                if vectors.get(key, (None,))[0] is dead:
+                    del vectors[key]
+
+            self._vectors[key] = (weakref.ref(w, forget), var)
         return var
 
     def _sigma(self, w) -> tuple[tf.Tensor, tf.Tensor]:
@@ -197,14 +223,18 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
             return self._compiled(kernel, state), kernel
         return self._update(kernel, state), kernel
 
-    def _update(self, kernel: tf.Tensor, state: tf.Variable) -> tf.Tensor:
-        fn, _ = self._operator(kernel)
-        v0 = tf.convert_to_tensor(state)
-        fresh = tf.reduce_all(tf.equal(v0, 0))
-        v0 = tf.where(fresh, start_vector(tf.shape(v0), v0.dtype), v0)
+    def _update(self, kernel: tf.Tensor, state: tf.Variable | None) -> tf.Tensor:
+        fn, input_shape = self._operator(kernel)
+        if state is None:  # not a variable: no vector to warm-start from, calibrate
+            v0, fresh = start_vector((1, *input_shape), kernel.dtype), True
+        else:
+            v0 = tf.convert_to_tensor(state)
+            fresh = tf.reduce_all(tf.equal(v0, 0))
+            v0 = tf.where(fresh, start_vector(tf.shape(v0), v0.dtype), v0)
         v = track_top_vector(fn, v0, iterations=self.power_iterations, calibrate=fresh,
                              tol=self.tol, max_iterations=self.max_iterations)
-        state.assign(v)
+        if state is not None:
+            state.assign(v)
         return example_norms(fn(v))[0]  # float16: ‖·‖² overflows at 256
 
     def __call__(self, w):
@@ -267,7 +297,7 @@ class SpectralNorm(_OperatorNormConstraint):
 
     def _operator(self, w):
         if len(w.shape) != 2:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"SpectralNorm constrains 2-D Dense kernels; received a kernel of shape "
                 f"{tuple(w.shape)}. For a convolution use tfl.constraints.ConvOperatorNorm("
                 "max_value, input_shape=..., strides=..., padding=...): the norm of the reshaped "
@@ -329,22 +359,24 @@ class ConvOperatorNorm(_OperatorNormConstraint):
     ):
         super().__init__(max_value, power_iterations, tol, max_iterations)
         if input_shape is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "ConvOperatorNorm needs the layer's per-example `input_shape`, e.g. "
-                "input_shape=(28, 28, 1): a convolution's operator norm depends on it."
+                "input_shape=(28, 28, 1): a convolution's operator norm depends on it. "
+                "Received: input_shape=None"
             )
-        shape = tuple(input_shape)
+        shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
         if len(shape) not in (2, 3, 4) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
         ):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "`input_shape` must be the full per-example shape of a 1-D, 2-D or 3-D "
-                f"convolution input (spatial dims + channels, all known). Received: "
-                f"input_shape={input_shape!r}"
+                f"convolution input (spatial dims + channels, all known), e.g. (28, 28, 1). "
+                f"Received: input_shape={input_shape!r}"
             )
-        padding = str(padding).lower()
-        if padding not in ("valid", "same"):
-            raise ValueError(f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}")
+        if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+            raise InvalidArgumentError(
+                f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}")
+        padding = padding.lower()
         self.input_shape = shape
         rank = len(shape) - 1
         self.strides = self._tuple("strides", strides, rank)
@@ -352,7 +384,7 @@ class ConvOperatorNorm(_OperatorNormConstraint):
         self.padding = padding
         data_format = data_format or keras.config.image_data_format()
         if data_format not in ("channels_last", "channels_first"):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "`data_format` must be 'channels_last' or 'channels_first'. Received: "
                 f"data_format={data_format!r}"
             )
@@ -360,11 +392,12 @@ class ConvOperatorNorm(_OperatorNormConstraint):
 
     @staticmethod
     def _tuple(name: str, value, rank: int) -> tuple[int, ...]:
-        values = (value,) * rank if isinstance(value, int) else tuple(value)
+        values = (value,) * rank if isinstance(value, int) else (
+            tuple(value) if isinstance(value, (tuple, list)) else ())
         if len(values) != rank or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
         ):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"`{name}` must be an int >= 1 or a tuple of {rank} of them for input_shape "
                 f"of rank {rank + 1}. Received: {name}={value!r}"
             )
@@ -374,7 +407,7 @@ class ConvOperatorNorm(_OperatorNormConstraint):
         rank = len(self.input_shape) - 1
         channels = self.input_shape[-1 if self.data_format == "channels_last" else 0]
         if len(w.shape) != rank + 2 or channels % int(w.shape[-2]) != 0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"ConvOperatorNorm(input_shape={self.input_shape}, "
                 f"data_format={self.data_format!r}) received a kernel of shape "
                 f"{tuple(w.shape)}; expected a Conv{rank}D kernel of rank {rank + 2} whose "

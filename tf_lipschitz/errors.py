@@ -1,12 +1,16 @@
 """Errors raised by tf_lipschitz.
 
 Every error names the layer (or argument) at fault and says what to do about it, so that a
-user never has to guess why no number was printed.
+user never has to guess why no number was printed. ``except tfl.LipschitzError`` catches all of
+them: a bad argument (value, type, shape, unknown option or keyword) raises
+:class:`InvalidArgumentError`, which is also a ``ValueError`` and a ``TypeError``; a model the
+library cannot bound raises one of the other subclasses.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "InvalidArgumentError",
     "LipschitzError",
     "UnsupportedLayerError",
     "NotLipschitzError",
@@ -16,6 +20,24 @@ __all__ = [
 
 class LipschitzError(Exception):
     """Base class of every error raised by tf_lipschitz."""
+
+
+class InvalidArgumentError(LipschitzError, ValueError, TypeError):
+    """An argument has a value or type that tf_lipschitz cannot use.
+
+    The message names the argument, what it received and what it accepts. The class is also a
+    ``ValueError`` and a ``TypeError`` (the builtins Keras raises for bad arguments), so
+    ``except ValueError`` keeps working.
+
+    Example:
+        >>> import tf_lipschitz as tfl
+        >>> op = tfl.LinearOperator(lambda x: 2.0 * x, (3,))
+        >>> try:
+        ...     tfl.SpectralSolver([op]).run(tol=2.0)
+        ... except ValueError as err:  # an InvalidArgumentError, hence a ValueError
+        ...     print(type(err).__name__, str(err)[:41])
+        InvalidArgumentError tol is the relative accuracy asked of the
+    """
 
 
 class UnsupportedLayerError(LipschitzError, TypeError):

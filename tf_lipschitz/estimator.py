@@ -8,12 +8,24 @@ from typing import Any, Sequence
 
 import keras
 
-from tf_lipschitz.autolip import AutoLip
+from tf_lipschitz.autolip import AutoLip, check_solver_arguments
 from tf_lipschitz.graph import ModelGraph, build_graph
 from tf_lipschitz.lower import extreme_value_estimate, lower_bound
+from tf_lipschitz.power import check_keywords, keyword_names
 from tf_lipschitz.report import ExtremeValueEstimate, LipschitzReport, LowerBound
 
 __all__ = ["LipschitzEstimator"]
+
+# Arguments the estimator passes itself: not accepted among the forwarded keywords.
+_SET_BY_ESTIMATOR = ("model", "input_shape", "x", "dtype", "mode", "certified", "init",
+                     "spectral", "model_name")
+
+
+def _seqlip_options() -> tuple[str, ...]:
+    """The options of :meth:`LipschitzEstimator.seqlip` (``SeqLip.run``'s own keywords)."""
+    from tf_lipschitz.seqlip import SeqLip
+
+    return keyword_names(SeqLip.run, _SET_BY_ESTIMATOR + ("verbose",))
 
 
 class LipschitzEstimator:
@@ -55,6 +67,8 @@ class LipschitzEstimator:
         jit_compile: bool = False,
         verbose: int = 1,
     ):
+        solver, tol, max_products = check_solver_arguments(solver, tol, max_products,
+                                                           method_name="solver")
         self.model = model
         self.graph: ModelGraph = build_graph(model, input_shape)
         self.verbose = verbose
@@ -103,15 +117,24 @@ class LipschitzEstimator:
 
         Returns:
             A :class:`~tf_lipschitz.report.LowerBound`.
+
+        Raises:
+            InvalidArgumentError: For a keyword that :func:`~tf_lipschitz.lower.lower_bound`
+                does not take.
         """
+        check_keywords(kwargs, keyword_names(lower_bound, _SET_BY_ESTIMATOR),
+                       "LipschitzEstimator.lower_bound()")
         kwargs.setdefault("verbose", self.verbose)
         return lower_bound(self.model, self.input_shape, x, dtype=self.dtype, **kwargs)
 
     def extreme_value_estimate(self, x: Any = None, **kwargs) -> ExtremeValueEstimate:
         """CLEVER-style statistical estimate of the constant (an estimate, never a bound).
 
-        See :func:`tf_lipschitz.lower.extreme_value_estimate` for the arguments.
+        See :func:`tf_lipschitz.lower.extreme_value_estimate` for the arguments; an unknown
+        keyword raises :class:`~tf_lipschitz.errors.InvalidArgumentError`.
         """
+        check_keywords(kwargs, keyword_names(extreme_value_estimate, _SET_BY_ESTIMATOR),
+                       "LipschitzEstimator.extreme_value_estimate()")
         kwargs.setdefault("verbose", self.verbose)
         return extreme_value_estimate(self.model, self.input_shape, x, dtype=self.dtype, **kwargs)
 
@@ -153,6 +176,10 @@ class LipschitzEstimator:
             ``certified`` is ``True`` only when every factor is (exact or certified inner max,
             dense SVDs, no dropped singular values left out, certified AutoLip parts).
 
+        Raises:
+            InvalidArgumentError: For an unknown ``mode`` or option (the message lists the
+                accepted ones) or an option out of range.
+
         Example:
             >>> import keras, tf_lipschitz as tfl
             >>> model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, "relu"),
@@ -162,6 +189,7 @@ class LipschitzEstimator:
             >>> rep.upper <= est.autolip().upper * (1 + 1e-6)
             True
         """
+        check_keywords(options, _seqlip_options(), "LipschitzEstimator.seqlip()")
         return self._seqlip_engine().run(
             mode, certified=certified, init=init, model_name=self.name,
             verbose=self.verbose if verbose is None else verbose, **options,
@@ -193,14 +221,21 @@ class LipschitzEstimator:
             ...                           keras.layers.Dense(2)])
             >>> rep = tfl.LipschitzEstimator(model, verbose=0).estimate()
             >>> autolip_upper = rep.settings["autolip"].get("upper")
-            >>> rep.lower <= rep.upper <= autolip_upper * (1 + 1e-6)
+            >>> rep.lower <= rep.upper * (1 + 1e-6) and rep.upper <= autolip_upper * (1 + 1e-6)
             True
         """
+        from tf_lipschitz.seqlip import check_options
+
+        check_keywords(options, _seqlip_options(), "LipschitzEstimator.estimate()")
+        check_options(mode, **options)  # before the solver runs
+        lower_bound_options = dict(lower_bound_options or {})
+        check_keywords(lower_bound_options, keyword_names(lower_bound, _SET_BY_ESTIMATOR),
+                       "LipschitzEstimator.estimate(lower_bound_options=...)")
         spectral = self._autolip.spectral(init="warm")
         auto = self._autolip.run(certified=certified, spectral=spectral, model_name=self.name)
         seq = self._seqlip_engine().run(mode, certified=certified, spectral=spectral,
                                         model_name=self.name, verbose=self.verbose, **options)
-        low = self.lower_bound(x, **(lower_bound_options or {}))
+        low = self.lower_bound(x, **lower_bound_options)
         if low.value > seq.upper * (1 + 1e-5):
             warnings.warn(
                 f"The SeqLip {seq.kind} {seq.upper:.6g} is below the proven lower bound "

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 from keras.src import tree
 
-from tf_lipschitz.errors import LipschitzError, ModelNotBuiltError
+from tf_lipschitz.errors import InvalidArgumentError, LipschitzError, ModelNotBuiltError
 
 __all__ = ["GraphNode", "ModelGraph", "build_graph"]
 
@@ -220,12 +220,18 @@ class _Builder:
 def _concrete_shape(tensor, override, index: int, n_inputs: int) -> tuple[int, ...]:
     shape = tuple(tensor.shape[1:])
     if override is not None:
-        given = override[index] if n_inputs > 1 else override
-        given = tuple(int(d) for d in given)
-        if len(given) != len(shape) or any(s is not None and s != g for s, g in zip(shape, given)):
-            raise ValueError(
-                f"input_shape={given} does not fit model input '{tensor.name}' of shape "
-                f"{shape} (batch axis excluded)."
+        try:
+            given = override[index] if n_inputs > 1 else override
+            given = None if isinstance(given, str) else tuple(int(d) for d in given)
+        except (TypeError, ValueError, IndexError):
+            given = None
+        if given is None or len(given) != len(shape) or any(
+                s is not None and s != g for s, g in zip(shape, given)):
+            expected = ("a list of shapes, one per model input" if n_inputs > 1
+                        else "the shape of one example")
+            raise InvalidArgumentError(
+                f"input_shape={override!r} does not fit model input '{tensor.name}' of shape "
+                f"{shape} (batch axis excluded); pass {expected}, without the batch axis."
             )
         return given
     if any(d is None for d in shape):
@@ -255,7 +261,10 @@ def build_graph(model: keras.Model, input_shape: Sequence[int] | Sequence[Sequen
         UnsupportedLayerError: For integer inputs.
     """
     if not isinstance(model, keras.Model):
-        raise TypeError(f"Expected a keras.Model, received model={model!r}.")
+        raise InvalidArgumentError(
+            f"model must be a keras.Model (Sequential or Functional); received model={model!r}. "
+            "Load a .keras file with keras.saving.load_model first; for a TensorFlow function "
+            "or SavedModel use tfl.autolip_function or tfl.autolip_saved_model.")
     functional = _functional_of(model, "")
     inputs = tree.flatten(functional.inputs)
     rng = np.random.default_rng(seed)

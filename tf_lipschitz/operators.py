@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tf_lipschitz.errors import InvalidArgumentError
+
 __all__ = ["Adjoint", "LinearOperator", "bind_adjoint", "compose"]
 
 
@@ -119,7 +121,8 @@ def compose(operators: Sequence[LinearOperator], name: str | None = None) -> Lin
     """
     ops = list(operators)
     if not ops:
-        raise ValueError("compose() needs at least one operator.")
+        raise InvalidArgumentError(
+            "operators must hold at least one LinearOperator; received an empty sequence.")
     fns = [op.fn for op in ops]
     adjoints = [op.adjoint for op in reversed(ops)]
 

@@ -19,12 +19,16 @@ operator norm up to floating point, never a certified upper bound. Certified bou
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import difflib
+import inspect
+import math
+import numbers
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from tf_lipschitz.errors import LipschitzError
+from tf_lipschitz.errors import InvalidArgumentError, LipschitzError
 from tf_lipschitz.operators import LinearOperator, bind_adjoint
 
 __all__ = [
@@ -66,6 +70,125 @@ class SpectralResult:
             "converged": self.converged,
             "method": self.method,
         }
+
+
+MAX_TOL = 0.1
+
+
+def check_tol(tol: Any, name: str = "tol", default: float = 1e-6) -> float:
+    """Validates a relative accuracy asked of a spectral solver.
+
+    Args:
+        tol: The value received.
+        name: The argument's name, for the message.
+        default: The argument's default, for the message.
+
+    Returns:
+        ``tol`` as a float.
+
+    Raises:
+        InvalidArgumentError: Unless ``0 < tol <= MAX_TOL`` (a larger tolerance lets an estimate
+            stop far below the norm: ``tol=0.9`` gave 2.1 for 4.6).
+    """
+    try:
+        value = float(tol)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value <= MAX_TOL:  # NaN and inf fail too
+        raise InvalidArgumentError(
+            f"{name} is the relative accuracy asked of the spectral solver and must lie in "
+            f"(0, {MAX_TOL:g}]; received {name}={tol!r}. The default is {default:g}; 1e-4 is a "
+            "fast, still accurate choice.")
+    return value
+
+
+def check_int(value: Any, name: str, *, minimum: int, maximum: int | None = None,
+              hint: str = "") -> int:
+    """Validates an integer argument (a count, a cap, a size).
+
+    Args:
+        value: The value received.
+        name: The argument's name, for the message.
+        minimum: Smallest accepted value.
+        maximum: Largest accepted value (``None``: no limit).
+        hint: What to do, appended to the message.
+
+    Returns:
+        ``value`` as an ``int`` (an integral float such as ``1e4`` is accepted).
+
+    Raises:
+        InvalidArgumentError: Unless ``value`` is an integer in ``[minimum, maximum]``.
+    """
+    integral = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
+    if (integral and not isinstance(value, bool) and value >= minimum
+            and (maximum is None or value <= maximum)):
+        return int(value)
+    accepted = (f"an integer >= {minimum}" if maximum is None
+                else f"an integer in [{minimum}, {maximum}]")
+    raise InvalidArgumentError(
+        f"{name} must be {accepted}; received {name}={value!r}." + (f" {hint}" if hint else ""))
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str], hint: str = "") -> str:
+    """Validates an argument that takes one of a few strings.
+
+    Args:
+        value: The value received.
+        name: The argument's name, for the message.
+        choices: The accepted strings.
+        hint: What to do, appended to the message.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        InvalidArgumentError: Unless ``value`` is one of ``choices``.
+    """
+    if isinstance(value, str) and value in choices:
+        return value
+    raise InvalidArgumentError(
+        f"{name} must be one of {', '.join(repr(c) for c in choices)}; received "
+        f"{name}={value!r}." + (f" {hint}" if hint else ""))
+
+
+def keyword_names(fn: Callable, exclude: Sequence[str] = ()) -> tuple[str, ...]:
+    """The public keyword arguments of ``fn``, minus ``exclude`` (those a caller sets itself)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(name for name, p in inspect.signature(fn).parameters.items()
+                 if p.kind in kinds and name != "self" and not name.startswith("_")
+                 and name not in exclude)
+
+
+def check_keywords(given: Mapping[str, Any], accepted: Sequence[str], where: str) -> None:
+    """Refuses keyword arguments that ``where`` would forward to a function without them.
+
+    Args:
+        given: The keyword arguments received.
+        accepted: The names accepted (see :func:`keyword_names`).
+        where: The public entry point, for the message (``"LipschitzEstimator.seqlip()"``).
+
+    Raises:
+        InvalidArgumentError: Naming each unknown keyword (with the closest accepted one) and
+            the accepted keywords.
+
+    Example:
+        >>> try:
+        ...     check_keywords({"topk": 3}, ("top_k",), "f()")
+        ... except InvalidArgumentError as err:
+        ...     print(err)
+        f() received unknown keyword argument 'topk' (did you mean 'top_k'?); it accepts top_k.
+    """
+    unknown = [name for name in given if name not in accepted]
+    if not unknown:
+        return
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), accepted, n=1)
+        described.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise InvalidArgumentError(
+        f"{where} received unknown keyword argument{'s' if len(unknown) > 1 else ''} "
+        f"{', '.join(described)}; it accepts {', '.join(accepted)}.")
 
 
 def jtj_product(fn: Callable[[tf.Tensor], tf.Tensor], v: tf.Tensor,
@@ -552,13 +675,9 @@ class SpectralSolver:
         jit_compile: bool = False,
         start_noise: float = 0.02,
     ):
-        if method not in METHODS:
-            raise ValueError(f"Unknown method={method!r}; expected one of {METHODS}.")
-        if krylov_dim < 2:
-            raise ValueError(f"krylov_dim must be >= 2, received krylov_dim={krylov_dim}.")
+        self.method = check_choice(method, "method", METHODS)
+        self.krylov_dim = check_int(krylov_dim, "krylov_dim", minimum=2)
         self.operators = list(operators)
-        self.method = method
-        self.krylov_dim = krylov_dim
         self.jit_compile = jit_compile
         self.start_noise = float(start_noise)
         self._last: list[np.ndarray] | None = None
@@ -616,6 +735,30 @@ class SpectralSolver:
             out.append((v / norm + self.start_noise * r / np.linalg.norm(r)).astype(dtype))
         return out
 
+    def _start_arrays(self, init: Any) -> list[np.ndarray]:
+        """``init`` as one ``(1, *input_shape)`` array per operator, or an error naming it."""
+        try:
+            items = list(init)
+        except TypeError:
+            items = None
+        shapes = ", ".join(str(tuple(op.input_shape)) for op in self.operators)
+        if items is None or len(items) != len(self.operators):
+            received = (f"{len(items)} array{'s' if len(items) != 1 else ''}"
+                        if items is not None else f"init={init!r}")
+            raise InvalidArgumentError(
+                f"init must be 'warm', None or a list of {len(self.operators)} arrays, one per "
+                f"linear operator (input shapes {shapes}); received {received}.")
+        arrays = []
+        for k, (v, op) in enumerate(zip(items, self.operators)):
+            v = np.asarray(v, op.dtype)
+            if v.size != op.size:
+                raise InvalidArgumentError(
+                    f"init[{k}] has shape {v.shape}, but operator '{op.name}' takes inputs of "
+                    f"shape {tuple(op.input_shape)}; pass one array shaped like each operator's "
+                    "input, or init=None.")
+            arrays.append(np.reshape(v, (1, *op.input_shape)))
+        return arrays
+
     @property
     def has_warm_start(self) -> bool:
         """Whether a previous run left vectors for ``init="warm"``."""
@@ -651,22 +794,21 @@ class SpectralSolver:
         Returns:
             One :class:`SpectralResult` per operator, in order.
         """
-        if tol <= 0:
-            raise ValueError(f"tol must be > 0, received tol={tol}.")
-        if max_products < 1:
-            raise ValueError(f"max_products must be >= 1, received max_products={max_products}.")
+        tol = check_tol(tol)
+        max_products = check_int(max_products, "max_products", minimum=1)
+        if isinstance(init, str) and init != "warm":
+            raise InvalidArgumentError(
+                f"init must be 'warm', None or a list of arrays (one per operator); received "
+                f"init={init!r}.")
         if not self.operators:
             return []
         if isinstance(init, str):
-            if init != "warm":
-                raise ValueError(f"init must be 'warm', None or a list of arrays; got {init!r}.")
             inits = (self._blend(self._last, seed) if self._last is not None
                      else self.initial_vectors(seed))
         elif init is None:
             inits = self.initial_vectors(seed)
         else:
-            inits = self._blend([np.reshape(np.asarray(v, op.dtype), (1, *op.input_shape))
-                                 for v, op in zip(init, self.operators)], seed)
+            inits = self._blend(self._start_arrays(init), seed)
         inits = [tf.convert_to_tensor(v) for v in inits]
         outs = self._fn(inits, tf.constant(tol, tf.float64), tf.constant(int(max_products)))
         results = []
@@ -726,6 +868,7 @@ def spectral_norm(
         >>> round(res.sigma, 5)
         2.0
     """
+    tol = check_tol(tol)
     op = LinearOperator(fn, tuple(input_shape), dtype=dtype)
     solver = SpectralSolver([op], method=method)
     return solver.run(tol=tol, max_products=max_products,
@@ -780,10 +923,10 @@ def top_singular_triplets(
     Returns:
         A :class:`SingularTriplets`.
     """
-    k = int(min(k, op.size))
-    if k < 1:
-        raise ValueError(f"k must be >= 1, received k={k}.")
-    b = int(min(op.size, k + oversample))
+    tol = check_tol(tol, default=1e-5)
+    k = min(check_int(k, "k", minimum=1), op.size)
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
+    b = min(op.size, k + check_int(oversample, "oversample", minimum=0))
     rng = np.random.default_rng(seed)
     v0 = rng.standard_normal((b, op.size)).astype(op.dtype)
     shape = tuple(op.input_shape)

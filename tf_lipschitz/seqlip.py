@@ -48,12 +48,14 @@ import numpy as np
 import tensorflow as tf
 
 from tf_lipschitz.autolip import AutoLip, Group, Segment, evaluate_rules
-from tf_lipschitz.errors import LipschitzError
+from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.graph import ModelGraph
 from tf_lipschitz.operators import LinearOperator
-from tf_lipschitz.power import SpectralResult, top_singular_triplets
+from tf_lipschitz.power import (SpectralResult, check_choice, check_int, check_tol,
+                                 top_singular_triplets)
 from tf_lipschitz.report import CERTIFIED, ESTIMATE, LayerRow, LipschitzReport
 from tf_lipschitz.rules import Activation, Constant, LayerBound
+from tf_lipschitz.rules.base import check_slopes
 
 __all__ = [
     "PatternMax",
@@ -64,6 +66,7 @@ __all__ = [
     "Chain",
     "find_chains",
     "SeqLip",
+    "check_options",
 ]
 
 MODES = ("auto", "exact", "greedy", "certified")
@@ -72,6 +75,49 @@ SPLIT_GRID = (0.25, 0.375, 0.5, 0.625, 0.75)  # exponents tried by split="optimi
 EXACT_WIDTH_LIMIT = 30
 _BLOCK_BITS = 13  # 2^13 vertices evaluated per compiled call in exact enumeration
 _PRUNE = 1.0 - 1e-9  # keep a vertex unless its upper bound is clearly below the incumbent
+
+
+def _check_bool(value, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidArgumentError(f"{name} must be True or False; received {name}={value!r}.")
+
+
+_OPTION_CHECKS = {
+    "top_k": lambda v: check_int(v, "top_k", minimum=1),
+    "max_exact_width": lambda v: check_int(
+        v, "max_exact_width", minimum=0, maximum=EXACT_WIDTH_LIMIT,
+        hint="Exact enumeration visits 2^max_exact_width patterns; wider links use "
+             "mode='greedy' or 'certified'."),
+    "remainder": lambda v: _check_bool(v, "remainder"),
+    "dense_limit": lambda v: check_int(v, "dense_limit", minimum=0),
+    "max_sweeps": lambda v: check_int(v, "max_sweeps", minimum=1),
+    "split": lambda v: check_choice(v, "split", SPLITS),
+    "subspace_tol": lambda v: check_tol(v, "subspace_tol", default=1e-5),
+    "subspace_max_iter": lambda v: check_int(v, "subspace_max_iter", minimum=1),
+}
+
+
+def check_options(mode: str = "auto", **options) -> None:
+    """Validates the ``mode`` and the options given to :meth:`SeqLip.run`.
+
+    Options that are not given keep their (valid) defaults; names that are not options are left
+    to the caller (:func:`~tf_lipschitz.power.check_keywords`).
+
+    Raises:
+        InvalidArgumentError: Naming the first argument at fault and what it accepts.
+
+    Example:
+        >>> try:
+        ...     check_options("auto", top_k=0)
+        ... except ValueError as err:
+        ...     print(err)
+        top_k must be an integer >= 1; received top_k=0.
+    """
+    check_choice(mode, "mode", MODES)
+    for name, value in options.items():
+        if name in _OPTION_CHECKS:
+            _OPTION_CHECKS[name](value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,25 +431,20 @@ def pattern_max(
     a = np.asarray(left, dtype=np.float64)
     b = np.asarray(right, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"pattern_max expects left (m, n) and right (n, q); received shapes {a.shape} and "
             f"{b.shape}."
         )
-    lo, hi = (float(s) for s in slopes)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-        raise ValueError(f"slopes must be finite with lo <= hi; received slopes={slopes}.")
+    lo, hi = check_slopes(slopes)
     n = a.shape[1]
     if lo == hi:
         return PatternMax(abs(lo) * _norm2(a @ b), "product", True, np.full(n, lo), n, 1)
     if mode == "certified":
         return PatternMax(_certified_bound(a, b, lo, hi), "certified", True, None, n)
-    if mode not in ("exact", "greedy"):
-        raise ValueError(
-            f"Unknown mode={mode!r}; expected 'exact', 'greedy' or 'certified'."
-        )
+    check_choice(mode, "mode", ("exact", "greedy", "certified"))
     if mode == "exact" and n > EXACT_WIDTH_LIMIT:
-        raise ValueError(
-            f"Exact enumeration over {n} activations means 2^{n} patterns (limit "
+        raise InvalidArgumentError(
+            f"mode='exact' over {n} activations means 2^{n} patterns (limit "
             f"{EXACT_WIDTH_LIMIT}); use mode='greedy' (an estimate) or mode='certified'."
         )
     c, e = _reduce(a, b)
@@ -468,6 +509,8 @@ def operator_spectrum(
     Returns:
         A :class:`Spectrum`.
     """
+    tol = check_tol(tol, default=1e-5)
+    top_k = check_int(top_k, "top_k", minimum=1)
     if out_size * op.size <= dense_limit:
         m = tf.constant(op.to_dense().astype(np.float64))
         s, u, v = tf.linalg.svd(m, full_matrices=False)  # m = u diag(s) vᵀ
@@ -675,7 +718,7 @@ class SeqLip:
         if mode == "auto":
             choice = "exact" if n <= max_exact_width else "greedy"
         elif mode == "exact" and n > max_exact_width:
-            raise LipschitzError(
+            raise InvalidArgumentError(
                 f"SeqLip pair {names} has {n} activations: exact enumeration of 2^{n} patterns "
                 f"exceeds max_exact_width={max_exact_width}. Use mode='auto' (exact where "
                 "possible, greedy elsewhere), 'greedy' or 'certified', or raise max_exact_width "
@@ -880,17 +923,9 @@ class SeqLip:
         Returns:
             A :class:`~tf_lipschitz.report.LipschitzReport` with ``method="seqlip"``.
         """
-        if mode not in MODES:
-            raise ValueError(f"Unknown mode={mode!r}; expected one of {MODES}.")
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split={split!r}; expected one of {SPLITS}.")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, received top_k={top_k}.")
-        if not 0 <= max_exact_width <= EXACT_WIDTH_LIMIT:
-            raise ValueError(
-                f"max_exact_width must lie in [0, {EXACT_WIDTH_LIMIT}] (2^n patterns are "
-                f"enumerated); received max_exact_width={max_exact_width}."
-            )
+        check_options(mode, top_k=top_k, max_exact_width=max_exact_width, remainder=remainder,
+                      dense_limit=dense_limit, max_sweeps=max_sweeps, split=split,
+                      subspace_tol=subspace_tol, subspace_max_iter=subspace_max_iter)
         start = time.perf_counter()
         n_steps = sum(2 * len(c.groups) - 1 for c in self.chains)
         bar = keras.utils.Progbar(n_steps, verbose=verbose, unit_name="step") \

@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import math
@@ -61,18 +62,24 @@ from tensorflow.python.eager import execute
 from tensorflow.python.framework import op_def_library, op_def_registry
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from tf_lipschitz.autolip import AutoLip
-from tf_lipschitz.errors import LipschitzError, ModelNotBuiltError, NotLipschitzError
+from tf_lipschitz.autolip import AutoLip, check_solver_arguments
+from tf_lipschitz.errors import (InvalidArgumentError, LipschitzError, ModelNotBuiltError,
+                                 NotLipschitzError)
 from tf_lipschitz.graph import GraphNode, ModelGraph
 from tf_lipschitz.lower import lower_bound as _lower_bound
+from tf_lipschitz.power import check_keywords, keyword_names
 from tf_lipschitz.report import LipschitzReport, LowerBound
 from tf_lipschitz.rules.activations import activation_info
-from tf_lipschitz.rules.base import Constant, LayerBound, Linear, Merge, register_rule
+from tf_lipschitz.rules.base import (Constant, LayerBound, Linear, Merge, check_constant,
+                                     register_rule)
 from tf_lipschitz.rules.pooling import max_pool_constant
 
 __all__ = [
     "GraphEstimator",
     "OpContext",
+    "SavedModelNotFoundError",
+    "SavedModelReadError",
+    "SignatureNotFoundError",
     "UnsupportedOpError",
     "autolip_function",
     "autolip_saved_model",
@@ -110,6 +117,26 @@ class UnsupportedOpError(LipschitzError, TypeError):
         super().__init__(message)
         self.op_type = op_type
         self.node = node
+
+
+class SavedModelNotFoundError(InvalidArgumentError, FileNotFoundError):
+    """``path`` is not a SavedModel directory (no ``saved_model.pb``).
+
+    Also a ``FileNotFoundError``, the builtin raised before tf_lipschitz had its own class.
+    """
+
+
+class SavedModelReadError(LipschitzError, OSError):
+    """A SavedModel directory exists but TensorFlow cannot load it (also an ``OSError``)."""
+
+
+class SignatureNotFoundError(InvalidArgumentError, KeyError):
+    """The SavedModel has no signature of that name, or several and none was chosen.
+
+    Also a ``KeyError``, the builtin raised before tf_lipschitz had its own class.
+    """
+
+    __str__ = Exception.__str__  # the message, not KeyError's quoted repr of it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,9 +443,13 @@ def register_op_rule(op_type: str, rule: OpRule) -> OpRule:
         >>> _ = tfl.tfgraph.register_op_rule("MyActivation", tfl.tfgraph.elementwise_rule(1.0))
     """
     if not isinstance(op_type, str) or not op_type:
-        raise TypeError(f"op_type must be a non-empty string, received op_type={op_type!r}.")
+        raise InvalidArgumentError(
+            f"op_type must be a non-empty string, the op type as in a GraphDef (\"Sin\"); "
+            f"received op_type={op_type!r}.")
     if not callable(rule):
-        raise TypeError(f"rule must be callable, received rule={rule!r}.")
+        raise InvalidArgumentError(
+            f"rule must be a callable rule(ctx: OpContext) -> Linear | Constant | Merge (see "
+            f"elementwise_rule and linear_rule); received rule={rule!r}.")
     _OP_RULES[op_type] = rule
     return rule
 
@@ -430,12 +461,11 @@ def supported_ops() -> list[str]:
 
 def elementwise_rule(lipschitz: float, note: str = "") -> OpRule:
     """A rule for an elementwise op that is ``lipschitz``-Lipschitz in its single input."""
-    if not (lipschitz >= 0 and math.isfinite(lipschitz)):
-        raise ValueError(f"lipschitz must be finite and >= 0, received {lipschitz!r}.")
+    lipschitz = check_constant(lipschitz, "lipschitz")
 
     def rule(ctx: OpContext) -> Constant:
         ctx.single_dependent()
-        return Constant(float(lipschitz), note=note or f"{ctx.op_type} (registered)")
+        return Constant(lipschitz, note=note or f"{ctx.op_type} (registered)")
 
     return rule
 
@@ -778,16 +808,21 @@ def _resolve_shape(spec_shape: tf.TensorShape, given: Sequence[int] | None, name
     """Full batch-1 shape of an input from its spec and an optional user shape."""
     dims = spec_shape.as_list() if spec_shape.rank is not None else None
     if given is not None:
-        given = tuple(int(d) for d in given)
-        if dims is None:
+        received = given
+        try:
+            given = None if isinstance(given, str) else tuple(int(d) for d in given)
+        except (TypeError, ValueError):
+            given = None
+        if given is not None and dims is None:
             return given
-        if len(given) == len(dims) - 1:
+        if given is not None and len(given) == len(dims) - 1:
             given = (1, *given)
-        if len(given) != len(dims) or any(d is not None and d != g for d, g in zip(dims, given)):
-            raise ValueError(
-                f"input_shape={tuple(given)} does not fit input '{name}' of shape "
-                f"{tuple(dims)}; give the shape of one example (without the batch axis) or of a "
-                "batch of one."
+        if given is None or len(given) != len(dims) or any(
+                d is not None and d != g for d, g in zip(dims, given)):
+            raise InvalidArgumentError(
+                f"input_shape={received!r} does not fit input '{name}' of shape "
+                f"{None if dims is None else tuple(dims)}; give the shape of one example "
+                "(without the batch axis) or of a batch of one."
             )
         if given and dims and dims[0] is None and given[0] != 1:
             given = (1, *given[1:])
@@ -844,9 +879,10 @@ class _GraphReader:
         if input_shapes is not None and len(placeholders) == 1 and not _is_shape_list(input_shapes):
             input_shapes = [input_shapes]
         if input_shapes is not None and len(input_shapes) != len(placeholders):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"'{signature.name}' has {len(placeholders)} inputs; received "
-                f"{len(input_shapes)} input shapes."
+                f"{len(input_shapes)} input shapes (input_shape={input_shapes!r}). Pass one "
+                "shape per input, in the order of the signature."
             )
         names = (signature.input_names if len(signature.input_names) == len(placeholders)
                  else [p.split(":")[0] for p in placeholders])
@@ -1214,7 +1250,7 @@ def _as_specs(input_signature) -> list[tf.TensorSpec]:
     specs = list(input_signature)
     for spec in specs:
         if not isinstance(spec, tf.TensorSpec):
-            raise TypeError(
+            raise InvalidArgumentError(
                 "input_signature must be a tf.TensorSpec or a list of them, one per positional "
                 f"argument; received {spec!r}."
             )
@@ -1226,8 +1262,9 @@ def _concrete(fn, input_signature) -> _Signature:
     name = getattr(fn, "__name__", None) or getattr(fn, "name", None) or type(fn).__name__
     if isinstance(fn, tf.types.experimental.ConcreteFunction):
         if input_signature is not None:
-            raise ValueError("A concrete function already has its signature; pass "
-                             "input_signature=None.")
+            raise InvalidArgumentError(
+                f"A concrete function already has its signature; pass input_signature=None "
+                f"(received input_signature={input_signature!r}).")
         concrete = fn
     else:
         if input_signature is None:
@@ -1235,12 +1272,12 @@ def _concrete(fn, input_signature) -> _Signature:
                 try:
                     concrete = fn.get_concrete_function()
                 except (TypeError, ValueError) as exc:
-                    raise ValueError(
+                    raise InvalidArgumentError(
                         f"'{name}' has no input_signature of its own; pass "
                         "input_signature=[tf.TensorSpec(shape, dtype), ...]."
                     ) from exc
             else:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"input_signature is required for the Python callable '{name}', e.g. "
                     "[tf.TensorSpec([None, 28, 28, 1], tf.float32)]."
                 )
@@ -1248,7 +1285,8 @@ def _concrete(fn, input_signature) -> _Signature:
             specs = _as_specs(input_signature)
             if not isinstance(fn, tf.types.experimental.PolymorphicFunction):
                 fn = tf.function(fn, autograph=False)
-            concrete = fn.get_concrete_function(*specs)
+            with _keras_name_scopes_restored():
+                concrete = fn.get_concrete_function(*specs)
     structured = concrete.structured_input_signature
     input_names = []
     if structured is not None:
@@ -1261,23 +1299,51 @@ def _concrete(fn, input_signature) -> _Signature:
     return _Signature(concrete, input_names, output_names, str(name))
 
 
+@contextlib.contextmanager
+def _keras_name_scopes_restored():
+    """Leaves Keras' name-scope stack as it was, even when tracing a Keras call fails.
+
+    A Keras model whose call raises while it is traced (an input shape it rejects) can leave
+    its name scope on Keras' global stack, and every variable created afterwards in the process
+    is then named under it (``"my_model/dense/kernel"``).
+    """
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # pragma: no cover - another Keras layout: nothing to restore
+        yield
+        return
+    stack = global_state.get_global_attribute("name_scope_stack")
+    depth = len(stack) if stack else 0
+    try:
+        yield
+    finally:
+        stack = global_state.get_global_attribute("name_scope_stack")
+        if stack is not None and len(stack) > depth:
+            del stack[depth:]
+
+
 def load_signature(path: str, signature: str | None = None) -> tuple[Any, str, Any]:
     """Loads a SavedModel; returns ``(concrete_function, signature_key, loaded_object)``.
 
     Raises:
-        FileNotFoundError: If ``path`` is not a SavedModel directory.
-        OSError: If the SavedModel cannot be read.
-        KeyError: If the signature does not exist (the message lists the available ones).
+        SavedModelNotFoundError: If ``path`` is not a SavedModel directory (an
+            :class:`~tf_lipschitz.errors.InvalidArgumentError` and a ``FileNotFoundError``).
+        SavedModelReadError: If the SavedModel cannot be read (a ``LipschitzError`` and an
+            ``OSError``).
+        SignatureNotFoundError: If the signature does not exist (the message lists the
+            available ones; an ``InvalidArgumentError`` and a ``KeyError``).
     """
     if not os.path.isdir(path) or not any(
         os.path.exists(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")
     ):
-        raise FileNotFoundError(f"'{path}' is not a SavedModel directory (no saved_model.pb).")
+        raise SavedModelNotFoundError(
+            f"path={path!r} is not a SavedModel directory (no saved_model.pb); pass the "
+            "directory written by model.export() or tf.saved_model.save().")
     try:
         loaded = tf.saved_model.load(path)
     except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable model
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OSError(f"Could not read the SavedModel '{path}': {detail}") from exc
+        raise SavedModelReadError(f"Could not read the SavedModel '{path}': {detail}") from exc
     signatures = dict(getattr(loaded, "signatures", {}) or {})
     if signature is None:
         if "serving_default" in signatures:
@@ -1285,9 +1351,10 @@ def load_signature(path: str, signature: str | None = None) -> tuple[Any, str, A
         elif len(signatures) == 1:
             signature = next(iter(signatures))
         else:
-            raise KeyError(
+            raise SignatureNotFoundError(
                 f"SavedModel '{path}' has {len(signatures)} signatures "
-                f"({', '.join(sorted(signatures)) or 'none'}); choose one by name."
+                f"({', '.join(sorted(signatures)) or 'none'}); choose one by name with "
+                "signature=..."
             )
     if signature in signatures:
         return signatures[signature], signature, loaded
@@ -1295,7 +1362,7 @@ def load_signature(path: str, signature: str | None = None) -> tuple[Any, str, A
     concretes = list(getattr(attr, "concrete_functions", None) or [])
     if len(concretes) == 1:
         return concretes[0], signature, loaded
-    raise KeyError(
+    raise SignatureNotFoundError(
         f"SavedModel '{path}' has no signature '{signature}'; available signatures: "
         f"{', '.join(sorted(signatures)) or 'none'}."
     )
@@ -1334,6 +1401,8 @@ class GraphEstimator:
                  tol: float = 1e-6, max_products: int = 2000, name: str | None = None,
                  verbose: int = 0, seed: int = 0, _signature_name: str | None = None,
                  _owner: Any = None):
+        solver, tol, max_products = check_solver_arguments(solver, tol, max_products,
+                                                           method_name="solver")
         signature = _concrete(fn, input_signature)
         self.name = name or signature.name
         self.signature = _signature_name
@@ -1361,7 +1430,13 @@ class GraphEstimator:
             path: The SavedModel directory.
             signature: Signature key (default ``"serving_default"`` or the only one).
             **kwargs: Passed to :class:`GraphEstimator` (``input_shape``, ``tol``...).
+
+        Raises:
+            InvalidArgumentError: For a ``path`` that is not a SavedModel, an unknown
+                ``signature`` or keyword (see :func:`load_signature`).
         """
+        check_keywords(kwargs, _estimator_keywords(("fn", "input_signature")),
+                       "GraphEstimator.from_saved_model()")
         fn, key, loaded = load_signature(path, signature)
         kwargs.setdefault("name", os.path.basename(os.path.normpath(path)))
         return cls(fn, _signature_name=key, _owner=loaded, **kwargs)
@@ -1396,8 +1471,8 @@ class GraphEstimator:
         functions; used by :meth:`lower_bound`.
         """
         if len(self.graph.inputs) != 1:
-            raise ValueError(f"'{self.name}' has {len(self.graph.inputs)} inputs; lower bounds "
-                             "support single-input functions.")
+            raise LipschitzError(f"'{self.name}' has {len(self.graph.inputs)} inputs; lower bounds "
+                                 "support single-input functions.")
         reader = self._reader
         ref = reader.inputs[0]
         full = reader.input_full[ref]
@@ -1430,8 +1505,15 @@ class GraphEstimator:
             x: Optional data batch used as starting points.
             **kwargs: See :func:`tf_lipschitz.lower.lower_bound`.
         """
+        check_keywords(kwargs, keyword_names(_lower_bound, ("model", "input_shape", "x", "dtype")),
+                       "GraphEstimator.lower_bound()")
         return _lower_bound(self.model_function(), self.input_shape, x, dtype=self.dtype,
                             **kwargs)
+
+
+def _estimator_keywords(exclude: Sequence[str]) -> tuple[str, ...]:
+    """Keywords a function forwarding to :class:`GraphEstimator` accepts."""
+    return keyword_names(GraphEstimator.__init__, exclude)
 
 
 def autolip_function(fn, input_signature=None, *, input_shape=None, certified: bool = False,
@@ -1461,6 +1543,8 @@ def autolip_function(fn, input_signature=None, *, input_shape=None, certified: b
         >>> round(rep.upper, 4)
         3.0
     """
+    check_keywords(kwargs, _estimator_keywords(("fn", "input_signature", "input_shape")),
+                   "autolip_function()")
     est = GraphEstimator(fn, input_signature, input_shape=input_shape, **kwargs)
     return est.autolip(certified=certified)
 
@@ -1468,5 +1552,7 @@ def autolip_function(fn, input_signature=None, *, input_shape=None, certified: b
 def autolip_saved_model(path: str, signature: str | None = None, *, input_shape=None,
                         certified: bool = False, **kwargs) -> LipschitzReport:
     """AutoLip bound of a SavedModel signature (see :meth:`GraphEstimator.from_saved_model`)."""
+    check_keywords(kwargs, _estimator_keywords(("fn", "input_signature", "input_shape")),
+                   "autolip_saved_model()")
     est = GraphEstimator.from_saved_model(path, signature, input_shape=input_shape, **kwargs)
     return est.autolip(certified=certified)

@@ -38,15 +38,14 @@ here, so an excess is always visible.
 
 from __future__ import annotations
 
-import math
-
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_lipschitz.constraints import start_vector, track_top_vector
-from tf_lipschitz.power import example_norms
+from tf_lipschitz.constraints import check_positive, start_vector, track_top_vector
+from tf_lipschitz.errors import InvalidArgumentError, ModelNotBuiltError
+from tf_lipschitz.power import check_int, check_tol, example_norms
 from tf_lipschitz.rules.base import Linear, NodeContext, get_rule, register_rule
 
 __all__ = ["LipschitzWrapper"]
@@ -70,7 +69,9 @@ class LipschitzWrapper(keras.layers.Wrapper):
 
     Args:
         layer: The layer to wrap; it must have a ``Linear`` rule in
-            :mod:`tf_lipschitz.rules` and a kernel.
+            :mod:`tf_lipschitz.rules` and a kernel. Its input shape must be fully known, except
+            for a ``Dense`` layer, which acts on the last axis only and so accepts unknown
+            leading dimensions (variable-length sequences).
         max_lipschitz: Target operator norm of the layer's linear part (the activation's
             constant multiplies it).
         power_iterations: Operator products per training call: 1 is a power step, ``k >= 2``
@@ -101,49 +102,34 @@ class LipschitzWrapper(keras.layers.Wrapper):
         max_iterations: int = 1000,
         **kwargs,
     ):
-        super().__init__(layer, **kwargs)
-        if isinstance(max_lipschitz, bool) or not isinstance(max_lipschitz, (int, float)) or not (
-            max_lipschitz > 0 and math.isfinite(max_lipschitz)
-        ):
-            raise ValueError(
-                f"`max_lipschitz` must be a finite number > 0. Received: "
-                f"max_lipschitz={max_lipschitz!r}"
+        if not isinstance(layer, keras.layers.Layer):
+            raise InvalidArgumentError(
+                "LipschitzWrapper wraps a Keras layer (Dense, EinsumDense or a convolution). "
+                f"Received: layer={layer!r}"
             )
-        for name, value in (("power_iterations", power_iterations),
-                            ("max_iterations", max_iterations)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
-        if not (tol > 0 and math.isfinite(tol)):
-            raise ValueError(f"`tol` must be a finite number > 0. Received: tol={tol!r}")
-        self.max_lipschitz = float(max_lipschitz)
-        self.power_iterations = int(power_iterations)
-        self.tol = float(tol)
-        self.max_iterations = int(max_iterations)
+        super().__init__(layer, **kwargs)
+        self.max_lipschitz = check_positive("max_lipschitz", max_lipschitz)
+        self.power_iterations = check_int(power_iterations, "power_iterations", minimum=1)
+        self.tol = check_tol(tol, default=1e-8)
+        self.max_iterations = check_int(max_iterations, "max_iterations", minimum=1)
         self._compiled_update = None
+        self._compiled_norm = None
         self._calibrated_eagerly = False
 
     def build(self, input_shape):
         super().build(input_shape)
-        shape = tuple(input_shape[1:])
-        if any(d is None for d in shape):
-            raise ValueError(
-                f"LipschitzWrapper('{self.layer.name}') needs the full per-example input shape, "
-                f"received input_shape={tuple(input_shape)}: the operator norm of a convolution "
-                "depends on the input size. Start the model with keras.Input(shape=...) with "
-                "every non-batch dimension known."
-            )
-        shape = tuple(int(d) for d in shape)
+        shape = self._operator_shape(tuple(input_shape))
         out_shape = tuple(self.layer.compute_output_shape((1, *shape))[1:])
         context = NodeContext(input_shapes=(shape,), output_shapes=(out_shape,),
                               dependent=(True,), constants=(None,),
                               dtype=self.layer.variable_dtype, name=self.layer.name)
         bound = get_rule(self.layer)(self.layer, context)
         if not isinstance(bound, Linear):
-            raise TypeError(
+            raise InvalidArgumentError(
                 f"LipschitzWrapper wraps layers that are affine in their input (Dense, "
-                f"EinsumDense, convolutions); layer '{self.layer.name}' "
-                f"({type(self.layer).__name__}) has a {type(bound).__name__} rule. Leave it "
-                "unwrapped: its Lipschitz constant does not depend on trainable weights."
+                f"EinsumDense, convolutions); received layer='{self.layer.name}' "
+                f"({type(self.layer).__name__}), which has a {type(bound).__name__} rule. Leave "
+                "it unwrapped: its Lipschitz constant does not depend on trainable weights."
             )
         self._linear = bound.fn
         # The attribute name is stored, not the variable: assigning a variable to an attribute
@@ -154,9 +140,10 @@ class LipschitzWrapper(keras.layers.Wrapper):
             None,
         )
         if self._kernel_attribute is None:
-            raise TypeError(
-                f"LipschitzWrapper found no kernel on layer '{self.layer.name}' "
-                f"({type(self.layer).__name__}); expected one of {_KERNEL_ATTRIBUTES}."
+            raise InvalidArgumentError(
+                f"LipschitzWrapper rescales a layer's kernel, and found none on the layer it "
+                f"received: layer='{self.layer.name}' ({type(self.layer).__name__}); expected "
+                f"one of the attributes {_KERNEL_ATTRIBUTES} (Dense, EinsumDense, convolutions)."
             )
         self.vector = self.add_weight(
             name="vector", shape=(1, *shape), initializer="zeros", trainable=False,
@@ -170,6 +157,29 @@ class LipschitzWrapper(keras.layers.Wrapper):
             # Calibrate now, so that the layer is constrained from its first call. (A model
             # being loaded pays one solve here before its saved vector replaces this one.)
             self._update_eagerly(0, force_calibration=True)
+
+    def _operator_shape(self, input_shape: tuple) -> tuple[int, ...]:
+        """The per-example input shape on which the layer's operator norm is measured.
+
+        The full shape, except for a ``Dense`` layer: it multiplies the last axis by its kernel
+        independently at every other position, so its operator on any input shape
+        ``(..., n)`` is ``I ⊗ W``, of norm ``‖W‖``. Its leading dimensions may therefore be
+        unknown (variable-length sequences), and the norm is measured on ``(n,)``.
+        """
+        shape = input_shape[1:]
+        if isinstance(self.layer, keras.layers.Dense) and None in shape[:-1] and shape[-1]:
+            return (int(shape[-1]),)
+        if None in shape:
+            raise ModelNotBuiltError(
+                f"LipschitzWrapper('{self.name}') measures the operator norm of layer "
+                f"'{self.layer.name}' ({type(self.layer).__name__}) on its per-example input "
+                f"shape, and received input_shape={input_shape} with unknown non-batch "
+                "dimensions: the norm of a convolution or an EinsumDense depends on them. Start "
+                "the model with keras.Input(shape=...) giving every non-batch dimension. (A "
+                "wrapped Dense layer, which acts on the last axis only, accepts unknown leading "
+                "dimensions such as a variable sequence length.)"
+            )
+        return tuple(int(d) for d in shape)
 
     def _next_vector(self, iterations: int, force_calibration: bool = False) -> tf.Tensor:
         """The vector after ``iterations`` steps (converged if fresh or forced); no update."""
@@ -275,13 +285,19 @@ class LipschitzWrapper(keras.layers.Wrapper):
         return ops.minimum(ops.cast(1.0, dtype),
                            ops.cast(self.max_lipschitz, dtype) / ops.maximum(sigma, 1e-12))
 
-    def current_scale(self) -> tf.Tensor:
-        """The factor ``min(1, max_lipschitz / σ̂)`` applied to the kernel, from the stored vector.
+    def _read_sigma(self) -> tf.Tensor:
+        """``σ̂`` as inference computes it: at the stored vector (the fixed start while fresh)."""
+        v0 = ops.convert_to_tensor(self.vector)
+        start = start_vector(tf.shape(v0), v0.dtype)
+        return self._sigma_at(ops.where(ops.all(ops.equal(v0, 0)), start, v0))
 
-        Reads the weights and the vector without updating anything (the estimator's rule uses
-        it).
+    def current_scale(self) -> tf.Tensor:
+        """The factor ``min(1, max_lipschitz / σ̂)`` inference applies to the kernel.
+
+        ``σ̂`` is measured on the current weights at the stored vector. Reads the weights and
+        the vector without updating anything (the estimator's rule uses it).
         """
-        return self._scale_for(self._sigma_at(ops.convert_to_tensor(self.vector)))
+        return self._scale_for(self._read_sigma())
 
     def call(self, inputs, training=None):
         if training:
@@ -297,9 +313,7 @@ class LipschitzWrapper(keras.layers.Wrapper):
             # stateless scope, or differentiated in forward mode by the lower bound). A vector
             # that is still fresh here (built inside a graph, never called eagerly) gives an
             # uncalibrated scale until the first training call or calibrate().
-            v0 = ops.convert_to_tensor(self.vector)
-            start = start_vector(tf.shape(v0), v0.dtype)
-            sigma = self._sigma_at(ops.where(ops.all(ops.equal(v0, 0)), start, v0))
+            sigma = self._read_sigma()
         # No gradient through the scale: see the module docstring. The σ̂ of an update is the
         # one just stored: the kernel is the same, so no second forward pass.
         scale = ops.stop_gradient(self._scale_for(sigma))
@@ -321,18 +335,35 @@ class LipschitzWrapper(keras.layers.Wrapper):
         return self.layer.compute_output_shape(input_shape)
 
     def operator_norm(self) -> float:
-        """Current estimate of the wrapped layer's effective operator norm (≤ ``max_lipschitz``).
+        """The operator norm of the layer's linear part as inference computes it.
 
-        ``min(σ̂, max_lipschitz)`` with ``σ̂ = ‖h_W(v)‖`` for the stored vector: a
-        power-iteration *estimate* (from below) of the norm of the linear part after scaling.
-        :class:`~tf_lipschitz.LipschitzEstimator` gives a converged value.
+        ``‖h_W‖ · current_scale()``: the norm of the unscaled linear part on the current
+        weights, converged to ``tol`` by restarted Lanczos warm-started from the stored vector,
+        times the scale inference applies. That scale comes from the stored vector, which trails
+        the weights (by one optimizer update after training, more when they move fast), so the
+        value can exceed ``max_lipschitz`` (see the module docstring); :meth:`calibrate` or
+        :meth:`calibrate_all` bring it back to the target. Read-only: the stored vector, and
+        so the layer's outputs, are unchanged.
+
+        Returns:
+            A converged estimate (from below, to ``tol``), not a certified bound;
+            :class:`~tf_lipschitz.LipschitzEstimator` measures the same map.
         """
         self._check_built()
-        sigma = self._sigma_at(ops.convert_to_tensor(self.vector))
-        return float(self._scale_for(sigma) * sigma)
+        if self._compiled_norm is None:
+            self._compiled_norm = tf.function(self._effective_norm, autograph=False)
+        return float(self._compiled_norm())
+
+    def _effective_norm(self) -> tf.Tensor:
+        sigma = self._sigma_at(self._next_vector(0, force_calibration=True))
+        return sigma * ops.cast(self.current_scale(), sigma.dtype)
 
     def raw_operator_norm(self) -> float:
-        """Estimate of the *unscaled* layer's operator norm at the last vector update."""
+        """Estimate of the *unscaled* layer's operator norm, stored at the last vector update.
+
+        A power-iteration value on the weights of that update (before the optimizer step that
+        followed it); :meth:`calibrate` returns a converged one on the current weights.
+        """
         self._check_built()
         return float(ops.convert_to_numpy(self.sigma))
 

@@ -48,6 +48,8 @@ from tf_lipschitz.rules.base import (
     Activation,
     Constant,
     NodeContext,
+    check_constant,
+    check_slopes,
     register_rule,
     weight_values,
 )
@@ -115,10 +117,11 @@ def register_activation(fn: Callable | str, lipschitz: float,
         >>> tfl.register_activation(my_act, 0.5, (0.5, 0.5)).lipschitz
         0.5
     """
-    if not (lipschitz >= 0 and math.isfinite(lipschitz)):
-        raise ValueError(f"lipschitz must be finite and >= 0, received {lipschitz!r}.")
+    lipschitz = check_constant(lipschitz, "lipschitz")
+    if slope_range is not None:
+        slope_range = check_slopes(slope_range, "slope_range")
     name = fn if isinstance(fn, str) else getattr(fn, "__name__", repr(fn))
-    info = Activation(name, float(lipschitz), slope_range)
+    info = Activation(name, lipschitz, slope_range)
     _CUSTOM[fn] = info
     return info
 

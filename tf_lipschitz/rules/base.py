@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence, Union
 import keras
 import numpy as np
 
-from tf_lipschitz.errors import UnsupportedLayerError
+from tf_lipschitz.errors import InvalidArgumentError, UnsupportedLayerError
 
 __all__ = [
     "Activation",
@@ -40,7 +40,56 @@ __all__ = [
     "constant_like",
     "weight_as_used",
     "weight_values",
+    "check_constant",
+    "check_slopes",
 ]
+
+
+def check_constant(value: Any, name: str) -> float:
+    """Validates a Lipschitz constant given by the user.
+
+    Args:
+        value: The value received.
+        name: The argument's name, for the message.
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        InvalidArgumentError: Unless ``value`` is a finite number ``>= 0``.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if number >= 0 and math.isfinite(number):
+        return number
+    raise InvalidArgumentError(
+        f"{name} must be a finite number >= 0 (a Lipschitz constant); received {name}={value!r}.")
+
+
+def check_slopes(slopes: Any, name: str = "slopes") -> tuple[float, float]:
+    """Validates a range ``(lo, hi)`` of activation derivatives.
+
+    Args:
+        slopes: The value received.
+        name: The argument's name, for the message.
+
+    Returns:
+        ``(lo, hi)`` as floats.
+
+    Raises:
+        InvalidArgumentError: Unless ``slopes`` is a pair of finite numbers with ``lo <= hi``.
+    """
+    try:
+        lo, hi = (float(v) for v in slopes)
+    except (TypeError, ValueError):
+        lo = hi = math.nan
+    if math.isfinite(lo) and math.isfinite(hi) and lo <= hi:
+        return lo, hi
+    raise InvalidArgumentError(
+        f"{name} must be a pair (lo, hi) of finite numbers with lo <= hi, the range of the "
+        f"activation's derivative (relu: (0, 1)); received {name}={slopes!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,13 +261,16 @@ def register_rule(layer_class: type, rule: Rule | None = None):
         >>> _ = tfl.register_rule(Halve, tfl.rules.constant(0.5))
     """
     if not isinstance(layer_class, type):
-        raise TypeError(
-            f"register_rule expects a class, received layer_class={layer_class!r}."
+        raise InvalidArgumentError(
+            f"layer_class must be a class (a Keras layer class such as keras.layers.Dense, not "
+            f"an instance); received layer_class={layer_class!r}."
         )
 
     def decorator(fn: Rule) -> Rule:
         if not callable(fn):
-            raise TypeError(f"rule must be callable, received rule={fn!r}.")
+            raise InvalidArgumentError(
+                f"rule must be a callable rule(layer, context) -> LayerBound (see "
+                f"tfl.rules.constant and tfl.rules.affine); received rule={fn!r}.")
         _REGISTRY[layer_class] = fn
         return fn
 
@@ -261,11 +313,10 @@ def registered_classes() -> list[type]:
 
 def constant(value: float, *, certified: bool = True, note: str = "") -> Rule:
     """A rule for a layer that is ``value``-Lipschitz in its single input."""
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"A Lipschitz constant must be finite and >= 0, received {value!r}.")
+    value = check_constant(value, "value")
 
     def rule(layer, ctx):
-        return Constant(float(value), certified=certified, note=note)
+        return Constant(value, certified=certified, note=note)
 
     return rule
 
