@@ -23,7 +23,7 @@ silu / swish       1.099840                    max at x ≈ 2.3994
 mish               1.088500                    numerical
 softmax            1/2                         J = diag(p) − ppᵀ; uᵀJu = Var_p(u) ≤ 1/2
 log_softmax        min(1 + √n, √(2(n − 1)))    J = I − 1pᵀ
-sparsemax          1                           Euclidean projection onto the simplex
+sparsemax          1                           the projection onto the simplex (refused where Keras' is not)
 sparse_sigmoid     1/2                         slope 1/2 on (−1, 1)
 others             1                           softplus, softsign, log_sigmoid, hard_tanh,
                                                soft_shrink, tanh_shrink, squareplus, sparse_plus
@@ -36,6 +36,7 @@ they raise :class:`~tf_lipschitz.errors.NotLipschitzError`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -131,6 +132,16 @@ def _log_softmax(n: int) -> Activation:
     return Activation("log_softmax", value, None)
 
 
+@functools.cache
+def _sparsemax_is_projection() -> bool:
+    """Whether ``keras.activations.sparsemax`` is the projection onto the simplex (1-Lipschitz),
+    checked on an input where Keras 3.x's TensorFlow implementation is not."""
+    x = np.array([[-0.5, 0.2, 0.9, 0.1]], "float64")
+    projection = np.array([[0.0, 0.4 / 3, 2.5 / 3, 0.1 / 3]])
+    got = keras.ops.convert_to_numpy(keras.activations.sparsemax(keras.ops.convert_to_tensor(x)))
+    return bool(np.allclose(got, projection, atol=1e-9))
+
+
 def activation_info(name: str, owner: Any = None, *, size: int | None = None, **params) -> Activation:
     """The :class:`Activation` of a named Keras activation with parameters.
 
@@ -147,6 +158,16 @@ def activation_info(name: str, owner: Any = None, *, size: int | None = None, **
     owner = owner if owner is not None else name
     if name in _NOT_LIPSCHITZ:
         raise NotLipschitzError(owner, f"activation '{name}': {_NOT_LIPSCHITZ[name]}")
+    if name == "sparsemax" and not _sparsemax_is_projection():
+        raise UnsupportedLayerError(
+            owner,
+            "Keras' sparsemax (TensorFlow backend) is not the Euclidean projection onto the "
+            "simplex: its threshold sums the running sums of the sorted inputs "
+            "(sparsemax([-0.5, 0.2, 0.9, 0.1]) = [0, 0, 0.167, 0]; the projection is "
+            "[0, 0.133, 0.833, 0.033]), and secant ratios above 1 (√3 on 4 entries) grow with "
+            "the size, so the projection's constant 1 does not hold. Replace it with a correct "
+            "sparsemax and register its rule.",
+            suggest_rule=False)
     if name in ("relu", "leaky_relu"):
         slope = float(params.get("negative_slope", 0.2 if name == "leaky_relu" else 0.0) or 0.0)
         threshold = float(params.get("threshold", 0.0) or 0.0)

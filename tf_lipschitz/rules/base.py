@@ -25,6 +25,8 @@ import numpy as np
 
 from tf_lipschitz.errors import InvalidArgumentError, UnsupportedLayerError
 
+_FLOAT64_EPS = float(np.finfo(np.float64).eps)
+
 __all__ = [
     "Activation",
     "Linear",
@@ -389,6 +391,27 @@ def weight_values(layer: Any, value: Any, *, compute_dtype: str | None = None) -
     """:func:`weight_as_used` as a float64 NumPy array, for closed forms and certificates."""
     used = weight_as_used(layer, value, "float64", compute_dtype=compute_dtype)
     return np.asarray(keras.ops.convert_to_numpy(used), dtype=np.float64)
+
+
+def broadcast_product_norm(magnitude: np.ndarray, input_shape, output_shape) -> float:
+    """Norm of ``x ↦ x ⊙ c`` on one example, ``|c|`` given, broadcasting included.
+
+    Every input entry ``x_j`` is copied to the output entries of its broadcast fibre and scaled
+    by ``c`` there; fibres are disjoint, so the columns of the matrix are orthogonal and the
+    norm is ``max_j ‖c|fibre(j)‖₂`` (``max |c|`` when nothing is broadcast).
+    """
+    out = (1, *output_shape)
+    x = (1, *input_shape)
+    x = (1,) * (len(out) - len(x)) + x
+    c = np.broadcast_to(magnitude, out)
+    axes = tuple(a for a, (n, m) in enumerate(zip(x, out)) if n == 1 and m != 1)
+    if c.size == 0:
+        return 0.0
+    if not axes:
+        return float(np.max(c))
+    # A float64 sum of k squares and its root are within (k + 2)·eps of the exact value.
+    copies = math.prod(out[a] for a in axes)
+    return float(np.sqrt(np.max(np.sum(c * c, axis=axes)))) * (1 + (copies + 2) * _FLOAT64_EPS)
 
 
 def affine() -> Rule:

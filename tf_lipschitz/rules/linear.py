@@ -22,6 +22,7 @@ import keras
 from keras import ops
 
 from tf_lipschitz import certify
+from tf_lipschitz.errors import NotLipschitzError, UnsupportedLayerError
 from tf_lipschitz.operators import Adjoint
 from tf_lipschitz.rules.activations import resolve_activation
 from tf_lipschitz.rules.base import Linear, NodeContext, register_rule, weight_as_used
@@ -37,7 +38,30 @@ def _activation(layer, ctx: NodeContext):
     return resolve_activation(getattr(layer, "activation", None), layer, size=size)
 
 
+def _check_quantization(layer) -> None:
+    """Refuses a layer quantized by ``model.quantize()`` to integers (int8, int4, GPTQ, AWQ).
+
+    Its ``kernel`` holds integers read with a separate ``kernel_scale`` (a rule multiplying by
+    ``kernel`` was off by that scale: 261.6 for an int8 Dense of norm 1393), and its inputs are
+    rounded at run time, which makes the map discontinuous. ``float8`` keeps float kernels.
+    """
+    mode = getattr(layer, "quantization_mode", None)
+    if mode is None or mode == "float8":
+        return
+    if getattr(layer, "inputs_quantizer", None) is not None:
+        raise NotLipschitzError(
+            layer,
+            f"its {mode} quantization rounds the layer's inputs at run time, a discontinuous "
+            "map. Bound the float model before `model.quantize()`.")
+    raise UnsupportedLayerError(
+        layer,
+        f"Its kernel is {mode}-quantized (integers with a separate scale), which the Dense "
+        "rules do not read. Bound the float model before `model.quantize()`.",
+        suggest_rule=False)
+
+
 def _dense(layer, ctx: NodeContext) -> Linear:
+    _check_quantization(layer)
     return Linear(
         lambda x: ops.matmul(x, weight_as_used(layer, layer.kernel, x.dtype)),
         _activation(layer, ctx),
@@ -46,6 +70,7 @@ def _dense(layer, ctx: NodeContext) -> Linear:
 
 
 def _einsum_dense(layer, ctx: NodeContext) -> Linear:
+    _check_quantization(layer)
     return Linear(
         lambda x: ops.einsum(layer.equation, x, weight_as_used(layer, layer.kernel, x.dtype)),
         _activation(layer, ctx),

@@ -27,23 +27,54 @@ from keras import ops
 from keras.src.ops import numpy as knp
 
 from tf_lipschitz.errors import LipschitzError, NotLipschitzError
-from tf_lipschitz.rules.base import Linear, Merge, NodeContext, constant_like, register_rule
+from tf_lipschitz.rules.base import (
+    Linear,
+    Merge,
+    NodeContext,
+    broadcast_product_norm,
+    constant_like,
+    register_rule,
+)
 
 __all__: list[str] = []
 
 _EPS = float(np.finfo(np.float64).eps)
 
 
+def _broadcast(merge: Merge, ctx: NodeContext) -> Merge:
+    """An elementwise merge whose inputs may be broadcast to the output shape.
+
+    An input of ``n`` entries broadcast to ``N`` output entries is copied ``N / n`` times, and
+    the copy map has norm ``√(N / n)``: that input's constant is multiplied by it before the
+    merge combines the constants (``x + mean(x, keepdims=True)`` on 16 entries is 2-Lipschitz,
+    not 1.25). Applies to sums, means, maxima and minima, not to concatenations.
+    """
+    size = math.prod(ctx.output_shapes[0])
+    factors = [math.sqrt(size / math.prod(shape)) if math.prod(shape) else 1.0
+               for shape in ctx.input_shapes]
+    if all(f == 1.0 for f in factors):
+        return merge
+
+    def scaled(combine):
+        return lambda values: combine([v * f for v, f in zip(values, factors)])
+
+    copies = ", ".join(f"{f * f:g}" for f in factors if f != 1.0)
+    return Merge(scaled(merge.combine), f"{merge.note}; broadcast inputs ×√(copies: {copies})",
+                 disjoint=None if merge.disjoint is None else scaled(merge.disjoint))
+
+
 def _sum_rule(layer, ctx):
-    return Merge.sum()
+    return _broadcast(Merge.sum(), ctx)
 
 
 def _average_rule(layer, ctx):
-    return Merge.mean()
+    return _broadcast(Merge.mean(), ctx)
 
 
-def _l2_rule(note):
-    return lambda layer, ctx: Merge.l2(note)
+def _l2_rule(note, elementwise=True):
+    if not elementwise:  # a concatenation: the inputs occupy disjoint output coordinates
+        return lambda layer, ctx: Merge.l2(note)
+    return lambda layer, ctx: _broadcast(Merge.l2(note), ctx)
 
 
 def _product_rule(layer, ctx: NodeContext):
@@ -128,7 +159,7 @@ def _scaling(ctx: NodeContext, multipliers, dependent, divisor=None, no_nan=Fals
         bound = bound * magnitude * (1 + 2 * _EPS)  # the reciprocal is rounded to nearest
         divisor_like = _as_used(divisor, used, ctx.dtype)
         note = "division by a constant"
-    norm_value = _broadcast_product_norm(bound, ctx.input_shapes[dependent[0]],
+    norm_value = broadcast_product_norm(bound, ctx.input_shapes[dependent[0]],
                                          ctx.output_shapes[0]) if dependent else 0.0
 
     def fn(x):  # the constants follow x: float32 in the solver, float64 when materialised
@@ -168,27 +199,6 @@ def _quotient_rule(layer, ctx: NodeContext):
                     no_nan=isinstance(layer, knp.DivideNoNan))
 
 
-def _broadcast_product_norm(magnitude: np.ndarray, input_shape, output_shape) -> float:
-    """Norm of ``x ↦ x ⊙ c`` on one example, ``|c|`` given, broadcasting included.
-
-    Every input entry ``x_j`` is copied to the output entries of its broadcast fibre and scaled
-    by ``c`` there; fibres are disjoint, so the columns of the matrix are orthogonal and the
-    norm is ``max_j ‖c|fibre(j)‖₂`` (``max |c|`` when nothing is broadcast).
-    """
-    out = (1, *output_shape)
-    x = (1, *input_shape)
-    x = (1,) * (len(out) - len(x)) + x
-    c = np.broadcast_to(magnitude, out)
-    axes = tuple(a for a, (n, m) in enumerate(zip(x, out)) if n == 1 and m != 1)
-    if c.size == 0:
-        return 0.0
-    if not axes:
-        return float(np.max(c))
-    # A float64 sum of k squares and its root are within (k + 2)·eps of the exact value.
-    copies = math.prod(out[a] for a in axes)
-    return float(np.sqrt(np.max(np.sum(c * c, axis=axes)))) * (1 + (copies + 2) * _EPS)
-
-
 def _bilinear_error(layer, ctx: NodeContext):
     if sum(ctx.dependent) > 1:
         raise NotLipschitzError(
@@ -201,7 +211,7 @@ L = keras.layers
 register_rule(L.Add, _sum_rule)
 register_rule(L.Subtract, _sum_rule)
 register_rule(L.Average, _average_rule)
-register_rule(L.Concatenate, _l2_rule("√(Σ L²) (disjoint coordinates)"))
+register_rule(L.Concatenate, _l2_rule("√(Σ L²) (disjoint coordinates)", elementwise=False))
 register_rule(L.Maximum, _l2_rule("√(Σ L²) (coordinatewise max)"))
 register_rule(L.Minimum, _l2_rule("√(Σ L²) (coordinatewise min)"))
 register_rule(L.Multiply, _product_rule)
@@ -212,7 +222,7 @@ for _cls in (L.Attention, L.AdditiveAttention, L.MultiHeadAttention, L.GroupQuer
 # Keras ops applied to KerasTensors in a functional graph (``x + y``, ``keras.ops.concatenate``).
 register_rule(knp.Add, _sum_rule)
 register_rule(knp.Subtract, _sum_rule)
-register_rule(knp.Concatenate, _l2_rule("√(Σ L²) (disjoint coordinates)"))
+register_rule(knp.Concatenate, _l2_rule("√(Σ L²) (disjoint coordinates)", elementwise=False))
 register_rule(knp.Maximum, _l2_rule("√(Σ L²) (coordinatewise max)"))
 register_rule(knp.Minimum, _l2_rule("√(Σ L²) (coordinatewise min)"))
 register_rule(knp.Multiply, _product_rule)

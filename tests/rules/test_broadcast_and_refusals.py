@@ -1,0 +1,104 @@
+"""Rules against ground truth where an input is broadcast, and layers that must be refused."""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_lipschitz as tfl
+from tf_lipschitz.operators import LinearOperator
+
+L = keras.layers
+
+
+def _exact(model, shape):
+    """σ_max of a linear model: its materialised float64 Jacobian."""
+    op = LinearOperator(lambda x: model(x) - model(x * 0), shape, dtype="float64")
+    return float(np.linalg.svd(op.to_dense(), compute_uv=False)[0])
+
+
+def _float64_twin(build, shape):
+    keras.config.set_floatx("float64")
+    try:
+        return build(keras.Input(shape))
+    finally:
+        keras.config.set_floatx("float32")
+
+
+@pytest.mark.parametrize("merge, exact", [
+    (L.Add, 2.0), (L.Subtract, 1.0), (L.Average, 1.0),
+])
+def test_merge_with_a_broadcast_input_counts_its_copies(merge, exact):
+    # x + mean(x) with mean(x) of shape (1, 1) broadcast over 16 entries: the mean's constant
+    # 1/4 (‖(1/16)·1‖ = 1/4) was added once, not √16 times: 1.25 for an exact 2.
+    def build(inputs):
+        mean = L.GlobalAveragePooling1D(keepdims=True)(inputs)
+        return keras.Model(inputs, merge()([inputs, mean]))
+
+    model = build(keras.Input((16, 1)))
+    assert _exact(_float64_twin(build, (16, 1)), (16, 1)) == pytest.approx(exact, abs=1e-12)
+    report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
+    assert report.certified and report.upper >= exact
+    bound = {L.Add: 2.0, L.Subtract: 2.0, L.Average: 1.0}[merge]  # Σ √copies · L_p (/ 2)
+    assert report.upper == pytest.approx(bound, rel=1e-9)
+
+
+@pytest.mark.parametrize("op", ["maximum", "minimum", "add"])
+def test_constant_that_broadcasts_the_input_counts_its_copies(op):
+    # maximum(x, zeros(16)) on x of shape (1,): 16 copies of x, exact norm 4; it gave 1.
+    inputs = keras.Input((1,))
+    outputs = getattr(keras.ops, op)(inputs, np.zeros(16, "float32"))
+    report = tfl.LipschitzEstimator(keras.Model(inputs, outputs), verbose=0).autolip(
+        certified=True)
+    assert report.upper >= 4.0 and report.upper == pytest.approx(4.0, rel=1e-9)
+
+
+def test_concatenation_is_not_a_broadcast():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, L.Concatenate()([inputs, inputs]))
+    assert tfl.LipschitzEstimator(model, verbose=0).autolip().upper == pytest.approx(
+        np.sqrt(2.0), rel=1e-9)
+
+
+def test_rescaling_that_broadcasts_the_input_counts_its_copies():
+    # Rescaling([3, 3, 3, 3]) on inputs (2, 1) copies every entry 4 times: exact 6, it gave 3.
+    def build(inputs):
+        return keras.Model(inputs, L.Rescaling([3.0, 3.0, 3.0, 3.0])(inputs))
+
+    model = build(keras.Input((2, 1)))
+    exact = _exact(_float64_twin(build, (2, 1)), (2, 1))
+    assert exact == pytest.approx(6.0, rel=1e-12)
+    for certified in (False, True):
+        upper = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=certified).upper
+        assert upper >= exact and upper == pytest.approx(exact, rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
+def test_layer_normalization_with_rms_scaling_is_not_lipschitz():
+    # It scales the uncentred x by 1/√(var(x) + ε): a constant vector c·1 maps to c·1/√ε.
+    inputs = keras.Input((4,))
+    layer = L.LayerNormalization(rms_scaling=True)
+    model = keras.Model(inputs, layer(inputs))
+    x = np.full((1, 4), 1000.0)
+    dx = np.array([[1e-3, 0.0, 0.0, 0.0]])
+    ratio = float(np.linalg.norm(model(x + dx) - model(x)) / 1e-3)
+    assert ratio > 10 / np.sqrt(layer.epsilon)  # far above the old max|γ|/√ε (γ = 1)
+    with pytest.raises(tfl.NotLipschitzError, match="rms_scaling"):
+        tfl.LipschitzEstimator(model, verbose=0).autolip()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_integer_quantized_dense_is_refused(mode):
+    # The int8 kernel was read without its scale: 261.6 for a layer of norm 1393; and the
+    # layer rounds its inputs, a discontinuous map.
+    model = keras.Sequential([keras.Input((8,)), L.Dense(4)])
+    model.quantize(mode)
+    with pytest.raises(tfl.LipschitzError, match="quantiz"):
+        tfl.LipschitzEstimator(model, verbose=0).autolip()
+
+
+def test_float8_quantized_dense_keeps_its_rule():
+    model = keras.Sequential([keras.Input((8,)), L.Dense(4)])
+    kernel = model.layers[0].kernel.numpy()
+    model.quantize("float8")
+    upper = tfl.LipschitzEstimator(model, verbose=0).autolip().upper
+    assert upper == pytest.approx(np.linalg.norm(kernel, 2), rel=1e-4)
