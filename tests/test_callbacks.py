@@ -356,3 +356,27 @@ def test_mirrored_strategy_two_logical_cpus(tmp_path):
     assert result["dense"] <= 0.5 * (1 + 1e-3)
     assert result["wrapper_row"] <= 1.0 * (1 + 1e-3)
     assert "lipschitz" in os.listdir(tmp_path / "logs")
+
+
+def test_no_numpy_copy_deprecation_warning_from_reading_variables():
+    # np.array(variable) (keras.ops.convert_to_numpy of a Keras/TF variable) makes NumPy 2 warn
+    # "__array__ implementation doesn't accept a copy keyword" in users' logs, from the
+    # callback's step counter, the wrapper's vector and a captured constant variable.
+    import warnings
+
+    import tf_lipschitz as tfl
+
+    inputs = keras.Input((4,))
+    scale = keras.Variable(np.full((4,), 2.0, "float32"))
+    hidden = keras.layers.Dense(4)(inputs) * scale
+    wrapper = tfl.LipschitzWrapper(keras.layers.Dense(3), max_lipschitz=1.0)
+    model = keras.Model(inputs, wrapper(hidden))
+    model.compile("sgd", "mse")
+    callback = tfl.LipCallback(every_n_batches=1, verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(np.zeros((8, 4), "float32"), np.zeros((8, 3), "float32"), batch_size=4,
+                  epochs=1, verbose=0, callbacks=[callback])
+        assert wrapper.is_calibrated()
+        tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
+    assert not [w for w in caught if "__array__" in str(w.message)]

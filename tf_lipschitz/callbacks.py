@@ -378,7 +378,7 @@ class LipCallback(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
             return 0
-        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+        return int(optimizer.iterations.numpy())  # not np.array(variable): NumPy 2 warns
 
     def _run(self, method: str) -> tuple[float, str, dict[str, float]]:
         est = self.estimator

@@ -24,19 +24,25 @@ fall short of it.
 
 Everything runs batched inside one ``tf.function``, with the search state and the norms in
 float32 at least: a half-precision model is evaluated in its own dtype, and only its products
-are half precision. :func:`extreme_value_estimate` fits a generalised extreme-value
+are half precision. Inside a ``tf.function`` TensorFlow's CPU forward-mode product of a max
+pool that keeps its shape (stride 1, ``"same"``) comes out 0; :func:`_max_pool_jvp` computes
+it for those pools instead. :func:`extreme_value_estimate` fits a generalised extreme-value
 distribution to per-batch maxima of ``‖J(x)‖`` in the manner of CLEVER (Weng et al., ICLR 2018);
 its result is an *estimate*, never a bound.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python import pywrap_tfe
+from tensorflow.python.eager import forwardprop
 
 from tf_lipschitz.errors import LipschitzError
 from tf_lipschitz.power import _HALF_ROUNDING
@@ -138,9 +144,98 @@ def _on_state(f, in_dtype):
     return lambda x: f(tf.cast(x, in_dtype))
 
 
+def _attr_text(value) -> str:
+    """A string attribute of an op as ``str`` (the JVP hook receives ``bytes``)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _first_max_index(x, ksize, strides, padding):
+    """Flat index into ``x`` (NHWC) of the entry that each output of a max pool takes: the
+    first maximum of its window in row-major order, the one ``MaxPoolGradGrad`` picks."""
+    return tf.nn.max_pool_with_argmax(x, ksize, strides, padding, include_batch_in_index=True)[1]
+
+
+def _first_max_index_3d(x, ksize, strides, padding):
+    """:func:`_first_max_index` of an NDHWC max pool, as a 2D pool over ``(H, W)`` of each plane
+    followed by one over ``D``: the first maximum in ``(d, h, w)`` order is the first plane
+    that holds the window's maximum, at the first maximum of that plane."""
+    shape = tf.shape(x)
+    values, within = tf.nn.max_pool_with_argmax(
+        tf.reshape(x, tf.concat([[shape[0] * shape[1]], shape[2:]], 0)),
+        [1, *ksize[2:4], 1], [1, *strides[2:4], 1], padding, include_batch_in_index=True)
+    inner = tf.shape(values)
+    columns = tf.reshape(values, [shape[0], shape[1], inner[1] * inner[2], shape[4]])
+    across = tf.nn.max_pool_with_argmax(columns, [1, ksize[1], 1, 1], [1, strides[1], 1, 1],
+                                        padding, include_batch_in_index=True)[1]
+    return tf.gather(tf.reshape(within, [-1]), across)
+
+
+def _max_pool_jvp(op_name, attr_tuple, inputs, outputs, tangents):
+    """The tangent of a max pool that keeps its shape, by gathering the input tangent at each
+    window's first maximum; ``None`` (use TensorFlow's own JVP) for other pools.
+
+    TensorFlow's CPU ``MaxPoolGradGrad`` and ``MaxPool3DGradGrad`` kernels, which compute the
+    JVP of ``MaxPool`` and ``MaxPool3D``, reuse the buffer of their tangent input for their
+    output when the two have as many elements (stride 1 with ``"same"`` padding, or a window
+    of 1) and no other op holds it, as inside a ``tf.function``; they then zero the output
+    before reading the tangent, so the product comes out 0 (overlapping pools scored a lower
+    bound of 0 against a constant of √3). Pools whose output is smaller keep TensorFlow's JVP.
+    """
+    attrs = dict(zip(attr_tuple[::2], attr_tuple[1::2]))
+    if op_name == "MaxPoolV2":
+        ksize, strides = tf.get_static_value(inputs[1]), tf.get_static_value(inputs[2])
+    else:
+        ksize, strides = attrs.get("ksize"), attrs.get("strides")
+    layout = "NDHWC" if op_name == "MaxPool3D" else "NHWC"
+    padding = _attr_text(attrs.get("padding"))
+    x, y, tangent = inputs[0], outputs[0], tangents[0]
+    shrinks = x.shape.rank is not None and y.shape.rank is not None and any(
+        a is not None and b is not None and a != b for a, b in zip(x.shape[1:-1], y.shape[1:-1]))
+    if (shrinks or ksize is None or strides is None or tangent is None
+            or padding not in ("SAME", "VALID")
+            or _attr_text(attrs.get("data_format", layout)) != layout):
+        return None
+    ksize, strides = [int(k) for k in ksize], [int(s) for s in strides]
+    first_max = _first_max_index_3d if op_name == "MaxPool3D" else _first_max_index
+    index = first_max(x, ksize, strides, padding)
+    return [tf.reshape(tf.gather(tf.reshape(tangent, [-1]), index), tf.shape(y))]
+
+
+def _dispatch_jvp(op_name, attr_tuple, inputs, outputs, tangents, use_batch=False):
+    """TensorFlow's per-op JVP, except :func:`_max_pool_jvp` for max pools that keep shape."""
+    if op_name in ("MaxPool", "MaxPoolV2", "MaxPool3D") and not use_batch:
+        out = _max_pool_jvp(op_name, attr_tuple, inputs, outputs, tangents)
+        if out is not None:
+            return out
+    return forwardprop._jvp_dispatch(op_name, attr_tuple, inputs, outputs, tangents, use_batch)
+
+
+_JVP_HOOK_LOCK = threading.Lock()
+_JVP_HOOK_USERS = [0]
+
+
+@contextlib.contextmanager
+def _exact_max_pool_jvps():
+    """Within the block, forward-mode products of shape-keeping max pools are exact
+    (:func:`_max_pool_jvp`); every other op keeps TensorFlow's JVP, so graphs without such a
+    pool are unchanged. The hook is TensorFlow's process-wide JVP function, installed while
+    any block is open (in any thread) and restored when the last one closes."""
+    with _JVP_HOOK_LOCK:
+        if _JVP_HOOK_USERS[0] == 0:
+            pywrap_tfe.TFE_Py_RegisterJVPFunction(_dispatch_jvp)
+        _JVP_HOOK_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _JVP_HOOK_LOCK:
+            _JVP_HOOK_USERS[0] -= 1
+            if _JVP_HOOK_USERS[0] == 0:
+                pywrap_tfe.TFE_Py_RegisterJVPFunction(forwardprop._jvp_dispatch)
+
+
 def _jvp(f, x, v):
-    """``(f(x), J v)``, the product in the dtype of ``x``."""
-    with tf.autodiff.ForwardAccumulator(x, v) as acc:
+    """``(f(x), J v)``, the product in the dtype of ``x`` (max pools: :func:`_max_pool_jvp`)."""
+    with _exact_max_pool_jvps(), tf.autodiff.ForwardAccumulator(x, v) as acc:
         y = f(x)
     return y, tf.cast(acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO), x.dtype)
 

@@ -273,7 +273,7 @@ class LipschitzWrapper(keras.layers.Wrapper):
     def is_calibrated(self) -> bool:
         """Whether the persistent vector has been computed (it starts at zero)."""
         self._check_built()
-        return bool(np.any(ops.convert_to_numpy(self.vector) != 0))
+        return bool(np.any(self.vector.numpy() != 0))  # .numpy(): no NumPy copy warning
 
     def _sigma_at(self, v: tf.Tensor) -> tf.Tensor:
         """``σ̂ = ‖h_W(v)‖`` by one forward pass (overflow-free: in float16 ‖·‖² overflows at
@@ -365,7 +365,7 @@ class LipschitzWrapper(keras.layers.Wrapper):
         followed it); :meth:`calibrate` returns a converged one on the current weights.
         """
         self._check_built()
-        return float(ops.convert_to_numpy(self.sigma))
+        return float(self.sigma.numpy())
 
     def _check_built(self):
         if not self.built:

@@ -109,7 +109,7 @@ def _readings(value, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """A constant exactly (float64) and as the model uses it (rounded to the dtype of the
     computation: a Python float in a float32 or bfloat16 model), both in float64. A variable is
     read now (rules are evaluated at every run, so a changed variable is seen)."""
-    array = ops.convert_to_numpy(value) if isinstance(value, keras.Variable) else value
+    array = value.numpy() if isinstance(value, keras.Variable) else value
     exact = np.asarray(array, dtype="float64")
     used_dtype = _reading_dtype(value, dtype)
     used = exact if used_dtype is None else ops.convert_to_numpy(  # via float64: no NumPy bf16
