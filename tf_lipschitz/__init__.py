@@ -26,7 +26,9 @@ from tf_lipschitz.constraints import ConvOperatorNorm, SpectralNorm
 from tf_lipschitz.errors import (
     InvalidArgumentError,
     LipschitzError,
+    LowerBoundError,
     ModelNotBuiltError,
+    NonFiniteLowerBoundError,
     NotLipschitzError,
     UnsupportedLayerError,
 )
@@ -57,10 +59,12 @@ __all__ = [
     "LayerRow",
     "LinearOperator",
     "LipschitzError",
+    "LowerBoundError",
     "LipschitzEstimator",
     "LipschitzReport",
     "LowerBound",
     "ModelNotBuiltError",
+    "NonFiniteLowerBoundError",
     "NotLipschitzError",
     "SpectralSolver",
     "UnsupportedLayerError",

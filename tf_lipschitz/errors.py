@@ -12,6 +12,8 @@ from __future__ import annotations
 __all__ = [
     "InvalidArgumentError",
     "LipschitzError",
+    "LowerBoundError",
+    "NonFiniteLowerBoundError",
     "UnsupportedLayerError",
     "NotLipschitzError",
     "ModelNotBuiltError",
@@ -38,6 +40,15 @@ class InvalidArgumentError(LipschitzError, ValueError, TypeError):
         ...     print(type(err).__name__, str(err)[:41])
         InvalidArgumentError tol is the relative accuracy asked of the
     """
+
+
+class LowerBoundError(InvalidArgumentError):
+    """A lower bound was asked of a model (several inputs) or with arguments that the search
+    cannot handle."""
+
+
+class NonFiniteLowerBoundError(LipschitzError, FloatingPointError):
+    """No searched point gave a finite, confirmed Jacobian norm (inf/NaN weights, overflow)."""
 
 
 class UnsupportedLayerError(LipschitzError, TypeError):

@@ -44,13 +44,11 @@ import tensorflow as tf
 from tensorflow.python import pywrap_tfe
 from tensorflow.python.eager import forwardprop
 
-from tf_lipschitz.errors import LipschitzError
+from tf_lipschitz.errors import LowerBoundError, NonFiniteLowerBoundError
 from tf_lipschitz.power import _HALF_ROUNDING
 from tf_lipschitz.report import ExtremeValueEstimate, LowerBound
 
 __all__ = [
-    "LowerBoundError",
-    "NonFiniteLowerBoundError",
     "extreme_value_estimate",
     "jacobian_norms",
     "lower_bound",
@@ -70,14 +68,6 @@ _GRADIENT_STEPS = (0.25, 1.0, 4.0)
 _SECANT_SLACK = 1e-3
 _HALF_SLACK = 8.0
 _SECANT_STEPS = (1.0, 10.0)
-
-
-class LowerBoundError(LipschitzError, ValueError):
-    """A lower bound was asked of a model or with arguments that the search cannot handle."""
-
-
-class NonFiniteLowerBoundError(LipschitzError, FloatingPointError):
-    """No searched point gave a finite, confirmed Jacobian norm (inf/NaN weights, overflow)."""
 
 
 def _dtype_eps(dtype) -> float:
