@@ -137,6 +137,11 @@ def test_closed_form_function():
     ("silu", tf.nn.silu, activation_info("silu")),
     ("mish", keras.activations.mish, activation_info("mish")),
     ("hard_silu", keras.activations.hard_silu, activation_info("hard_silu")),
+    ("hard_swish", keras.ops.hard_swish, activation_info("hard_silu")),
+    ("keras_ops_gelu", keras.ops.gelu, activation_info("gelu", approximate=True)),
+    ("gelu_erf_form", lambda h: 0.5 * h * (1.0 + tf.math.erf(h / tf.cast(tf.sqrt(2.0), h.dtype))),
+     activation_info("gelu")),
+    ("x_sigmoid_x", lambda h: tf.sigmoid(h) * h, activation_info("silu")),
     ("leaky_relu", lambda h: tf.nn.leaky_relu(h, 0.3), activation_info("leaky_relu",
                                                                          negative_slope=0.3)),
 ])
@@ -145,6 +150,121 @@ def test_activations_built_from_several_ops_are_recognised(name, fn, activation)
     rep = autolip_function(lambda x: fn(x @ w), SPEC6)
     assert rep.upper == pytest.approx(_sigma(w) * activation.lipschitz, rel=1e-5)
     assert rep.layers[-1].bound_kind == "certified"
+
+
+def _slope_sup(fn, lo=-20.0, hi=20.0, n=400_001) -> float:
+    """max |φ'| of an elementwise φ on a dense float64 grid (autodiff), a ground truth."""
+    x = tf.constant(np.linspace(lo, hi, n), tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    return float(np.max(np.abs(tape.gradient(y, x))))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda h: tf.nn.silu(h, beta=2.0),
+    lambda h: h * tf.sigmoid(1.702 * h),  # quick-gelu
+    lambda h: h * tf.sigmoid(h / 0.25),
+    lambda h: tf.nn.silu(h, beta=-1.5),
+], ids=["silu_beta2", "quick_gelu", "divided", "negative_beta"])
+def test_swish_with_any_beta_has_the_silu_constant(fn):
+    """x·σ(βx) has derivative g(βx), g(u) = σ(u) + u·σ'(u): silu's constant for every β.
+
+    It raised NotLipschitzError ("not globally Lipschitz").
+    """
+    w = np.random.default_rng(3).standard_normal((6, 4)).astype("float32")
+    rep = autolip_function(lambda x: fn(x @ w), SPEC6)
+    silu = activation_info("silu").lipschitz
+    assert rep.upper == pytest.approx(_sigma(w) * silu, rel=1e-5)
+    assert rep.layers[-1].bound_kind == "certified"
+    assert silu * (1 - 1e-5) <= _slope_sup(fn) <= silu
+
+
+def test_composite_activations_are_recognised_by_structure_not_values():
+    """Functions within 1e-4 of silu on any grid are not silu: their slopes differ.
+
+    They were given silu's constant 1.09984 (certified) below their true constants.
+    """
+    silu = activation_info("silu").lipschitz
+    scaled = lambda x: 1.00009 * x * tf.sigmoid(x)  # noqa: E731
+    wiggly = lambda x: x * tf.sigmoid(x) * (1.0 + 5e-5 * tf.sin(1e3 * x))  # noqa: E731
+    assert _slope_sup(scaled) > silu * (1 + 5e-5) and _slope_sup(wiggly) > 1.9
+    tfgraph.register_op_rule("Sin", tfgraph.elementwise_rule(1.0))  # so that only Mul is left
+    try:
+        for fn in (scaled, wiggly, lambda x: tf.sigmoid(x) * tf.tanh(x)):
+            with pytest.raises(UnsupportedOpError, match=r"'Mul'.*not one of the activations") \
+                    as info:
+                autolip_function(fn, SPEC6, certified=True)
+            assert "not globally Lipschitz" not in str(info.value)
+    finally:
+        tfgraph._OP_RULES.pop("Sin")
+
+
+def test_broadcast_operands_of_merges_count_their_copies():
+    """A merged operand broadcast to N/n copies enters with its constant times √(N/n).
+
+    x + sum(x) gave 5 (exact 17), sum(x) − x 5 (exact 15), the Keras x + mean(x) 1.25 (exact 2),
+    max(x, sum(x)) 4.12 (Jacobian norm 16 at x = 1), a (16,) + b (1,) √2 (exact √17).
+    """
+    spec = tf.TensorSpec([None, 16], tf.float32)
+    for fn, exact in [(lambda x: x + tf.reduce_sum(x, -1, keepdims=True), 17.0),
+                      (lambda x: tf.reduce_sum(x, -1, keepdims=True) - x, 15.0)]:
+        dense = LinearOperator(fn, (16,)).to_dense()
+        assert _sigma(dense) == pytest.approx(exact, rel=1e-6)
+        rep = autolip_function(fn, spec, certified=True)
+        assert rep.upper >= exact * (1 - 1e-6) and rep.upper == pytest.approx(17.0, rel=1e-6)
+
+    inp = keras.Input((16, 1))
+    model = keras.Model(inp, L.Add()([inp, L.GlobalAveragePooling1D(keepdims=True)(inp)]))
+    jacobian = np.asarray(model(np.eye(16, dtype="float32")[:, :, None])).reshape(16, 16)
+    rep = autolip_function(tf.function(lambda x: model(x)), tf.TensorSpec([None, 16, 1]),
+                           certified=True)
+    assert rep.certified and rep.upper == pytest.approx(_sigma(jacobian), rel=1e-6)  # 2
+
+    def maximum(x):
+        return tf.maximum(x, tf.reduce_sum(x, -1, keepdims=True))
+
+    x = tf.ones((1, 16), tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = maximum(x)
+    jacobian_norm = _sigma(tape.jacobian(y, x).numpy().reshape(16, 16))  # 16
+    assert autolip_function(maximum, spec).upper >= jacobian_norm * (1 - 1e-6)
+
+    two = [tf.TensorSpec([None, 16], tf.float32), tf.TensorSpec([None, 1], tf.float32)]
+    rep = autolip_function(lambda a, b: a + b, two)
+    exact = _sigma(np.concatenate([np.eye(16), np.ones((16, 1))], axis=1))  # √17
+    assert rep.upper == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("fn, a", [
+    (lambda x: tf.maximum(x, tf.zeros((1, 16))), 1.0),
+    (lambda x: tf.minimum(tf.ones((16,)), x), -1.0),
+    (lambda x: x + tf.zeros((1, 16)), 0.0),
+], ids=["maximum", "minimum", "add"])
+def test_constant_operand_that_broadcasts_the_input(fn, a):
+    """x (one entry) against 16 constants: 16 copies of a 1-Lipschitz map of x, exactly 4.
+
+    Maximum and Minimum gave 1; the sum was measured (4.000004), now the closed form √16.
+    """
+    spec = tf.TensorSpec([None, 1], tf.float32)
+    secant = float(np.linalg.norm(fn(tf.constant([[a + 1.0]])) - fn(tf.constant([[a]]))))
+    assert secant == pytest.approx(4.0)
+    rep = autolip_function(fn, spec, certified=True)
+    assert rep.certified and rep.upper == pytest.approx(4.0, rel=1e-9)
+
+
+def test_registered_elementwise_op_counts_broadcast_copies():
+    """A registered binary elementwise op whose dependent operand is broadcast 16 times."""
+    tfgraph.register_op_rule("Atan2", tfgraph.elementwise_rule(1.0))  # |∂ atan2(y, 1)/∂y| ≤ 1
+    try:
+        fn = lambda y: tf.math.atan2(y, tf.ones((1, 16)))  # noqa: E731
+        x = tf.constant([[1e-4]])
+        secant = float(np.linalg.norm(fn(x) - fn(-x))) / 2e-4  # ≈ 4 (slope 1 at 0, 16 copies)
+        rep = autolip_function(fn, tf.TensorSpec([None, 1], tf.float32))
+        assert rep.upper >= secant and rep.upper == pytest.approx(4.0)
+    finally:
+        tfgraph._OP_RULES.pop("Atan2")
 
 
 def test_merges_follow_autolip_rules():
@@ -280,6 +400,16 @@ def test_tf_saved_model_save_with_named_signature(tmp_path):
     rep = est.autolip()
     assert rep.settings["skipped_outputs"] == ["label"]
     assert rep.upper == pytest.approx(0.25 * _sigma(module.w.numpy()), rel=1e-5)
+
+
+def test_bfloat16_graph_with_constants():
+    """Scalar bfloat16 constants (gelu's) are read; they raised a NumPy ValueError."""
+    w = np.random.default_rng(8).standard_normal((6, 4)).astype("float32")
+    rep = autolip_function(lambda x: tf.nn.gelu(x @ tf.cast(w, tf.bfloat16)),
+                           tf.TensorSpec([None, 6], tf.bfloat16))
+    rounded = tf.cast(tf.cast(w, tf.bfloat16), tf.float32).numpy()
+    assert rep.upper == pytest.approx(_sigma(rounded) * activation_info("gelu").lipschitz,
+                                      rel=1e-3)
 
 
 def test_half_precision_graph_is_measured_in_float32():

@@ -21,14 +21,15 @@ shared/ALGORITHMS.md §4) on that graph directly:
    - elementwise activations (``Relu``, ``Relu6``, ``Elu``, ``Selu``, ``LeakyRelu``, ``Sigmoid``,
      ``Tanh``, ``Softplus``, ``Softsign``, ``Softmax``, ``LogSoftmax``) get the constants of
      :func:`tf_lipschitz.rules.activations.activation_info`; activations that TensorFlow builds from
-     several ops (gelu as ``0.5·x·erfc(−x/√2)``, silu/swish as ``x·σ(x)``, mish, hard-silu) are
-     recognised by evaluating the elementwise sub-graph on a grid and matching it with the Keras
-     activation of the same values;
+     several ops (gelu as ``0.5·x·erfc(−x/√2)``, silu/swish as ``x·σ(βx)``, mish, hard-silu) are
+     recognised by the exact structure of the elementwise sub-graph (ops and constants), never
+     by its values; other products of elementwise functions raise :class:`UnsupportedOpError`;
    - ``MaxPool`` gets the overlap constant :func:`~tf_lipschitz.rules.pooling.max_pool_constant`;
    - ops of two input-dependent tensors: sums (``AddV2``, ``Sub``, ``AddN``) add their parents'
-     constants, concatenation and ``Maximum``/``Minimum`` take ``√(Σ L²)``; products (``Mul``,
-     ``MatMul``, ``BatchMatMul``, ``Einsum``...) raise
-     :class:`~tf_lipschitz.errors.NotLipschitzError`;
+     constants, concatenation and ``Maximum``/``Minimum`` take ``√(Σ L²)``; an operand that an
+     elementwise op broadcasts (``x + reduce_sum(x, -1, keepdims=True)``) is copied, and its
+     constant is multiplied by ``√copies`` first; products (``Mul``, ``MatMul``,
+     ``BatchMatMul``, ``Einsum``...) raise :class:`~tf_lipschitz.errors.NotLipschitzError`;
    - any other op raises :class:`UnsupportedOpError` naming the op type and the node.
 
 The graph is turned into the same :class:`~tf_lipschitz.graph.ModelGraph` the Keras walk produces
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import heapq
 import math
 import os
@@ -70,8 +72,8 @@ from tf_lipschitz.lower import lower_bound as _lower_bound
 from tf_lipschitz.power import check_keywords, keyword_names
 from tf_lipschitz.report import LipschitzReport, LowerBound
 from tf_lipschitz.rules.activations import activation_info
-from tf_lipschitz.rules.base import (Constant, LayerBound, Linear, Merge, check_constant,
-                                     register_rule)
+from tf_lipschitz.rules.base import (Activation, Constant, LayerBound, Linear, Merge,
+                                     check_constant, register_rule)
 from tf_lipschitz.rules.pooling import max_pool_constant
 
 __all__ = [
@@ -460,12 +462,16 @@ def supported_ops() -> list[str]:
 
 
 def elementwise_rule(lipschitz: float, note: str = "") -> OpRule:
-    """A rule for an elementwise op that is ``lipschitz``-Lipschitz in its single input."""
+    """A rule for an elementwise op that is ``lipschitz``-Lipschitz in its single input.
+
+    When the input-dependent operand is broadcast against a larger constant operand, each of
+    its entries is used ``copies`` times and the constant is multiplied by ``√copies``.
+    """
     lipschitz = check_constant(lipschitz, "lipschitz")
 
     def rule(ctx: OpContext) -> Constant:
-        ctx.single_dependent()
-        return Constant(lipschitz, note=note or f"{ctx.op_type} (registered)")
+        factor = max(1.0, _broadcast_factor(ctx, ctx.single_dependent()))
+        return Constant(lipschitz * factor, note=note or f"{ctx.op_type} (registered)")
 
     return rule
 
@@ -481,6 +487,26 @@ def linear_rule(offsets: Sequence[int] = (), norm: float | None = None) -> OpRul
 
 def _same_shape(ctx: OpContext, slot: int) -> bool:
     return tuple(ctx.input_shapes[slot]) == tuple(ctx.output_shape)
+
+
+def _broadcast_factor(ctx: OpContext, slot: int) -> float:
+    """Norm of the broadcast of input ``slot`` of an elementwise op to its output shape.
+
+    Broadcasting copies each of the ``n`` input entries ``N / n`` times (``N`` output entries),
+    so the copy map ``x ↦ broadcast(x)`` has norm ``√(N / n)`` exactly (1 without broadcast).
+    """
+    size = math.prod(ctx.input_shapes[slot])
+    return math.sqrt(math.prod(ctx.output_shape) / size) if size else 1.0
+
+
+def _broadcast_merge(ctx: OpContext, merge: Merge) -> Merge:
+    """``merge`` of the input-dependent operands of an elementwise op, broadcasting included.
+
+    Each operand's constant is multiplied by its :func:`_broadcast_factor` before ``merge``
+    combines them: ``x + reduce_sum(x, -1, keepdims=True)`` on 16 entries is ``I + 11ᵀ``, of
+    norm ``1 + 4·4 = 17`` (not ``1 + 4``). Not for concatenations (no entry is copied).
+    """
+    return merge.with_input_factors([_broadcast_factor(ctx, slot) for slot in ctx.dependent_slots])
 
 
 def _isometry(ctx: OpContext) -> Linear:
@@ -519,12 +545,11 @@ def _affine_sum(ctx: OpContext) -> LayerBound:
         if ctx.op_type in ("BiasAdd", "BiasAddV1"):
             raise NotLipschitzError(_culprit(ctx), "a bias that depends on the input is a "
                                     "broadcast sum; not supported.")
-        return Merge.sum()
+        return _broadcast_merge(ctx, Merge.sum())
     slot = slots[0]
     offsets = tuple(i for i in range(len(ctx.inputs)) if i != slot)
     note = "affine: constant added" if ctx.op_type != "Sub" or slot == 0 else "constant − x"
-    norm = 1.0 if _same_shape(ctx, slot) else None
-    return ctx.linear(offsets=offsets, norm=norm, note=note)
+    return ctx.linear(offsets=offsets, norm=_broadcast_factor(ctx, slot), note=note)
 
 
 def _neg(ctx: OpContext) -> Linear:
@@ -602,9 +627,19 @@ def _split_like(ctx: OpContext) -> Constant:
 
 
 def _max_merge(ctx: OpContext) -> LayerBound:
-    if len(ctx.dependent_slots) > 1:
-        return Merge.l2("√(Σ L²) (coordinatewise max/min)")
-    return Constant(1.0, note=f"{ctx.op_type} with a constant: 1-Lipschitz")
+    """Maximum/Minimum: ``|Δ max(a, b)| ≤ max(|Δa|, |Δb|)`` per entry, after broadcasting.
+
+    With a constant operand, the op is a 1-Lipschitz elementwise map of ``broadcast(x)``: the
+    norm of the broadcast, as for a constant added (:func:`_affine_sum`).
+    """
+    slots = ctx.dependent_slots
+    if len(slots) > 1:
+        return _broadcast_merge(ctx, Merge.l2("√(Σ L²) (coordinatewise max/min)"))
+    factor = _broadcast_factor(ctx, slots[0])
+    note = f"{ctx.op_type} with a constant: 1-Lipschitz"
+    if factor != 1.0:
+        note += f", input broadcast ×√{factor * factor:g}"
+    return Constant(factor, note=note)
 
 
 def _clip(ctx: OpContext) -> Constant:
@@ -663,12 +698,20 @@ def _cast(ctx: OpContext) -> Linear:
 
 def _product(ctx: OpContext) -> LayerBound:
     if ctx.elementwise_of is not None:
-        raise NotLipschitzError(
-            _culprit(ctx),
-            f"{ctx.op_type} multiplies two elementwise functions of '{ctx.elementwise_of}', and "
-            "their product is not a recognised activation (gelu, silu/swish, mish, hard_silu...). "
-            "If it is c-Lipschitz, register the op pattern's constant with a custom rule, or "
-            "analyse the Keras model file.",
+        if len(set(ctx.inputs)) == 1:
+            raise NotLipschitzError(
+                _culprit(ctx),
+                f"{ctx.op_type} multiplies '{ctx.elementwise_of}' by itself: x·x is not a "
+                "recognised activation, and its derivative 2x grows without bound.",
+            )
+        raise UnsupportedOpError(
+            ctx.op_type, ctx.name,
+            f"It multiplies two elementwise functions of '{ctx.elementwise_of}', and their "
+            "product is not one of the activations recognised by the exact structure of their "
+            "ops (gelu, silu/swish x·σ(βx), mish, hard_silu as TensorFlow and Keras build them). "
+            "Such a product may or may not be Lipschitz, and the graph does not give its "
+            "constant: write the activation with tf.nn or keras.activations, or analyse the "
+            "Keras model file.",
         )
     raise NotLipschitzError(
         _culprit(ctx),
@@ -729,25 +772,55 @@ _ELEMENTWISE = frozenset({
     "Reciprocal", "Sin", "Cos", "Mul", "AddV2", "Add", "Sub", "RealDiv", "Div", "Maximum",
     "Minimum", "Pow", "SquaredDifference", "ClipByValue", "Cast",
 })
-# Keras activations that TensorFlow builds from several ops, matched by value.
-_COMPOSITE = {
-    "gelu": lambda x: keras.activations.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: keras.activations.gelu(x, approximate=True),
-    "silu": keras.activations.silu,
-    "mish": keras.activations.mish,
-    "hard_silu": keras.activations.hard_silu,
-    "hard_sigmoid": keras.activations.hard_sigmoid,
-    "softplus": keras.activations.softplus,
-    "elu": keras.activations.elu,
-    "selu": keras.activations.selu,
-    "sigmoid": keras.activations.sigmoid,
-    "tanh": keras.activations.tanh,
-    "relu": keras.activations.relu,
-    "relu6": keras.activations.relu6,
-    "softsign": keras.activations.softsign,
-    "log_sigmoid": keras.activations.log_sigmoid,
-}
-_GRID = np.concatenate([np.linspace(-12.0, 12.0, 4801), [-60.0, -30.0, 30.0, 60.0]])
+# Activations that TensorFlow and Keras build from several ops: (Keras activation name, its
+# parameters, a function building it). Each function is traced in the graph's dtype and the
+# structure of its sub-graph, constants included, is the pattern (see _reference_forms).
+_COMPOSITE: tuple[tuple[str, tuple, Callable], ...] = (
+    ("gelu", (), tf.nn.gelu),
+    ("gelu", (), lambda x: keras.activations.gelu(x, approximate=False)),
+    # the erf form of earlier TensorFlow releases (and of Hugging Face's TF models)
+    ("gelu", (), lambda x: 0.5 * x * (1.0 + tf.math.erf(x / tf.cast(1.4142135623730951,
+                                                                      x.dtype)))),
+    ("gelu", (("approximate", True),), lambda x: tf.nn.gelu(x, approximate=True)),
+    ("gelu", (("approximate", True),), lambda x: keras.activations.gelu(x, approximate=True)),
+    ("silu", (), tf.nn.silu),
+    ("silu", (), keras.activations.silu),
+    ("mish", (), keras.activations.mish),
+    ("hard_silu", (), keras.activations.hard_silu),
+)
+# Ops whose operands may be swapped without changing the result.
+_COMMUTATIVE = frozenset({"Mul", "AddV2", "Add", "Maximum", "Minimum", "SquaredDifference"})
+# Structural forms of sub-graphs, interned: a key (op, output index, attributes, operand ids)
+# maps to a small id, so that equal sub-graphs of different graphs get equal ids.
+_FORM_IDS: dict[tuple, int] = {}
+
+
+def _attr_key(node_def) -> tuple:
+    """The attributes of a node (not the private ``_``-prefixed ones), comparable exactly."""
+    return tuple(sorted((key, value.SerializeToString(deterministic=True))
+                        for key, value in node_def.attr.items() if not key.startswith("_")))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_forms(dtype: tf.DType) -> dict[int, tuple[str, tuple]]:
+    """Structural forms of the :data:`_COMPOSITE` activations traced in ``dtype``.
+
+    Returns:
+        ``{form id: (activation name, parameters)}``.
+    """
+    forms: dict[int, tuple[str, tuple]] = {}
+    for name, params, fn in _COMPOSITE:
+        try:
+            reader = _GraphReader(_concrete(fn, [tf.TensorSpec([None, 2], dtype)]), None)
+        except (LipschitzError, TypeError, ValueError):  # not defined for this dtype
+            continue
+        live = reader._live_nodes()  # noqa: SLF001 - the reader of the same module
+        refs = {reader.resolve(r) for n in live for r in _data_inputs(reader.nodes[n])}
+        reader.values = reader.evaluate([r for r in refs if not reader.is_dependent(r)])
+        form = reader.form(reader.resolve(reader.outputs[0]), reader.inputs[0], set(live))
+        if form is not None:
+            forms.setdefault(form, (name, params))
+    return forms
 
 
 # ---------------------------------------------------------------------------------------------
@@ -996,7 +1069,7 @@ class _GraphReader:
 
         specs = [tf.TensorSpec(self.input_full[r], self.dtypes[r]) for r in inputs]
         outs = _once(run, specs)(*[tf.constant(self.sample[r]) for r in inputs])
-        return {r: np.asarray(v) for r, v in zip(refs, outs)}
+        return {r: np.asarray(v.numpy()) for r, v in zip(refs, outs)}  # bfloat16 scalars too
 
     # -- the walk ------------------------------------------------------------------------------
 
@@ -1143,7 +1216,8 @@ class _GraphReader:
         every dependent path into ``m`` passes is found by expanding, through elementwise ops,
         the open tensor latest in topological order until one remains. The sub-graph from ``s``
         to ``m`` computes ``φ(s)`` for a scalar function φ (all its constants are scalars);
-        φ is evaluated on a grid and matched with the Keras activations.
+        φ is recognised by its structure (:meth:`_match`), never by its values: a function
+        equal to silu within 1e-4 on a grid can have twice silu's slope between the points.
         """
         position = {n: i for i, n in enumerate(self.order)}
         consumers: dict[str, set[str]] = {}
@@ -1172,11 +1246,10 @@ class _GraphReader:
             if match is None:
                 self.unmatched[name] = source.split(":")[0]
                 continue
-            info = activation_info(match)
-            if match == "gelu_tanh":
-                info = activation_info("gelu", approximate=True)
+            info, formula = match
+            label = f"{formula}: {info.name}" if formula else info.name
             bound = Constant(info.lipschitz, certified=info.certified,
-                             note=f"{info.name} (recognised from {len(members) + 1} ops)",
+                             note=f"{label} (recognised from {len(members) + 1} ops)",
                              activation=info)
             keep = {m for m in members if consumers.get(m, set()) <= (members | {name})}
             regions[name] = (source, keep, bound)
@@ -1205,34 +1278,104 @@ class _GraphReader:
             return None
         return next(iter(open_refs)), members
 
-    def _match(self, source: str, members: set[str], output: str) -> str | None:
-        nodes = [self.nodes[n] for n in self.order if n in members]
-        dtype = self._dtype(source)
-        feeds = {}
-        for node in nodes:
-            for ref in _data_inputs(node):
-                ref = self.resolve(ref)
-                if not self.is_dependent(ref):
-                    feeds[ref] = self.values[ref]
-        constants = {r: tf.constant(v) for r, v in feeds.items()}
+    def _match(self, source: str, members: set[str], output: str
+               ) -> tuple[Activation, str] | None:
+        """The activation computed by the sub-graph ``members`` from ``source`` to ``output``.
 
-        def phi_fn(x):
-            values = _replay(nodes, {source: x, **constants}, self.resolve)
-            return values[output]
+        Structural, hence exact: the sub-graph must be op for op, constant for constant (same
+        dtype, same bits), the sub-graph that one of the :data:`_COMPOSITE` functions builds in
+        this TensorFlow/Keras version (operands of commutative ops in any order), or
+        ``x·σ(βx)`` for a finite constant β (:meth:`_swish_beta`). Any other function, however
+        close in value, is not recognised.
 
-        try:
-            phi = _once(phi_fn, [tf.TensorSpec(_GRID.shape, dtype)])(tf.constant(_GRID, dtype))
-            phi = np.asarray(phi).astype("float64").ravel()
-        except (LipschitzError, TypeError, ValueError, tf.errors.OpError):
-            return None  # not an elementwise function of the source: the caller reports it
-        if phi.shape != _GRID.shape:
+        Returns:
+            ``(activation, formula)`` (``formula`` is ``""`` or e.g. ``"x·σ(1.702·x)"``), or
+            ``None``.
+        """
+        form = self.form(output, source, members)
+        if form is None:
             return None
-        x = tf.constant(_GRID, dtype)
-        for name, ref_fn in _COMPOSITE.items():
-            ref = np.asarray(ref_fn(x)).astype("float64")
-            if np.allclose(phi, ref, rtol=1e-4, atol=1e-5):
-                return name
-        return None
+        known = _reference_forms(self._dtype(source)).get(form)
+        if known is not None:
+            name, params = known
+            return activation_info(name, **dict(params)), ""
+        beta = self._swish_beta(output, source)
+        if beta is None:
+            return None
+        formula = "x·σ(x)" if beta == 1.0 else f"x·σ({beta:.6g}·x)"
+        return activation_info("silu"), formula
+
+    def form(self, output: str, source: str, members: set[str]) -> int | None:
+        """An id of the structure of the sub-graph ``members`` computing ``output`` from ``source``.
+
+        Two sub-graphs (of any graphs) get the same id when they apply the same ops, with the
+        same attributes, to the same operands (in any order for commutative ops), and their
+        constants have the same dtype and value bit for bit: they compute the same function of
+        their source. ``None`` when the sub-graph reads a non-scalar constant or an
+        input-dependent tensor other than ``source`` outside ``members``.
+        """
+        memo: dict[str, int | None] = {}
+
+        def form_of(ref: str) -> int | None:
+            if ref in memo:
+                return memo[ref]
+            node_name, index = _split(ref)
+            key: tuple | None = None
+            if ref == source:
+                key = ("source",)
+            elif not self.is_dependent(ref):
+                value = np.asarray(self.values[ref])
+                if value.size == 1:
+                    key = ("const", value.dtype.name, value.tobytes())
+            elif node_name in members:
+                node = self.nodes[node_name]
+                operands = [form_of(self.resolve(r)) for r in _data_inputs(node)]
+                if None not in operands:
+                    if node.op in _COMMUTATIVE:
+                        operands.sort()
+                    key = (node.op, index, _attr_key(node), tuple(operands))
+            memo[ref] = None if key is None else _FORM_IDS.setdefault(key, len(_FORM_IDS))
+            return memo[ref]
+
+        return form_of(output)
+
+    def _swish_beta(self, output: str, source: str) -> float | None:
+        """β when ``output`` is ``x·σ(x)``, ``x·σ(c·x)`` or ``x·σ(x/c)`` of ``x = source``.
+
+        ``x ↦ x·σ(βx)`` has derivative ``g(βx)`` with ``g(u) = σ(u) + u·σ'(u)`` for every β
+        (``tf.nn.silu(x, beta)``, the quick-gelu ``x·σ(1.702x)``), and ``g`` ranges in
+        ``[-0.0998, 1.0998]``: silu's constant holds for every finite constant β.
+        """
+        def node_of(ref: str):
+            name, index = _split(ref)
+            return self.nodes[name] if index == 0 else None
+
+        def operands(node) -> list[str]:
+            return [self.resolve(r) for r in _data_inputs(node)]
+
+        product = node_of(output)
+        if product is None or product.op != "Mul" or source not in operands(product):
+            return None
+        pair = operands(product)
+        gate = node_of(pair[1 - pair.index(source)])
+        if gate is None or gate.op != "Sigmoid" or not self.is_dependent(gate.name):
+            return None
+        (argument,) = operands(gate)
+        if argument == source:
+            return 1.0
+        scaling = node_of(argument)
+        if scaling is None or scaling.op not in ("Mul", "RealDiv"):
+            return None
+        pair = operands(scaling)
+        if source not in pair or (scaling.op == "RealDiv" and pair[0] != source):
+            return None
+        other = pair[1 - pair.index(source)]
+        if self.is_dependent(other) or np.size(self.values[other]) != 1:
+            return None
+        value = float(np.asarray(self.values[other], dtype="float64").ravel()[0])
+        with np.errstate(divide="ignore"):
+            beta = value if scaling.op == "Mul" else float(np.float64(1.0) / value)
+        return beta if math.isfinite(beta) else None
 
 
 def _is_shape_list(value) -> bool:

@@ -193,6 +193,24 @@ class Merge:
         return cls(lambda values: _sum(values) / len(values), note,
                    disjoint=lambda values: _l2(values) / len(values))
 
+    def with_input_factors(self, factors: Sequence[float]) -> "Merge":
+        """The merge of inputs first multiplied by Lipschitz ``factors`` (one per input).
+
+        Used for broadcasting in elementwise merges: an input of ``n`` entries copied to ``N``
+        output entries goes through a map of norm ``√(N / n)`` before it is added (or maxed)
+        with the others (``x + mean(x, keepdims=True)`` on 16 entries is 2-Lipschitz, not 1.25).
+        """
+        factors = [float(f) for f in factors]
+        if all(f == 1.0 for f in factors):
+            return self
+
+        def scaled(combine):
+            return lambda values: combine([v * f for v, f in zip(values, factors)])
+
+        copies = ", ".join(f"{f * f:g}" for f in factors if f != 1.0)
+        return Merge(scaled(self.combine), f"{self.note}; broadcast inputs ×√copies ({copies})",
+                     disjoint=None if self.disjoint is None else scaled(self.disjoint))
+
     @classmethod
     def l2(cls, note: str) -> "Merge":
         """Inputs on disjoint output coordinates (concatenation) or a coordinatewise max/min:

@@ -50,17 +50,9 @@ def _broadcast(merge: Merge, ctx: NodeContext) -> Merge:
     not 1.25). Applies to sums, means, maxima and minima, not to concatenations.
     """
     size = math.prod(ctx.output_shapes[0])
-    factors = [math.sqrt(size / math.prod(shape)) if math.prod(shape) else 1.0
-               for shape in ctx.input_shapes]
-    if all(f == 1.0 for f in factors):
-        return merge
-
-    def scaled(combine):
-        return lambda values: combine([v * f for v, f in zip(values, factors)])
-
-    copies = ", ".join(f"{f * f:g}" for f in factors if f != 1.0)
-    return Merge(scaled(merge.combine), f"{merge.note}; broadcast inputs ×√(copies: {copies})",
-                 disjoint=None if merge.disjoint is None else scaled(merge.disjoint))
+    return merge.with_input_factors(
+        [math.sqrt(size / math.prod(shape)) if math.prod(shape) else 1.0
+         for shape in ctx.input_shapes])
 
 
 def _sum_rule(layer, ctx):
