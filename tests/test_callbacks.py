@@ -380,3 +380,8 @@ def test_no_numpy_copy_deprecation_warning_from_reading_variables():
         assert wrapper.is_calibrated()
         tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
     assert not [w for w in caught if "__array__" in str(w.message)]
+
+
+@pytest.mark.parametrize("shape", [tf.TensorShape([4]), np.array([4]), [np.int64(4)], (4,)])
+def test_input_shape_accepts_shapes_of_any_kind(shape):
+    assert LipCallback(input_shape=shape).input_shape == (4,)

@@ -300,3 +300,16 @@ def test_constraint_step_calls_the_map_once_per_product_plus_once_for_sigma(powe
         kernel.assign(kernel + 0.1 * rng.standard_normal((20, 10)).astype("float32"))
         kernel.assign(constraint(kernel))
     assert int(calls.numpy()) == 3 * (power_iterations + 1)
+
+
+@pytest.mark.parametrize("shape", [tf.TensorShape([8, 8, 3]), np.array([8, 8, 3]),
+                                   [np.int64(8), 8, 3], (8, 8, 3)])
+def test_conv_input_shape_accepts_shapes_of_any_kind(shape):
+    # tf.TensorShape and NumPy shapes worked before the argument checks and were then refused.
+    assert ConvOperatorNorm(1.0, shape).input_shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("shape", [(8, 0, 3), (8, 8.5, 3), "8,8,3", (8,), (True, 8, 3)])
+def test_conv_input_shape_rejects_what_is_not_a_shape(shape):
+    with pytest.raises(InvalidArgumentError, match="input_shape"):
+        ConvOperatorNorm(1.0, shape)

@@ -416,3 +416,33 @@ def test_half_precision_graph_is_measured_in_float32():
     w = np.random.default_rng(8).standard_normal((6, 4)).astype("float16")
     rep = autolip_function(lambda x: tf.nn.relu(x @ w), tf.TensorSpec([None, 6], tf.float16))
     assert rep.upper == pytest.approx(_sigma(w.astype("float32")), rel=1e-3)
+
+
+def _fused_batch_norm(scale, variance, zero):
+    def f(x):
+        return tf.compat.v1.nn.fused_batch_norm(x, scale, zero, zero, variance, epsilon=1e-3,
+                                                is_training=False)[0]
+    return f
+
+
+def test_fused_batch_norm_bound_covers_the_float32_scale_the_op_multiplies_by():
+    # The closed form was the exact float64 |γ|/√(var+ε); TensorFlow multiplies by the float32
+    # rsqrt(var + ε)·γ, which can round above it (certified 0.5591991998 for 0.5591992736).
+    rng = np.random.default_rng(0)
+    zero = tf.constant([0.0])
+    for _ in range(200):  # a channel whose float32 slope rounds above the exact one
+        var = np.float32(rng.uniform(0.01, 4.0))
+        gamma = np.float32(rng.uniform(0.5, 2.0))
+        f = _fused_batch_norm(tf.constant([gamma]), tf.constant([var]), zero)
+
+        ones = tf.ones([1, 1, 1, 1])
+        slope = float(f(ones)[0, 0, 0, 0] - f(0 * ones)[0, 0, 0, 0])
+        exact = float(gamma) / math.sqrt(float(var) + 1e-3)
+        if slope > exact * (1 + 2 ** -30):
+            break
+    else:
+        pytest.skip("no channel rounds up on this machine")
+    report = tfl.autolip_function(
+        tf.function(f, input_signature=[tf.TensorSpec([None, 1, 1, 1], tf.float32)]),
+        certified=True)
+    assert report.certified and report.upper >= slope

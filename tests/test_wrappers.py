@@ -152,7 +152,7 @@ def test_activity_regularizer_loss_is_kept(rng):
 @pytest.mark.parametrize(
     "layer,shape,error,match",
     [
-        (keras.layers.ReLU(), (4,), InvalidArgumentError, "affine.*layer='re_lu'"),
+        (keras.layers.ReLU(), (4,), InvalidArgumentError, r"affine.*layer='re_lu(_\d+)?'"),
         (keras.layers.BatchNormalization(), (4,), InvalidArgumentError, "kernel"),
         (keras.layers.Conv2D(2, 3), (None, None, 1), ModelNotBuiltError, "input shape"),
         (keras.layers.EinsumDense("abc,cd->abd", (None, 3)), (None, 4), ModelNotBuiltError,

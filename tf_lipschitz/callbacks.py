@@ -37,7 +37,7 @@ from tf_lipschitz.autolip import check_solver_arguments
 from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.estimator import LipschitzEstimator
 from tf_lipschitz.lower import lower_bound
-from tf_lipschitz.power import check_int, check_keywords, keyword_names
+from tf_lipschitz.power import as_shape, check_int, check_keywords, keyword_names
 from tf_lipschitz.report import json_ready
 
 __all__ = ["LipCallback", "LipschitzRecord"]
@@ -226,14 +226,18 @@ class LipCallback(keras.callbacks.Callback):
                 f"`verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
         for name, value, accepted, what in (
             ("log_dir", log_dir, (str, os.PathLike, type(None)), "a directory path or None"),
-            ("input_shape", input_shape, (tuple, list, type(None)),
-             "a per-example shape such as (28, 28, 1), or None"),
             ("per_layer", per_layer, (bool, np.bool_), "True or False"),
             ("certified", certified, (bool, np.bool_), "True or False"),
         ):
             if not isinstance(value, accepted):
                 raise InvalidArgumentError(
                     f"`{name}` must be {what}. Received: {name}={value!r}")
+        if input_shape is not None:
+            if as_shape(input_shape) is None:
+                raise InvalidArgumentError(
+                    "`input_shape` must be a per-example shape of positive integers such as "
+                    f"(28, 28, 1), or None. Received: input_shape={input_shape!r}")
+            input_shape = as_shape(input_shape)
         solver, tol, max_products = check_solver_arguments(solver, tol, max_products,
                                                            method_name="solver")
         lower_kwargs = self._check_kwargs("lower_kwargs", lower_kwargs, "lower", methods)
@@ -254,12 +258,12 @@ class LipCallback(keras.callbacks.Callback):
                 f"LipCallback(certified=...)). Received: seqlip_kwargs={seqlip_kwargs!r}"
             )
         if seqlip_kwargs:
-            from tf_lipschitz.estimator import _seqlip_options
+            from tf_lipschitz.estimator import seqlip_options
             from tf_lipschitz.seqlip import check_options
 
             options = dict(seqlip_kwargs)
             mode = options.pop("mode", "auto")
-            check_keywords(options, ("mode", *_seqlip_options()),
+            check_keywords(options, ("mode", *seqlip_options()),
                            "LipCallback(seqlip_kwargs=...), forwarded to "
                            "LipschitzEstimator.seqlip(),")
             check_options(mode, **options)

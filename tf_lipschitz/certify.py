@@ -310,7 +310,7 @@ def max_singular_value(matrices: Any, *, method: str = "auto", rtol: float = 1e-
     Raises:
         InvalidArgumentError: On an unknown ``method``, an ``rtol`` outside ``(0, 0.1]`` or an
             array that is not a batch of matrices.
-        LipschitzError: On a non-finite matrix (no bound exists).
+        InvalidArgumentError: On a non-finite matrix (no bound exists).
 
     Example:
         >>> import numpy as np
@@ -329,7 +329,7 @@ def max_singular_value(matrices: Any, *, method: str = "auto", rtol: float = 1e-
         return 0.0
     a = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64, copy=False)
     if not np.all(np.isfinite(a)):
-        raise LipschitzError(
+        raise InvalidArgumentError(
             "The weights contain NaN or inf: no operator-norm bound exists. Check the layer's "
             "weights (a diverged training step) before certifying.")
     big = float(np.max(np.abs(a)))

@@ -49,8 +49,8 @@ import tensorflow as tf
 from keras import ops
 
 from tf_lipschitz.errors import InvalidArgumentError
-from tf_lipschitz.power import (check_int, check_tol, example_norms, lanczos_loop, power_loop,
-                                prepare_operator)
+from tf_lipschitz.power import (as_shape, check_int, check_tol, example_norms, lanczos_loop,
+                                power_loop, prepare_operator)
 
 __all__ = ["SpectralNorm", "ConvOperatorNorm", "track_top_vector"]
 
@@ -364,10 +364,8 @@ class ConvOperatorNorm(_OperatorNormConstraint):
                 "input_shape=(28, 28, 1): a convolution's operator norm depends on it. "
                 "Received: input_shape=None"
             )
-        shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
-        if len(shape) not in (2, 3, 4) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
-        ):
+        shape = as_shape(input_shape) or ()
+        if len(shape) not in (2, 3, 4):
             raise InvalidArgumentError(
                 "`input_shape` must be the full per-example shape of a 1-D, 2-D or 3-D "
                 f"convolution input (spatial dims + channels, all known), e.g. (28, 28, 1). "

@@ -21,7 +21,7 @@ _SET_BY_ESTIMATOR = ("model", "input_shape", "x", "dtype", "mode", "certified", 
                      "spectral", "model_name")
 
 
-def _seqlip_options() -> tuple[str, ...]:
+def seqlip_options() -> tuple[str, ...]:
     """The options of :meth:`LipschitzEstimator.seqlip` (``SeqLip.run``'s own keywords)."""
     from tf_lipschitz.seqlip import SeqLip
 
@@ -189,7 +189,7 @@ class LipschitzEstimator:
             >>> rep.upper <= est.autolip().upper * (1 + 1e-6)
             True
         """
-        check_keywords(options, _seqlip_options(), "LipschitzEstimator.seqlip()")
+        check_keywords(options, seqlip_options(), "LipschitzEstimator.seqlip()")
         return self._seqlip_engine().run(
             mode, certified=certified, init=init, model_name=self.name,
             verbose=self.verbose if verbose is None else verbose, **options,
@@ -226,7 +226,7 @@ class LipschitzEstimator:
         """
         from tf_lipschitz.seqlip import check_options
 
-        check_keywords(options, _seqlip_options(), "LipschitzEstimator.estimate()")
+        check_keywords(options, seqlip_options(), "LipschitzEstimator.estimate()")
         check_options(mode, **options)  # before the solver runs
         lower_bound_options = dict(lower_bound_options or {})
         check_keywords(lower_bound_options, keyword_names(lower_bound, _SET_BY_ESTIMATOR),

@@ -41,11 +41,18 @@ from collections.abc import Callable
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python import pywrap_tfe
-from tensorflow.python.eager import forwardprop
+
+try:  # private TensorFlow API for the max-pool JVP work-around; without it, TensorFlow's JVPs
+    from tensorflow.python import pywrap_tfe
+    from tensorflow.python.eager import forwardprop
+
+    _JVP_HOOK_AVAILABLE = callable(getattr(pywrap_tfe, "TFE_Py_RegisterJVPFunction", None)) and \
+        callable(getattr(forwardprop, "_jvp_dispatch", None))
+except ImportError:  # pragma: no cover - another TensorFlow layout
+    _JVP_HOOK_AVAILABLE = False
 
 from tf_lipschitz.errors import LowerBoundError, NonFiniteLowerBoundError
-from tf_lipschitz.power import _HALF_ROUNDING
+from tf_lipschitz.power import HALF_ROUNDING
 from tf_lipschitz.report import ExtremeValueEstimate, LowerBound
 
 __all__ = [
@@ -75,7 +82,7 @@ def _dtype_eps(dtype) -> float:
     dtype = tf.as_dtype(dtype)
     if not dtype.is_floating:
         return 0.0
-    return _HALF_ROUNDING.get(dtype) or float(np.finfo(dtype.as_numpy_dtype).eps)
+    return HALF_ROUNDING.get(dtype) or float(np.finfo(dtype.as_numpy_dtype).eps)
 
 
 def _machine_eps(model, dtype) -> float:
@@ -209,7 +216,12 @@ def _exact_max_pool_jvps():
     """Within the block, forward-mode products of shape-keeping max pools are exact
     (:func:`_max_pool_jvp`); every other op keeps TensorFlow's JVP, so graphs without such a
     pool are unchanged. The hook is TensorFlow's process-wide JVP function, installed while
-    any block is open (in any thread) and restored when the last one closes."""
+    any block is open (in any thread: other threads' forward-mode products traced meanwhile get
+    it too, with the same values) and restored to TensorFlow's own when the last one closes.
+    Where TensorFlow does not expose it, the block does nothing."""
+    if not _JVP_HOOK_AVAILABLE:  # pragma: no cover - another TensorFlow layout
+        yield
+        return
     with _JVP_HOOK_LOCK:
         if _JVP_HOOK_USERS[0] == 0:
             pywrap_tfe.TFE_Py_RegisterJVPFunction(_dispatch_jvp)
@@ -319,11 +331,12 @@ def jacobian_norms(f: Callable, x, *, iters: int = 30, seed: int = 0) -> np.ndar
 
     Power iteration on ``J(x)ᵀJ(x)`` (forward- and reverse-mode products), all examples at once,
     in float32 at least. Each value is ``‖J(x) v‖`` for a unit ``v``, confirmed by secant ratios
-    along ``v`` (one-sided, two steps); where they fall more than ``1e-3`` short of it, as at a
-    point where ``f`` is not differentiable, the value is the best secant ratio instead. Either
-    way it is a lower bound on the Lipschitz constant of ``f``, and it approaches ``‖J(x)‖₂``
-    from below where ``f`` is differentiable. A half-precision model's values carry its own
-    rounding (about ``1e-3`` in float16).
+    along ``v`` (one-sided on both sides, two step sizes); where they fall more than ``1e-3``
+    short of it, as at a point where ``f`` is not differentiable, the value is the best secant
+    ratio instead. Either way it is a lower bound on the Lipschitz constant of ``f`` (a kept
+    norm is confirmed to within that ``1e-3`` where ``f`` is not differentiable), and it
+    approaches ``‖J(x)‖₂`` from below where ``f`` is differentiable. A half-precision model's
+    values carry its own rounding (about ``1e-3`` in float16).
 
     Args:
         f: A single-input Keras model or a batched callable.

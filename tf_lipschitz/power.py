@@ -130,6 +130,21 @@ def check_int(value: Any, name: str, *, minimum: int, maximum: int | None = None
         f"{name} must be {accepted}; received {name}={value!r}." + (f" {hint}" if hint else ""))
 
 
+def as_shape(value: Any) -> tuple[int, ...] | None:
+    """A shape given as a tuple, list, NumPy array or ``tf.TensorShape`` of positive integers
+    (NumPy integers included), as a tuple of ``int``; ``None`` if it is not one."""
+    if isinstance(value, tf.TensorShape):
+        value = value.as_list() if value.rank is not None else None
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
+    if not isinstance(value, (tuple, list)):
+        return None
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
+               for d in value):
+        return None
+    return tuple(int(d) for d in value)
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str], hint: str = "") -> str:
     """Validates an argument that takes one of a few strings.
 
@@ -453,7 +468,7 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
 
 # Unit roundoff of the half-precision dtypes: their operators are iterated in float32, and
 # their products carry that rounding.
-_HALF_ROUNDING = {tf.float16: 2.0 ** -10, tf.bfloat16: 2.0 ** -7}
+HALF_ROUNDING = {tf.float16: 2.0 ** -10, tf.bfloat16: 2.0 ** -7}
 
 
 def example_norms(t: tf.Tensor) -> tf.Tensor:
@@ -478,7 +493,7 @@ def example_norms(t: tf.Tensor) -> tf.Tensor:
         [5.0, 0.0]
     """
     given = t.dtype
-    flat = tf.reshape(tf.cast(t, tf.float32) if given in _HALF_ROUNDING else t,
+    flat = tf.reshape(tf.cast(t, tf.float32) if given in HALF_ROUNDING else t,
                       [tf.shape(t)[0], -1])
     peak = tf.reduce_max(tf.abs(flat), axis=1)
     usable = tf.logical_and(peak > 0, tf.math.is_finite(peak))
@@ -503,7 +518,7 @@ def _widened(fn, adjoint, dtype):
 def _consistency_slack(dtype) -> float:
     """Relative disagreement allowed between ``vᵀJᵀJv`` and ``‖Jv‖²`` for a ``dtype`` operator:
     1 %, or the rounding of half-precision products (16 units)."""
-    return max(1e-2, 16 * _HALF_ROUNDING.get(tf.as_dtype(dtype), 0.0))
+    return max(1e-2, 16 * HALF_ROUNDING.get(tf.as_dtype(dtype), 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,7 +554,7 @@ class PreparedOperator:
     @property
     def rounding(self) -> float:
         """Unit roundoff of a half-precision operator's products, 0 for other dtypes."""
-        return _HALF_ROUNDING.get(self.dtype, 0.0)
+        return HALF_ROUNDING.get(self.dtype, 0.0)
 
 
 def prepare_operator(fn, adjoint, v0, *, first_product: bool = False) -> PreparedOperator:
@@ -577,7 +592,7 @@ def prepare_operator(fn, adjoint, v0, *, first_product: bool = False) -> Prepare
         A :class:`PreparedOperator`.
     """
     given = v0.dtype
-    if given in _HALF_ROUNDING:
+    if given in HALF_ROUNDING:
         fn, adjoint = _widened(fn, adjoint, given)
         v0 = tf.cast(v0, tf.float32)
     dtype = v0.dtype

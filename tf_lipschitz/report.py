@@ -196,8 +196,9 @@ class LowerBound:
 
     Attributes:
         value: The lower bound: the norm of the Jacobian-vector product at ``x``, or the best
-            secant ratio there when autodiff's "Jacobian" is not confirmed by it (at a kink,
-            see ``docs/concepts.md``).
+            secant ratio there when autodiff's "Jacobian" is not confirmed by it to within
+            ``1e-3`` (at a kink, see ``docs/concepts.md``). Computed in the model's precision,
+            it carries the model's rounding (about ``1e-7`` relative in float32).
         x: The input point (one example, no batch axis).
         direction: The unit input direction ``v``.
         secant: The best of the one-sided ratios ``‖f(x ± hv) − f(x)‖ / h`` for two small

@@ -65,12 +65,12 @@ from tensorflow.python.framework import op_def_library, op_def_registry
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from tf_lipschitz.autolip import AutoLip, check_solver_arguments
-from tf_lipschitz.errors import (InvalidArgumentError, LipschitzError, ModelNotBuiltError,
-                                 NotLipschitzError)
+from tf_lipschitz.errors import (InvalidArgumentError, LipschitzError, LowerBoundError,
+                                 ModelNotBuiltError, NotLipschitzError)
 from tf_lipschitz.graph import GraphNode, ModelGraph
 from tf_lipschitz.lower import lower_bound as _lower_bound
 from tf_lipschitz.power import check_keywords, keyword_names
-from tf_lipschitz.report import LipschitzReport, LowerBound
+from tf_lipschitz.report import LipschitzReport, LowerBound, round_up
 from tf_lipschitz.rules.activations import activation_info
 from tf_lipschitz.rules.base import (Activation, Constant, LayerBound, Linear, Merge,
                                      check_constant, register_rule)
@@ -600,8 +600,14 @@ def _batch_norm(ctx: OpContext) -> Linear:
     eps = float(ctx.attr("epsilon", 1e-3))
     norm = None
     if scale is not None and variance is not None and scale.size and variance.size:
-        norm = float(np.max(np.abs(scale.astype("float64")) / np.sqrt(variance.astype("float64")
-                                                                      + eps)))
+        # The op multiplies by rsqrt(var + ε)·γ computed in its dtype, which can round a unit
+        # above the exact value; ε is added in that dtype too. The bound covers both.
+        epsilons = (eps, float(np.asarray(eps, variance.dtype)))
+        exact = max(float(np.max(np.abs(scale.astype("float64"))
+                                 / np.sqrt(variance.astype("float64") + e))) for e in epsilons)
+        computed = tf.math.rsqrt(tf.constant(variance) + tf.constant(eps, variance.dtype))
+        computed = float(np.max(np.abs((computed * tf.constant(scale, variance.dtype)).numpy())))
+        norm = max(round_up(exact, 4), computed)
     return ctx.linear(offsets=(2, 3), norm=norm, note="batch norm (inference)")
 
 
@@ -1614,8 +1620,8 @@ class GraphEstimator:
         functions; used by :meth:`lower_bound`.
         """
         if len(self.graph.inputs) != 1:
-            raise LipschitzError(f"'{self.name}' has {len(self.graph.inputs)} inputs; lower bounds "
-                                 "support single-input functions.")
+            raise LowerBoundError(f"'{self.name}' has {len(self.graph.inputs)} inputs; lower "
+                                  "bounds support single-input functions.")
         reader = self._reader
         ref = reader.inputs[0]
         full = reader.input_full[ref]

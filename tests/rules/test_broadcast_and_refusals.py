@@ -86,19 +86,12 @@ def test_layer_normalization_with_rms_scaling_is_not_lipschitz():
         tfl.LipschitzEstimator(model, verbose=0).autolip()
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_integer_quantized_dense_is_refused(mode):
-    # The int8 kernel was read without its scale: 261.6 for a layer of norm 1393; and the
-    # layer rounds its inputs, a discontinuous map.
+@pytest.mark.parametrize("mode", ["int8", "int4", "float8"])
+def test_quantized_dense_is_refused(mode):
+    # The int8 kernel was read without its scale (261.6 for a layer of norm 1393); int8 and
+    # float8 layers round their inputs (float8 also its kernel: certified 1.0700011 for a layer
+    # that moves 0 to 1 by 1.125), a discontinuous map.
     model = keras.Sequential([keras.Input((8,)), L.Dense(4)])
     model.quantize(mode)
     with pytest.raises(tfl.LipschitzError, match="quantiz"):
         tfl.LipschitzEstimator(model, verbose=0).autolip()
-
-
-def test_float8_quantized_dense_keeps_its_rule():
-    model = keras.Sequential([keras.Input((8,)), L.Dense(4)])
-    kernel = model.layers[0].kernel.numpy()
-    model.quantize("float8")
-    upper = tfl.LipschitzEstimator(model, verbose=0).autolip().upper
-    assert upper == pytest.approx(np.linalg.norm(kernel, 2), rel=1e-4)
