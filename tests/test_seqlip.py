@@ -366,3 +366,16 @@ def test_mixed_float16_chain_through_the_block_iteration():
         assert rep.upper == pytest.approx(truth, rel=2.0 ** -10)
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def test_greedy_pair_that_reaches_its_certificate_is_certified():
+    # A one-unit ReLU link: the greedy value is the exact max and equals the certificate (both
+    # capped by AutoLip's factor); it was labelled an estimate although proven.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="relu"),
+                              keras.layers.Dense(2)])
+    w1, w2 = model.layers[0].kernel.numpy(), model.layers[1].kernel.numpy()
+    exact = float(np.linalg.norm(w1, 2) * np.linalg.norm(w2, 2))  # the unit is on somewhere
+    report = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode="greedy", certified=True)
+    assert report.certified and report.upper >= exact
+    assert report.upper == pytest.approx(exact, rel=1e-6)

@@ -754,6 +754,11 @@ class SeqLip:
             certificate = min(_block_norm(cert, *tails) if truncated else cert, autolip_factor)
         certified = (inner.certified and exact_svd and link.certified
                      and (remainder or not truncated))
+        if not certified and certificate is not None and value >= certificate:
+            # A greedy (or truncated) value that reaches its certificate is proven: the
+            # certificate is an upper bound, and the value is at least that (both are often
+            # AutoLip's factor, which caps them).
+            value, certified = certificate, True
         parts = [f"{'+'.join(a.name for a in link.activations) or 'identity'} slopes "
                  f"[{lo:.4g}, {hi:.4g}], {n} activations"]
         if inner.mode == "exact":
