@@ -359,3 +359,30 @@ def test_max_products_is_a_hard_cap(method, cap, rng):
     assert res.products <= cap
     assert not res.converged
     assert 0 < res.sigma <= np.linalg.svd(op.to_dense(), compute_uv=False)[0] * (1 + 1e-6)
+
+
+def test_analysing_many_models_does_not_warn_about_retracing():
+    # Every new model is traced once, as intended, but TensorFlow counted the traces of the
+    # solver and of the lower-bound search across models and logged "5 out of the last 5 calls
+    # ... triggered tf.function retracing" from the fifth model in a process.
+    import logging
+
+    import keras
+
+    import tf_lipschitz as tfl
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = tf.get_logger()
+    logger.addHandler(handler)
+    try:
+        for _ in range(6):  # TensorFlow warns from the fifth trace
+            model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
+                                      keras.layers.Dense(2)])
+            estimator = tfl.LipschitzEstimator(model, verbose=0)
+            estimator.autolip()
+            estimator.lower_bound(n_random=4, steps=1, verbose=0)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "retracing" in r.getMessage()]

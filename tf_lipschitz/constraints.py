@@ -49,8 +49,8 @@ import tensorflow as tf
 from keras import ops
 
 from tf_lipschitz.errors import InvalidArgumentError
-from tf_lipschitz.power import (as_shape, check_int, check_tol, example_norms, lanczos_loop,
-                                power_loop, prepare_operator)
+from tf_lipschitz.power import (as_shape, check_int, check_tol, compiled, example_norms,
+                                lanczos_loop, power_loop, prepare_operator)
 
 __all__ = ["SpectralNorm", "ConvOperatorNorm", "track_top_vector"]
 
@@ -218,8 +218,7 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
         state = self._vector_for(w, input_shape, kernel.dtype)
         if tf.executing_eagerly():  # direct calls: compile once instead of running loops eagerly
             if self._compiled is None:
-                self._compiled = tf.function(self._update, autograph=False,
-                                             reduce_retracing=True)
+                self._compiled = compiled(self._update, reduce_retracing=True)
             return self._compiled(kernel, state), kernel
         return self._update(kernel, state), kernel
 

@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - another TensorFlow layout
     _JVP_HOOK_AVAILABLE = False
 
 from tf_lipschitz.errors import LowerBoundError, NonFiniteLowerBoundError
-from tf_lipschitz.power import HALF_ROUNDING
+from tf_lipschitz.power import HALF_ROUNDING, compiled
 from tf_lipschitz.report import ExtremeValueEstimate, LowerBound
 
 __all__ = [
@@ -450,10 +450,10 @@ _MODEL_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # Compiled once per process; the model callable is part of the cache key, so each model's
 # graph is traced once and reused by later calls (the callback calls these every epoch).
-_SEARCH = tf.function(_search, autograph=False, reduce_retracing=True)
-_MEASURE = tf.function(_measure, autograph=False, reduce_retracing=True)
-_POWER = tf.function(lambda f, x, v, iters, in_dtype: _power(_on_state(f, in_dtype), x, v, iters),
-                     autograph=False, reduce_retracing=True)
+_SEARCH = compiled(_search, reduce_retracing=True)
+_MEASURE = compiled(_measure, reduce_retracing=True)
+_POWER = compiled(lambda f, x, v, iters, in_dtype: _power(_on_state(f, in_dtype), x, v, iters),
+                  reduce_retracing=True)
 
 
 def _model_name(model) -> str:

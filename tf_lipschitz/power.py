@@ -75,6 +75,18 @@ class SpectralResult:
 MAX_TOL = 0.1
 
 
+def compiled(fn: Callable, **options: Any) -> Callable:
+    """``tf.function(fn, autograph=False, **options)`` that is traced once per model.
+
+    The solvers, lower-bound searches and wrapper updates are traced anew for every model (or
+    layer) they serve, as intended; TensorFlow counts those traces per Python function across
+    models and warned "triggered tf.function retracing" from the fifth model in a process.
+    """
+    function = tf.function(fn, autograph=False, **options)
+    function._omit_frequent_tracing_warning = True  # TensorFlow's own switch for that warning
+    return function
+
+
 def check_tol(tol: Any, name: str = "tol", default: float = 1e-6) -> float:
     """Validates a relative accuracy asked of a spectral solver.
 
@@ -696,9 +708,7 @@ class SpectralSolver:
         self.jit_compile = jit_compile
         self.start_noise = float(start_noise)
         self._last: list[np.ndarray] | None = None
-        self._fn = tf.function(
-            self._solve_all, jit_compile=jit_compile, reduce_retracing=True, autograph=False
-        )
+        self._fn = compiled(self._solve_all, jit_compile=jit_compile, reduce_retracing=True)
 
     def _solve_all(self, inits, tol, max_products):
         outs = []

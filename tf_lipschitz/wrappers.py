@@ -45,7 +45,7 @@ from keras import ops
 
 from tf_lipschitz.constraints import check_positive, start_vector, track_top_vector
 from tf_lipschitz.errors import InvalidArgumentError, ModelNotBuiltError
-from tf_lipschitz.power import check_int, check_tol, example_norms
+from tf_lipschitz.power import check_int, check_tol, compiled, example_norms
 from tf_lipschitz.rules.base import Linear, NodeContext, get_rule, register_rule
 
 __all__ = ["LipschitzWrapper"]
@@ -207,7 +207,7 @@ class LipschitzWrapper(keras.layers.Wrapper):
         # Eager callers (build, calibrate(), run_eagerly=True) get a compiled function instead
         # of while-loops executed op by op (traced once per value of `iterations`).
         if self._compiled_update is None:
-            self._compiled_update = tf.function(self._update, autograph=False)
+            self._compiled_update = compiled(self._update)
         out = self._compiled_update(int(iterations), bool(force_calibration))
         self._calibrated_eagerly = True
         return out
@@ -351,7 +351,7 @@ class LipschitzWrapper(keras.layers.Wrapper):
         """
         self._check_built()
         if self._compiled_norm is None:
-            self._compiled_norm = tf.function(self._effective_norm, autograph=False)
+            self._compiled_norm = compiled(self._effective_norm)
         return float(self._compiled_norm())
 
     def _effective_norm(self) -> tf.Tensor:
