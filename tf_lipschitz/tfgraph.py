@@ -70,10 +70,11 @@ from tf_lipschitz.errors import (InvalidArgumentError, LipschitzError, LowerBoun
 from tf_lipschitz.graph import GraphNode, ModelGraph
 from tf_lipschitz.lower import lower_bound as _lower_bound
 from tf_lipschitz.power import check_keywords, keyword_names
-from tf_lipschitz.report import LipschitzReport, LowerBound, round_up
+from tf_lipschitz.report import LipschitzReport, LowerBound
 from tf_lipschitz.rules.activations import activation_info
 from tf_lipschitz.rules.base import (Activation, Constant, LayerBound, Linear, Merge,
-                                     check_constant, register_rule)
+                                     broadcast_factor, certified_max, check_constant,
+                                     register_rule)
 from tf_lipschitz.rules.pooling import max_pool_constant
 
 __all__ = [
@@ -495,8 +496,7 @@ def _broadcast_factor(ctx: OpContext, slot: int) -> float:
     Broadcasting copies each of the ``n`` input entries ``N / n`` times (``N`` output entries),
     so the copy map ``x ↦ broadcast(x)`` has norm ``√(N / n)`` exactly (1 without broadcast).
     """
-    size = math.prod(ctx.input_shapes[slot])
-    return math.sqrt(math.prod(ctx.output_shape) / size) if size else 1.0
+    return broadcast_factor(ctx.input_shapes[slot], ctx.output_shape)
 
 
 def _broadcast_merge(ctx: OpContext, merge: Merge) -> Merge:
@@ -602,12 +602,11 @@ def _batch_norm(ctx: OpContext) -> Linear:
     if scale is not None and variance is not None and scale.size and variance.size:
         # The op multiplies by rsqrt(var + ε)·γ computed in its dtype, which can round a unit
         # above the exact value; ε is added in that dtype too. The bound covers both.
-        epsilons = (eps, float(np.asarray(eps, variance.dtype)))
-        exact = max(float(np.max(np.abs(scale.astype("float64"))
-                                 / np.sqrt(variance.astype("float64") + e))) for e in epsilons)
-        computed = tf.math.rsqrt(tf.constant(variance) + tf.constant(eps, variance.dtype))
-        computed = float(np.max(np.abs((computed * tf.constant(scale, variance.dtype)).numpy())))
-        norm = max(round_up(exact, 4), computed)
+        dtype = str(variance.dtype)
+        computed = tf.math.rsqrt(tf.constant(variance) + tf.constant(eps, dtype))
+        gamma, var = np.abs(scale.astype("float64")), variance.astype("float64")
+        norm = certified_max(None, lambda e: gamma / np.sqrt(var + e), eps, dtype,
+                             [computed * tf.constant(scale, dtype)], operations=4)
     return ctx.linear(offsets=(2, 3), norm=norm, note="batch norm (inference)")
 
 

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from tf_lipschitz.errors import InvalidArgumentError, UnsupportedLayerError
+from tf_lipschitz.report import round_up
 
 _FLOAT64_EPS = float(np.finfo(np.float64).eps)
 
@@ -430,6 +431,46 @@ def broadcast_product_norm(magnitude: np.ndarray, input_shape, output_shape) -> 
     # A float64 sum of k squares and its root are within (k + 2)·eps of the exact value.
     copies = math.prod(out[a] for a in axes)
     return float(np.sqrt(np.max(np.sum(c * c, axis=axes)))) * (1 + (copies + 2) * _FLOAT64_EPS)
+
+
+def broadcast_factor(input_shape: Sequence[int], output_shape: Sequence[int]) -> float:
+    """Norm of broadcasting one input of an elementwise op to the output shape.
+
+    Broadcasting copies each of the ``n`` input entries ``N / n`` times (``N`` output entries),
+    so the copy map ``x ↦ broadcast(x)`` has norm ``√(N / n)`` exactly (1 without broadcast).
+    """
+    size = math.prod(input_shape)
+    return math.sqrt(math.prod(output_shape) / size) if size else 1.0
+
+
+def certified_max(layer: Any, closed_form: Callable[[float], Any], epsilon: float, dtype: str,
+                   computed: Sequence[Any], operations: int) -> float:
+    """A certified upper bound on the largest entry of a per-channel closed form.
+
+    ``closed_form(ε)`` gives the magnitudes in float64, from the weights as the layer reads them
+    (:func:`~tf_lipschitz.rules.base.weight_values`). It is evaluated for ``ε`` in float64 and
+    rounded to ``dtype`` as the layer adds it (a smaller ``ε`` gives a larger ``1/√(var+ε)``;
+    both are tried), its maximum is widened by ``operations`` float64 roundings, and the values
+    the layer computes itself (``computed``: rounded in its dtype, they can sit a unit above the
+    exact ones) are included. A NaN stays NaN, so that AutoLip refuses the factor.
+
+    Args:
+        layer: The layer (``None`` for a TensorFlow op: ``dtype`` says how it rounds).
+        closed_form: ``closed_form(epsilon) -> float64 array`` of non-negative magnitudes.
+        epsilon: The layer's epsilon.
+        dtype: The dtype the layer adds epsilon in.
+        computed: Magnitudes as the layer computes them (arrays or tensors).
+        operations: Float64 operations in ``closed_form`` (each rounds once).
+
+    Returns:
+        The bound (a float).
+    """
+    readings = (float(epsilon), float(weight_values(layer, epsilon, compute_dtype=dtype)))
+    with np.errstate(divide="ignore", invalid="ignore"):  # np.max keeps NaN, max() may not
+        exact = float(np.max([np.max(closed_form(eps)) for eps in readings]))
+    values = [round_up(exact, operations)]
+    values += [np.max(np.abs(keras.ops.convert_to_numpy(v))) for v in computed]
+    return float(np.max(values))
 
 
 def affine() -> Rule:

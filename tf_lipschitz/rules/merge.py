@@ -19,8 +19,6 @@ AutoLip (Scaman & Virmaux 2018, Alg. 1) gives a node with inputs ``p`` the const
 
 from __future__ import annotations
 
-import math
-
 import keras
 import numpy as np
 from keras import ops
@@ -31,6 +29,7 @@ from tf_lipschitz.rules.base import (
     Linear,
     Merge,
     NodeContext,
+    broadcast_factor,
     broadcast_product_norm,
     constant_like,
     register_rule,
@@ -49,10 +48,8 @@ def _broadcast(merge: Merge, ctx: NodeContext) -> Merge:
     merge combines the constants (``x + mean(x, keepdims=True)`` on 16 entries is 2-Lipschitz,
     not 1.25). Applies to sums, means, maxima and minima, not to concatenations.
     """
-    size = math.prod(ctx.output_shapes[0])
     return merge.with_input_factors(
-        [math.sqrt(size / math.prod(shape)) if math.prod(shape) else 1.0
-         for shape in ctx.input_shapes])
+        [broadcast_factor(shape, ctx.output_shapes[0]) for shape in ctx.input_shapes])
 
 
 def _sum_rule(layer, ctx):

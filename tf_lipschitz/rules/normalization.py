@@ -10,19 +10,18 @@ LayerNormalization and GroupNormalization are Lipschitz only thanks to ``epsilon
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
 from tf_lipschitz.errors import NotLipschitzError
-from tf_lipschitz.report import round_up
 from tf_lipschitz.rules.base import (
     Constant,
     Linear,
     NodeContext,
     broadcast_product_norm,
+    certified_max,
     register_rule,
     weight_as_used,
     weight_values,
@@ -50,36 +49,6 @@ def _arithmetic_dtype(layer) -> str:
     return keras.backend.result_type(layer.compute_dtype, "float32")
 
 
-def _certified_max(layer, closed_form: Callable[[float], Any], epsilon: float, dtype: str,
-                   computed: Sequence[Any], operations: int) -> float:
-    """A certified upper bound on the largest entry of a per-channel closed form.
-
-    ``closed_form(ε)`` gives the magnitudes in float64, from the weights as the layer reads them
-    (:func:`~tf_lipschitz.rules.base.weight_values`). It is evaluated for ``ε`` in float64 and
-    rounded to ``dtype`` as the layer adds it (a smaller ``ε`` gives a larger ``1/√(var+ε)``;
-    both are tried), its maximum is widened by ``operations`` float64 roundings, and the values
-    the layer computes itself (``computed``: rounded in its dtype, they can sit a unit above the
-    exact ones) are included. A NaN stays NaN, so that AutoLip refuses the factor.
-
-    Args:
-        layer: The layer.
-        closed_form: ``closed_form(epsilon) -> float64 array`` of non-negative magnitudes.
-        epsilon: The layer's epsilon.
-        dtype: The dtype the layer adds epsilon in.
-        computed: Magnitudes as the layer computes them (arrays or tensors).
-        operations: Float64 operations in ``closed_form`` (each rounds once).
-
-    Returns:
-        The bound (a float).
-    """
-    readings = (float(epsilon), float(weight_values(layer, epsilon, compute_dtype=dtype)))
-    with np.errstate(divide="ignore", invalid="ignore"):  # np.max keeps NaN, max() may not
-        exact = float(np.max([np.max(closed_form(eps)) for eps in readings]))
-    values = [round_up(exact, operations)]
-    values += [np.max(np.abs(ops.convert_to_numpy(v))) for v in computed]
-    return float(np.max(values))
-
-
 def _batch_norm(layer, ctx: NodeContext) -> Linear:
     ndim = len(ctx.input_shape) + 1
     dtype = _arithmetic_dtype(layer)
@@ -102,7 +71,7 @@ def _batch_norm(layer, ctx: NodeContext) -> Linear:
     def certificate():
         var = weight_values(layer, layer.moving_variance, compute_dtype=dtype)
         gamma = weight_values(layer, layer.gamma, compute_dtype=dtype) if layer.scale else 1.0
-        return _certified_max(layer, lambda eps: np.abs(gamma) / np.sqrt(var + eps),
+        return certified_max(layer, lambda eps: np.abs(gamma) / np.sqrt(var + eps),
                               layer.epsilon, dtype, [scale()], operations=4)
 
     return Linear(fn, norm=norm, certificate=certificate,
@@ -158,7 +127,7 @@ def _normalization(layer, ctx: NodeContext) -> Linear:
             deviation = np.maximum(np.sqrt(var), eps)
             return deviation if layer.invert else 1.0 / deviation
 
-        return _certified_max(layer, closed_form, keras.backend.epsilon(), layer.compute_dtype,
+        return certified_max(layer, closed_form, keras.backend.epsilon(), layer.compute_dtype,
                               [factor("float64"), factor(layer.compute_dtype)], operations=2)
 
     return Linear(fn, norm=norm, certificate=certificate, note="normalization",
@@ -177,7 +146,7 @@ def _eps_normalization(layer, ctx: NodeContext) -> Constant:
     dtype = _arithmetic_dtype(layer)
     if getattr(layer, "scale", False) and getattr(layer, "gamma", None) is not None:
         gamma = weight_values(layer, layer.gamma, compute_dtype=dtype)
-    value = _certified_max(layer, lambda eps: np.abs(gamma) / np.sqrt(eps), layer.epsilon,
+    value = certified_max(layer, lambda eps: np.abs(gamma) / np.sqrt(eps), layer.epsilon,
                            dtype, [], operations=2)
     warnings.warn(
         f"Layer '{layer.name}' ({type(layer).__name__}) is Lipschitz only thanks to "
