@@ -6,8 +6,9 @@ the largest singular value of the kernel's symbol ``Â(θ)`` near its peak frequ
 hundreds of products on VGG16's first blocks at 224×224. The top singular vector itself is known
 in closed form up to boundary effects: a plane wave at the peak frequency ``θ*`` carrying the
 top right singular vector ``v`` of ``Â(θ*)`` across the channels, under the lowest mode of the
-box, ``x[n] = Re(v e^{iθ*·m(n)}) · Π_d sin(π(n_d + 1)/(N_d + 1))``. Starting from it, Lanczos
-only has to correct the boundary.
+box, ``x[n] = Re(v e^{iθ*·m(n)}) · Π_d sin(π(n_d + 1)/(N_d + 1))``, tilted to first order so
+that each frequency of the packet carries its own top vector (:func:`_tilt`). Starting from it,
+Lanczos only has to correct the boundary.
 
 The peak is found on the polyphase symbol of :class:`tf_lipschitz.certify.ConvSpec` (so strides,
 dilation, groups, depthwise and separable convolutions are covered): the symbols of a coarse half
@@ -47,6 +48,7 @@ _COARSE_ENTRIES = 1 << 22  # budget of the coarse ranking: frequencies × groups
 _RANK_STEPS = 12  # Lanczos steps ranking the coarse frequencies
 _CANDIDATES = 4  # separated coarse peaks refined
 _WARM_STEPS = 12  # power steps per refinement step, from the previous step's vector
+_ANGLE_TOL = 1e-7  # the ascent stops on steps of θ below this (radians)
 _KEEP = 0.995  # refined peaks within this factor of the best all enter the start
 
 
@@ -115,7 +117,7 @@ def _refine(taps_g: np.ndarray, shifts: np.ndarray, theta: np.ndarray, iteration
     sigma, v, grad = evaluate(theta, None)
     step = 0.5 / max(sigma, 1e-300)
     for _ in range(iterations):
-        if not np.any(grad) or step * np.linalg.norm(grad) < 1e-7:
+        if not np.any(grad) or step * np.linalg.norm(grad) < _ANGLE_TOL:
             break
         trial = theta + step * grad
         s2, v2, g2 = evaluate(trial, v)
@@ -125,6 +127,38 @@ def _refine(taps_g: np.ndarray, shifts: np.ndarray, theta: np.ndarray, iteration
         else:
             step *= 0.25
     return sigma, theta, v
+
+
+def _tilt(taps_g: np.ndarray, shifts: np.ndarray, theta: np.ndarray,
+          v: np.ndarray) -> np.ndarray | None:
+    """``∂v/∂θ_d`` at a peak: how the top right singular vector of ``Â(θ)`` turns with ``θ``.
+
+    A wave packet ``φ(m) e^{iθ*·m}`` spreads over frequencies ``θ* + δ`` near the peak, and at
+    each of them the best channel vector is ``v(θ* + δ) ≈ v + δ·∂v``: in space, the packet
+    ``e^{iθ*·m} (v φ(m) − i Σ_d ∂_d v ∂_d φ(m))``. First-order perturbation of
+    ``H = ÂᴴÂ`` (``λ`` simple): ``(λ − H) ∂v = (1 − vvᴴ) ∂H v`` with ``∂v ⊥ v``.
+
+    Returns:
+        ``(D, cols)`` complex, or ``None`` when ``λ`` is (nearly) multiple and ``∂v`` is not
+        defined.
+    """
+    phase = np.exp(1j * (shifts @ theta))
+    a = np.tensordot(phase, taps_g, axes=1)
+    h = np.conj(a.T) @ a
+    lam = float(np.real(np.conj(v) @ h @ v))
+    # (λ − H + λ vvᴴ) is invertible when λ is simple: v is mapped to λv, its complement kept.
+    system = lam * np.eye(len(v)) - h + lam * np.outer(v, np.conj(v))
+    out = []
+    for d in range(shifts.shape[1]):
+        da = np.tensordot(1j * shifts[:, d] * phase, taps_g, axes=1)
+        dh_v = np.conj(da.T) @ (a @ v) + np.conj(a.T) @ (da @ v)
+        rhs = dh_v - v * (np.conj(v) @ dh_v)
+        try:
+            out.append(np.linalg.solve(system, rhs))
+        except np.linalg.LinAlgError:
+            return None
+    tilt = np.stack(out)
+    return tilt if np.all(np.isfinite(tilt)) else None
 
 
 def conv_start(spec: ConvSpec, channels_last: bool = True) -> np.ndarray | None:
@@ -155,7 +189,8 @@ def conv_start(spec: ConvSpec, channels_last: bool = True) -> np.ndarray | None:
     # Near-ties: on a finite grid the boundary lowers sharp peaks more than flat ones, so the
     # symbol's best peak need not carry the operator's top vector. A sum of the nearly
     # orthogonal waves lets the Krylov space contain each of them.
-    waves = [_plane_wave(spec, theta, v, group, channels_last)
+    waves = [_plane_wave(spec, theta, v, group, channels_last,
+                         _tilt(taps[:, group], shifts, theta, v))
              for sigma, theta, v, group in peaks if sigma >= _KEEP * top]
     x = sum(waves)
     norm = float(np.linalg.norm(x))
@@ -163,29 +198,46 @@ def conv_start(spec: ConvSpec, channels_last: bool = True) -> np.ndarray | None:
 
 
 def _plane_wave(spec: ConvSpec, theta: np.ndarray, v: np.ndarray, group: int,
-                channels_last: bool) -> np.ndarray:
-    """``x[n, channel] = Re(V[r(n), channel] e^{iθ·m(n)}) · envelope(n)`` on the input grid,
-    with ``n + offset = s·m + r`` the polyphase decomposition of position ``n``."""
+                channels_last: bool, tilt: np.ndarray | None = None) -> np.ndarray:
+    """``x[n, channel] = Re((V φ(n) − i Σ_d ∂_dV ∂_dφ(n))[r(n), channel] e^{iθ·m(n)})`` on the
+    input grid, with ``n + offset = s·m + r`` the polyphase decomposition of position ``n``,
+    ``φ`` the lowest mode of the box and ``∂_dV`` the ``tilt`` of :func:`_tilt` (derivatives in
+    ``m``: ``∂φ/∂m_d = s_d ∂φ/∂n_d``)."""
     rank = spec.rank
     groups, a = spec.kernel.shape[rank], spec.kernel.shape[rank + 1]
     phases = math.prod(spec.strides)
-    full = np.zeros((groups, phases, a), np.complex128)
-    if spec.pointwise is not None:  # separable: columns are (group, phase, channel), a = 1
-        full[:] = v.reshape(groups, phases, a)
-    else:
-        full[group] = v.reshape(phases, a)
+
+    def channels(vec):
+        full = np.zeros((groups, phases, a), np.complex128)
+        if spec.pointwise is not None:  # separable: columns are (group, phase, channel), a = 1
+            full[:] = vec.reshape(groups, phases, a)
+        else:
+            full[group] = vec.reshape(phases, a)
+        return np.moveaxis(full, 1, 0)[r].reshape(*spec.spatial, groups * a)
+
     offset = spec.offset or (0,) * rank
     axes = [np.arange(n) + p for n, p in zip(spec.spatial, offset)]
     mesh = np.meshgrid(*axes, indexing="ij")
     m = [g // s for g, s in zip(mesh, spec.strides)]
     r = np.ravel_multi_index([g % s for g, s in zip(mesh, spec.strides)], spec.strides)
-    wave = np.exp(1j * sum(t * mi for t, mi in zip(theta, m)))
-    values = np.moveaxis(full, 1, 0)[r]  # (*spatial, groups, a)
-    x = np.real(values * wave[..., None, None]).reshape(*spec.spatial, groups * a)
+    wave = np.exp(1j * sum(t * mi for t, mi in zip(theta, m)))[..., None]
+    sines, slopes = [], []
     for d, n in enumerate(spec.spatial):
         shape = [1] * (rank + 1)
         shape[d] = n
-        x = x * np.sin(math.pi * (np.arange(n) + 1) / (n + 1)).reshape(shape)
+        angle = math.pi * (np.arange(n) + 1) / (n + 1)
+        sines.append(np.sin(angle).reshape(shape))
+        slopes.append((spec.strides[d] * math.pi / (n + 1) * np.cos(angle)).reshape(shape))
+    envelope = math.prod(sines)
+    x = np.real(channels(v) * wave) * envelope
+    if tilt is not None:
+        extra = sum(np.real(-1j * channels(tilt[d]) * wave)
+                    * math.prod(slopes[e] if e == d else sines[e] for e in range(rank))
+                    for d in range(rank))
+        # A first-order term larger than the wave itself means a nearly multiple top
+        # eigenvalue at the peak, where ∂v is not defined: keep the plain wave.
+        if np.linalg.norm(extra) <= 0.5 * np.linalg.norm(x):
+            x = x + extra
     x = x / max(float(np.linalg.norm(x)), 1e-300)
     return x if channels_last else np.moveaxis(x, -1, 0)
 
