@@ -467,6 +467,10 @@ def _no_autocast(layers):
     needs the whole chain in float64. :func:`_float64_matrix` checks the result, so a layer that
     still computes in float32, or fails in float64, only disables the dense route.
     """
+    layers = list(layers)
+    for layer in layers:  # TimeDistributed(Flatten()) calls its inner layer as layer(x) too
+        if isinstance(layer, keras.layers.Wrapper):
+            layers.append(layer.layer)
     saved = [(layer, layer.autocast) for layer in layers if isinstance(layer, keras.layers.Layer)]
     try:
         for layer, _ in saved:

@@ -1,10 +1,10 @@
 """Lipschitz rules for Keras layers, and the registry users extend with :func:`register_rule`.
 
 Importing this package registers the built-in rules (linear, activations, pooling,
-normalisation, shape and merge layers).
+normalisation, shape and merge layers, and TimeDistributed).
 """
 
-from tf_lipschitz.rules import activations, linear, merge, normalization, pooling, shape
+from tf_lipschitz.rules import activations, linear, merge, normalization, pooling, shape, wrapped
 from tf_lipschitz.rules.activations import activation_info, register_activation, resolve_activation
 from tf_lipschitz.rules.base import (
     Activation,

@@ -1,0 +1,76 @@
+"""Rule for ``keras.layers.TimeDistributed``: the wrapped layer applied to every time step.
+
+``TimeDistributed(f)`` maps ``(x_1, …, x_T)`` to ``(f(x_1), …, f(x_T))``. If ``f`` is
+``L``-Lipschitz, ``Σ_t ‖f(x_t) − f(y_t)‖² ≤ L² Σ_t ‖x_t − y_t‖²``: the wrapper has the same
+constant. If ``f`` is affine, the wrapper's linear part is block diagonal with ``T`` copies of
+``f``'s, and has exactly the same operator norm, certificate and closed form. The wrapped
+layer's own rule is therefore used, on the shape of one time step; the linear part the power
+method measures (and fuses with neighbours) is the wrapper's, on the whole sequence.
+
+Example:
+    >>> import keras, tf_lipschitz as tfl
+    >>> model = keras.Sequential([
+    ...     keras.Input((5, 3)),
+    ...     keras.layers.TimeDistributed(keras.layers.Dense(4, activation="relu")),
+    ... ])
+    >>> est = tfl.LipschitzEstimator(model, verbose=0)
+    >>> dense = model.layers[0].layer.kernel.numpy()
+    >>> import numpy as np
+    >>> bool(np.isclose(est.autolip().upper, np.linalg.norm(dense, 2), rtol=1e-4))
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+from keras import ops
+
+from tf_lipschitz.errors import UnsupportedLayerError
+from tf_lipschitz.rules.base import Constant, Linear, NodeContext, get_rule, register_rule
+
+__all__: list[str] = []
+
+
+def _per_step(fn, step_in: tuple[int, ...], steps: int, step_out: tuple[int, ...]):
+    """``fn`` (on batches of one time step) applied to batches of ``steps`` time steps."""
+
+    def mapped(x):
+        y = fn(ops.reshape(x, (-1, *step_in)))
+        return ops.reshape(y, (-1, steps, *step_out))
+
+    return mapped
+
+
+def _time_distributed(layer, ctx: NodeContext):
+    inner = layer.layer
+    steps = ctx.input_shape[0]
+    step_in, step_out = tuple(ctx.input_shape[1:]), tuple(ctx.output_shapes[0][1:])
+    if steps is None or len(ctx.input_shapes) != 1:
+        raise UnsupportedLayerError(
+            layer, "TimeDistributed is analysed on a fixed number of time steps with one input: "
+            "build the model with a concrete sequence length (keras.Input((T, ...))).",
+            suggest_rule=False)
+    try:
+        rule = get_rule(inner)
+    except UnsupportedLayerError as err:
+        raise UnsupportedLayerError(
+            layer, f"It wraps layer '{inner.name}' of class {type(inner).__name__}, which has no "
+            f"Lipschitz rule of its own. Register one for {type(inner).__name__} "
+            "(tfl.register_rule) and the wrapper uses it.", suggest_rule=False) from err
+    step_ctx = dataclasses.replace(ctx, input_shapes=(step_in,), output_shapes=(step_out,))
+    bound = rule(inner, step_ctx)
+    note = f"TimeDistributed({type(inner).__name__})" + (f": {bound.note}" if bound.note else "")
+    if isinstance(bound, Constant):
+        return dataclasses.replace(bound, note=note)
+    if isinstance(bound, Linear):
+        # Same norm, certificate and closed form as one step (a block-diagonal operator with
+        # identical blocks). The inner adjoint is dropped: autodiff transposes the reshapes.
+        return dataclasses.replace(
+            bound, fn=_per_step(bound.fn, step_in, steps, step_out), adjoint=None, note=note)
+    raise UnsupportedLayerError(
+        layer, f"It wraps layer '{inner.name}', which merges several inputs.", suggest_rule=False)
+
+
+register_rule(keras.layers.TimeDistributed, _time_distributed)
