@@ -62,6 +62,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import execute
 from tensorflow.python.framework import op_def_library, op_def_registry
+from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from tf_lipschitz.autolip import AutoLip, check_solver_arguments
@@ -283,20 +284,23 @@ def _batched(single: Callable, in_full: tuple[int, ...], out_full: tuple[int, ..
     """Lifts a batch-1 op function to batches ``(B, *example_shape)``.
 
     The graph is evaluated at batch 1 (shape arithmetic is frozen for that size), so a batch of
-    one is passed straight through and larger batches are mapped example by example. A float64
-    input is computed in float64 where the op supports it (the exact dense certificates of
-    :mod:`tf_lipschitz.certify` need that), otherwise in the graph's own dtype.
+    one is passed straight through and larger batches are mapped example by example. An input
+    wider than the graph's dtype is computed in its own dtype where the op supports it, the
+    op's constants widened exactly: float64 for the exact dense certificates of
+    :mod:`tf_lipschitz.certify`, float32 for the power iteration of a half-precision graph
+    (whose products rounded to float16 put the estimate up to ~1e-3 below the norm of its
+    weights); otherwise in the graph's own dtype.
     """
     out_example = _example_shape(out_full)
 
     def one(x):
         x = tf.reshape(x, in_full)
-        if x.dtype == tf.float64 and compute_dtype != tf.float64:
+        if x.dtype.size > compute_dtype.size:
             try:
                 y = single(x)
-            except (TypeError, ValueError):  # the op has no float64 kernel: graph dtype
+            except (TypeError, ValueError):  # the op has no kernel for x's dtype: graph dtype
                 y = None
-            if y is not None and y.dtype == tf.float64:
+            if y is not None and y.dtype == x.dtype:
                 return tf.reshape(y, (1, *out_example))
         y = single(tf.cast(x, compute_dtype))
         return tf.cast(tf.reshape(y, (1, *out_example)), out_dtype)
@@ -391,6 +395,13 @@ class OpContext:
             note: Shown in the report.
         """
         slot = self.single_dependent()
+        if not _has_gradient(self.op_type):
+            raise UnsupportedOpError(
+                self.op_type, self.name, "TensorFlow registers no gradient for it, and the "
+                "spectral solver differentiates every linear op. Use an op with a gradient "
+                "(tf.image.resize with method='bilinear' instead of 'area'), or register a rule "
+                "with a closed-form norm: `tfl.tfgraph.register_op_rule(op_type, "
+                "tfl.tfgraph.linear_rule(norm=...))`.")
         node_def = self.node_def
         compute = self.dtype
         values = [None if i == slot else np.zeros_like(value) if i in offsets else value
@@ -414,6 +425,14 @@ class OpContext:
         value = float(norm)
         return Linear(fn, norm=lambda: value, certificate=lambda: value,
                       note=note or f"{self.op_type}: norm {value:.4g}")
+
+
+def _has_gradient(op_type: str) -> bool:
+    """Whether TensorFlow can differentiate ``op_type`` (``ResizeArea`` has no gradient)."""
+    try:
+        return tf_ops._gradient_registry.lookup(op_type) is not None  # noqa: SLF001
+    except LookupError:
+        return False
 
 
 def _culprit(ctx: "OpContext"):
@@ -695,10 +714,18 @@ def _abs(ctx: OpContext) -> Constant:
 
 
 def _cast(ctx: OpContext) -> Linear:
+    """A cast between floating-point dtypes: the identity (its rounding aside).
+
+    Running the cast itself would round every product of the power iteration (and the float64
+    certificate's basis vectors) to a half-precision target, so the identity stands for it:
+    the consumers of a float16 tensor compute in the wider dtype (see :func:`_batched`).
+    """
     target = tf.as_dtype(ctx.attr("DstT"))
     if target not in _FLOAT_DTYPES:
         raise NotLipschitzError(_culprit(ctx), f"casting to {target.name} rounds, which jumps.")
-    return ctx.linear(norm=1.0, note=f"cast to {target.name}")
+    ctx.single_dependent()
+    return Linear(_eager_safe(tf.identity), norm=lambda: 1.0, certificate=lambda: 1.0,
+                  note=f"cast to {target.name}: norm 1")
 
 
 def _product(ctx: OpContext) -> LayerBound:
