@@ -559,7 +559,11 @@ def lower_bound(
     best ratio falls more than ``1e-3`` short of the norm, the norm is replaced by that ratio,
     which is a lower bound at any point. Each check costs 5 forward passes per point (not
     counted in ``evaluations``); on ordinary models the norms pass it and the values are
-    unchanged.
+    unchanged. The ``1e-3`` is the resolution of float32 secants at these steps: where ``f`` is
+    not differentiable, a kept norm can exceed the constant by up to that much (``a·celu(x) +
+    x`` at its kink: value ``1 + 2a``, secant and constant ``1 + a``, for ``a = 9e-4``); the
+    returned ``secant`` does not, and :meth:`LipschitzEstimator.estimate` checks SeqLip against
+    it.
 
     Everything is batched inside one ``tf.function``, with the search state and the norms in
     float32 (float64 for float64 inputs). The returned value is ``‖J_f(x) v‖`` at the returned
