@@ -236,10 +236,35 @@ def _exact_max_pool_jvps():
 
 
 def _jvp(f, x, v):
-    """``(f(x), J v)``, the product in the dtype of ``x`` (max pools: :func:`_max_pool_jvp`)."""
-    with _exact_max_pool_jvps(), tf.autodiff.ForwardAccumulator(x, v) as acc:
-        y = f(x)
-    return y, tf.cast(acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO), x.dtype)
+    """``(f(x), J v)``, the product in the dtype of ``x`` (max pools: :func:`_max_pool_jvp`).
+
+    Forward mode where TensorFlow has it; a model it cannot push tangents through (Keras'
+    recurrent layers: their loop carries a ``variant`` tensor list) gets the product from two
+    reverse passes instead (:func:`_jvp_by_reverse`).
+    """
+    try:
+        with _exact_max_pool_jvps(), tf.autodiff.ForwardAccumulator(x, v) as acc:
+            y = f(x)
+        jv = acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    except (TypeError, ValueError, NotImplementedError, LookupError):
+        y, jv = _jvp_by_reverse(f, x, v)
+    return y, tf.cast(jv, x.dtype)
+
+
+def _jvp_by_reverse(f, x, v):
+    """``(f(x), J v)`` by reverse mode twice: ``u ↦ Jᵀu`` is linear, and its own transpose,
+    the gradient with respect to ``u`` along ``v``, is ``J v``."""
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            y = f(x)
+        u = tf.zeros_like(y)
+        outer.watch(u)
+        jtu = inner.gradient(y, x, output_gradients=u,
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    jv = outer.gradient(jtu, u, output_gradients=tf.cast(v, jtu.dtype),
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return y, jv
 
 
 def _jtj(f, x, v):
