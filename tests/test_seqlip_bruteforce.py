@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 import tf_lipschitz as tfl
+from tf_lipschitz import seqlip
 
 L = keras.layers
 
@@ -206,3 +207,26 @@ def test_lower_bound_at_a_kink_stays_within_the_secant_resolution():
         warnings.simplefilter("error")
         rep = est.estimate(np.zeros((4, 1), "float32"), mode="exact")
     assert rep.upper >= low.secant * (1 - 1e-6)  # float32 rounding of the model
+
+
+@pytest.mark.parametrize("seed, lo", [(4, 0.9999999), (8, 0.999999)])
+def test_exact_search_with_cancellation_from_a_weak_incumbent(monkeypatch, seed, lo):
+    # Slopes lo ≈ hi and Σ_j c_j e_jᵀ = 0: X(d) = −(1 − lo) Σ_{d_j = lo} c_j e_jᵀ is about 1e6
+    # times smaller than the table entries, so float32 rounding of the pruning bounds dwarfs a
+    # fixed relative margin. Started from an incumbent below the max, the search must still
+    # reach the float64 brute-force max. (Pattern d and its complement have the same norm,
+    # hence the 1e-6 gap that keeps the incumbent off the maximising pair.)
+    rng = np.random.default_rng(seed)
+    n = 14
+    c, e = rng.standard_normal((n, 3)), rng.standard_normal((n, 3))
+    e -= c @ np.linalg.lstsq(c, e, rcond=None)[0]  # cᵀe = 0
+    d = np.array(list(itertools.product([lo, 1.0], repeat=n)))
+    values = np.linalg.svd(np.einsum("np,sn,nq->spq", c, d, e), compute_uv=False)[:, 0]
+    truth = float(values.max())
+    assert np.linalg.norm(np.abs(c).T @ np.abs(e)) > 1e5 * truth
+    weak = np.flatnonzero(values < truth * (1 - 1e-6))
+    k = weak[np.argmax(values[weak])]
+    monkeypatch.setattr(seqlip, "_alternate", lambda *args, **kwargs: (float(values[k]), d[k]))
+    value, pattern, _ = seqlip._exact_search(c, e, lo, 1.0)
+    assert value == pytest.approx(truth, rel=1e-7)
+    assert np.linalg.norm(c.T @ (pattern[:, None] * e), 2) == pytest.approx(truth, rel=1e-7)

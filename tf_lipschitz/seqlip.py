@@ -212,32 +212,93 @@ def _bits(index, width: int, lo: float, hi: float) -> np.ndarray:
 
 
 @tf.function(reduce_retracing=True, autograph=False)
-def _exact_block(d_hi, k_hi, x_lo, x_lo32, d_lo, g_hh, g_lh, f_lo, inc2):
+def _exact_block(d_hi, k_hi, x_lo, x_lo32, d_lo, g_hh, g_lh, f_lo, inc2, delta, tau, g_q, g_p,
+                 g_norm):
     """Exact max of ``‖X(d)‖²`` over the ``2^{n_lo}`` patterns sharing the high bits ``d_hi``.
 
     With ``X(d) = Σ_j d_j c_j e_jᵀ = X_hi + X_lo`` (``X_lo`` from a table over the low bits)
     and ``H = XXᵀ``, the patterns are filtered by upper bounds on ``λ_max(H) = ‖X‖²``:
-    ``tr H = dᵀ G d`` (a quadratic form, ``G = (CCᵀ) ∘ (EEᵀ)``), then ``‖H‖_F`` and
-    ``‖H²‖_F^{1/2}`` (in float32, with a 1e-4 safety margin). Only the survivors get an exact
-    float64 eigenvalue. A pruned pattern has an upper bound below the incumbent ``inc2``, so
-    the max found is exact (up to floating point).
+    ``tr H = dᵀ G d`` (a quadratic form, ``G = (CCᵀ) ∘ (EEᵀ)``, in float64), then ``‖H‖_F`` and
+    ``‖H²‖_F ≥ λ_max(H)²`` (in float32). Only the survivors get an exact float64 eigenvalue.
+    A pattern is pruned only if its bound, minus a margin covering rounding, is below the
+    incumbent ``inc2`` times ``1 − 1e-4``, so the max found is exact up to floating point.
+
+    Margins (all norms Frobenius, ``X32`` and ``H32`` the float32 ``X`` and ``H``):
+
+    - ``tau`` bounds the float64 error of ``tr H`` (see :func:`_rounding_margins`), so
+      ``‖X‖_F² ≤ F² = tr H + tau`` for each pattern;
+    - ``delta`` bounds ``‖X32 − X‖_F``; with ``X32X32ᵀ − XXᵀ = (X32 − X)X32ᵀ + X(X32 − X)ᵀ``
+      and the float32 product error ``γ_q ‖X32‖_F²``,
+      ``‖H32 − H‖_F ≤ E = delta (2F + delta) + g_q (F + delta)²``;
+    - ``‖H‖_F ≥ λ``, so ``‖H32‖_F > inc2 − E`` when ``λ > inc2``;
+    - ``H32² − H² = H32(H32 − H) + (H32 − H)H`` and ``‖H‖_F ≤ F²``, so the float32 ``H32 H32``
+      is within ``b = E (2F² + E) + g_p (F² + E)²`` of ``H²``, and ``‖H²‖_F ≥ λ² > inc2²``;
+    - ``g_norm`` covers the float32 norms and the rounding of the thresholds.
+
+    When a margin reaches the incumbent (entries of the table much larger than the result,
+    e.g. slopes ``lo ≈ hi``) the threshold is negative and the pattern is kept.
     """
-    loose = tf.cast(inc2 * (1.0 - 1e-4), tf.float32)
+    loose = inc2 * (1.0 - 1e-4)
     trace = (tf.tensordot(d_hi, tf.linalg.matvec(g_hh, d_hi), 1)
              + 2.0 * tf.linalg.matvec(d_lo, tf.linalg.matvec(g_lh, d_hi)) + f_lo)
+    f2 = tf.maximum(trace + tau, 0.0)
+    f = tf.sqrt(f2)
+    err_h = delta * (2.0 * f + delta) + g_q * tf.square(f + delta)
     x_hi = tf.tensordot(d_hi, k_hi, 1)
     x32 = x_lo32 + tf.cast(x_hi, tf.float32)
     h = tf.matmul(x32, x32, transpose_b=True)
-    keep = tf.logical_and(trace > inc2 * _PRUNE, tf.norm(h, axis=[1, 2]) > loose)
+    thr_h = tf.cast((loose - err_h) * (1.0 - g_norm), tf.float32)
+    keep = tf.logical_and(trace > inc2 * _PRUNE - tau, tf.norm(h, axis=[1, 2]) > thr_h)
     idx = tf.where(keep)[:, 0]
     h = tf.gather(h, idx)
-    idx = tf.gather(idx, tf.where(tf.sqrt(tf.norm(tf.matmul(h, h), axis=[1, 2])) > loose)[:, 0])
+    f2, err_h = tf.gather(f2, idx), tf.gather(err_h, idx)
+    b = err_h * (2.0 * f2 + err_h) + g_p * tf.square(f2 + err_h)
+    thr_h2 = tf.cast((tf.square(loose) - b) * (1.0 - g_norm), tf.float32)
+    idx = tf.gather(idx, tf.where(tf.norm(tf.matmul(h, h), axis=[1, 2]) > thr_h2)[:, 0])
     x = tf.gather(x_lo, idx) + x_hi
     lam = tf.linalg.eigvalsh(tf.matmul(x, x, transpose_b=True))[:, -1]
     # A sentinel in front: k = 0 means that nothing survived.
     lam = tf.concat([tf.constant([-1.0], lam.dtype), lam], 0)
     k = tf.argmax(lam, output_type=tf.int32)
     return lam[k], tf.gather(tf.concat([tf.constant([-1], tf.int64), idx], 0), k), tf.size(idx)
+
+
+def _rounding_margins(c: np.ndarray, e: np.ndarray, lo: float,
+                      hi: float) -> dict[str, np.float64]:
+    """Rounding constants of :func:`_exact_block` for the (scaled) rows ``c_j, e_j``.
+
+    With ``s = max(|lo|, |hi|)``, ``a_j = ‖c_j‖ ‖e_j‖`` and ``A = s Σ_j a_j`` (a bound on
+    ``‖X(d)‖_F`` for every pattern), ``u`` the float32 and ``u₆₄`` the float64 unit roundoff:
+
+    - every entry of ``X(d)`` is a sum of terms bounded by the entries of ``M = s |C|ᵀ|E|``;
+      its float64 table parts carry at most ``(n + 1) u₆₄ M``, and rounding both parts to
+      float32 and adding them ``3u M`` more, so ``‖X32 − X‖_F ≤ delta = 1.01 (3u +
+      (n + 1) u₆₄) ‖M‖_F``;
+    - ``|G_jk| ≤ a_j a_k``; forming ``G`` costs ``(p + q + 1) u₆₄ a_j a_k`` and evaluating the
+      quadratic form ``(2n + 3) u₆₄ Σ |d_j G_jk d_k|``, so ``tau = 1.01 (2n + p + q + 4) u₆₄ A²``;
+    - a float32 product with inner dimension ``k`` errs by at most ``γ_k |A||B|``, Frobenius
+      ``γ_k ‖A‖_F ‖B‖_F``: ``g_q, g_p = 1.01 (k u + 2 u_in)`` with ``u_in`` the rounding of
+      the inputs (TensorFloat-32 on GPUs, else 0);
+    - ``g_norm = 1.01 (p² + 4) u`` covers a float32 Frobenius norm of a ``p × p`` matrix and
+      the rounding of a threshold to float32.
+    """
+    n, p = c.shape
+    q = e.shape[1]
+    u = float(np.finfo(np.float32).eps) / 2
+    u64 = float(np.finfo(np.float64).eps) / 2
+    s = max(abs(lo), abs(hi))
+    big_a = s * float(np.sum(np.linalg.norm(c, axis=1) * np.linalg.norm(e, axis=1)))
+    tf32 = (tf.config.experimental.tensor_float_32_execution_enabled()
+            and bool(tf.config.list_physical_devices("GPU")))
+    u_in = 2.0 ** -11 if tf32 else 0.0
+    m_abs = s * float(np.linalg.norm(np.abs(c).T @ np.abs(e)))
+    return {k: np.float64(v) for k, v in [
+        ("delta", 1.01 * (3 * u + (n + 1) * u64) * m_abs),
+        ("tau", 1.01 * (2 * n + p + q + 4) * u64 * big_a ** 2),
+        ("g_q", 1.01 * (q * u + 2 * u_in)),
+        ("g_p", 1.01 * (p * u + 2 * u_in)),
+        ("g_norm", 1.01 * (p * p + 4) * u),
+    ]}
 
 
 def _exact_search(c, e, lo, hi, *, verbose=0, label="pattern search"):
@@ -266,6 +327,7 @@ def _exact_search(c, e, lo, hi, *, verbose=0, label="pattern search"):
         f_lo=np.einsum("ln,nm,lm->l", d_lo, gram[np.ix_(lo_, lo_)], d_lo),
     )
     args["x_lo32"] = args["x_lo"].astype(np.float32)
+    args.update(_rounding_margins(c, e, lo, hi))
     args = {k: tf.constant(v) for k, v in args.items()}
     inc2 = (incumbent / scale) ** 2
     evaluated = 0
