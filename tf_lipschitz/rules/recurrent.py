@@ -11,8 +11,9 @@ Hence the constant
 - of the last state: ``a · w · ‖M_{T,:}‖₂ = a · w · √(Σ_{k<T} r^{2k})``.
 
 ``‖M‖₂`` is computed exactly (a certified float64 bound) up to 1024 steps and bounded by
-Young's inequality ``‖M‖₂ ≤ Σ_{k<T} r^k`` beyond. ``go_backwards`` reverses the sequence (an
-isometry).
+Young's inequality ``‖M‖₂ ≤ Σ_{k<T} r^k`` beyond; when ``r^{T−1}`` overflows float64 the bound
+is ``inf`` (and 0 for a zero input kernel, whose states ignore the input). ``go_backwards``
+reverses the sequence (an isometry).
 The weights are read as the cell multiplies by them (:func:`~tf_lipschitz.rules.base.weight_values`).
 
 ``Bidirectional(layer, merge_mode)`` runs two such layers on the same input: their outputs are
@@ -55,7 +56,7 @@ _EPS = float(np.finfo(np.float64).eps)
 def _norm(layer, variable) -> float:
     """Certified ``‖W‖₂`` of a weight as the layer multiplies by it (and as stored)."""
     used = weight_values(layer, variable)
-    stored = np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
+    stored = weight_values(layer, variable, compute_dtype="float64")
     return max(certify.max_singular_value(m[None], method="exact") for m in (used, stored))
 
 
@@ -65,9 +66,14 @@ def _unrolled_norm(r: float, steps: int | None, sequences: bool, layer) -> tuple
         raise UnsupportedLayerError(
             layer, "Its sequence length is unknown, and the constant depends on it: build the "
             "model with a fixed length (keras.Input((T, features))).", suggest_rule=False)
-    powers = r ** np.arange(steps, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        powers = r ** np.arange(steps, dtype=np.float64)
+    if not np.isfinite(powers[-1]):  # r^(T-1) > 1.8e308: no finite float64 bound
+        return math.inf, f"T={steps}, r^(T-1) overflows"
     if not sequences:
-        return math.sqrt(float(np.sum(powers * powers))) * (1 + 4 * steps * _EPS), f"T={steps}"
+        peak = float(np.max(powers))  # scaled first: the squares overflow from r^k ≈ 1e154
+        root = math.sqrt(float(np.sum((powers / peak) ** 2)))
+        return peak * root * (1 + 4 * steps * _EPS), f"T={steps}"
     if steps <= _EXACT_STEPS:
         index = np.arange(steps)
         lag = index[:, None] - index[None, :]
@@ -79,11 +85,11 @@ def _unrolled_norm(r: float, steps: int | None, sequences: bool, layer) -> tuple
 def _simple_rnn(layer, ctx: NodeContext) -> Constant:
     _check_recurrent(layer, ctx)
     cell = layer.cell
-    act = resolve_activation(cell.activation, layer)
+    act = resolve_activation(cell.activation, layer, size=cell.units)
     w, u = _norm(cell, cell.kernel), _norm(cell, cell.recurrent_kernel)
     r = act.lipschitz * u
     factor, length = _unrolled_norm(r, ctx.input_shape[0], layer.return_sequences, layer)
-    value = act.lipschitz * w * factor
+    value = act.lipschitz * w * factor if w > 0 else 0.0  # W = 0: no input reaches the states
     what = "all states" if layer.return_sequences else "last state"
     return Constant(value, certified=act.certified,
                     note=f"SimpleRNN ({what}, {length}): a‖W‖·‖M(a‖U‖ = {r:.4g})‖")

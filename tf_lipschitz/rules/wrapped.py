@@ -52,6 +52,11 @@ def _time_distributed(layer, ctx: NodeContext):
             layer, "TimeDistributed is analysed on a fixed number of time steps with one input: "
             "build the model with a concrete sequence length (keras.Input((T, ...))).",
             suggest_rule=False)
+    if isinstance(inner, keras.Model):
+        raise UnsupportedLayerError(
+            layer, f"It wraps the model '{inner.name}' ({type(inner).__name__}); rules apply to "
+            "layers. Wrap each layer of that model in its own TimeDistributed instead (the same "
+            "function, applied step by step), then analyse the result.", suggest_rule=False)
     try:
         rule = get_rule(inner)
     except UnsupportedLayerError as err:
