@@ -697,3 +697,25 @@ def test_mixed_precision_prelu_slope_is_the_rounded_one(policy):
     for certified in (False, True):
         report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=certified)
         assert report.upper >= used
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_chain_through_a_data_movement_layer(policy):
+    # Flatten, called as layer(x), casts the float32 start vector to the half compute dtype:
+    # the solver met float16 products in a float32 iteration and crashed with a raw TypeError.
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = keras.Sequential([keras.Input((5, 3)), keras.layers.Flatten(),
+                                  keras.layers.Dense(2)])
+        dense = model.layers[1]
+        half = keras.ops.convert_to_numpy(
+            keras.ops.cast(keras.ops.cast(dense.kernel, dense.compute_dtype), "float32"))
+        exact = np.linalg.norm(half.astype(np.float64), 2)
+        est = tfl.LipschitzEstimator(model, verbose=0)
+        rounding = 1e-2 if policy == "mixed_bfloat16" else 2e-3
+        assert est.autolip().upper == pytest.approx(exact, rel=rounding)
+        certified = est.autolip(certified=True)
+        assert certified.upper >= exact * (1 - 1e-7)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

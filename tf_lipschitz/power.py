@@ -527,6 +527,18 @@ def _widened(fn, adjoint, dtype):
     return wide_fn, (None if adjoint is None else wide_adjoint)
 
 
+def _recast(fn, adjoint, out_dtype, dtype):
+    """``fn`` (returning ``out_dtype``) and ``adjoint`` with outputs cast to ``dtype``."""
+
+    def cast_fn(x):
+        return tf.cast(fn(x), dtype)
+
+    def cast_adjoint(y):
+        return tf.cast(adjoint(tf.cast(y, out_dtype)), dtype)
+
+    return cast_fn, (None if adjoint is None else cast_adjoint)
+
+
 def _consistency_slack(dtype) -> float:
     """Relative disagreement allowed between ``vᵀJᵀJv`` and ``‖Jv‖²`` for a ``dtype`` operator:
     1 %, or the rounding of half-precision products (16 units)."""
@@ -616,6 +628,15 @@ def prepare_operator(fn, adjoint, v0, *, first_product: bool = False) -> Prepare
             out = fn(unit)
     else:
         out = fn(unit)
+    if out.dtype != dtype:
+        # A map that computes in another dtype than its input (mixed precision: a Flatten
+        # called as layer(x) casts float32 inputs to float16) is iterated in its input's dtype.
+        fn, adjoint = _recast(fn, adjoint, out.dtype, dtype)
+        if tape is not None:
+            with tape:
+                out = tf.cast(out, dtype)
+        else:
+            out = tf.cast(out, dtype)
     size = example_norms(tf.cast(out, tf.float64))[0]
     usable = tf.logical_and(tf.math.is_finite(size), size > 0.0)
     exponent = tf.where(usable, tf.floor(tf.math.log(size) / np.log(2.0)), 0.0)
