@@ -18,6 +18,7 @@ operator norm up to floating point, never a certified upper bound. Certified bou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -515,26 +516,15 @@ def example_norms(t: tf.Tensor) -> tf.Tensor:
     return tf.cast(norms, given)
 
 
-def _widened(fn, adjoint, dtype):
-    """``fn`` and ``adjoint`` of a ``dtype`` operator, taking and returning float32."""
-
-    def wide_fn(x):
-        return tf.cast(fn(tf.cast(x, dtype)), tf.float32)
-
-    def wide_adjoint(y):
-        return tf.cast(adjoint(tf.cast(y, dtype)), tf.float32)
-
-    return wide_fn, (None if adjoint is None else wide_adjoint)
-
-
-def _recast(fn, adjoint, out_dtype, dtype):
-    """``fn`` (returning ``out_dtype``) and ``adjoint`` with outputs cast to ``dtype``."""
+def _retyped(fn, adjoint, fn_in, fn_out, dtype):
+    """``fn`` (taking ``fn_in``, returning ``fn_out``) and ``adjoint`` as maps of ``dtype``:
+    inputs cast to what each side takes, outputs cast to ``dtype``."""
 
     def cast_fn(x):
-        return tf.cast(fn(x), dtype)
+        return tf.cast(fn(tf.cast(x, fn_in)), dtype)
 
     def cast_adjoint(y):
-        return tf.cast(adjoint(tf.cast(y, out_dtype)), dtype)
+        return tf.cast(adjoint(tf.cast(y, fn_out)), dtype)
 
     return cast_fn, (None if adjoint is None else cast_adjoint)
 
@@ -617,25 +607,19 @@ def prepare_operator(fn, adjoint, v0, *, first_product: bool = False) -> Prepare
     """
     given = v0.dtype
     if given in HALF_ROUNDING:
-        fn, adjoint = _widened(fn, adjoint, given)
+        fn, adjoint = _retyped(fn, adjoint, given, given, tf.float32)
         v0 = tf.cast(v0, tf.float32)
     dtype = v0.dtype
     unit = _unit(v0)
     tape = tf.GradientTape() if first_product and adjoint is None else None
-    if tape is not None:
-        with tape:
-            tape.watch(unit)
-            out = fn(unit)
-    else:
-        out = fn(unit)
-    if out.dtype != dtype:
-        # A map that computes in another dtype than its input (mixed precision: a Flatten
-        # called as layer(x) casts float32 inputs to float16) is iterated in its input's dtype.
-        fn, adjoint = _recast(fn, adjoint, out.dtype, dtype)
+    with tape if tape is not None else contextlib.nullcontext():
         if tape is not None:
-            with tape:
-                out = tf.cast(out, dtype)
-        else:
+            tape.watch(unit)
+        out = fn(unit)
+        if out.dtype != dtype:
+            # A map that computes in another dtype than its input (mixed precision: a Flatten
+            # called as layer(x) casts float32 inputs to float16) is iterated in its input's.
+            fn, adjoint = _retyped(fn, adjoint, dtype, out.dtype, dtype)
             out = tf.cast(out, dtype)
     size = example_norms(tf.cast(out, tf.float64))[0]
     usable = tf.logical_and(tf.math.is_finite(size), size > 0.0)
