@@ -269,7 +269,8 @@ def _plane_wave(spec: ConvSpec, theta: np.ndarray, v: np.ndarray, group: int,
         sines.append(np.sin(angle).reshape(shape))
         slopes.append((spec.strides[d] * math.pi / (n + 1) * np.cos(angle)).reshape(shape))
     # Re(f(n) c[r(n)]) = Re f · Re c − Im f · Im c: each term is a spatial field times a
-    # channel vector per phase, so the start is one small real GEMM per phase.
+    # channel vector per phase, so the start is two small real GEMMs per phase (the wave,
+    # then its tilt, kept apart for the check below).
     fields = [wave * math.prod(sines)]
     vectors = [channels(v)]
     for d in range(rank if tilt is not None else 0):

@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import keras
@@ -45,7 +46,8 @@ import numpy as np
 from tf_lipschitz import certify
 from tf_lipschitz.errors import NotLipschitzError, UnsupportedLayerError
 from tf_lipschitz.rules.activations import resolve_activation
-from tf_lipschitz.rules.base import Constant, NodeContext, get_rule, register_rule, weight_values
+from tf_lipschitz.rules.base import Constant, NodeContext, register_rule, weight_values
+from tf_lipschitz.rules.wrapped import wrapped_bound
 
 __all__: list[str] = []
 
@@ -125,15 +127,8 @@ def _bidirectional(layer, ctx: NodeContext) -> Constant:
         out = out[:-1] + (out[-1] // 2,)
     bounds = []
     for sub in (layer.forward_layer, layer.backward_layer):
-        try:
-            rule = get_rule(sub)
-        except UnsupportedLayerError as err:
-            raise UnsupportedLayerError(
-                layer, f"It wraps layer '{sub.name}' of class {type(sub).__name__}, which has no "
-                "Lipschitz rule of its own.", suggest_rule=False) from err
-        sub_ctx = NodeContext(ctx.input_shapes, (out,), ctx.dependent, ctx.constants, ctx.dtype,
-                              f"{ctx.name}/{sub.name}")
-        bound = rule(sub, sub_ctx)
+        bound = wrapped_bound(layer, sub, dataclasses.replace(
+            ctx, output_shapes=(out,), name=f"{ctx.name}/{sub.name}"))
         if not isinstance(bound, Constant):
             raise UnsupportedLayerError(
                 layer, f"Its layer '{sub.name}' is not a recurrent layer with a constant.",

@@ -43,6 +43,19 @@ def _per_step(fn, step_in: tuple[int, ...], steps: int, step_out: tuple[int, ...
     return mapped
 
 
+def wrapped_bound(wrapper, inner, ctx: NodeContext):
+    """The bound of the layer ``inner`` that ``wrapper`` calls, by ``inner``'s own rule on
+    ``ctx``; an error naming both when ``inner`` has no rule."""
+    try:
+        rule = get_rule(inner)
+    except UnsupportedLayerError as err:
+        raise UnsupportedLayerError(
+            wrapper, f"It wraps layer '{inner.name}' of class {type(inner).__name__}, which has "
+            f"no Lipschitz rule of its own. Register one for {type(inner).__name__} "
+            "(tfl.register_rule) and the wrapper uses it.", suggest_rule=False) from err
+    return rule(inner, ctx)
+
+
 def _time_distributed(layer, ctx: NodeContext):
     inner = layer.layer
     steps = ctx.input_shape[0]
@@ -57,15 +70,8 @@ def _time_distributed(layer, ctx: NodeContext):
             layer, f"It wraps the model '{inner.name}' ({type(inner).__name__}); rules apply to "
             "layers. Wrap each layer of that model in its own TimeDistributed instead (the same "
             "function, applied step by step), then analyse the result.", suggest_rule=False)
-    try:
-        rule = get_rule(inner)
-    except UnsupportedLayerError as err:
-        raise UnsupportedLayerError(
-            layer, f"It wraps layer '{inner.name}' of class {type(inner).__name__}, which has no "
-            f"Lipschitz rule of its own. Register one for {type(inner).__name__} "
-            "(tfl.register_rule) and the wrapper uses it.", suggest_rule=False) from err
-    step_ctx = dataclasses.replace(ctx, input_shapes=(step_in,), output_shapes=(step_out,))
-    bound = rule(inner, step_ctx)
+    bound = wrapped_bound(layer, inner, dataclasses.replace(
+        ctx, input_shapes=(step_in,), output_shapes=(step_out,)))
     note = f"TimeDistributed({type(inner).__name__})" + (f": {bound.note}" if bound.note else "")
     if isinstance(bound, Constant):
         return dataclasses.replace(bound, note=note)
