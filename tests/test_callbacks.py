@@ -185,6 +185,46 @@ def test_tf_data_dataset(data):
     assert cb._x_batch.shape == (16, 8, 8, 1)
 
 
+def _two_input_model():
+    a, b = keras.Input((3,), name="a"), keras.Input((2, 2), name="b")
+    h = keras.layers.Concatenate()([keras.layers.Dense(4, activation="tanh")(a),
+                                    keras.layers.Flatten()(b)])
+    return keras.Model([a, b], keras.layers.Dense(2)(h), name="two_inputs")
+
+
+@pytest.mark.parametrize("form", ["list", "dict", "dataset"])
+def test_lower_bound_of_a_model_with_two_inputs(form, rng):
+    # The lower bound is on the constant with respect to both inputs at once, like AutoLip's:
+    # it must lie under the logged AutoLip value and equal a fresh estimator's.
+    xa = rng.standard_normal((32, 3)).astype("float32")
+    xb = rng.standard_normal((32, 2, 2)).astype("float32")
+    y = rng.standard_normal((32, 2)).astype("float32")
+    model = _two_input_model()
+    x = {"list": [xa[:8], xb[:8]], "dict": {"b": xb[:8], "a": xa[:8]},
+         "dataset": tf.data.Dataset.from_tensor_slices(((xa, xb), y)).batch(8)}[form]
+    cb = LipCallback(methods=("autolip", "lower"), x=x, lower_kwargs=LOWER)
+    history = _fit(model, [xa, xb], y, [cb], epochs=1)
+    lower = history.history["lipschitz_lower"][-1]
+    assert 0 < lower <= history.history["lipschitz_autolip"][-1]
+    fresh = LipschitzEstimator(model, verbose=0).lower_bound([xa[:8], xb[:8]], **LOWER)
+    assert lower == pytest.approx(fresh.value, rel=1e-6)
+
+
+@pytest.mark.parametrize("x, match", [
+    (lambda xa, xb: xa, "pass x as a list with one batch per input"),
+    (lambda xa, xb: [xa, xb[:, :1]], "Input 'b' expects"),
+    (lambda xa, xb: {"a": xa}, "missing \\['b'\\]"),
+])
+def test_wrong_inputs_of_a_two_input_model_fail_before_training(x, match, rng):
+    xa = rng.standard_normal((8, 3)).astype("float32")
+    xb = rng.standard_normal((8, 2, 2)).astype("float32")
+    model = _two_input_model()
+    cb = LipCallback(methods=("autolip", "lower"), x=x(xa, xb))
+    with pytest.raises(InvalidArgumentError, match=match):
+        _fit(model, [xa, xb], np.zeros((8, 2), "float32"), [cb], epochs=1)
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
 def test_nan_weights_warn_and_training_continues(data):
     x, y = data
     model = _model()

@@ -34,9 +34,9 @@ import numpy as np
 import tensorflow as tf
 
 from tf_lipschitz.autolip import check_solver_arguments
-from tf_lipschitz.errors import InvalidArgumentError
+from tf_lipschitz.errors import InvalidArgumentError, LowerBoundError
 from tf_lipschitz.estimator import LipschitzEstimator
-from tf_lipschitz.lower import lower_bound
+from tf_lipschitz.lower import input_layout, lower_bound
 from tf_lipschitz.power import as_shape, check_int, check_keywords, keyword_names
 from tf_lipschitz.report import json_ready
 
@@ -93,18 +93,52 @@ def _as_batch(x) -> np.ndarray:
     return batch
 
 
-def _first_batch(x) -> np.ndarray:
+def _as_batches(x) -> np.ndarray | list[np.ndarray] | dict[str, np.ndarray]:
+    """``x`` as an array, or as a list or dict of arrays (one batch per input of the model)."""
+    if isinstance(x, Mapping):
+        return {k: _as_batch(v) for k, v in x.items()}
+    try:
+        return _as_batch(x)
+    except InvalidArgumentError:
+        if isinstance(x, (list, tuple)) and x:  # batches of different shapes: several inputs
+            try:
+                batches = [_as_batch(v) for v in x]
+            except InvalidArgumentError:
+                batches = []
+            if batches and all(b.ndim >= 2 for b in batches):
+                return batches
+        raise
+
+
+def _first_element(x):
+    """The inputs of ``x``: itself, or the first batch of a dataset without its targets."""
     if isinstance(x, tf.data.Dataset):
         element = next(iter(x))
         if isinstance(element, (tuple, list)):
             element = element[0]
-        if isinstance(element, dict):
+        return tf.nest.map_structure(np.asarray, element)
+    return x
+
+
+def _checked_inputs(x, estimator: LipschitzEstimator, model_name: str):
+    """``x`` checked against the estimator's model inputs: one batch, or one per input."""
+    x = _first_element(x)
+    if len(estimator.input_shapes) == 1:
+        if isinstance(x, Mapping):
             raise InvalidArgumentError(
-                "LipCallback(x=...) received a dataset of dicts; pass the input batch as an "
-                "array (the lower bound supports single-input models)."
-            )
-        return _as_batch(element)
-    return _as_batch(x)
+                f"LipCallback(x=...) received a dict of inputs, but model '{model_name}' has one "
+                "input: pass its batch as an array.")
+        return _check_batch_shape(_as_batch(x), estimator.input_shape, model_name)
+    batches = _as_batches(x)
+    if isinstance(batches, np.ndarray):  # equal shapes stack into one array: split it again
+        batches = list(batches)
+    try:
+        input_layout(estimator.model, estimator.input_shapes).join(batches, estimator.dtype)
+    except LowerBoundError as exc:
+        raise InvalidArgumentError(
+            f"LipCallback(x=...) must hold a batch for each input of model '{model_name}': "
+            f"{exc}") from exc
+    return batches
 
 
 def _check_batch_shape(batch: np.ndarray, input_shape: tuple[int, ...], model_name: str
@@ -147,9 +181,10 @@ class LipCallback(keras.callbacks.Callback):
         per_layer: Also record and write each layer's own constant.
         x: A small batch of inputs, shape ``(n, *input_shape)`` (e.g. 64 examples; an array,
             or a ``tf.data.Dataset`` whose first batch is used) to start the lower-bound search
-            from; every example is a starting point. Only with ``"lower"`` in ``methods``;
-            random inputs are used without it. Its shape is checked against the model's input
-            at ``on_train_begin``.
+            from; every example is a starting point. For a model with several inputs, a list of
+            batches (one per input) or a dict keyed by input name (a dataset's first element
+            likewise). Only with ``"lower"`` in ``methods``; random inputs are used without it.
+            Its shape is checked against the model's inputs at ``on_train_begin``.
         verbose: 1 prints one line per estimate.
         input_shape: Per-example input shape, for models with unknown input dimensions.
         certified: Use certified per-layer norms where available (AutoLip). Certificates are
@@ -274,7 +309,7 @@ class LipCallback(keras.callbacks.Callback):
                     f"its starting points. Received: methods={methods!r}"
                 )
             if not isinstance(x, tf.data.Dataset):
-                _as_batch(x)
+                _as_batches(x)
         self.methods = methods
         self.every_n_epochs = every_n_epochs
         self.every_n_batches = every_n_batches
@@ -329,8 +364,7 @@ class LipCallback(keras.callbacks.Callback):
             self._cold = True
             self._last_batch_step = None
             if "lower" in self.methods and self.x is not None:
-                self._x_batch = _check_batch_shape(_first_batch(self.x),
-                                                   self.estimator.input_shape, self.model.name)
+                self._x_batch = _checked_inputs(self.x, self.estimator, self.model.name)
         step = self._step()
         if self._last_batch_step is None or step < self._last_batch_step:  # new run or optimizer
             self._last_batch_step = step

@@ -77,7 +77,13 @@ class LipschitzEstimator:
                                 jit_compile=jit_compile)
         first = self.graph.nodes[self.graph.inputs[0]]
         self.input_shape = first.output_shapes[0]
+        self.input_shapes = [self.graph.nodes[i].output_shapes[0] for i in self.graph.inputs]
         self.dtype = first.dtype
+
+    @property
+    def _sample_shape(self):
+        """What the lower-bound functions take: one shape, or a list of them (several inputs)."""
+        return self.input_shape if len(self.input_shapes) == 1 else self.input_shapes
 
     @property
     def engine(self) -> AutoLip:
@@ -113,7 +119,9 @@ class LipschitzEstimator:
         """A proven lower bound: the largest Jacobian norm found by ascent over inputs.
 
         Args:
-            x: Optional data batch used as starting points (works without data).
+            x: Optional data batch used as starting points (works without data); for a model
+                with several inputs, a list of batches (one per input) or a dict keyed by input
+                name. The bound is then on the constant with respect to all inputs at once.
             **kwargs: See :func:`tf_lipschitz.lower.lower_bound` (``n_random``, ``steps``...).
 
         Returns:
@@ -126,7 +134,7 @@ class LipschitzEstimator:
         check_keywords(kwargs, keyword_names(lower_bound, _SET_BY_ESTIMATOR),
                        "LipschitzEstimator.lower_bound()")
         kwargs.setdefault("verbose", self.verbose)
-        return lower_bound(self.model, self.input_shape, x, dtype=self.dtype, **kwargs)
+        return lower_bound(self.model, self._sample_shape, x, dtype=self.dtype, **kwargs)
 
     def extreme_value_estimate(self, x: Any = None, **kwargs) -> ExtremeValueEstimate:
         """CLEVER-style statistical estimate of the constant (an estimate, never a bound).
@@ -137,7 +145,8 @@ class LipschitzEstimator:
         check_keywords(kwargs, keyword_names(extreme_value_estimate, _SET_BY_ESTIMATOR),
                        "LipschitzEstimator.extreme_value_estimate()")
         kwargs.setdefault("verbose", self.verbose)
-        return extreme_value_estimate(self.model, self.input_shape, x, dtype=self.dtype, **kwargs)
+        return extreme_value_estimate(self.model, self._sample_shape, x, dtype=self.dtype,
+                                      **kwargs)
 
     def _seqlip_engine(self):
         engine = getattr(self, "_seqlip", None)

@@ -34,6 +34,7 @@ its result is an *estimate*, never a bound.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import weakref
 from collections.abc import Callable
@@ -364,8 +365,9 @@ def jacobian_norms(f: Callable, x, *, iters: int = 30, seed: int = 0) -> np.ndar
     values carry its own rounding (about ``1e-3`` in float16).
 
     Args:
-        f: A single-input Keras model or a batched callable.
-        x: A batch of inputs ``(n, ...)``, in the model's input dtype.
+        f: A Keras model or a batched callable.
+        x: A batch of inputs ``(n, ...)``, in the model's input dtype; for a model with several
+            inputs, a list of batches (one per input) or a dict keyed by input name.
         iters: Power iterations.
         seed: Seed of the random starting directions.
 
@@ -373,7 +375,7 @@ def jacobian_norms(f: Callable, x, *, iters: int = 30, seed: int = 0) -> np.ndar
         A ``(n,)`` array of Jacobian norms.
 
     Raises:
-        LowerBoundError: ``f`` is a multi-input model or not callable.
+        LowerBoundError: ``f`` is not callable, or ``x`` does not match a multi-input model.
 
     Example:
         >>> import numpy as np, keras
@@ -383,7 +385,14 @@ def jacobian_norms(f: Callable, x, *, iters: int = 30, seed: int = 0) -> np.ndar
         >>> bool(np.allclose(s, np.linalg.norm(model.layers[0].kernel.numpy(), 2), rtol=1e-4))
         True
     """
-    fn = _as_model_fn(f)
+    layout = None
+    if isinstance(f, keras.Model) and len(f.inputs) != 1:
+        parts = ([x.get(t.name) for t in f.inputs] if isinstance(x, dict) and len(x) == len(
+            f.inputs) else x)
+        shapes = [np.shape(p)[1:] for p in parts] if isinstance(parts, (list, tuple)) else None
+        layout = input_layout(f, shapes)
+        x = layout.join(x, f.inputs[0].dtype)
+    fn = _as_model_fn(f, layout)
     x = tf.convert_to_tensor(x)
     state = _state_dtype(x.dtype)
     spread = float(np.std(x.numpy().astype("float64"))) or 1.0
@@ -485,29 +494,136 @@ def _model_name(model) -> str:
     return getattr(model, "name", None) or getattr(model, "__name__", None) or repr(model)
 
 
-def _as_model_fn(model) -> Callable:
-    """A batched callable for ``model``, cached so that compiled functions are traced once."""
-    if isinstance(model, keras.Model):
-        if model in _MODEL_FNS:
-            return _MODEL_FNS[model]
-        if len(model.inputs) != 1:
-            names = ", ".join(f"'{t.name}'" for t in model.inputs)
+@dataclasses.dataclass(frozen=True)
+class InputLayout:
+    """How the inputs of a multi-input model are laid out in one flat vector.
+
+    The Lipschitz constant of a model with several inputs is taken with respect to all of them
+    at once, ``‖(δx_1, …, δx_k)‖₂`` (AutoLip's convention). Lower bounds therefore search over
+    the concatenation of the flattened inputs, in the order of ``model.inputs``.
+
+    Attributes:
+        names: Names of the model's inputs, in order.
+        shapes: Per-example shape of each input.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of entries of each input."""
+        return [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+
+    def join(self, x, dtype) -> np.ndarray:
+        """A batch of inputs (a list/tuple in input order, or a dict by name) as ``(n, Σ sizes)``.
+
+        Raises:
+            LowerBoundError: Wrong number of inputs, unknown names, mismatched shapes or batch
+                sizes.
+        """
+        if isinstance(x, dict):
+            unknown = sorted(set(x) - set(self.names))
+            missing = [n for n in self.names if n not in x]
+            if unknown or missing:
+                raise LowerBoundError(
+                    f"x is a dict of inputs; expected the keys {list(self.names)}, received "
+                    f"{sorted(x)} (missing {missing}, unknown {unknown}).")
+            x = [x[n] for n in self.names]
+        if not isinstance(x, (list, tuple)) or len(x) != len(self.names):
             raise LowerBoundError(
-                f"Model '{model.name}' has {len(model.inputs)} inputs ({names}); lower bounds "
-                "and Jacobian norms are measured for single-input models. Measure a "
-                "single-input model that splits one concatenated input into these (the "
-                "constant with respect to the concatenated inputs), or fix all but one input "
-                "inside such a wrapper. AutoLip accepts multi-input models."
-            )
+                f"The model has {len(self.names)} inputs ({', '.join(self.names)}): pass x as a "
+                "list with one batch per input, in that order, or as a dict keyed by input name. "
+                f"Received: {type(x).__name__}"
+                + (f" of length {len(x)}." if isinstance(x, (list, tuple)) else "."))
+        parts = []
+        for name, shape, part in zip(self.names, self.shapes, x):
+            part = np.asarray(part, dtype=dtype)
+            if part.shape == shape:
+                part = part[None]
+            if tuple(part.shape[1:]) != shape:
+                raise LowerBoundError(
+                    f"Input '{name}' expects batches of shape (n, {', '.join(map(str, shape))}); "
+                    f"received shape {part.shape}.")
+            parts.append(part.reshape(len(part), -1))
+        if len({len(p) for p in parts}) != 1:
+            raise LowerBoundError(
+                "The inputs' batches differ in size: "
+                + ", ".join(f"'{n}' has {len(p)}" for n, p in zip(self.names, parts)) + ".")
+        return np.concatenate(parts, axis=1)
+
+    def split(self, flat: np.ndarray) -> list[np.ndarray]:
+        """One example's flat vector ``(Σ sizes,)`` as a list of per-input arrays."""
+        cuts = np.cumsum(self.sizes)[:-1]
+        return [p.reshape(s) for p, s in zip(np.split(np.asarray(flat), cuts), self.shapes)]
+
+
+def input_layout(model, input_shape=None) -> InputLayout | None:
+    """The :class:`InputLayout` of a multi-input Keras model, ``None`` for a single input.
+
+    Args:
+        model: A Keras model or a callable.
+        input_shape: Per-example shapes, one per input (``None``: the model's own, which must
+            then be fully known).
+
+    Raises:
+        LowerBoundError: Shapes that are missing or do not match the inputs, or inputs of
+            different or non-float dtypes.
+    """
+    if not isinstance(model, keras.Model) or len(model.inputs) == 1:
+        return None
+    inputs = model.inputs
+    names = tuple(t.name for t in inputs)
+    dtypes = {tf.as_dtype(t.dtype) for t in inputs}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating:
+        raise LowerBoundError(
+            f"Model '{model.name}' has inputs of dtypes "
+            + ", ".join(f"'{t.name}': {tf.as_dtype(t.dtype).name}" for t in inputs)
+            + "; lower bounds search over all inputs at once and need one float dtype for all.")
+    if input_shape is None:
+        shapes = [tuple(t.shape[1:]) for t in inputs]
+        if any(d is None for s in shapes for d in s):
+            raise LowerBoundError(
+                f"Model '{model.name}' has inputs of unknown shape "
+                f"{[tuple(t.shape) for t in inputs]}: pass input_shape, one per-example shape "
+                "per input.")
+    else:
+        shapes = [tuple(int(d) for d in s) for s in input_shape] if (
+            isinstance(input_shape, (list, tuple))
+            and all(isinstance(s, (list, tuple)) for s in input_shape)) else None
+        if shapes is None or len(shapes) != len(inputs):
+            raise LowerBoundError(
+                f"Model '{model.name}' has {len(inputs)} inputs ({', '.join(names)}): "
+                "input_shape must be a list of per-example shapes, one per input. Received: "
+                f"input_shape={input_shape!r}.")
+    return InputLayout(names, tuple(shapes))
+
+
+def _as_model_fn(model, layout: InputLayout | None = None) -> Callable:
+    """A batched callable for ``model``, cached so that compiled functions are traced once.
+
+    A multi-input model (``layout`` given) becomes a function of the concatenation of its
+    flattened inputs; outputs of a multi-output model are flattened and concatenated.
+    """
+    if isinstance(model, keras.Model):
+        if len(model.inputs) != 1 and layout is None:
+            layout = input_layout(model)
+        cache = _MODEL_FNS.setdefault(model, {})
+        key = None if layout is None else layout.shapes
+        if key in cache:
+            return cache[key]
 
         def fn(x):
+            if layout is not None:
+                parts = tf.split(x, layout.sizes, axis=1)
+                x = [tf.reshape(p, (-1, *s)) for p, s in zip(parts, layout.shapes)]
             out = model(x, training=False)
             if isinstance(out, (list, tuple, dict)):
                 flat = tf.nest.flatten(out)
                 out = tf.concat([tf.reshape(o, [tf.shape(o)[0], -1]) for o in flat], axis=1)
             return out
 
-        _MODEL_FNS[model] = fn
+        cache[key] = fn
         return fn
     if callable(model):
         return model
@@ -608,10 +724,14 @@ def lower_bound(
     value and are skipped.
 
     Args:
-        model: A single-input Keras model, or a batched callable.
-        input_shape: Shape of one example.
+        model: A Keras model, or a batched callable.
+        input_shape: Shape of one example; for a model with several inputs, a list of
+            per-example shapes, one per input. The constant is then that of the map of all
+            inputs at once (:class:`InputLayout`), and the returned point and direction are
+            lists with one array per input.
         x: Optional data points ``(n, *input_shape)``: screened as starting points, and their
-            mean and spread centre and scale the random points and the jumps.
+            mean and spread centre and scale the random points and the jumps. For a model with
+            several inputs, a list of batches (one per input) or a dict keyed by input name.
         n_random: Random starting points screened (in addition to ``x``).
         population: Number of best-screened points that the search refines.
         steps: Search steps; 0 only screens.
@@ -631,7 +751,8 @@ def lower_bound(
         ``secant`` is the best secant ratio at the returned point.
 
     Raises:
-        LowerBoundError: Invalid arguments, no starting points, or a multi-input model.
+        LowerBoundError: Invalid arguments, no starting points, or inputs that do not match
+            the model's.
         NonFiniteLowerBoundError: No searched point gave a finite, confirmed norm.
 
     Example:
@@ -652,7 +773,11 @@ def lower_bound(
             f"population={population}, proposals={proposals}, n_random={n_random}, "
             f"learning_rate={learning_rate}, noise={noise}."
         )
-    f = _as_model_fn(model)
+    layout = input_layout(model, input_shape)
+    f = _as_model_fn(model, layout)
+    if layout is not None:
+        input_shape = (sum(layout.sizes),)
+        x = None if x is None else layout.join(x, dtype)
     in_dtype = tf.as_dtype(dtype)
     state = _state_dtype(in_dtype)
     eps = _machine_eps(model, in_dtype)
@@ -703,6 +828,8 @@ def lower_bound(
     evaluations = (len(starts) * (2 * power_iters + 1)
                    + len(keep) * (2 * power_iters + 1 + 8 * power_iters + 1
                                   + steps * (3 * per_point + gradient)))
+    if layout is not None:
+        x_best, v_best = layout.split(x_best), layout.split(v_best)
     return LowerBound(value=value, x=x_best, direction=v_best, secant=secant,
                       evaluations=evaluations, starts=len(starts))
 
@@ -732,9 +859,11 @@ def extreme_value_estimate(
     **estimate**: it can fall below the true constant, and it is not a bound either way.
 
     Args:
-        model: Single-input Keras model or batched callable.
-        input_shape: Shape of one example.
-        x: Optional data points around which to sample.
+        model: Keras model or batched callable.
+        input_shape: Shape of one example (a list of shapes for a model with several inputs,
+            as in :func:`lower_bound`).
+        x: Optional data points around which to sample (a list or dict of batches for a model
+            with several inputs).
         batches: Number of batch maxima to fit.
         batch_size: Samples per batch.
         radius: Sampling radius relative to the data's spread.
@@ -763,7 +892,11 @@ def extreme_value_estimate(
             f"Need batches >= 3 and batch_size >= 1; received batches={batches}, "
             f"batch_size={batch_size}."
         )
-    f = _as_model_fn(model)
+    layout = input_layout(model, input_shape)
+    f = _as_model_fn(model, layout)
+    if layout is not None:
+        input_shape = (sum(layout.sizes),)
+        x = None if x is None else layout.join(x, dtype)
     in_dtype = tf.as_dtype(dtype)
     state = _state_dtype(in_dtype)
     rng = np.random.default_rng(seed)

@@ -199,8 +199,9 @@ class LowerBound:
             secant ratio there when autodiff's "Jacobian" is not confirmed by it to within
             ``1e-3`` (at a kink, see ``docs/concepts.md``). Computed in the model's precision,
             it carries the model's rounding (about ``1e-7`` relative in float32).
-        x: The input point (one example, no batch axis).
-        direction: The unit input direction ``v``.
+        x: The input point (one example, no batch axis; for a model with several inputs, a
+            list with one array per input).
+        direction: The unit input direction ``v`` (a list like ``x`` for several inputs).
         secant: The best of the one-sided ratios ``‖f(x ± hv) − f(x)‖ / h`` for two small
             steps ``h``: a lower bound that holds even where ``f`` is not differentiable.
         evaluations: Number of Jacobian products used.
@@ -208,8 +209,8 @@ class LowerBound:
     """
 
     value: float
-    x: np.ndarray
-    direction: np.ndarray
+    x: np.ndarray | list[np.ndarray]
+    direction: np.ndarray | list[np.ndarray]
     secant: float
     evaluations: int
     starts: int
