@@ -89,6 +89,18 @@ def test_top_singular_triplets(rng):
     for i in range(4):
         assert abs(np.dot(trip.v[i], vt[i])) == pytest.approx(1.0, abs=1e-3)
         assert abs(np.dot(trip.u[i], u[:, i])) == pytest.approx(1.0, abs=1e-3)
+    assert trip.converged
+
+
+def test_top_singular_triplets_that_hit_max_iter_say_so(rng):
+    # One block iteration from a random block cannot settle: the flag says so, and the Ritz
+    # values it returns are below the singular values (they converge from below).
+    m = rng.standard_normal((60, 50))
+    trip = top_singular_triplets(_dense_op(m), 3, tol=1e-8, max_iter=1, oversample=0)
+    assert not trip.converged
+    s = np.linalg.svd(m, compute_uv=False)
+    assert np.all(trip.s <= s[:3] * (1 + 1e-6))
+    assert trip.s[2] < s[2] * (1 - 1e-3)
 
 
 @pytest.mark.parametrize("kwargs", [{"tol": 0}, {"max_products": 0}, {"init": "cold"}])

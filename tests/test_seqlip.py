@@ -280,6 +280,15 @@ def test_truncated_singular_triplets_are_estimates():
     assert dense.certified and dense.upper >= floor * (1 - 1e-6)
 
 
+def test_unsettled_subspace_iteration_warns():
+    # The iterative triplets stopped at subspace_max_iter without a word; their values come
+    # from below, so the user is told.
+    model = mlp((10, 8, 7, 3), seed=6)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    with pytest.warns(RuntimeWarning, match="did not settle.*subspace_max_iter=1"):
+        est.seqlip(mode="greedy", top_k=3, dense_limit=0, subspace_tol=1e-8, subspace_max_iter=1)
+
+
 def test_auto_mode_chooses_per_pair_and_reports_it():
     model = mlp((5, 6, 40, 2), seed=7)
     rep = tfl.LipschitzEstimator(model, verbose=0).seqlip()
@@ -348,6 +357,7 @@ def test_progress_output_when_verbose(capsys):
     assert "SeqLip" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:SeqLip.*did not settle:RuntimeWarning")  # float16 noise
 def test_mixed_float16_chain_through_the_block_iteration():
     # With dense_limit=0 the spectra come from the block subspace iteration, which iterated the
     # float16 operators of a mixed_float16 model in float16 and raised (eigh has no float16

@@ -579,6 +579,13 @@ def operator_spectrum(
         return Spectrum(s.numpy(), u.numpy(), v.numpy(), 0.0, True, "svd")
     k = int(min(top_k + 1, op.size, out_size))
     trip = top_singular_triplets(op, k, tol=tol, max_iter=max_iter)
+    if not trip.converged:
+        warnings.warn(
+            f"SeqLip: the top {k} singular triplets of operator '{op.name}' did not settle to "
+            f"subspace_tol={tol:g} within subspace_max_iter={max_iter} block iterations "
+            f"(largest relative residual {trip.residual:.2g}). Its singular values, which "
+            "approach from below, and the remainder bound may be low: raise "
+            "subspace_max_iter or subspace_tol.", RuntimeWarning, stacklevel=2)
     s = trip.s.astype(np.float64)
     u = trip.u.reshape(len(s), -1).T.astype(np.float64)
     v = trip.v.reshape(len(s), -1).T.astype(np.float64)
