@@ -1,5 +1,6 @@
 """AutoLip end to end: closed forms, merges, invariants lower <= true <= upper."""
 
+import json
 import math
 from fractions import Fraction
 
@@ -9,6 +10,7 @@ import pytest
 import scipy.stats
 
 import tf_lipschitz as tfl
+from tf_lipschitz.report import compose_bounds
 
 L = keras.layers
 
@@ -257,3 +259,107 @@ def test_factors_that_are_not_numbers_are_refused():
     model.layers[1].alpha.assign(np.array([0.1, np.nan, 0.2], "float32"))
     with pytest.raises(tfl.LipschitzError, match=r"PReLU layer 'p_re_lu.*not finite"):
         tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
+
+
+def _rescaled(inputs, scale, depth):
+    """``depth`` rows of Rescaling(scale) then ReLU: a certified bound of ``|scale|^depth``."""
+    for _ in range(depth):
+        inputs = L.ReLU()(L.Rescaling(scale)(inputs))
+    return inputs
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+@pytest.mark.parametrize("certified", [False, True])
+def test_l2_combinations_do_not_overflow_or_underflow(scale, certified):
+    # √(Σ L²) summed the squares: 1e180 (squares 1e360) gave inf and 1e-180 gave a certified 0
+    # for a map that is not constant. Outputs h and [h, h]: √(1 + 2) · L.
+    x = keras.Input((3,))
+    h = _rescaled(x, scale, 6)
+    model = keras.Model(x, [h, L.Concatenate()([h, h])])
+    report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=certified)
+    used = Fraction(float(np.float32(scale)))  # the closed form reads the scale as the layer
+    factor = max(used, Fraction(scale)) if certified else used  # the certificate: both readings
+    exact_squared = 3 * factor ** 12
+    assert report.certified
+    assert Fraction(report.upper) ** 2 >= exact_squared
+    assert report.upper <= math.sqrt(3) * float(factor) ** 6 * (1 + 1e-12)
+
+
+def test_products_that_underflow_stay_positive():
+    # 11 factors 1e-30: the float64 product underflows to 0, a certified "constant" map.
+    x = keras.Input((3,))
+    report = tfl.LipschitzEstimator(keras.Model(x, _rescaled(x, 1e-30, 11)),
+                                    verbose=0).autolip()
+    exact = Fraction(float(np.float32(1e-30))) ** 11
+    assert report.certified and Fraction(report.upper) >= exact > 0
+
+
+def _overflow_then_zero_dense():
+    # A bound that overflows to inf (1e330), then a Dense layer whose kernel is zero: the map
+    # is constant (0 · inf was NaN, reported as NaN weights).
+    x = keras.Input((3,))
+    zero = L.Dense(2, name="zero")
+    y = zero(_rescaled(x, 1e30, 11))
+    zero.kernel.assign(np.zeros((3, 2), "float32"))
+    return x, y
+
+
+def test_infinite_factor_times_certified_zero_is_zero():
+    x, y = _overflow_then_zero_dense()
+    report = tfl.LipschitzEstimator(keras.Model(x, y), verbose=0).autolip(certified=True)
+    assert report.certified and report.upper == 0.0
+    rows = {row.name: row for row in report.layers}
+    assert rows["zero"].certificate == 0.0 and rows["zero"].cumulative == 0.0
+    doc = json.loads(report.to_json())  # inf is written as the string "inf", valid JSON
+    assert doc["upper"] == 0.0
+    assert "inf" in [row["cumulative"] for row in doc["layers"]]
+    assert " inf " in report.table() and " nan" not in report.table()
+    # A residual sum with that constant branch: the bound of the other branch, ‖W‖.
+    dense = L.Dense(2)
+    residual = keras.Model(x, L.Add()([dense(x), y]))
+    report = tfl.LipschitzEstimator(residual, verbose=0).autolip(certified=True)
+    exact = np.linalg.norm(dense.kernel.numpy().astype("float64"), 2)
+    assert report.certified and exact <= report.upper <= exact * (1 + 1e-5)
+
+
+def test_sums_with_an_infinite_bound_stay_infinite():
+    x = keras.Input((3,))
+    huge = _rescaled(x, 1e30, 11)
+    for merge in (L.Add(), L.Concatenate(), L.Maximum()):
+        report = tfl.LipschitzEstimator(keras.Model(x, merge([x, huge])), verbose=0).autolip()
+        assert report.upper == math.inf
+
+
+def test_not_a_number_after_an_infinite_bound_is_refused():
+    # NaN · inf and NaN · 0 stay NaN: the NaN gamma is named, not hidden by the 0 · inf rule.
+    x = keras.Input((3,))
+    norm = L.BatchNormalization(name="bn")
+    model = keras.Model(x, norm(_rescaled(x, 1e30, 11)))
+    norm.gamma.assign(np.array([1.0, np.nan, 1.0], "float32"))
+    for certified in (False, True):
+        with pytest.raises(tfl.LipschitzError, match=r"'bn'.*nan"):
+            tfl.LipschitzEstimator(model, verbose=0).autolip(certified=certified)
+
+
+@pytest.mark.parametrize("factors, expected", [
+    (((math.inf, True), (0.0, True)), 0.0),  # a certified 0: the composition is constant
+    (((0.0, True), (math.inf, False)), 0.0),
+    (((math.inf, True), (0.0, False)), math.inf),  # an estimated 0 proves nothing
+    (((0.0, False), (2.0, True)), 0.0),
+    (((math.nan, True), (0.0, True)), math.nan),
+    (((math.nan, True), (math.inf, True)), math.nan),
+    (((1e-200, True), (1e-200, True), (math.inf, True)), math.inf),
+    (((1e-200, True), (1e-200, True)), 5e-324),  # underflow: the smallest positive float
+    (((3.0, False), (0.5, True)), 1.5),
+])
+def test_compose_bounds(factors, expected):
+    value = compose_bounds(*factors)
+    assert value == expected or (math.isnan(expected) and math.isnan(value))
+
+
+def test_infinite_factor_times_estimated_zero_is_infinite():
+    # The power iteration's 0 is only ‖J v‖ = 0 on its start vector: no proof of a constant.
+    x, y = _overflow_then_zero_dense()
+    report = tfl.LipschitzEstimator(keras.Model(x, y), verbose=0).autolip()
+    assert not report.certified and report.upper == math.inf
+    assert json.loads(report.to_json())["upper"] == "inf"

@@ -1,6 +1,7 @@
 """The tf-lipschitz command line: results against the library, exit codes and messages."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -326,19 +327,20 @@ def test_errors_exit_code_and_one_line(make_args, code, pattern, bad_models, sav
     assert re.search(pattern, lines[0]), lines[0]
 
 
-def test_multi_input_model_skips_the_lower_bound_only(tmp_path, capsys):
+def test_multi_input_model_gets_both_bounds(tmp_path, capsys):
     a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
     dense = L.Dense(2, use_bias=False)
     model = keras.Model([a, b], L.Add()([dense(a), b]))
     model.save(str(tmp_path / "two.keras"))
     code, out, err = _run(capsys, tmp_path / "two.keras", "--quiet", "--json", "-")
     assert code == 0, err
-    assert "note: lower skipped: the lower bound supports single-input models" in err
     doc = json.loads(out)
-    assert doc["lower_bound"] is None and "lower" in doc["skipped"]
-    # x = (a, b) -> W a + b: exact norm is the largest singular value of [W, I]
+    assert "lower" not in doc["skipped"]
+    # x = (a, b) -> W a + b: the constant with respect to both inputs is the largest singular
+    # value of [W, I]; the model is linear, so the lower bound reaches it.
     exact = float(np.linalg.svd(np.concatenate([dense.kernel.numpy().T, np.eye(2)], 1),
                                 compute_uv=False)[0])
+    assert doc["lower_bound"]["value"] == pytest.approx(exact, rel=1e-4)
     assert doc["reports"]["autolip"]["upper"] >= exact * (1 - 1e-4)
 
 
@@ -358,3 +360,24 @@ def test_python_dash_m_runs_the_cli(saved):
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
     assert doc["reports"]["autolip"]["upper"] == pytest.approx(saved["upper"], rel=1e-3)
+
+
+def test_quiet_tensorflow_restores_the_log_levels():
+    # The command quiets TensorFlow's Python loggers while it runs; main() called in a process
+    # that goes on (a notebook, these tests) gets their levels back.
+    from absl import logging as absl_logging
+
+    logger = logging.getLogger("tensorflow")
+    before = logger.level, absl_logging.get_verbosity()
+    logger.setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        with cli._quiet_tensorflow(debug=False):
+            assert logger.level == logging.ERROR
+            assert absl_logging.get_verbosity() == absl_logging.ERROR
+        assert logger.level == logging.INFO and absl_logging.get_verbosity() == absl_logging.INFO
+        with cli._quiet_tensorflow(debug=True):
+            assert logger.level == logging.INFO
+    finally:
+        logger.setLevel(before[0])
+        absl_logging.set_verbosity(before[1])

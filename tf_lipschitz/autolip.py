@@ -21,13 +21,14 @@ import keras
 import numpy as np
 
 from tf_lipschitz.certify import fused_certificate
-from tf_lipschitz.errors import InvalidArgumentError, LipschitzError
+from tf_lipschitz.errors import (InvalidArgumentError, LipschitzError, NotLipschitzError,
+                                 UnsupportedLayerError)
 from tf_lipschitz.graph import GraphNode, ModelGraph
 from tf_lipschitz.operators import LinearOperator, compose
 from tf_lipschitz.power import (METHODS, SpectralResult, SpectralSolver, check_choice, check_int,
                                  check_tol)
 from tf_lipschitz.report import (CERTIFIED, ESTIMATE, LayerRow, LipschitzReport, combine_outputs,
-                                 round_up)
+                                 compose_bounds, round_up)
 from tf_lipschitz.rules import Constant, LayerBound, Linear, Merge, NodeContext, get_rule
 from tf_lipschitz.starts import group_start
 
@@ -125,25 +126,50 @@ def _disjoint(sets: Sequence[frozenset]) -> bool:
 
 
 def evaluate_rules(graph: ModelGraph) -> dict[int, LayerBound]:
-    """Applies the registered rule of every input-dependent node."""
+    """Applies the registered rule of every input-dependent node.
+
+    Raises:
+        NotLipschitzError: A node's function has no finite constant. It is raised even when an
+            earlier node has no rule: registering that rule would not give a bound. (Keras
+            computes the mask of a ``Masking`` layer with ``not_equal``/``any`` ops placed
+            before the layer in the graph; the layer's own error says why it is refused.)
+        UnsupportedLayerError: Otherwise, the first node without a rule.
+        LipschitzError: A rule that fails or returns something else than a bound.
+    """
     bounds: dict[int, LayerBound] = {}
+    missing: UnsupportedLayerError | None = None
     for node in graph.nodes:
         if node.is_input or not node.dependent:
             continue
-        bound = get_rule(node.operation)(node.operation, node_context(node))
-        if not isinstance(bound, (Linear, Constant, Merge)):
-            raise LipschitzError(
-                f"The rule of layer '{node.name}' ({node.class_name}) returned {bound!r}; a rule "
-                "must return tfl.rules.Linear, Constant or Merge."
-            )
-        if isinstance(bound, (Linear, Constant)) and sum(node.input_dependent) > 1:
-            raise LipschitzError(
-                f"Layer '{node.name}' ({node.class_name}) has {sum(node.input_dependent)} "
-                "input-dependent inputs but its rule describes a single-input layer; register a "
-                "rule returning tfl.rules.Merge for it."
-            )
-        bounds[node.index] = bound
+        try:
+            bounds[node.index] = _node_bound(node)
+        except NotLipschitzError:
+            raise
+        except UnsupportedLayerError as exc:
+            missing = missing or exc
+        except LipschitzError:
+            if missing is None:
+                raise
+    if missing is not None:
+        raise missing
     return bounds
+
+
+def _node_bound(node: GraphNode) -> LayerBound:
+    """The bound the rule of ``node`` gives, checked against the node's inputs."""
+    bound = get_rule(node.operation)(node.operation, node_context(node))
+    if not isinstance(bound, (Linear, Constant, Merge)):
+        raise LipschitzError(
+            f"The rule of layer '{node.name}' ({node.class_name}) returned {bound!r}; a rule "
+            "must return tfl.rules.Linear, Constant or Merge."
+        )
+    if isinstance(bound, (Linear, Constant)) and sum(node.input_dependent) > 1:
+        raise LipschitzError(
+            f"Layer '{node.name}' ({node.class_name}) has {sum(node.input_dependent)} "
+            "input-dependent inputs but its rule describes a single-input layer; register a "
+            "rule returning tfl.rules.Merge for it."
+        )
+    return bound
 
 
 def _dependent_parent(node: GraphNode) -> int | None:
@@ -288,6 +314,7 @@ class AutoLip:
         if spectral is None:
             spectral = self.spectral(init=init)
         lip: dict[int, float] = {}
+        proven: dict[int, bool] = {}  # whether lip[i] is certified (a certified 0: a constant)
         rows: dict[int, LayerRow] = {}
         all_certified = True
         group_of_last = {g.nodes[-1]: g for g in self.groups}
@@ -302,25 +329,29 @@ class AutoLip:
         for node in graph.nodes:
             i = node.index
             if node.is_input:
-                lip[i] = 1.0
+                lip[i], proven[i] = 1.0, True
                 rows[i] = LayerRow(node.name, "InputLayer", "input", node.input_shapes[0],
                                    node.output_shapes[0], cumulative=1.0)
                 continue
             if not node.dependent:
-                lip[i] = 0.0
+                lip[i], proven[i] = 0.0, True
                 continue
             if i in in_segment:
                 seg = segment_of_last.get(i)
                 if seg is not None:
-                    base = lip[seg.source] if seg.source is not None else 0.0
-                    lip[i] = seg.value * base
+                    base = (lip[seg.source], proven[seg.source]) if seg.source is not None else (
+                        0.0, True)
+                    lip[i] = compose_bounds((seg.value, seg.certified), base)
+                    proven[i] = seg.certified and base[1]
                     all_certified &= seg.certified
                     for k, row in seg.rows.items():
-                        rows[k] = dataclasses.replace(row, cumulative=row.cumulative * base)
+                        cumulative = compose_bounds((row.cumulative, seg.certified), base)
+                        rows[k] = dataclasses.replace(row, cumulative=cumulative)
                 continue
             bound = bounds[i]
             if isinstance(bound, Merge):
                 parents = [lip[p] if d else 0.0 for p, d in zip(node.parents, node.input_dependent)]
+                proven[i] = all(proven[p] for p, d in zip(node.parents, node.input_dependent) if d)
                 note = bound.note
                 separate = _disjoint([sources[p] for p, d in zip(node.parents, node.input_dependent)
                                       if d])
@@ -334,7 +365,9 @@ class AutoLip:
                 continue
             if isinstance(bound, Constant):
                 parent = _dependent_parent(node)
-                lip[i] = bound.value * lip[parent]
+                lip[i] = compose_bounds((bound.value, bound.certified),
+                                        (lip[parent], proven[parent]))
+                proven[i] = bound.certified and proven[parent]
                 all_certified &= bound.certified
                 rows[i] = LayerRow(
                     node.name, node.class_name, "constant", node.input_shapes[0],
@@ -350,8 +383,10 @@ class AutoLip:
             row, value, is_cert = self._group_row(group, bounds, spectral.get(group), certified)
             if bar is not None:
                 bar.add(1)
-            parent_lip = lip[group.parent] if group.parent is not None else 0.0
-            lip[i] = value * parent_lip
+            parent = (lip[group.parent], proven[group.parent]) if group.parent is not None else (
+                0.0, True)
+            lip[i] = compose_bounds((value, is_cert), parent)
+            proven[i] = is_cert and parent[1]
             all_certified &= is_cert
             rows[i] = dataclasses.replace(row, cumulative=lip[i])
 
@@ -398,7 +433,7 @@ class AutoLip:
         if certified:  # certificates cost more than the estimate: only on request
             cert = fused_certificate([(bounds[i], self.graph.nodes[i]) for i in group.nodes])
         if result is None:
-            norm = math.prod(float(m.norm()) for m in members)
+            norm = compose_bounds(*((float(m.norm()), True) for m in members))
             method, products, residual, converged, is_cert = "closed-form", 0, None, None, True
         else:
             norm, products = result.sigma, result.products
@@ -415,6 +450,7 @@ class AutoLip:
         value = norm
         if certified and cert is not None:  # a closed form's certificate is rounded up: use it
             value, is_cert = (cert if not is_cert else max(norm, cert)), True
+        lipschitz = compose_bounds((value, is_cert), (post, act_cert))
         is_cert = is_cert and act_cert
         row = LayerRow(
             name="+".join(n.name for n in nodes),
@@ -422,7 +458,7 @@ class AutoLip:
             kind="linear",
             input_shape=nodes[0].input_shapes[0],
             output_shape=nodes[-1].output_shapes[0],
-            lipschitz=value * post,
+            lipschitz=lipschitz,
             norm=norm,
             certificate=cert,
             activation=last.activation.name if last.activation is not None else None,
@@ -433,5 +469,5 @@ class AutoLip:
             converged=converged,
             note="; ".join(m.note for m in members if m.note),
         )
-        return row, value * post, is_cert
+        return row, lipschitz, is_cert
 

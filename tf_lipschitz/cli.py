@@ -607,10 +607,12 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
                 analysis.reports["seqlip"] = est.seqlip(certified=args.certified,
                                                         verbose=0 if args.quiet else 1)
         elif method == "lower":
+            from tf_lipschitz.estimator import LipschitzEstimator
+
             inputs = len(est.graph.inputs)
-            if inputs != 1:
-                analysis.skipped["lower"] = ("the lower bound supports single-input models; "
-                                             f"this model has {inputs} inputs")
+            if inputs != 1 and not isinstance(est, LipschitzEstimator):
+                analysis.skipped["lower"] = ("the lower bound of a graph supports one input; "
+                                             f"this one has {inputs}")
                 continue
             progress(f"lower bound: search from {args.lower_starts} random point(s), "
                      f"{args.lower_steps} refinement step(s)")
@@ -660,17 +662,29 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def _quiet_tensorflow(debug: bool):
-    if debug:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    try:
-        from absl import logging as absl_logging
+    """Silences TensorFlow's Python log messages while the command runs, unless ``--debug``.
 
-        absl_logging.set_verbosity(absl_logging.ERROR)
-    except ImportError:  # pragma: no cover - absl ships with TensorFlow
-        pass
+    The Python loggers of TensorFlow and absl print errors only, and get their levels back on
+    exit (``main()`` may run inside a process that goes on: a notebook, the tests). TensorFlow's
+    C++ log is read from ``TF_CPP_MIN_LOG_LEVEL`` when the package imports TensorFlow, before
+    the command runs: set it to 3 in the environment to hide those lines too.
+    """
+    if debug:
+        yield
+        return
+    from absl import logging as absl_logging  # absl ships with TensorFlow
+
+    logger = logging.getLogger("tensorflow")
+    previous = logger.level, absl_logging.get_verbosity()
+    logger.setLevel(logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous[0])
+        absl_logging.set_verbosity(previous[1])
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
@@ -694,7 +708,6 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     err = stderr or sys.stderr
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    _quiet_tensorflow(debug)
     try:
         parser = build_parser()
         try:
@@ -705,7 +718,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         if args.command is None:
             parser.print_help(out)
             return EXIT_USAGE
-        return _run(args, out, err)
+        with _quiet_tensorflow(debug):
+            return _run(args, out, err)
     except UsageError as exc:
         _report(err, exc, debug)
         return EXIT_USAGE

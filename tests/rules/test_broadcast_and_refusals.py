@@ -1,5 +1,7 @@
 """Rules against ground truth where an input is broadcast, and layers that must be refused."""
 
+from fractions import Fraction
+
 import keras
 import numpy as np
 import pytest
@@ -72,6 +74,21 @@ def test_rescaling_that_broadcasts_the_input_counts_its_copies():
         assert upper >= exact and upper == pytest.approx(exact, rel=1e-9)
 
 
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_broadcast_norm_of_a_float64_constant_far_from_one(scale):
+    # ‖c‖₂ over the 4 copies summed the squares: inf for |c| = 1e200, 0 for 1e-200 (a certified
+    # 0 for a map that is not constant). Exact: √4 · |c|.
+    def build(inputs):  # x of shape (1, 3) times c of shape (4, 3): 4 copies of every entry
+        return keras.Model(inputs, keras.ops.multiply(inputs, np.full((4, 3), scale)))
+
+    model = _float64_twin(build, (1, 3))
+    exact = 2 * Fraction(scale)
+    for certified in (False, True):
+        report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=certified)
+        assert report.certified
+        assert exact <= Fraction(report.upper) <= exact * (1 + Fraction(1, 10**12))
+
+
 @pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
 def test_layer_normalization_with_rms_scaling_is_not_lipschitz():
     # It scales the uncentred x by 1/√(var(x) + ε): a constant vector c·1 maps to c·1/√ε.
@@ -94,4 +111,30 @@ def test_quantized_dense_is_refused(mode):
     model = keras.Sequential([keras.Input((8,)), L.Dense(4)])
     model.quantize(mode)
     with pytest.raises(tfl.LipschitzError, match="quantiz"):
+        tfl.LipschitzEstimator(model, verbose=0).autolip()
+
+
+@pytest.mark.parametrize("mask_value", [0.0, 1.5])
+@pytest.mark.parametrize("tail", ["rnn", "dense"])
+def test_masking_is_refused_with_its_reason(mask_value, tail):
+    # Keras computes the mask with not_equal/any ops placed before the Masking layer in the
+    # graph: the RNN model was refused as "No Lipschitz rule for layer 'not_equal'", the Dense
+    # one as "No Lipschitz rule for layer 'masking'", neither saying why.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 3))
+    masked = L.Masking(mask_value, name="masking")(inputs)
+    model = keras.Model(inputs, L.SimpleRNN(4)(masked) if tail == "rnn" else L.Dense(2)(masked))
+    if tail == "rnn" or mask_value != 0:
+        # Ground truth: a step of exactly mask_value and one 1e-4 away give outputs far apart.
+        # (Masking(0) then Dense is the identity then Dense; the rule cannot see that no layer
+        # uses the mask, and refuses it as well.)
+        x = np.random.default_rng(0).standard_normal((1, 6, 3))
+        x[0, 2] = mask_value
+        nearby = x.copy()
+        nearby[0, 2, 0] += 1e-4
+        jump = float(np.linalg.norm(model(nearby) - model(x)))
+        assert jump / 1e-4 > 1e3
+    reason = "output jumps" if mask_value else "skip the time steps"
+    with pytest.raises(tfl.NotLipschitzError,
+                       match=rf"'masking' \(Masking\).*{reason}.*without the Masking layer"):
         tfl.LipschitzEstimator(model, verbose=0).autolip()

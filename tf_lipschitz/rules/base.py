@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 from tf_lipschitz.errors import InvalidArgumentError, UnsupportedLayerError
-from tf_lipschitz.report import round_up
+from tf_lipschitz.report import combine_outputs, compose_bounds, round_up
 
 _FLOAT64_EPS = float(np.finfo(np.float64).eps)
 
@@ -205,8 +205,9 @@ class Merge:
         if all(f == 1.0 for f in factors):
             return self
 
-        def scaled(combine):
-            return lambda values: combine([v * f for v, f in zip(values, factors)])
+        def scaled(combine):  # a factor 0 (an empty output) makes even an inf input constant
+            return lambda values: combine(
+                [compose_bounds((v, True), (f, True)) for v, f in zip(values, factors)])
 
         copies = ", ".join(f"{f * f:g}" for f in factors if f != 1.0)
         return Merge(scaled(self.combine), f"{self.note}; broadcast inputs ×√copies ({copies})",
@@ -224,7 +225,7 @@ def _sum(values: Sequence[float]) -> float:
 
 
 def _l2(values: Sequence[float]) -> float:
-    return math.sqrt(sum(v * v for v in values))
+    return combine_outputs(values)  # √(Σ v²) without overflow or underflow in the squares
 
 
 LayerBound = Union[Linear, Constant, Merge]
@@ -426,11 +427,17 @@ def broadcast_product_norm(magnitude: np.ndarray, input_shape, output_shape) -> 
     axes = tuple(a for a, (n, m) in enumerate(zip(x, out)) if n == 1 and m != 1)
     if c.size == 0:
         return 0.0
+    peak = float(np.max(c))
     if not axes:
-        return float(np.max(c))
+        return peak
+    # Divided by a power of two near the largest entry (exactly), the squares neither overflow
+    # (|c| above 1e154) nor underflow (below 1e-154); the roots of sums in range are unchanged.
     # A float64 sum of k squares and its root are within (k + 2)·eps of the exact value.
+    scale = math.ldexp(1.0, math.frexp(peak)[1] - 1) if math.isfinite(peak) and peak > 0 else 1.0
+    c = c / scale
     copies = math.prod(out[a] for a in axes)
-    return float(np.sqrt(np.max(np.sum(c * c, axis=axes)))) * (1 + (copies + 2) * _FLOAT64_EPS)
+    root = float(np.sqrt(np.max(np.sum(c * c, axis=axes))))
+    return root * scale * (1 + (copies + 2) * _FLOAT64_EPS)
 
 
 def broadcast_factor(input_shape: Sequence[int], output_shape: Sequence[int]) -> float:

@@ -5,6 +5,9 @@ Flatten, Reshape, Permute and zero padding are isometries (norm 1); cropping is 
 ``Π f_d`` times (norm ``√Π f_d``); RepeatVector(n) has norm ``√n``. Dropout, the noise layers and
 ActivityRegularization are the identity at inference. All of them are linear, so they fuse with
 their linear neighbours (Conv → Flatten → Dense is measured as one operator).
+
+Masking is refused: the mask it passes on makes later layers skip time steps, which is
+discontinuous (and with ``mask_value != 0`` its own output jumps too).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 
-from tf_lipschitz.errors import UnsupportedLayerError
+from tf_lipschitz.errors import NotLipschitzError, UnsupportedLayerError
 from tf_lipschitz.rules.base import Linear, NodeContext, register_rule
 
 __all__: list[str] = []
@@ -55,6 +59,23 @@ def _embedding(layer, ctx: NodeContext):
     )
 
 
+def _masking(layer, ctx: NodeContext):
+    value = layer.mask_value
+    skips = (f"passes on a mask that makes the layers after it skip the time steps whose "
+             f"features all equal mask_value={value!r} (an RNN layer keeps its previous state "
+             "there, a pooling layer leaves the step out): a discontinuous function of the input.")
+    reason = f"it {skips}"
+    if not np.all(np.equal(value, 0)):  # with 0, a masked step is zero already: output = input
+        reason = (f"its output jumps: a time step whose features all equal mask_value={value!r} "
+                  "is replaced by zeros, while a step an arbitrarily small distance away is "
+                  f"kept. It also {skips}")
+    raise NotLipschitzError(
+        layer,
+        f"{reason} Analyse the model without the Masking layer, on fixed-length inputs: rebuild "
+        "it without that layer and copy the weights of the others (`set_weights`).",
+    )
+
+
 L = keras.layers
 for _cls in (L.Flatten, L.Reshape, L.Permute, L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D):
     register_rule(_cls, _known(1.0, "isometry"))
@@ -68,6 +89,7 @@ for _cls in (L.UpSampling1D, L.UpSampling2D, L.UpSampling3D):
     register_rule(_cls, _upsampling)
 register_rule(L.RepeatVector, _repeat_vector)
 register_rule(L.Embedding, _embedding)
+register_rule(L.Masking, _masking)
 
 
 def _register_ops():
