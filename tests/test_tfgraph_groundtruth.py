@@ -70,7 +70,7 @@ LINEAR_CASES = [
     ("reduce_sum_axis", lambda x: tf.reduce_sum(x, axis=2), (3, 4)),
     ("reduce_mean_axis", lambda x: tf.reduce_mean(x, axis=1), (3, 4)),
     ("add_broadcast_constant", lambda x: x[:, :1] + tf.constant([1.0, 2, 3, 4]), (4,)),
-    ("mul_broadcast_constant", lambda x: x * tf.constant([[2.0], [-3.0]]), (4,)),
+    ("mul_broadcast_constant", lambda x: x[:, None] * tf.constant([[2.0], [-3.0]]), (4,)),
     ("divide_by_vector", lambda x: x / tf.constant([1.0, -0.25, 2, 4]), (4,)),
     ("strided_slice_steps", lambda x: x[:, ::-2] * -7.0, (6,)),
     ("reverse_roll_transpose", lambda x: tf.transpose(tf.roll(tf.reverse(x, [1]), 1, 2),

@@ -39,6 +39,7 @@ from tf_lipschitz.report import ExtremeValueEstimate, LayerRow, LipschitzReport,
 from tf_lipschitz.rules import register_activation, register_rule
 from tf_lipschitz.wrappers import LipschitzWrapper
 from tf_lipschitz.tfgraph import (
+    BatchMixingError,
     GraphEstimator,
     UnsupportedOpError,
     autolip_function,
@@ -48,6 +49,7 @@ from tf_lipschitz.tfgraph import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchMixingError",
     "ConvOperatorNorm",
     "LipCallback",
     "LipschitzRecord",

@@ -37,6 +37,14 @@ and handed to the core :class:`~tf_lipschitz.autolip.AutoLip`, so fusion, the co
 and the report are shared with :class:`~tf_lipschitz.LipschitzEstimator`: on a model exported
 from Keras, the graph bound equals the Keras-level bound.
 
+Every op is analysed at batch size 1, as a function of one example, which is the function on
+batches only when the outputs of each example depend on that example alone. A graph whose input
+has a free batch axis is therefore also run on a batch of two examples with dependence witnesses
+that no input value can cancel (structural, not numerical); one that reduces, transposes, rolls,
+slices or otherwise mixes across the batch axis (``x - tf.reduce_mean(x, axis=0)``) raises
+:class:`BatchMixingError` naming the op. Inputs with a fixed leading dimension have no batch
+axis: the whole tensor is one example.
+
 Example:
     >>> import tensorflow as tf, tf_lipschitz as tfl
     >>> w = tf.constant([[3.0, 0.0], [0.0, 1.0]])
@@ -52,6 +60,7 @@ import contextlib
 import dataclasses
 import functools
 import heapq
+import itertools
 import math
 import os
 import warnings
@@ -79,6 +88,7 @@ from tf_lipschitz.rules.base import (Activation, Constant, LayerBound, Linear, M
 from tf_lipschitz.rules.pooling import max_pool_constant
 
 __all__ = [
+    "BatchMixingError",
     "GraphEstimator",
     "OpContext",
     "SavedModelNotFoundError",
@@ -119,6 +129,41 @@ class UnsupportedOpError(LipschitzError, TypeError):
                 "Keras, analysing its .keras file instead of the SavedModel may avoid the op."
             )
         super().__init__(message)
+        self.op_type = op_type
+        self.node = node
+
+
+class BatchMixingError(LipschitzError, ValueError):
+    """The outputs of the function for one example of a batch depend on other examples.
+
+    The graph is analysed one example at a time (batch size 1), so a function that reduces,
+    transposes, rolls or slices across its batch axis would be bounded as a different function.
+    Also a ``ValueError``.
+
+    Attributes:
+        op_type: The op type where examples first interact, e.g. ``"Mean"``.
+        node: The node name in the frozen graph.
+
+    Example:
+        >>> import tensorflow as tf, tf_lipschitz as tfl
+        >>> centred = lambda x: x - tf.reduce_mean(x, axis=0)  # centred over the batch
+        >>> try:
+        ...     tfl.autolip_function(centred, tf.TensorSpec([None, 3]))
+        ... except tfl.tfgraph.BatchMixingError as err:
+        ...     print(err.op_type)
+        Mean
+    """
+
+    def __init__(self, function: str, op_type: str, node: str, detail: str):
+        super().__init__(
+            f"'{function}' mixes the examples of a batch: op '{op_type}' (node '{node}') "
+            f"{detail}. The graph is analysed one example at a time (batch size 1), which "
+            "bounds a different function when examples interact. Write the function per "
+            "example, keeping the batch axis apart (reduce, transpose, roll, slice and multiply "
+            "over the other axes only, or map a per-example function with tf.vectorized_map), "
+            "or give the input a fixed batch size in its signature (tf.TensorSpec([B, ...])) "
+            "to bound the map of whole batches of B examples."
+        )
         self.op_type = op_type
         self.node = node
 
@@ -260,17 +305,24 @@ def _once(fn: Callable, specs: Sequence[tf.TensorSpec]) -> Callable:
     return tf.compat.v1.wrap_function(fn, list(specs))
 
 
-def _replay(nodes: Sequence[Any], feeds: dict[str, tf.Tensor], resolve: Callable[[str], str]
+def _replay(nodes: Sequence[Any], feeds: dict[str, tf.Tensor], resolve: Callable[[str], str],
+            visit: Callable[[Any, list[tf.Tensor], list[tf.Tensor]], None] | None = None
             ) -> dict[str, tf.Tensor]:
-    """Re-executes ``nodes`` (topological order); ``feeds`` gives tensors by ``"node:k"``."""
+    """Re-executes ``nodes`` (topological order); ``feeds`` gives tensors by ``"node:k"``.
+
+    ``visit(node_def, inputs, outputs)``, if given, is called after each op is created.
+    """
     values = dict(feeds)
     for node in nodes:
         if node.op in _IGNORED or f"{node.name}:0" in feeds:
             continue
         inputs = [values[resolve(r)] if resolve(r) in values else values[r]
                   for r in _data_inputs(node)]
-        for k, out in enumerate(_run_node(node, inputs)):
+        outputs = _run_node(node, inputs)
+        for k, out in enumerate(outputs):
             values[f"{node.name}:{k}"] = out
+        if visit is not None:
+            visit(node, inputs, outputs)
     return values
 
 
@@ -336,6 +388,7 @@ class OpContext:
         dtype: Dtype of the first dependent input.
         elementwise_of: For a product of two elementwise functions of one tensor that is not a
             recognised activation, the name of that tensor.
+        offsets: Set by :meth:`linear`: the constant slots it set to zero (``None`` until then).
     """
 
     node_def: Any
@@ -347,6 +400,7 @@ class OpContext:
     output_shape: tuple[int, ...]
     dtype: tf.DType
     elementwise_of: str | None = None
+    offsets: tuple[int, ...] | None = None
 
     @property
     def op_type(self) -> str:
@@ -395,6 +449,7 @@ class OpContext:
             note: Shown in the report.
         """
         slot = self.single_dependent()
+        self.offsets = tuple(offsets)
         if not _has_gradient(self.op_type):
             raise UnsupportedOpError(
                 self.op_type, self.name, "TensorFlow registers no gradient for it, and the "
@@ -485,7 +540,8 @@ def elementwise_rule(lipschitz: float, note: str = "") -> OpRule:
     """A rule for an elementwise op that is ``lipschitz``-Lipschitz in its single input.
 
     When the input-dependent operand is broadcast against a larger constant operand, each of
-    its entries is used ``copies`` times and the constant is multiplied by ``√copies``.
+    its entries is used ``copies`` times and the constant is multiplied by ``√copies``. The rule
+    is marked ``elementwise``: the check that examples of a batch stay apart relies on it.
     """
     lipschitz = check_constant(lipschitz, "lipschitz")
 
@@ -493,6 +549,7 @@ def elementwise_rule(lipschitz: float, note: str = "") -> OpRule:
         factor = max(1.0, _broadcast_factor(ctx, ctx.single_dependent()))
         return Constant(lipschitz * factor, note=note or f"{ctx.op_type} (registered)")
 
+    rule.elementwise = True  # read by the check that examples stay apart (_witness)
     return rule
 
 
@@ -856,6 +913,154 @@ def _reference_forms(dtype: tf.DType) -> dict[int, tuple[str, tuple]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Examples stay apart: the outputs for one example of a batch depend on that example only
+# ---------------------------------------------------------------------------------------------
+
+# Ops whose output entry depends only on the entries of their operands at the same (broadcast)
+# index.
+_ENTRYWISE = (_ELEMENTWISE | frozenset(_ACTIVATIONS)) - {"Softmax", "LogSoftmax"}
+_WINDOW_MAX = frozenset({"MaxPool", "MaxPoolV2", "MaxPool3D"})
+# Linear ops whose rule is not Linear: every constant floating-point operand is an offset.
+_LINEAR_MERGES = frozenset({"AddN", "ConcatV2", "Concat", "Pack", "Split", "SplitV", "Unpack"})
+
+
+def _witness(node_def, inputs: list[tf.Tensor], slots: list[int],
+             tangents: list[tf.Tensor | None], outputs: list[tf.Tensor],
+             noise: Callable[[tf.Tensor], tf.Tensor], offsets: Sequence[int] | None
+             ) -> list[tf.Tensor | None]:
+    """Dependence witnesses of the outputs of one op from those of its dependent operands.
+
+    A witness is a tangent whose zero entries are structural: it is propagated through each op
+    by a random member (independent weights ``r`` in [0.5, 1.5) drawn by ``noise``) of a family
+    of linear maps that contains the op's Jacobian at every input. Linear ops are run on the
+    witnesses with their constant ``offsets`` (biases, batch-norm means, padding values) set to
+    zero: their own linear map, the same at every input. Nonlinear ops, whose Jacobian at one
+    point can vanish (a ReLU off, a maximum taken elsewhere), use:
+
+    - entrywise ops (activations, ``Maximum``, the products inside gelu or silu...):
+      ``Σₖ r ⊙ broadcast(wₖ)``;
+    - ``Softmax`` and ``LogSoftmax`` (last axis): ``r ⊙ w + r' ⊙ Σ_last(r'' ⊙ w)``;
+    - ``Max`` and ``Min`` over axes: ``Σ_axes(r ⊙ w)``;
+    - max pools: a sum over each window with a weight for every output and window offset;
+    - ``Roll``: its product plus ``r ⊙ roll(w, 1)`` along the rolled axes, since a shift that
+      is a multiple of the batch checked (2) moves examples at other batch sizes.
+
+    A witness is then a polynomial in the weights that vanishes identically only if every
+    choice of Jacobians along the graph, the true ones at any input included, gives zero: an
+    entry that stays zero depends on no other entry at any input (almost surely in the draw).
+    Ops of other types with no such family (registered by users) use their product at the
+    sample point, or, without a gradient, make every output entry depend on every input entry.
+    """
+    if offsets is None and node_def.op in _LINEAR_MERGES:
+        offsets = [i for i, t in enumerate(inputs) if i not in slots and t.dtype.is_floating]
+    present = [(slot, t) for slot, t in zip(slots, tangents) if t is not None]
+    out = outputs[0]
+    if node_def.op in _ENTRYWISE or getattr(_OP_RULES.get(node_def.op), "elementwise", False):
+        w = tf.add_n([noise(out) * tf.broadcast_to(tf.cast(t, out.dtype), tf.shape(out))
+                      for _, t in present])
+        if len(present) > 1:
+            w /= len(present)
+        # Each op scales the largest magnitude by 1/4 to 3/2: only half precision, which a few
+        # such ops in a row under- or overflow, is rescaled after every op.
+        return [_unit_scaled(w) if out.dtype in _HALF_DTYPES else w]
+    made = _structured_witness(node_def, inputs, slots, present, outputs, noise, offsets)
+    return [None if w is None else _unit_scaled(w) for w in made]
+
+
+def _structured_witness(node_def, inputs, slots, present, outputs, noise, offsets
+                        ) -> list[tf.Tensor | None]:
+    """:func:`_witness` of the ops that are not entrywise, before rescaling."""
+    op, out, w = node_def.op, outputs[0], present[0][1]
+    if op in ("Softmax", "LogSoftmax"):
+        return [noise(w) * w + noise(w) * tf.reduce_sum(noise(w) * w, -1, keepdims=True)]
+    if op in ("Max", "Min"):
+        keep = bool(node_def.attr["keep_dims"].b)
+        return [tf.raw_ops.Sum(input=noise(w) * w, axis=inputs[1], keep_dims=keep)]
+    if op in _WINDOW_MAX:
+        window = _window_witness(node_def, inputs, w, out, noise)
+        return [window] if window is not None else _dense_witness(outputs, [w], noise)
+    products = _product_witness(node_def, inputs, slots, present, offsets)
+    if products is None:
+        return _dense_witness(outputs, [t for _, t in present], noise)
+    if op == "Roll":
+        step = tf.cast(tf.not_equal(inputs[1], 0), inputs[1].dtype)
+        products[0] += noise(out) * tf.roll(w, step, inputs[2])
+    return products
+
+
+def _product_witness(node_def, inputs, slots, present, offsets: Sequence[int] | None
+                     ) -> list[tf.Tensor | None] | None:
+    """The linear part of one op applied to the witnesses ``present`` (``(slot, w)`` pairs).
+
+    With known ``offsets`` (the op is linear in its dependent operands plus those constants),
+    the op itself is run on the witnesses, the offsets set to zero. Otherwise (ops registered
+    by users) its forward-mode product at the sample point; ``None`` when it has none.
+    """
+    if offsets is not None:
+        operands = list(inputs)
+        for slot in [*offsets, *slots]:
+            operands[slot] = tf.zeros_like(inputs[slot])
+        for slot, w in present:
+            operands[slot] = w
+        return [o if o.dtype.is_floating else None for o in _run_node(node_def, operands)]
+    watched: dict[int, tuple[tf.Tensor, tf.Tensor]] = {}
+    for slot, w in present:
+        watched.setdefault(id(inputs[slot]), (inputs[slot], w))
+    try:
+        with tf.autodiff.ForwardAccumulator([p for p, _ in watched.values()],
+                                            [w for _, w in watched.values()]) as acc:
+            again = _run_node(node_def, inputs)
+        return [acc.jvp(o, unconnected_gradients="zero") if o.dtype.is_floating else None
+                for o in again]
+    except (LookupError, NotImplementedError, TypeError, ValueError):
+        return None
+
+
+def _dense_witness(outputs, witnesses, noise) -> list[tf.Tensor | None]:
+    """Every output entry depends on every entry of the witnesses (no structure known)."""
+    total = tf.add_n([tf.reduce_sum(tf.cast(noise(w) * w, tf.float32)) for w in witnesses])
+    return [noise(o) * tf.cast(total, o.dtype) if o.dtype.is_floating else None
+            for o in outputs]
+
+
+def _window_witness(node_def, inputs, w, out, noise) -> tf.Tensor | None:
+    """Witness of a max pool: each window summed with its own weight per output and offset.
+
+    ``None`` when the window or a shape is not known statically.
+    """
+    if node_def.op == "MaxPoolV2":
+        ksize, strides = tf.get_static_value(inputs[1]), tf.get_static_value(inputs[2])
+    else:
+        ksize, strides = list(node_def.attr["ksize"].list.i), list(node_def.attr["strides"].list.i)
+    padding = node_def.attr["padding"].s.decode()
+    explicit = list(node_def.attr["explicit_paddings"].list.i)
+    shape_in, shape_out = w.shape, out.shape
+    if (ksize is None or strides is None or not shape_in.is_fully_defined()
+            or not shape_out.is_fully_defined() or len(ksize) != shape_in.rank):
+        return None
+    ksize, strides = [int(k) for k in ksize], [int(s) for s in strides]
+    pads = []
+    for axis, (n, o, k, s) in enumerate(zip(shape_in, shape_out, ksize, strides)):
+        extent = (o - 1) * s + k
+        before = (explicit[2 * axis] if padding == "EXPLICIT"
+                  else max(extent - n, 0) // 2 if padding == "SAME" else 0)
+        pads.append([before, max(extent - n - before, 0)])
+    padded = tf.pad(w, pads)
+    terms = []
+    for offset in itertools.product(*(range(k) for k in ksize)):
+        end = [d + (o - 1) * s + 1 for d, o, s in zip(offset, shape_out, strides)]
+        terms.append(noise(out) * tf.strided_slice(padded, list(offset), end, strides))
+    return tf.add_n(terms)
+
+
+def _unit_scaled(w: tf.Tensor) -> tf.Tensor:
+    """``w`` divided by its largest magnitude, so that witnesses neither overflow nor underflow
+    along the graph; a non-finite entry (an overflow within one op) becomes 1, non-zero."""
+    w = tf.where(tf.math.is_finite(w), w, tf.ones_like(w))
+    return tf.math.divide_no_nan(w, tf.reduce_max(tf.abs(w)))
+
+
+# ---------------------------------------------------------------------------------------------
 # The frozen graph
 # ---------------------------------------------------------------------------------------------
 
@@ -960,6 +1165,8 @@ class _GraphReader:
                 f"Could not freeze the variables of '{signature.name}' into constants: {exc}"
             ) from exc
         self.frozen = frozen
+        self.name = signature.name
+        self.seed = seed
         self.graph_def = frozen.graph.as_graph_def()
         self.nodes = {n.name: n for n in self.graph_def.node}
         self.order = self._topological_order()
@@ -994,6 +1201,8 @@ class _GraphReader:
         self.inputs: list[str] = []
         self.input_names = names
         self.input_full: dict[str, tuple[int, ...]] = {}
+        # Inputs whose signature leaves the leading (batch) axis free: examples of a batch.
+        self.batched: dict[str, bool] = {}
         self.dtypes: dict[str, tf.DType] = {}
         for i, (ref, tensor) in enumerate(zip(placeholders, frozen.inputs)):
             if tensor.dtype not in _FLOAT_DTYPES:
@@ -1005,6 +1214,7 @@ class _GraphReader:
                 )
             self.inputs.append(ref)
             self.dtypes[ref] = tensor.dtype
+            self.batched[ref] = bool(tensor.shape.rank) and tensor.shape[0] is None
             self.input_full[ref] = _resolve_shape(
                 tensor.shape, None if input_shapes is None else input_shapes[i], names[i])
         self.dependent = self._dependence()
@@ -1087,11 +1297,14 @@ class _GraphReader:
             stack.extend(_split(r)[0] for r in _data_inputs(self.nodes[name]))
         return [self.nodes[n] for n in self.order if n in need]
 
-    def evaluate(self, refs: Sequence[str]) -> dict[str, np.ndarray]:
-        """Values of tensors at the sample input (batch 1), in one compiled pass."""
+    def evaluate(self, refs: Sequence[str], sample: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
+        """Values of tensors at ``sample`` (default: the batch-1 sample input), in one
+        compiled pass."""
         refs = sorted(set(refs))
         if not refs:
             return {}
+        sample = self.sample if sample is None else sample
         nodes = self.ancestors(refs)
         inputs = list(self.inputs)
 
@@ -1099,8 +1312,8 @@ class _GraphReader:
             values = _replay(nodes, dict(zip(inputs, xs)), _tensor_name)
             return [values[r] for r in refs]
 
-        specs = [tf.TensorSpec(self.input_full[r], self.dtypes[r]) for r in inputs]
-        outs = _once(run, specs)(*[tf.constant(self.sample[r]) for r in inputs])
+        specs = [tf.TensorSpec(sample[r].shape, self.dtypes[r]) for r in inputs]
+        outs = _once(run, specs)(*[tf.constant(sample[r]) for r in inputs])
         return {r: np.asarray(v.numpy()) for r, v in zip(refs, outs)}  # bfloat16 scalars too
 
     # -- the walk ------------------------------------------------------------------------------
@@ -1135,6 +1348,7 @@ class _GraphReader:
             nodes.append(node)
 
         todo = [n for n in live if n not in absorbed]
+        self.offsets: dict[str, tuple[int, ...] | None] = {}  # of ops with Linear rules
         bar = None
         if self.progress and len(todo) > 50:
             bar = keras.utils.Progbar(len(todo), verbose=1, unit_name="op")
@@ -1150,6 +1364,8 @@ class _GraphReader:
                 if isinstance(bound, Linear) and name in other_outputs:
                     raise UnsupportedOpError(node_def.op, name, "Only its first output may be "
                                              "used by later input-dependent ops.")
+            if name not in regions:
+                self.offsets[name] = ctx.offsets
             parents = tuple(index_of[_split(r)[0]] for r in dep_refs)
             shapes = tuple(_example_shape(self._shape(r)) for r in dep_refs)
             out_shape = _example_shape(self._shape(f"{name}:0"))
@@ -1177,7 +1393,162 @@ class _GraphReader:
         if not outputs:
             raise LipschitzError("No output of the function depends on its inputs (constant "
                                  "function: Lipschitz constant 0).")
+        self._check_examples_apart(live, display)
         return ModelGraph(nodes, [index_of[r.split(":")[0]] for r in self.inputs], outputs, names)
+
+    # -- examples stay apart -------------------------------------------------------------------
+
+    def _check_examples_apart(self, live: Sequence[str], display: dict[str, str]) -> None:
+        """Raises :class:`BatchMixingError` if an output for one example reads another example.
+
+        Every op is analysed at batch size 1, i.e. as a function of one example. That is the
+        function on batches only if the outputs of each example depend on that example alone.
+        The graph is therefore run on a batch of two examples, with a dependence witness
+        (:func:`_witness`) started on the first example, then on the second: each output must
+        have an axis twice as long as at batch 1 (the batch axis, possibly merged with others,
+        as in ``(batch·time, ...)``) and the witness must stay in the block of its example. A
+        function that does not run on two examples (a batch size frozen into its graph) is
+        only defined at batch 1, where the analysis is exact; so is one whose inputs all have a
+        fixed leading dimension (the whole tensor is one example).
+        """
+        if not any(self.batched.values()):
+            return
+        outputs = sorted({self.resolve(o) for o in self.outputs
+                          if self.is_dependent(self.resolve(o))})
+        found = self._batch_witnesses(outputs, live)
+        if found is None:
+            return
+        failing = [o for o in outputs if self._layout(o, *found[o]) in ("mixed", "merged")]
+        if not failing:
+            return
+        read = {self.resolve(r) for name in live for r in _data_inputs(self.nodes[name])}
+        refs = sorted({r for r in read if self.is_dependent(r)} | set(outputs))
+        found = self._batch_witnesses(refs, live)
+        status = {r: self._layout(r, *found[r]) for r in refs}
+        ref = failing[0]
+        while True:  # back to the first op whose inputs keep examples apart
+            node = self.nodes[_split(ref)[0]]
+            worse = [r for r in (self.resolve(i) for i in _data_inputs(node))
+                     if status.get(r) in ("mixed", "merged")]
+            if not worse:
+                break
+            ref = worse[0]
+        detail = ("makes the outputs for one example depend on other examples"
+                  if status[ref] == "mixed" else
+                  "gives an output with no axis that keeps the examples apart (the batch axis "
+                  "is reduced, sliced, moved, or broadcast against an axis of a constant)")
+        raise BatchMixingError(self.name, node.op, display.get(node.name, node.name), detail)
+
+    def _layout(self, ref: str, shape: np.ndarray, reach: tuple) -> str:
+        """How tensor ``ref`` holds the examples of a batch of 2, from its batch-2 ``shape`` and
+        ``reach`` (for a witness started on each example, the non-zero entries along each axis,
+        or ``None`` where it does not reach ``ref``).
+
+        Returns:
+            ``"apart"`` (one axis doubles, and each example's witness stays in its half),
+            ``"mixed"`` (it reaches the other half), ``"merged"`` (no axis holds the examples,
+            yet they reach the tensor) or ``"shared"`` (no example reaches it).
+        """
+        single, double = self._shape(ref), tuple(int(d) for d in shape)
+        grown = [k for k, (a, b) in enumerate(zip(single, double)) if a != b]
+        ranks = {len(single), len(double)} | {len(r) for r in reach if r is not None}
+        if len(ranks) == 1 and len(grown) == 1 and double[grown[0]] == 2 * single[grown[0]]:
+            axis, half = grown[0], single[grown[0]]
+            first, second = reach
+            if (first is not None and first[axis][half:].any()) or (
+                    second is not None and second[axis][:half].any()):
+                return "mixed"
+            return "apart"
+        if any(r is not None and any(np.any(a) for a in r) for r in reach):
+            return "merged"
+        return "shared"
+
+    def _batch_witnesses(self, refs: Sequence[str], live: Sequence[str]) -> dict[str, tuple] | None:
+        """Batch-2 shapes of ``refs`` and where the witness of each example reaches in them.
+
+        Returns:
+            ``{ref: (shape, (first, second))}``, ``first``/``second`` a list with, for each
+            axis, which of its indices the witness started on that example reaches (``None``
+            if it does not reach ``ref``); ``None`` if the graph does not run on 2 examples.
+        """
+        nodes = self.ancestors(refs)
+        inputs = list(self.inputs)
+        live = set(live)
+        full = {r: (2, *self.input_full[r][1:]) if self.batched[r] else self.input_full[r]
+                for r in inputs}
+        rng = np.random.default_rng(self.seed)
+        sample = {r: rng.standard_normal(full[r]).astype(self.dtypes[r].as_numpy_dtype)
+                  for r in inputs}
+        reached: dict[tuple[str, int], bool] = {}
+        state = {"in_witness": False}
+
+        def run(*xs):
+            count = itertools.count()
+
+            def noise(like):  # weights in [0.5, 1.5), an independent draw at each call
+                seed = tf.constant([self.seed, next(count)], tf.int64)
+                return tf.raw_ops.StatelessRandomUniform(shape=tf.shape(like), seed=seed,
+                                                         dtype=like.dtype) + 0.5
+
+            passes: tuple[dict[str, tf.Tensor], ...] = ({}, {})
+            for ref, x in zip(inputs, xs):
+                if self.batched[ref]:
+                    for example, witnesses in enumerate(passes):
+                        one = tf.one_hot(example, 2, dtype=x.dtype)
+                        witnesses[ref] = noise(x) * tf.reshape(one, [2] + [1] * (x.shape.rank - 1))
+
+            def visit(node_def, ins, outs):
+                if node_def.name not in live:
+                    return
+                state["in_witness"] = True
+                ins_refs = [self.resolve(r) for r in _data_inputs(node_def)]
+                slots = [i for i, r in enumerate(ins_refs) if self.is_dependent(r)]
+                offsets = self.offsets.get(node_def.name)
+                for witnesses in passes:
+                    tangents = [witnesses.get(ins_refs[i]) for i in slots]
+                    if all(t is None for t in tangents):
+                        continue
+                    made = _witness(node_def, ins, slots, tangents, outs, noise, offsets)
+                    for k, w in enumerate(made):
+                        if w is not None:
+                            witnesses[f"{node_def.name}:{k}"] = w
+                state["in_witness"] = False
+
+            values = _replay(nodes, dict(zip(inputs, xs)), _tensor_name, visit)
+            result = []
+            for ref in refs:
+                value = values[ref]
+                per_pass = []
+                for example, witnesses in enumerate(passes):
+                    w = witnesses.get(ref)
+                    reached[ref, example] = w is not None
+                    if w is None:
+                        continue
+                    nonzero = tf.not_equal(w, 0)
+                    rank = value.shape.rank or 0  # unknown: only whether w reaches ref
+                    per_pass.append([tf.reduce_any(nonzero, [a for a in range(rank) if a != k])
+                                     for k in range(rank)] or [tf.reduce_any(nonzero)[None]])
+                result.append((tf.shape(value), per_pass))
+            return result
+
+        specs = [tf.TensorSpec(full[r], self.dtypes[r]) for r in inputs]
+        try:
+            outs = _once(run, specs)(*[tf.constant(sample[r]) for r in inputs])
+        except (ValueError, TypeError, tf.errors.OpError):
+            if state["in_witness"]:
+                raise
+            try:
+                self.evaluate(refs, sample)  # the witnesses failed at run time: a bug
+            except (ValueError, TypeError, tf.errors.OpError):
+                return None  # the function itself runs on one example only
+            raise
+        found = {}
+        for ref, (shape, per_pass) in zip(refs, outs):
+            values = iter(per_pass)
+            reach = tuple([np.asarray(a) for a in next(values)] if reached[ref, e] else None
+                          for e in range(2))
+            found[ref] = (np.asarray(shape), reach)
+        return found
 
     def _live_nodes(self) -> list[str]:
         """Input-dependent, non-alias nodes that some output depends on, in topological order."""
@@ -1709,6 +2080,8 @@ def autolip_function(fn, input_signature=None, *, input_shape=None, certified: b
         UnsupportedOpError: For an op without a rule (named with its node).
         NotLipschitzError: For products of input-dependent tensors and other non-Lipschitz ops.
         ModelNotBuiltError: For non-float inputs or unknown input dimensions.
+        BatchMixingError: For a function whose outputs for one example depend on other
+            examples of the batch (named with the op where they first interact).
 
     Example:
         >>> import tensorflow as tf, tf_lipschitz as tfl
