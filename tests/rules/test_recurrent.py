@@ -83,17 +83,29 @@ def test_long_sequence_bound_covers_the_exact_norm():
     assert exact <= _upper(model).upper <= 10.0 * (1 + 1e-3)
 
 
-def test_gated_and_multiplicative_recurrent_layers_are_refused_with_the_reason():
-    lstm = keras.Sequential([keras.Input((4, 2)), L.LSTM(3, name="lstm")])
-    with pytest.raises(tfl.UnsupportedLayerError, match="LSTM multiplies gates.*SimpleRNN"):
-        _upper(lstm)
+def test_conv_lstm_and_multiplicative_recurrent_layers_are_refused_with_the_reason():
+    conv = keras.Sequential([keras.Input((4, 5, 2)), L.ConvLSTM1D(3, 3, name="conv_lstm")])
+    with pytest.raises(tfl.UnsupportedLayerError,
+                       match="ConvLSTM1D multiplies gates.*SimpleRNN, LSTM and GRU"):
+        _upper(conv)
     mul = keras.Sequential([keras.Input((4, 2)),
                             L.Bidirectional(L.SimpleRNN(3), merge_mode="mul")])
     with pytest.raises(tfl.NotLipschitzError, match="merge_mode='mul'"):
         _upper(mul)
-    wrapped = keras.Sequential([keras.Input((4, 2)), L.Bidirectional(L.GRU(3))])
-    with pytest.raises(tfl.UnsupportedLayerError, match="GRU"):
-        _upper(wrapped)
+
+
+def test_bidirectional_over_gated_layers_combines_their_rules():
+    # Bidirectional(GRU/LSTM) used to be refused; it now combines the two directions' rules
+    # (their bounds against Jacobians: tests/rules/test_gated.py).
+    keras.utils.set_random_seed(7)
+    for inner in (L.GRU(3), L.LSTM(3, return_sequences=True)):
+        model = keras.Sequential([keras.Input((4, 2)), L.Bidirectional(inner)])
+        report = _upper(model)
+        layer = model.layers[0]
+        sub = [tfl.LipschitzEstimator(keras.Sequential([keras.Input((4, 2)), s]), verbose=0)
+               .autolip(certified=True).upper for s in (layer.forward_layer, layer.backward_layer)]
+        assert report.certified
+        assert report.upper == pytest.approx(np.hypot(*sub), rel=1e-12)
 
 
 def test_lower_bound_through_a_recurrent_layer():
