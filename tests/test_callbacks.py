@@ -210,6 +210,25 @@ def test_lower_bound_of_a_model_with_two_inputs(form, rng):
     assert lower == pytest.approx(fresh.value, rel=1e-6)
 
 
+
+@pytest.mark.parametrize("inputs", [("b", "a"), ("one",)])
+def test_lower_bound_of_a_model_built_on_a_dict(inputs, rng):
+    # keras.Model({"b": b, "a": a}, ...) trained on a dataset of dicts: the callback fed the
+    # model a list (Keras refuses it for unsorted keys) and refused a dict for one input.
+    # Ground truth: the map is x -> 3 x for every input, constant 3.
+    tensors = {n: keras.Input((2,), name=n) for n in inputs}
+    joined = (keras.layers.Concatenate()(list(tensors.values())) if len(inputs) > 1
+              else tensors[inputs[0]])
+    model = keras.Model(tensors, 3.0 * joined)
+    x = {n: rng.standard_normal((8, 2)).astype("float32") for n in inputs}
+    y = rng.standard_normal((8, 2 * len(inputs))).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    cb = LipCallback(methods=("autolip", "lower"), x=ds, lower_kwargs=LOWER)
+    model.compile("sgd", "mse")
+    history = model.fit(ds, epochs=1, verbose=0, callbacks=[cb])
+    assert history.history["lipschitz_lower"][-1] == pytest.approx(3.0, rel=1e-5)
+
+
 @pytest.mark.parametrize("x, match", [
     (lambda xa, xb: xa, "pass x as a list with one batch per input"),
     (lambda xa, xb: [xa, xb[:, :1]], "Input 'b' expects"),

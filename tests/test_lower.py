@@ -325,6 +325,38 @@ def test_multi_input_mismatches_are_named_errors():
         lower_bound(mixed, [(3,), (2,)])
 
 
+
+def test_model_built_on_a_dict_of_inputs_is_called_with_its_dict():
+    # keras.Model({"b": b, "a": a}, ...) takes its inputs in model.inputs order (a, b), but
+    # refuses a list when its keys are not sorted: lower bounds raised ValueError from Keras.
+    # Ground truth: the joint Jacobian of the linear map (b, a) -> (10 b, a), norm 10, and the
+    # dense Jacobian at each example of the tanh variant.
+    a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+    linear = keras.Model({"b": b, "a": a}, L.Concatenate()([10.0 * b, a]), name="dict_net")
+    rng = np.random.default_rng(1)
+    xa = rng.standard_normal((4, 2)).astype("float32")
+    xb = rng.standard_normal((4, 3)).astype("float32")
+    est = tfl.LipschitzEstimator(linear, verbose=0)
+    lb = est.lower_bound({"a": xa, "b": xb}, n_random=4, steps=1)
+    assert lb.value == pytest.approx(10.0, rel=1e-5)
+    assert [p.shape for p in lb.x] == [(2,), (3,)]  # model.inputs order: a, b
+    assert np.linalg.norm(lb.direction[1]) == pytest.approx(1.0, rel=1e-4)  # all along b
+    keras.utils.set_random_seed(4)
+    h = L.Dense(3, activation="tanh")(L.Concatenate()([b, a]))
+    model = keras.Model({"b": b, "a": a}, h, name="dict_tanh")
+    exact = []
+    for i in range(4):
+        flat = tf.constant(np.concatenate([xa[i], xb[i]])[None], tf.float64)
+        with tf.GradientTape() as tape:
+            tape.watch(flat)
+            out = model({"a": tf.cast(flat[:, :2], "float32"),
+                         "b": tf.cast(flat[:, 2:], "float32")}, training=False)
+        exact.append(np.linalg.norm(tape.jacobian(out, flat).numpy().reshape(3, 5), 2))
+    for x in ({"b": xb, "a": xa}, [xa, xb]):
+        norms = jacobian_norms(model, x, iters=60)
+        np.testing.assert_allclose(norms, exact, rtol=1e-3)
+
+
 @pytest.mark.parametrize("norm", [1e3, 1e4])
 def test_half_precision_lower_bound_is_measured_in_float32(norm):
     # Under mixed_float16 the norms were summed and the products J^T J v taken in float16: the

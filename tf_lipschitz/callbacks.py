@@ -36,7 +36,7 @@ import tensorflow as tf
 from tf_lipschitz.autolip import check_solver_arguments
 from tf_lipschitz.errors import InvalidArgumentError, LowerBoundError
 from tf_lipschitz.estimator import LipschitzEstimator
-from tf_lipschitz.lower import input_layout, lower_bound
+from tf_lipschitz.lower import input_names, input_layout, lower_bound
 from tf_lipschitz.power import as_shape, check_int, check_keywords, keyword_names
 from tf_lipschitz.report import json_ready
 
@@ -125,9 +125,13 @@ def _checked_inputs(x, estimator: LipschitzEstimator, model_name: str):
     x = _first_element(x)
     if len(estimator.input_shapes) == 1:
         if isinstance(x, Mapping):
-            raise InvalidArgumentError(
-                f"LipCallback(x=...) received a dict of inputs, but model '{model_name}' has one "
-                "input: pass its batch as an array.")
+            names = input_names(estimator.model)
+            if list(x) != list(names):  # a dataset of ({"name": batch}, y) for a dict model
+                raise InvalidArgumentError(
+                    f"LipCallback(x=...) received a dict of inputs with keys {list(x)}, but "
+                    f"model '{model_name}' has one input ({names[0]!r}): pass its batch as an "
+                    "array, or a dict with that one key.")
+            x = x[names[0]]
         return _check_batch_shape(_as_batch(x), estimator.input_shape, model_name)
     batches = _as_batches(x)
     if isinstance(batches, np.ndarray):  # equal shapes stack into one array: split it again

@@ -387,7 +387,7 @@ def jacobian_norms(f: Callable, x, *, iters: int = 30, seed: int = 0) -> np.ndar
     """
     layout = None
     if isinstance(f, keras.Model) and len(f.inputs) != 1:
-        parts = ([x.get(t.name) for t in f.inputs] if isinstance(x, dict) and len(x) == len(
+        parts = ([x.get(n) for n in input_names(f)] if isinstance(x, dict) and len(x) == len(
             f.inputs) else x)
         shapes = [np.shape(p)[1:] for p in parts] if isinstance(parts, (list, tuple)) else None
         layout = input_layout(f, shapes)
@@ -503,7 +503,7 @@ class InputLayout:
     the concatenation of the flattened inputs, in the order of ``model.inputs``.
 
     Attributes:
-        names: Names of the model's inputs, in order.
+        names: Names of the model's inputs in order (the keys of a model built on a dict).
         shapes: Per-example shape of each input.
     """
 
@@ -573,7 +573,7 @@ def input_layout(model, input_shape=None) -> InputLayout | None:
     if not isinstance(model, keras.Model) or len(model.inputs) == 1:
         return None
     inputs = model.inputs
-    names = tuple(t.name for t in inputs)
+    names = input_names(model)
     dtypes = {tf.as_dtype(t.dtype) for t in inputs}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating:
         raise LowerBoundError(
@@ -599,6 +599,26 @@ def input_layout(model, input_shape=None) -> InputLayout | None:
     return InputLayout(names, tuple(shapes))
 
 
+def _input_structure(model):
+    """The structure a functional ``model`` was built with (``model.input``), ``None`` if it
+    has none (a subclassed or unbuilt model)."""
+    try:
+        return model.input
+    except (AttributeError, ValueError):
+        return None
+
+
+def input_names(model) -> tuple[str, ...]:
+    """Names of the inputs of ``model``, in the order of ``model.inputs``: the keys of a model
+    built on a dict of inputs (``keras.Model({"a": a, "b": b}, ...)``, called with such dicts),
+    otherwise the names of the input tensors."""
+    names = {id(t): t.name for t in model.inputs}
+    structure = _input_structure(model)
+    if isinstance(structure, dict):
+        names.update({id(t): str(k) for k, t in structure.items()})
+    return tuple(names[id(t)] for t in model.inputs)
+
+
 def _as_model_fn(model, layout: InputLayout | None = None) -> Callable:
     """A batched callable for ``model``, cached so that compiled functions are traced once.
 
@@ -608,6 +628,11 @@ def _as_model_fn(model, layout: InputLayout | None = None) -> Callable:
     if isinstance(model, keras.Model):
         if len(model.inputs) != 1 and layout is None:
             layout = input_layout(model)
+        structure = _input_structure(model)
+        # A model built on a dict of inputs refuses lists when its keys are not in sorted order
+        # (and warns otherwise): it is called with its own structure, filled in input order.
+        packed = isinstance(structure, dict) or (
+            layout is not None and isinstance(structure, (list, tuple)))
         cache = _MODEL_FNS.setdefault(model, {})
         key = None if layout is None else layout.shapes
         if key in cache:
@@ -617,6 +642,8 @@ def _as_model_fn(model, layout: InputLayout | None = None) -> Callable:
             if layout is not None:
                 parts = tf.split(x, layout.sizes, axis=1)
                 x = [tf.reshape(p, (-1, *s)) for p, s in zip(parts, layout.shapes)]
+            if packed:
+                x = keras.tree.pack_sequence_as(structure, x if layout is not None else [x])
             out = model(x, training=False)
             if isinstance(out, (list, tuple, dict)):
                 flat = tf.nest.flatten(out)
