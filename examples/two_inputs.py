@@ -9,7 +9,7 @@ training run the script prints
   (``‖(δ_top, δ_bottom)‖₂``, the convention of every multi-input bound in tf_lipschitz);
 - a lower bound found by search from test digits (given as a list of two batches), and how the
   worst direction it found splits between the two halves;
-- the certified bound of each branch alone (the other input held fixed),
+- the certified bound of each convolutional branch on its own,
 
 and checks ``lower <= certified upper``.
 

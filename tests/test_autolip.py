@@ -351,10 +351,16 @@ def test_not_a_number_after_an_infinite_bound_is_refused():
     (((1e-200, True), (1e-200, True), (math.inf, True)), math.inf),
     (((1e-200, True), (1e-200, True)), 5e-324),  # underflow: the smallest positive float
     (((3.0, False), (0.5, True)), 1.5),
+    # part-way underflow and overflow: the running product left the float range (it gave
+    # 5e-324 and inf for products of 1e-100 and 1e100)
+    (((1e-200, True), (1e-200, True), (1e300, True)), 1e-200 * (1e-200 * 1e300)),
+    (((1e300, True), (1e300, True), (1e-300, True)), 1e300 * (1e300 * 1e-300)),
+    (((1e300, True), (1e300, True)), math.inf),
 ])
 def test_compose_bounds(factors, expected):
     value = compose_bounds(*factors)
-    assert value == expected or (math.isnan(expected) and math.isnan(value))
+    assert (value == pytest.approx(expected, rel=1e-15)  # products round to nearest
+            or (math.isnan(expected) and math.isnan(value)))
 
 
 def test_infinite_factor_times_estimated_zero_is_infinite():

@@ -230,7 +230,7 @@ def test_lower_bound_of_a_model_built_on_a_dict(inputs, rng):
 
 
 @pytest.mark.parametrize("x, match", [
-    (lambda xa, xb: xa, "pass x as a list with one batch per input"),
+    (lambda xa, xb: xa, "one array of shape \\(8, 3\\).*2 inputs: pass a list with one batch per input"),
     (lambda xa, xb: [xa, xb[:, :1]], "Input 'b' expects"),
     (lambda xa, xb: {"a": xa}, "missing \\['b'\\]"),
 ])

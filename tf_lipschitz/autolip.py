@@ -128,13 +128,17 @@ def _disjoint(sets: Sequence[frozenset]) -> bool:
 def evaluate_rules(graph: ModelGraph) -> dict[int, LayerBound]:
     """Applies the registered rule of every input-dependent node.
 
+    Errors are chosen by what they tell the user: a node without a rule does not stop the walk,
+    since a later node may be refused for a reason that registering that rule would not fix.
+    (Keras computes the mask of a ``Masking`` layer with ``not_equal``/``any`` ops placed before
+    the layer in the graph; the layer's own error says why it is refused.)
+
     Raises:
-        NotLipschitzError: A node's function has no finite constant. It is raised even when an
-            earlier node has no rule: registering that rule would not give a bound. (Keras
-            computes the mask of a ``Masking`` layer with ``not_equal``/``any`` ops placed
-            before the layer in the graph; the layer's own error says why it is refused.)
-        UnsupportedLayerError: Otherwise, the first node without a rule.
-        LipschitzError: A rule that fails or returns something else than a bound.
+        NotLipschitzError: A node's function has no finite constant (the first such node).
+        UnsupportedLayerError: Otherwise, the first node whose rule refuses it with a reason,
+            else the first node without a rule.
+        LipschitzError: A rule that fails or returns something else than a bound, before any
+            node without a rule (the walk stops there).
     """
     bounds: dict[int, LayerBound] = {}
     missing: UnsupportedLayerError | None = None
@@ -146,7 +150,9 @@ def evaluate_rules(graph: ModelGraph) -> dict[int, LayerBound]:
         except NotLipschitzError:
             raise
         except UnsupportedLayerError as exc:
-            missing = missing or exc
+            refused = not getattr(exc, "suggest_rule", True)
+            if missing is None or (refused and getattr(missing, "suggest_rule", True)):
+                missing = exc
         except LipschitzError:
             if missing is None:
                 raise

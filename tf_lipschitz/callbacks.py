@@ -134,7 +134,12 @@ def _checked_inputs(x, estimator: LipschitzEstimator, model_name: str):
             x = x[names[0]]
         return _check_batch_shape(_as_batch(x), estimator.input_shape, model_name)
     batches = _as_batches(x)
-    if isinstance(batches, np.ndarray):  # equal shapes stack into one array: split it again
+    if isinstance(batches, np.ndarray):  # a list of batches of equal shapes stacked into one
+        if not isinstance(x, (list, tuple)):  # a plain array: one batch for a model of several
+            raise InvalidArgumentError(
+                f"LipCallback(x=...) received one array of shape {batches.shape}, but model "
+                f"'{model_name}' has {len(estimator.input_shapes)} inputs: pass a list with one "
+                "batch per input, in the order of model.inputs, or a dict keyed by input name.")
         batches = list(batches)
     try:
         input_layout(estimator.model, estimator.input_shapes).join(batches, estimator.dtype)
@@ -329,7 +334,7 @@ class LipCallback(keras.callbacks.Callback):
         self.seqlip_kwargs = seqlip_kwargs
         self.records: list[LipschitzRecord] = []
         self.estimator: LipschitzEstimator | None = None
-        self._x_batch: np.ndarray | None = None
+        self._x_batch: np.ndarray | list | dict | None = None  # a list/dict: several inputs
         self._writer = None
         self._cold = True  # next solver run starts from random vectors (after a failure)
         self._epoch: int | None = None

@@ -77,6 +77,7 @@ class UnsupportedLayerError(LipschitzError, TypeError):
             )
         super().__init__(message)
         self.layer = layer
+        self.suggest_rule = suggest_rule  # False: a rule exists and refuses this layer
 
 
 class NotLipschitzError(LipschitzError, ValueError):

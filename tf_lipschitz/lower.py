@@ -579,7 +579,9 @@ def input_layout(model, input_shape=None) -> InputLayout | None:
         raise LowerBoundError(
             f"Model '{model.name}' has inputs of dtypes "
             + ", ".join(f"'{t.name}': {tf.as_dtype(t.dtype).name}" for t in inputs)
-            + "; lower bounds search over all inputs at once and need one float dtype for all.")
+            + "; lower bounds search over all inputs at once and need one float dtype for all. "
+            "Cast the inputs to one float dtype, e.g. in a wrapper model whose float inputs are "
+            "cast to the original dtypes before calling this one.")
     if input_shape is None:
         shapes = [tuple(t.shape[1:]) for t in inputs]
         if any(d is None for s in shapes for d in s):

@@ -976,7 +976,7 @@ def top_singular_triplets(
         # fluctuate: a float16 Dense or Conv2D then ran to max_iter (3311 products for k=3)
         # instead of stopping within 2e-4 of its singular values (363-440 products). Likewise
         # below 8 units of the iteration's own dtype: at tol=1e-8 float32 blocks ran all
-        # 300 iterations (3612 products) for the accuracy, about 1e-6, that 1e-6 reaches.
+        # 300 iterations (3612 products) for the accuracy, about 1e-6, that tol=1e-6 reaches.
         floor = max(prep.rounding / 16, 8 * float(np.finfo(v0.dtype.as_numpy_dtype).eps))
         tol = tf.cast(tf.maximum(tol, floor), v0.dtype)
 

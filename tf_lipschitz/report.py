@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -309,8 +310,19 @@ def compose_bounds(*factors: tuple[float, bool]) -> float:
         return math.inf if infinite and not any(zeros) else 0.0
     if infinite:
         return math.inf
-    product = math.prod(values)
-    return product if product > 0.0 else math.ulp(0.0)
+    # Mantissas and exponents apart: a running product may leave the float range part-way
+    # (1e-200 · 1e-200 · 1e300), and a subnormal result is rounded up, not to nearest.
+    mantissa, exponent = 1.0, 0
+    for v in values:
+        m, e = math.frexp(v)
+        mantissa, shift = math.frexp(mantissa * m)
+        exponent += e + shift
+    if exponent > sys.float_info.max_exp:
+        return math.inf
+    product = math.ldexp(mantissa, exponent)
+    if product < sys.float_info.min:  # subnormal or 0: the rounding may exceed round_up's
+        product = math.nextafter(product, math.inf)
+    return product
 
 
 def round_up(value: float, operations: int) -> float:

@@ -582,7 +582,8 @@ def operator_spectrum(
     if not trip.converged:
         warnings.warn(
             f"SeqLip: the top {k} singular triplets of operator '{op.name}' did not settle to "
-            f"subspace_tol={tol:g} within subspace_max_iter={max_iter} block iterations "
+            f"subspace_tol={tol:g} (or the rounding floor of the iteration's dtype) within "
+            f"subspace_max_iter={max_iter} block iterations "
             f"(largest relative residual {trip.residual:.2g}). Its singular values, which "
             "approach from below, and the remainder bound may be low: raise "
             "subspace_max_iter or subspace_tol.", RuntimeWarning, stacklevel=2)

@@ -123,8 +123,8 @@ def _readings(layer, variable) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _gate_norms(layer, variable, gates: int) -> list[float]:
-    """Certified ``‖W_k‖₂`` of each of ``gates`` equal column blocks of a weight (as in
-    :func:`_norm`)."""
+    """Certified ``‖W_k‖₂`` of each of ``gates`` equal column blocks of a weight: the larger of
+    the norms of the block as the layer multiplies by it and as stored."""
     blocks = [np.split(m, gates, axis=-1) for m in _readings(layer, variable)]
     return [max(certify.max_singular_value(m[None], method="exact") for m in pair)
             for pair in zip(*blocks)]
@@ -136,6 +136,7 @@ def _norm(layer, variable) -> float:
 
 
 def _steps(layer, ctx: NodeContext) -> int:
+    """The sequence length of the layer's input; an error when it is unknown."""
     steps = ctx.input_shape[0]
     if steps is None:  # the graph walk gives concrete shapes; a rule called directly may not
         raise UnsupportedLayerError(
@@ -215,9 +216,13 @@ def _bounded(layer, argument: str) -> _Bounded:
     fn = getattr(cell, argument)
     info = resolve_activation(fn, layer, size=cell.units)
     bounds = _RANGES.get(info.name)
-    if bounds is not None and keras.activations.get(info.name) is not fn:
-        bounds = None  # a custom function registered under the same name
     kind = type(layer).__name__
+    if bounds is not None and keras.activations.get(info.name) is not fn:
+        raise UnsupportedLayerError(  # a custom function registered under a known name
+            layer, f"Its {argument} is a custom function registered as '{info.name}', whose "
+            f"range the {kind} rule cannot know (the gated rules need bounded activations and "
+            "gates in [0, 1]). Use Keras' own activation of that name, or register a rule of "
+            f"your own for {kind} (tfl.register_rule).", suggest_rule=False)
     if argument == "recurrent_activation" and not (bounds and 0.0 <= bounds[0] <= bounds[1] <= 1.0):
         raise UnsupportedLayerError(
             layer, f"Its recurrent_activation '{info.name}' does not map into [0, 1] ("

@@ -64,16 +64,17 @@ def _masking(layer, ctx: NodeContext):
     skips = (f"passes on a mask that makes the layers after it skip the time steps whose "
              f"features all equal mask_value={value!r} (an RNN layer keeps its previous state "
              "there, a pooling layer leaves the step out): a discontinuous function of the input.")
-    reason = f"it {skips}"
-    if not np.all(np.equal(value, 0)):  # with 0, a masked step is zero already: output = input
-        reason = (f"its output jumps: a time step whose features all equal mask_value={value!r} "
-                  "is replaced by zeros, while a step an arbitrarily small distance away is "
-                  f"kept. It also {skips}")
+    advice = ("Analyse the model without the Masking layer, on fixed-length inputs: rebuild it "
+              "without that layer and copy the weights of the others (`set_weights`).")
+    if np.all(np.equal(value, 0)):  # a masked step is zero already: its own output = input
+        raise UnsupportedLayerError(
+            layer, f"It {skips} Its own output equals its input (mask_value=0), so the model is "
+            "Lipschitz only if no later layer uses the mask, which a rule cannot see. " + advice,
+            suggest_rule=False)
     raise NotLipschitzError(
-        layer,
-        f"{reason} Analyse the model without the Masking layer, on fixed-length inputs: rebuild "
-        "it without that layer and copy the weights of the others (`set_weights`).",
-    )
+        layer, f"its output jumps: a time step whose features all equal mask_value={value!r} "
+        "is replaced by zeros, while a step an arbitrarily small distance away is kept. It "
+        f"also {skips} {advice}")
 
 
 L = keras.layers
