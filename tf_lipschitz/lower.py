@@ -62,6 +62,10 @@ __all__ = [
     "lower_bound",
 ]
 
+# Memory: a call of the search holds about _COPIES values (forward, tangents, cotangents and
+# second-order terms) per activation entry per point; calls are kept near _MEMORY_BUDGET bytes.
+_COPIES = 8
+_MEMORY_BUDGET = 2 ** 31
 # Random starting points: radius log-uniform in this range, relative to the data spread.
 _START_RADII = (0.25, 64.0)
 # Random proposals: radius multiplier log-uniform in [1 / _JUMP, _JUMP] times the trust radius.
@@ -666,7 +670,14 @@ def _starts(x, input_shape, n_random, dtype, rng) -> tuple[np.ndarray, float]:
     """
     parts = []
     if x is not None:
-        parts.append(np.asarray(x, dtype=dtype).reshape((-1, *input_shape)))
+        x = np.asarray(x, dtype=dtype)
+        size = int(np.prod(input_shape, dtype=np.int64))
+        if x.size == 0 or x.size % size or (x.shape != tuple(input_shape)
+                                            and int(np.prod(x.shape[1:])) != size):
+            raise LowerBoundError(
+                f"x must be a batch of inputs of shape (n, {', '.join(map(str, input_shape))}) "
+                f"(or one input); received an array of shape {x.shape}.")
+        parts.append(x.reshape((-1, *input_shape)))
     spread = (float(np.std(parts[0])) if parts else 1.0) or 1.0
     if n_random > 0:
         mean = float(np.mean(parts[0])) if parts else 0.0
@@ -679,6 +690,32 @@ def _starts(x, input_shape, n_random, dtype, rng) -> tuple[np.ndarray, float]:
         raise LowerBoundError("lower_bound needs data points `x` or `n_random` > 0 random "
                               "starting points; received x=None and n_random=0.")
     return np.concatenate(parts, axis=0), spread
+
+
+def _activation_size(model) -> int:
+    """Entries of the outputs of every layer of a Keras model, per example (0 if unknown)."""
+    if not isinstance(model, keras.Model):
+        return 0
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += _activation_size(layer)
+            continue
+        try:
+            outputs = keras.tree.flatten(layer.output)
+        except (AttributeError, ValueError):  # a layer called several times, or never
+            continue
+        for out in outputs:
+            dims = tuple(out.shape[1:])
+            if all(isinstance(d, int) for d in dims):
+                total += int(np.prod(dims, dtype=np.int64))
+    return total
+
+
+def _points_per_call(model, batch_size: int, dtype: tf.DType) -> int:
+    """``batch_size``, lowered so that one call holds about :data:`_MEMORY_BUDGET` bytes."""
+    per_point = _activation_size(model) * _COPIES * dtype.size
+    return max(1, min(batch_size, _MEMORY_BUDGET // per_point)) if per_point else batch_size
 
 
 def _chunks(n: int, size: int):
@@ -769,7 +806,9 @@ def lower_bound(
         learning_rate: Gradient step relative to the trust radius times ``√dim``; 0 skips the
             second-order gradient (it is zero anyway on piecewise-linear networks).
         noise: Initial trust radius per coordinate, relative to the data spread.
-        batch_size: Largest number of points passed through the model at once.
+        batch_size: Largest number of points passed through the model at once. It is
+            lowered on large models so that a call holds about 2 GiB of activations (ResNet50
+            at 96×96: 9 points; the default took more than 20 GB there).
         seed: Random seed; equal seeds give equal results.
         verbose: 1 shows a progress bar over the search batches.
         dtype: The model's input dtype (points are cast to it before each call).
@@ -813,6 +852,7 @@ def lower_bound(
     rng = np.random.default_rng(seed)
     starts, spread = _starts(x, tuple(input_shape), n_random, state.as_numpy_dtype, rng)
     spread_t = tf.constant(spread, state)
+    batch_size = _points_per_call(model, batch_size, state)
 
     # 1. screening
     scores, directions = [], []
