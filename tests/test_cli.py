@@ -195,6 +195,39 @@ def test_custom_objects_module(tmp_path, capsys):
     assert json.loads(out)["reports"]["autolip"]["upper"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_custom_objects_file_imports_its_sibling_module(tmp_path, capsys, monkeypatch):
+    # The console script (unlike `python -m`) has neither the file's folder nor the current
+    # directory on sys.path: a custom-objects file importing a module beside it failed with
+    # ModuleNotFoundError (exit 2).
+    (tmp_path / "third_layers.py").write_text(textwrap.dedent("""
+        import keras
+
+        class Third(keras.layers.Layer):
+            def call(self, x):
+                return x / 3.0
+    """))
+    module = tmp_path / "third_objects.py"
+    module.write_text(textwrap.dedent("""
+        import tf_lipschitz as tfl
+        from third_layers import Third
+
+        tfl.register_rule(Third, tfl.rules.constant(1 / 3))
+        CUSTOM_OBJECTS = {"Third": Third}
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))  # only to build and save the model here
+    from third_layers import Third
+
+    model = keras.Sequential([keras.Input((2,)), Third()])
+    model.save(str(tmp_path / "third.keras"))
+    monkeypatch.undo()
+    sys.modules.pop("third_layers", None)
+    code, out, err = _run(capsys, tmp_path / "third.keras", "--custom-objects", module,
+                          "--methods", "autolip", "--json", "-", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["reports"]["autolip"]["upper"] == pytest.approx(1 / 3, rel=1e-6)
+    assert str(tmp_path) not in sys.path  # the folder is added only while importing
+
+
 def test_subclassed_model_is_analysed_on_its_graph(tmp_path, capsys):
     module = tmp_path / "subclassed_net.py"
     module.write_text(textwrap.dedent("""

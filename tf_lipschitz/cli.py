@@ -349,6 +349,22 @@ def _plot(analysis: Analysis, path: str):
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _importable_from(folder: str):
+    """``folder`` first on ``sys.path`` while a custom-objects module is imported: its sibling
+    modules (and, for a module name, those of the current directory) import as they do under
+    ``python -m tf_lipschitz``, which puts the current directory there itself."""
+    folder = os.path.abspath(folder)
+    added = folder not in [os.path.abspath(p or ".") for p in sys.path]
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(folder)
+
+
 def _custom_objects(modules: Sequence[str]) -> dict[str, Any]:
     objects: dict[str, Any] = {}
     for name in modules:
@@ -359,9 +375,11 @@ def _custom_objects(modules: Sequence[str]) -> dict[str, Any]:
                 spec = importlib.util.spec_from_file_location(
                     os.path.splitext(os.path.basename(name))[0], name)
                 module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
+                with _importable_from(os.path.dirname(name) or "."):
+                    spec.loader.exec_module(module)
             else:
-                module = importlib.import_module(name)
+                with _importable_from("."):
+                    module = importlib.import_module(name)
         except UsageError:
             raise
         except Exception as exc:  # noqa: BLE001 - any import failure is a bad argument
