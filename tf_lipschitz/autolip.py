@@ -150,8 +150,8 @@ def evaluate_rules(graph: ModelGraph) -> dict[int, LayerBound]:
         except NotLipschitzError:
             raise
         except UnsupportedLayerError as exc:
-            refused = not getattr(exc, "suggest_rule", True)
-            if missing is None or (refused and getattr(missing, "suggest_rule", True)):
+            refused = not exc.suggest_rule
+            if missing is None or (refused and missing.suggest_rule):
                 missing = exc
         except LipschitzError:
             if missing is None:

@@ -692,6 +692,17 @@ def _starts(x, input_shape, n_random, dtype, rng) -> tuple[np.ndarray, float]:
     return np.concatenate(parts, axis=0), spread
 
 
+def _flat_problem(model, input_shape, x, dtype):
+    """``(f, layout, input_shape, x)`` of a search: for a model with several inputs, ``f`` on
+    their flat concatenation (:class:`InputLayout`), its flat shape and ``x`` joined likewise."""
+    layout = input_layout(model, input_shape)
+    f = _as_model_fn(model, layout)
+    if layout is not None:
+        input_shape = (sum(layout.sizes),)
+        x = None if x is None else layout.join(x, dtype)
+    return f, layout, input_shape, x
+
+
 def _activation_size(model) -> int:
     """Entries of the outputs of every layer of a Keras model, per example (0 if unknown)."""
     if not isinstance(model, keras.Model):
@@ -841,11 +852,7 @@ def lower_bound(
             f"population={population}, proposals={proposals}, n_random={n_random}, "
             f"learning_rate={learning_rate}, noise={noise}."
         )
-    layout = input_layout(model, input_shape)
-    f = _as_model_fn(model, layout)
-    if layout is not None:
-        input_shape = (sum(layout.sizes),)
-        x = None if x is None else layout.join(x, dtype)
+    f, layout, input_shape, x = _flat_problem(model, input_shape, x, dtype)
     in_dtype = tf.as_dtype(dtype)
     state = _state_dtype(in_dtype)
     eps = _machine_eps(model, in_dtype)
@@ -961,11 +968,7 @@ def extreme_value_estimate(
             f"Need batches >= 3 and batch_size >= 1; received batches={batches}, "
             f"batch_size={batch_size}."
         )
-    layout = input_layout(model, input_shape)
-    f = _as_model_fn(model, layout)
-    if layout is not None:
-        input_shape = (sum(layout.sizes),)
-        x = None if x is None else layout.join(x, dtype)
+    f, _, input_shape, x = _flat_problem(model, input_shape, x, dtype)
     in_dtype = tf.as_dtype(dtype)
     state = _state_dtype(in_dtype)
     rng = np.random.default_rng(seed)
