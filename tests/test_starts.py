@@ -124,6 +124,28 @@ def test_no_start_for_small_grids_and_transposed_convolutions():
     assert _start(transposed, shape) is None
 
 
+POINTWISE = {
+    "1x1": (lambda: L.Conv2D(6, 1, use_bias=False), (32, 32, 4)),
+    "1x1_stride2": (lambda: L.Conv2D(6, 1, strides=2, use_bias=False), (32, 32, 4)),
+    "2x2_stride2": (lambda: L.Conv2D(6, 2, strides=2, use_bias=False), (32, 32, 4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POINTWISE))
+def test_no_start_for_pointwise_convolutions_whose_random_start_converges_fast(case):
+    # One matrix applied at every (polyphase) position: the top singular value is repeated
+    # once per output position, so a random start converges in a few products and the
+    # start's search would cost more than it saves.
+    make, shape = POINTWISE[case]
+    layer = _layer(make(), shape)
+    assert _start(layer, shape) is None
+    solver = SpectralSolver([LinearOperator(lambda x: layer(x), shape)])
+    rand = solver.run(tol=1e-4, max_products=500, init=None)[0]
+    exact = _exact(layer, shape)
+    assert abs(rand.sigma - exact) <= 1e-4 * exact, (rand.sigma, exact)
+    assert rand.products <= 40, rand.products
+
+
 def _conv_bn_model():
     inputs = keras.Input((40, 40, 3))
     x = L.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(inputs)
