@@ -369,3 +369,32 @@ def test_infinite_factor_times_estimated_zero_is_infinite():
     report = tfl.LipschitzEstimator(keras.Model(x, y), verbose=0).autolip()
     assert not report.certified and report.upper == math.inf
     assert json.loads(report.to_json())["upper"] == "inf"
+
+
+class _Shrink(keras.layers.Layer):
+    """Multiplies by 0.5; registered below with an *estimated* rule."""
+
+    def call(self, x):
+        return 0.5 * x
+
+
+tfl.register_rule(_Shrink, tfl.rules.constant(0.5, certified=False, note="user estimate"))
+
+
+def test_certified_report_names_the_rows_that_keep_it_an_estimate():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d1"),
+                              _Shrink(name="shrink"), keras.layers.Dense(2, name="d2")])
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    report = est.autolip(certified=True)
+    assert not report.certified
+    assert report.uncertified == ("shrink",)
+    why = report.why_not_certified()
+    assert "'shrink' (user estimate)" in why
+    assert why in report.table()
+    plain = est.autolip()  # estimate mode: every measured row is an estimate, nothing to name
+    assert "not certified because" not in plain.table()
+    assert set(plain.uncertified) == {"d1", "shrink", "d2"}
+    certified = tfl.LipschitzEstimator(keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3)]), verbose=0).autolip(certified=True)
+    assert certified.certified and certified.uncertified == () and not \
+        certified.why_not_certified()

@@ -414,3 +414,34 @@ def test_quiet_tensorflow_restores_the_log_levels():
     finally:
         logger.setLevel(before[0])
         absl_logging.set_verbosity(before[1])
+
+
+def test_certified_summary_names_the_layer_left_an_estimate(tmp_path, capsys):
+    module = tmp_path / "rough_layers.py"
+    module.write_text(textwrap.dedent("""
+        import keras
+        import tf_lipschitz as tfl
+
+        class Rough(keras.layers.Layer):
+            def call(self, x):
+                return 0.5 * x
+
+        tfl.register_rule(Rough, tfl.rules.constant(0.5, certified=False, note="guessed"))
+        CUSTOM_OBJECTS = {"Rough": Rough}
+    """))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rough_layers", module)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3, name="dense"), mod.Rough(name="rough")])
+    model.save(str(tmp_path / "rough.keras"))
+    code, out, err = _run(capsys, tmp_path / "rough.keras", "--custom-objects", module,
+                          "--methods", "autolip", "--certified", "--quiet")
+    assert code == 0, err
+    assert "(estimate)" in out
+    assert "not certified because of 'rough' (guessed)" in out
+    code, out, err = _run(capsys, tmp_path / "rough.keras", "--custom-objects", module,
+                          "--methods", "autolip", "--quiet")
+    assert code == 0, err
+    assert "not certified because" not in out  # estimate mode: nothing was asked

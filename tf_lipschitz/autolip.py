@@ -17,7 +17,6 @@ import time
 import warnings
 from typing import Sequence
 
-import keras
 import numpy as np
 
 from tf_lipschitz.certify import fused_certificate
@@ -27,6 +26,7 @@ from tf_lipschitz.graph import GraphNode, ModelGraph
 from tf_lipschitz.operators import LinearOperator, compose
 from tf_lipschitz.power import (METHODS, SpectralResult, SpectralSolver, check_choice, check_int,
                                  check_tol)
+from tf_lipschitz.progress import progress_bar
 from tf_lipschitz.report import (CERTIFIED, ESTIMATE, LayerRow, LipschitzReport, combine_outputs,
                                  compose_bounds, round_up)
 from tf_lipschitz.rules import Constant, LayerBound, Linear, Merge, NodeContext, get_rule
@@ -329,7 +329,8 @@ class AutoLip:
         in_segment = {i for seg in segments for i in seg.nodes}
         bar = None
         if certified and verbose:
-            bar = keras.utils.Progbar(len(self.groups), unit_name="certificate")
+            bar = progress_bar(len(self.groups), unit_name="certificate",
+                               label="certified AutoLip", verbose=verbose)
 
         sources = model_input_sources(graph)
         for node in graph.nodes:

@@ -177,8 +177,8 @@ class LipschitzEstimator:
             **options: ``top_k`` (200: singular triplets kept per operator, the paper's E),
                 ``max_exact_width`` (20), ``remainder`` (True: bound and add back the dropped
                 singular values; False: the paper's truncation, an estimate), ``dense_limit``
-                (2**23 matrix entries for an exact dense SVD), ``max_sweeps`` (10, greedy),
-                ``split`` ("sqrt", the paper's; "optimize" searches the split exponents),
+                (2**25 matrix entries for an exact dense SVD, when it is cheap enough),
+                ``max_sweeps`` (10, greedy), ``split`` ("sqrt", the paper's; "optimize" searches the split exponents),
                 ``subspace_tol``, ``subspace_max_iter``; see :meth:`tf_lipschitz.seqlip.SeqLip.run`.
 
         Returns:

@@ -53,7 +53,8 @@ except ImportError:  # pragma: no cover - another TensorFlow layout
     _JVP_HOOK_AVAILABLE = False
 
 from tf_lipschitz.errors import LowerBoundError, NonFiniteLowerBoundError
-from tf_lipschitz.power import HALF_ROUNDING, compiled
+from tf_lipschitz.power import compiled, dtype_eps
+from tf_lipschitz.progress import progress_bar
 from tf_lipschitz.report import ExtremeValueEstimate, LowerBound
 
 __all__ = [
@@ -82,14 +83,6 @@ _HALF_SLACK = 8.0
 _SECANT_STEPS = (1.0, 10.0)
 
 
-def _dtype_eps(dtype) -> float:
-    """Machine epsilon of a floating-point dtype (0 for other dtypes)."""
-    dtype = tf.as_dtype(dtype)
-    if not dtype.is_floating:
-        return 0.0
-    return HALF_ROUNDING.get(dtype) or float(np.finfo(dtype.as_numpy_dtype).eps)
-
-
 def _machine_eps(model, dtype) -> float:
     """The largest machine epsilon among ``dtype`` and a Keras model's layer compute dtypes."""
     dtypes = {tf.as_dtype(dtype)}
@@ -99,7 +92,7 @@ def _machine_eps(model, dtype) -> float:
         stack.extend(getattr(layer, "layers", []))
         if getattr(layer, "compute_dtype", None):
             dtypes.add(tf.as_dtype(layer.compute_dtype))
-    return max(_dtype_eps(d) for d in dtypes)
+    return max(dtype_eps(d) for d in dtypes)
 
 
 def _state_dtype(dtype) -> tf.DType:
@@ -315,7 +308,7 @@ def _secant(f, x, v, spread, eps, in_dtype):
     dtype = x.dtype
     x0 = tf.cast(tf.cast(x, in_dtype), dtype)  # x as the model sees it
     y0 = f(x0)
-    eps = max(eps, _dtype_eps(y0.dtype))
+    eps = max(eps, dtype_eps(y0.dtype))
     dim = tf.cast(tf.size(x[0]), dtype)
     scale = _per_example_norm(x) + tf.sqrt(dim) * spread
     relative = [s * eps / _slack(eps) * sign for s in _SECANT_STEPS for sign in (1.0, -1.0)]
@@ -875,7 +868,8 @@ def lower_bound(
     # 2-3. search from the best screened points
     per_point = proposals + (len(_GRADIENT_STEPS) if learning_rate > 0 else 0)
     chunks = _chunks(len(keep), max(1, batch_size // per_point))
-    bar = keras.utils.Progbar(len(chunks), verbose=verbose, unit_name="batch") if verbose else None
+    bar = (progress_bar(len(chunks), unit_name="batch", label="lower bound", verbose=verbose,
+                        stateful_metrics=["lower"]) if verbose else None)
     best = (-1.0, None, None, None)
     for c, part in enumerate(chunks):
         xb = tf.convert_to_tensor(starts[keep[part]])
@@ -977,7 +971,8 @@ def extreme_value_estimate(
     data = None if x is None else np.asarray(x, dtype=dtype).reshape((-1, *shape))
     spread = float(np.std(data)) if data is not None else 1.0
     maxima = []
-    bar = keras.utils.Progbar(batches, verbose=verbose, unit_name="batch") if verbose else None
+    bar = (progress_bar(batches, unit_name="batch", label="extreme values", verbose=verbose)
+           if verbose else None)
     for b in range(batches):
         if data is not None:
             centers = data[rng.integers(0, len(data), batch_size)]

@@ -484,6 +484,14 @@ def lanczos_loop(fn, v0, tol, max_products, krylov_dim, keep=None, xla=False, ad
 HALF_ROUNDING = {tf.float16: 2.0 ** -10, tf.bfloat16: 2.0 ** -7}
 
 
+def dtype_eps(dtype) -> float:
+    """Machine epsilon of a floating-point dtype (0 for other dtypes)."""
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_floating:
+        return 0.0
+    return HALF_ROUNDING.get(dtype) or float(np.finfo(dtype.as_numpy_dtype).eps)
+
+
 def example_norms(t: tf.Tensor) -> tf.Tensor:
     """Euclidean norm of each example of the batch ``t`` (first axis), free of overflow.
 

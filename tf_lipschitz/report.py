@@ -88,6 +88,17 @@ class LayerRow:
         return json_ready(dataclasses.asdict(self))
 
 
+def _estimate_reason(row: LayerRow, width: int = 60) -> str:
+    """Why a row is an estimate, short: a rule's note, or the method that measured it."""
+    if row.kind == "linear":
+        text = f"{row.method}, an estimate"
+        if row.certificate is None:
+            text += ", no certificate"
+    else:
+        text = " ".join(row.note.split()) or "a rule's estimate"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _fmt(value: float | None, width: int = 10) -> str:
     if value is None:
         return "-".rjust(width)
@@ -125,6 +136,27 @@ class LipschitzReport:
     def kind(self) -> str:
         """``"certified upper bound"`` or ``"estimate"``."""
         return "certified upper bound" if self.certified else "estimate"
+
+    @property
+    def uncertified(self) -> tuple[str, ...]:
+        """Names of the rows whose bound is an estimate: what keeps ``upper`` from being
+        certified (empty when every row is certified). In estimate mode every measured row
+        is an estimate; after ``autolip(certified=True)`` only those without a certificate
+        are (a custom rule registered with ``certified=False``, a linear map that cannot be
+        bounded in float64...)."""
+        return tuple(row.name for row in self.layers
+                     if row.kind != "input" and row.bound_kind != CERTIFIED)
+
+    def why_not_certified(self, limit: int = 3) -> str:
+        """One line naming the estimated rows (at most ``limit``) and how each was found, or
+        ``""`` when the report is certified or no row is to blame."""
+        names = set(self.uncertified)
+        rows = [row for row in self.layers if row.name in names]
+        if self.certified or not rows:
+            return ""
+        named = [f"'{row.name}' ({_estimate_reason(row)})" for row in rows[:limit]]
+        more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+        return "not certified because of " + ", ".join(named) + more
 
     @property
     def gap(self) -> float | None:
@@ -179,6 +211,8 @@ class LipschitzReport:
             )
         lines.append("=" * len(head))
         lines.append(f"Upper bound ({self.kind}): {self.upper:.6g}")
+        if self.settings.get("certified_mode") and self.why_not_certified():
+            lines.append(f"  {self.why_not_certified()}")
         if len(self.outputs) > 1:
             for name, value in self.outputs.items():
                 lines.append(f"  output {name}: {value:.6g}")

@@ -43,16 +43,17 @@ import time
 import warnings
 from typing import Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from tf_lipschitz.autolip import AutoLip, Group, Segment, evaluate_rules
+from tf_lipschitz.certify import DIAGONAL_LAYERS
 from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.graph import ModelGraph
 from tf_lipschitz.operators import LinearOperator
 from tf_lipschitz.power import (SpectralResult, check_choice, check_int, check_tol,
-                                 top_singular_triplets)
+                                 dtype_eps, top_singular_triplets)
+from tf_lipschitz.progress import progress_bar
 from tf_lipschitz.report import CERTIFIED, ESTIMATE, LayerRow, LipschitzReport
 from tf_lipschitz.rules import Activation, Constant, LayerBound
 from tf_lipschitz.rules.base import check_slopes
@@ -332,7 +333,7 @@ def _exact_search(c, e, lo, hi, *, verbose=0, label="pattern search"):
     inc2 = (incumbent / scale) ** 2
     evaluated = 0
     n_blocks = 2 ** n_hi
-    bar = (keras.utils.Progbar(n_blocks, verbose=verbose, unit_name="block")
+    bar = (progress_bar(n_blocks, unit_name="block", label=label, verbose=verbose)
            if verbose and n_blocks >= 64 else None)
     if bar is not None:
         print(f"tf_lipschitz: {label}: 2^{n} = {2 ** n} patterns in {n_blocks} blocks", flush=True)
@@ -409,8 +410,8 @@ def _greedy_search(c, e, lo, hi, *, max_sweeps=10, verbose=0, label="greedy"):
     consts = [tf.constant(cp), tf.constant(ep)]
     lo_t, hi_t = tf.constant(lo, tf.float64), tf.constant(hi, tf.float64)
     evaluated = 0
-    bar = keras.utils.Progbar(max_sweeps, verbose=verbose, unit_name="sweep",
-                              stateful_metrics=["norm", "flips"]) if verbose and n >= 256 else None
+    bar = progress_bar(max_sweeps, unit_name="sweep", label=label, verbose=verbose,
+                       stateful_metrics=["norm", "flips"]) if verbose and n >= 256 else None
     if bar is not None:
         print(f"tf_lipschitz: {label}: greedy flips over {n} activations", flush=True)
     for sweep in range(max_sweeps):
@@ -421,8 +422,9 @@ def _greedy_search(c, e, lo, hi, *, max_sweeps=10, verbose=0, label="greedy"):
         )
         d, x = d_t.numpy(), x_t.numpy()
         evaluated += n
-        if bar is not None:
-            bar.update(sweep + 1, values=[("norm", _norm2(x)), ("flips", int(changes))])
+        if bar is not None:  # a sweep without flips ends the search: its line is the last
+            bar.update(sweep + 1, values=[("norm", _norm2(x)), ("flips", int(changes))],
+                       finalize=int(changes) == 0 or sweep + 1 == max_sweeps)
         if int(changes) == 0:
             break
     d = d[:n]
@@ -534,7 +536,7 @@ class Spectrum:
         rest: ``σ_{r+1}``, the norm of what the decomposition leaves out (0 if complete).
         exact: ``True`` for a dense SVD (certified up to floating point), ``False`` for
             iterative triplets (estimates: they converge from below).
-        method: ``"svd"`` or ``"subspace"``.
+        method: ``"svd"``, ``"diagonal"`` (an elementwise scaling, exact) or ``"subspace"``.
         products: Operator products used (iterative triplets).
         residual: Largest relative residual of the iterative triplets.
     """
@@ -549,12 +551,86 @@ class Spectrum:
     residual: float | None = None
 
 
+def _diagonal_of(op: LinearOperator) -> np.ndarray | None:
+    """The diagonal of an elementwise scaling operator, or ``None`` if ``op`` is not one.
+
+    ``op(1)`` is the diagonal of a diagonal map; two random vectors check that ``op`` multiplies
+    by it, entry by entry (a user rule registered for a diagonal layer class need not be
+    diagonal).
+    """
+    shape, dtype = (1, *op.input_shape), tf.as_dtype(op.dtype)
+    diag = op.fn(tf.ones(shape, dtype))
+    if tuple(diag.shape) != shape or diag.dtype != dtype:
+        return None
+    for seed in ([5, 7], [11, 3]):  # entry by entry, to a few roundings: a coupling shows
+        probe = tf.random.stateless_normal(shape, seed=seed, dtype=dtype)
+        expected = np.asarray(diag * probe, np.float64)
+        gap = np.abs(np.asarray(op.fn(probe), np.float64) - expected)
+        if not np.all(gap <= 8 * dtype_eps(dtype) * np.abs(expected)):
+            return None
+    diag = np.asarray(diag, np.float64).reshape(-1)
+    return diag if np.all(np.isfinite(diag)) else None
+
+
+def diagonal_spectrum(diag: np.ndarray, top_k: int | None = None) -> Spectrum:
+    """The exact SVD of ``diag(d)``: singular values ``|d_i|`` in decreasing order, right
+    vectors the unit basis vectors, left ones the same with the signs of ``d_i``.
+
+    A BatchNormalization that does not follow a linear layer directly (``Conv2D(activation=
+    "relu") → BatchNormalization``) is its own linear group, with every per-channel scale
+    repeated over the whole grid: a subspace iteration for its top triplets meets a
+    spectrum of huge multiplicities (18 s without settling on a 26×26×16 map), while this is
+    exact and immediate.
+
+    Truncation to ``top_k`` breaks ties by position (the first entries in flattened order): a
+    scale repeated over a grid keeps one corner of it. With ``remainder=True`` (the default)
+    SeqLip adds the dropped part back through ``rest``; with ``remainder=False`` it ignores it,
+    an estimate that can then be far below the truth.
+
+    Args:
+        diag: The diagonal (flattened).
+        top_k: Triplets kept (``None``: all); ``rest`` is then the next singular value.
+
+    Example:
+        >>> spec = diagonal_spectrum(np.array([0.5, -2.0, 1.0]), top_k=2)
+        >>> spec.s.tolist(), spec.rest, spec.u[:, 0].tolist()
+        ([2.0, 1.0], 0.5, [0.0, -1.0, 0.0])
+    """
+    diag = np.asarray(diag, np.float64).reshape(-1)
+    n = len(diag)
+    order = np.argsort(-np.abs(diag), kind="stable")
+    keep = n if top_k is None else min(n, int(top_k))
+    idx, cols = order[:keep], np.arange(keep)
+    v = np.zeros((n, keep))
+    v[idx, cols] = 1.0
+    u = np.zeros((n, keep))
+    u[idx, cols] = np.where(diag[idx] < 0, -1.0, 1.0)
+    rest = float(abs(diag[order[keep]])) if keep < n else 0.0
+    return Spectrum(np.abs(diag[idx]), u, v, rest, True, "diagonal")
+
+
+DENSE_LIMIT = 2 ** 25
+"""Default ``dense_limit``: most matrix entries materialised for a dense SVD (268 MB in float64)."""
+
+DENSE_SVD_FLOPS = 2 ** 34
+"""Largest ``entries × smaller side`` (about the flops of a dense SVD) taken by the dense route:
+a thin 10816×784 convolution (6.6·10⁹, 0.9 s) is decomposed exactly, a square 4096×4096 map
+(6.9·10¹⁰) goes to the subspace iteration."""
+
+
+def dense_route(out_size: int, in_size: int, dense_limit: int) -> bool:
+    """Whether an ``out_size × in_size`` operator is materialised for an exact dense SVD: at
+    most ``dense_limit`` entries and a decomposition of at most :data:`DENSE_SVD_FLOPS`."""
+    entries = out_size * in_size
+    return entries <= dense_limit and entries * min(out_size, in_size) <= DENSE_SVD_FLOPS
+
+
 def operator_spectrum(
     op: LinearOperator,
     out_size: int,
     *,
     top_k: int = 200,
-    dense_limit: int = 2 ** 23,
+    dense_limit: int = DENSE_LIMIT,
     tol: float = 1e-5,
     max_iter: int = 300,
 ) -> Spectrum:
@@ -564,7 +640,8 @@ def operator_spectrum(
         op: The operator, on its real input shape.
         out_size: Number of output entries per example.
         top_k: Triplets kept by the iterative path (one more is computed to bound the rest).
-        dense_limit: Largest ``out_size × in_size`` materialised for a dense SVD.
+        dense_limit: Largest ``out_size × in_size`` materialised for a dense SVD (see
+            :func:`dense_route`).
         tol: Relative tolerance of the block subspace iteration.
         max_iter: Cap on block iterations.
 
@@ -573,7 +650,7 @@ def operator_spectrum(
     """
     tol = check_tol(tol, default=1e-5)
     top_k = check_int(top_k, "top_k", minimum=1)
-    if out_size * op.size <= dense_limit:
+    if dense_route(out_size, op.size, dense_limit):
         m = tf.constant(op.to_dense().astype(np.float64))
         s, u, v = tf.linalg.svd(m, full_matrices=False)  # m = u diag(s) vᵀ
         return Spectrum(s.numpy(), u.numpy(), v.numpy(), 0.0, True, "svd")
@@ -760,6 +837,14 @@ class SeqLip:
     def _spectrum(self, group: Group, top_k, dense_limit, tol, max_iter) -> Spectrum:
         op = self.autolip.operator(group, self.bounds)
         out_size = int(np.prod(self.graph.nodes[group.nodes[-1]].output_shapes[0]))
+        if all(isinstance(self.graph.nodes[i].operation, DIAGONAL_LAYERS) for i in group.nodes):
+            diag = _diagonal_of(op)
+            if diag is not None:  # BatchNormalization after Conv2D(activation="relu")...
+                # The scales were computed in the model's precision (γ·rsqrt(var + ε) is up to
+                # ~2 units below its exact value in float32); widened so that they bound it.
+                diag = diag * (1.0 + 8 * dtype_eps(op.dtype))
+                complete = dense_route(out_size, op.size, dense_limit)  # as a dense SVD would
+                return diagonal_spectrum(diag, None if complete else top_k)
         return operator_spectrum(op, out_size, top_k=top_k, dense_limit=dense_limit,
                                  tol=tol, max_iter=max_iter)
 
@@ -960,7 +1045,7 @@ class SeqLip:
         top_k: int = 200,
         max_exact_width: int = 20,
         remainder: bool = True,
-        dense_limit: int = 2 ** 23,
+        dense_limit: int = DENSE_LIMIT,
         max_sweeps: int = 10,
         split: str = "sqrt",
         subspace_tol: float = 1e-5,
@@ -981,7 +1066,8 @@ class SeqLip:
             max_exact_width: Widest link enumerated exactly (``2^n`` patterns).
             remainder: Bound the singular values beyond ``top_k`` by ``σ_{top_k+1}`` and add
                 them back (``False`` reproduces the paper's truncation, an estimate).
-            dense_limit: Largest ``out × in`` operator materialised for an exact dense SVD.
+            dense_limit: Largest ``out × in`` operator materialised for an exact dense SVD
+                (and only when the SVD is cheap enough: :func:`dense_route`).
             max_sweeps: Cap on greedy sweeps.
             split: ``"sqrt"`` (the paper's ``Σ^{1/2} Σ^{1/2}`` split of inner layers) or
                 ``"optimize"`` (search the split exponents; never larger, several times the
@@ -1003,7 +1089,7 @@ class SeqLip:
                       subspace_tol=subspace_tol, subspace_max_iter=subspace_max_iter)
         start = time.perf_counter()
         n_steps = sum(2 * len(c.groups) - 1 for c in self.chains)
-        bar = keras.utils.Progbar(n_steps, verbose=verbose, unit_name="step") \
+        bar = progress_bar(n_steps, unit_name="step", label="SeqLip", verbose=verbose) \
             if verbose and n_steps else None
         if verbose:
             print(f"tf_lipschitz: SeqLip on '{model_name}': {len(self.chains)} chain(s), "
@@ -1059,7 +1145,7 @@ class SeqLip:
         settings = {
             "mode": mode, "top_k": top_k, "max_exact_width": max_exact_width,
             "remainder": remainder, "dense_limit": dense_limit, "max_sweeps": max_sweeps,
-            "split": split,
+            "split": split, "certified_mode": certified,
             "autolip_parts": report.settings, "pairs": summary, "fallbacks": list(self.fallbacks),
             "seconds": seconds,
         }

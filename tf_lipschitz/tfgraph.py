@@ -80,6 +80,7 @@ from tf_lipschitz.errors import (InvalidArgumentError, LipschitzError, LowerBoun
 from tf_lipschitz.graph import GraphNode, ModelGraph
 from tf_lipschitz.lower import lower_bound as _lower_bound
 from tf_lipschitz.power import check_keywords, keyword_names
+from tf_lipschitz.progress import progress_bar
 from tf_lipschitz.report import LipschitzReport, LowerBound
 from tf_lipschitz.rules.activations import activation_info
 from tf_lipschitz.rules.base import (Activation, Constant, LayerBound, Linear, Merge,
@@ -1351,7 +1352,7 @@ class _GraphReader:
         self.offsets: dict[str, tuple[int, ...] | None] = {}  # of ops with Linear rules
         bar = None
         if self.progress and len(todo) > 50:
-            bar = keras.utils.Progbar(len(todo), verbose=1, unit_name="op")
+            bar = progress_bar(len(todo), unit_name="op", label="reading the graph")
         for count, name in enumerate(todo):
             node_def = self.nodes[name]
             if name in regions:

@@ -151,10 +151,8 @@ def _unrolled_norm(r: float, steps: int, sequences: bool) -> tuple[float, str]:
         powers = r ** np.arange(steps, dtype=np.float64)
     if not np.isfinite(powers[-1]):  # r^(T-1) > 1.8e308: no finite float64 bound
         return math.inf, f"T={steps}, r^(T-1) overflows"
-    if not sequences:
-        peak = float(np.max(powers))  # scaled first: the squares overflow from r^k ≈ 1e154
-        root = math.sqrt(float(np.sum((powers / peak) ** 2)))
-        return peak * root * (1 + 4 * steps * _EPS), f"T={steps}"
+    if not sequences:  # hypot: the squares would overflow from r^k ≈ 1e154
+        return math.hypot(*powers) * (1 + 4 * steps * _EPS), f"T={steps}"
     if steps <= _EXACT_STEPS:
         index = np.arange(steps)
         lag = index[:, None] - index[None, :]
@@ -250,13 +248,10 @@ def _gated_norm(rows: Iterator[np.ndarray], steps: int, sequences: bool,
     with np.errstate(over="ignore", invalid="ignore"):
         if not sequences:
             last = collections.deque(rows, maxlen=1)[0]
-            peak = float(np.max(last))
-            if not math.isfinite(peak):  # inf, or NaN from 0·inf
+            value = math.hypot(*last)  # no overflow of the squares; within one ulp
+            if not math.isfinite(value):  # inf, or NaN from 0·inf
                 return math.inf, f"T={steps}, overflow"
-            if peak == 0.0:
-                return 0.0, f"T={steps}"
-            root = math.sqrt(float(np.sum((last / peak) ** 2)))  # scaled before squaring
-            return round_up(peak * root, roundings + steps + 4), f"T={steps}"
+            return round_up(value, roundings + steps + 4), f"T={steps}"
         if steps <= _EXACT_STEPS:
             matrix = np.array(list(rows))
             if not np.all(np.isfinite(matrix)):
