@@ -166,26 +166,32 @@ def test_signature_and_input_shape(conv_module, capsys):
     assert json.loads(out)["reports"]["autolip"]["upper"] == pytest.approx(sigma, rel=1e-4)
 
 
-def test_custom_objects_module(tmp_path, capsys):
-    module = tmp_path / "halve_layers.py"
-    module.write_text(textwrap.dedent("""
+def _halving_layer_module(tmp_path, name: str, rule: str):
+    """Writes and imports ``<name>.py``: a layer ``Half`` (x ↦ x/2) registered with ``rule``."""
+    module = tmp_path / f"{name}.py"
+    module.write_text(textwrap.dedent(f"""
         import keras
         import tf_lipschitz as tfl
 
-        class Halve(keras.layers.Layer):
+        class Half(keras.layers.Layer):
             def call(self, x):
                 return 0.5 * x
 
-        tfl.register_rule(Halve, tfl.rules.constant(0.5))
-        CUSTOM_OBJECTS = {"Halve": Halve}
+        tfl.register_rule(Half, {rule})
+        CUSTOM_OBJECTS = {{"Half": Half}}
     """))
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("halve_layers", module)
+    spec = importlib.util.spec_from_file_location(name, module)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return module, mod
+
+
+def test_custom_objects_module(tmp_path, capsys):
+    module, mod = _halving_layer_module(tmp_path, "halve_layers", "tfl.rules.constant(0.5)")
     w = np.random.default_rng(13).standard_normal((4, 3)).astype("float32")
-    model = keras.Sequential([keras.Input((4,)), L.Dense(3, use_bias=False), mod.Halve()])
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3, use_bias=False), mod.Half()])
     model.layers[0].kernel.assign(w)
     model.save(str(tmp_path / "halve.keras"))
     code, out, err = _run(capsys, tmp_path / "halve.keras", "--custom-objects", module,
@@ -417,24 +423,9 @@ def test_quiet_tensorflow_restores_the_log_levels():
 
 
 def test_certified_summary_names_the_layer_left_an_estimate(tmp_path, capsys):
-    module = tmp_path / "rough_layers.py"
-    module.write_text(textwrap.dedent("""
-        import keras
-        import tf_lipschitz as tfl
-
-        class Rough(keras.layers.Layer):
-            def call(self, x):
-                return 0.5 * x
-
-        tfl.register_rule(Rough, tfl.rules.constant(0.5, certified=False, note="guessed"))
-        CUSTOM_OBJECTS = {"Rough": Rough}
-    """))
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rough_layers", module)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    model = keras.Sequential([keras.Input((4,)), L.Dense(3, name="dense"), mod.Rough(name="rough")])
+    module, mod = _halving_layer_module(
+        tmp_path, "rough_layers", 'tfl.rules.constant(0.5, certified=False, note="guessed")')
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3, name="dense"), mod.Half(name="rough")])
     model.save(str(tmp_path / "rough.keras"))
     code, out, err = _run(capsys, tmp_path / "rough.keras", "--custom-objects", module,
                           "--methods", "autolip", "--certified", "--quiet")
