@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -483,3 +484,21 @@ def test_dense_route_takes_thin_operators_and_leaves_square_ones_to_the_subspace
     assert not dense_route(4096, 4096, DENSE_LIMIT)  # 1.7e7 entries, but ~7e10 flops
     assert not dense_route(10816, 784, 2 ** 23)  # an explicit limit is still a limit
     assert not dense_route(3, 4, 0) and dense_route(3, 4, 12)
+
+
+def test_warns_when_the_truncation_remainder_leaves_seqlip_at_autolip():
+    # top_k=2 of 40 exact triplets: the bounded remainder lifts every pair factor to AutoLip's.
+    rng = np.random.default_rng(2)
+    model = keras.Sequential([keras.Input((40,)), L.Dense(40, activation="relu"),
+                              L.Dense(40, activation="relu"), L.Dense(3)])
+    for w in model.weights:
+        w.assign(rng.standard_normal(w.shape).astype("float32") / 6)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    with pytest.warns(UserWarning, match=r"gained nothing over AutoLip.*raise top_k"):
+        short = est.seqlip(mode="greedy", top_k=2)
+    assert any(p["capped_by_remainder"] for p in short.settings["pairs"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all 40 triplets: nothing to add back
+        full = est.seqlip(mode="greedy", top_k=40)
+    assert full.upper < short.upper
+    assert not any(p["capped_by_remainder"] for p in full.settings["pairs"])

@@ -808,6 +808,7 @@ class _Pair:
     truncated: bool
     dropped: float  # largest σ_{E+1} / σ_1 left out of the two decompositions
     note: str
+    capped: bool = False  # the remainder of the truncation lifted the factor to AutoLip's
 
 
 def _block_norm(f11: float, f12: float, f21: float, f22: float) -> float:
@@ -898,8 +899,10 @@ class SeqLip:
                  m * float(t_right(rho_r)) * float(t_left(s1_l)),
                  m * float(t_right(rho_r)) * float(t_left(rho_l)))
         truncated = rho_l > 0 or rho_r > 0
+        capped = False
         if truncated and remainder:
             value = min(_block_norm(inner.value, *tails), autolip_factor)
+            capped = value == autolip_factor and inner.value < autolip_factor * (1 - 1e-6)
         else:
             value = min(inner.value, autolip_factor)
         exact_svd = left.exact and right.exact
@@ -927,8 +930,10 @@ class SeqLip:
         if (e_left, e_right) != (1.0 if k == 0 else 0.5, 0.0 if k + 1 == last else 0.5):
             parts.append(f"split Σ^{e_left:g} | Σ^{1 - e_right:g}")
         dropped = max(rho_l / s1_l if s1_l > 0 else 0.0, rho_r / s1_r if s1_r > 0 else 0.0)
+        if capped:
+            parts.append("the remainder lifts it to the AutoLip factor: raise top_k")
         return _Pair(value, certified, certificate, inner.mode, n, inner.evaluated, truncated,
-                     dropped, "; ".join(parts))
+                     dropped, "; ".join(parts), capped)
 
     def _chain_pairs(self, chain: Chain, spectra: list[Spectrum], split: str, verbose: int,
                      **options) -> tuple[list[_Pair], list[float]]:
@@ -1119,7 +1124,7 @@ class SeqLip:
                     "mode": pair.mode, "width": pair.width, "value": pair.value,
                     "kind": CERTIFIED if pair.certified else ESTIMATE,
                     "certificate": pair.certificate, "truncated": pair.truncated,
-                    "dropped_sigma_ratio": pair.dropped,
+                    "dropped_sigma_ratio": pair.dropped, "capped_by_remainder": pair.capped,
                     "split": [exps[k], exps[k + 1]],
                 })
                 done += 1
@@ -1136,6 +1141,14 @@ class SeqLip:
                 "constant. Use remainder=True, or a larger top_k.",
                 stacklevel=3,
             )
+        capped = [p for p in summary if p["capped_by_remainder"]]
+        if capped:
+            worst = max(capped, key=lambda p: p["dropped_sigma_ratio"])
+            warnings.warn(
+                f"SeqLip: {len(capped)} of {len(summary)} pair factor(s) gained nothing over "
+                f"AutoLip because the singular values beyond the top_k={top_k} kept (up to "
+                f"{worst['dropped_sigma_ratio']:.0%} of σ_1, in {worst['pair']}) are bounded "
+                "and added back: raise top_k for a tighter bound.", stacklevel=3)
         if spectral is None:  # the solver is only needed for groups outside every chain
             covered = {g for chain in self.chains for g in chain.groups}
             outside = [g for g in self.autolip.iterative if g not in covered]
