@@ -423,9 +423,10 @@ def _relu_bn_model():
 
 @pytest.mark.parametrize("mode", ["exact", "greedy", "certified"])
 def test_batchnorm_group_gets_its_exact_diagonal_spectrum(mode, monkeypatch):
-    # The same SeqLip value as through the dense SVD of the BN group, without it (or, on
-    # large grids, a subspace iteration over a spectrum where each scale repeats over the
-    # grid). The scales are widened by 8 float32 units to bound their exact values.
+    # The BN group's SVD is its diagonal, without a dense SVD (or, on large grids, a subspace
+    # iteration over a spectrum where each scale repeats over the grid); the pairs next to it
+    # need no pattern search: in every mode they equal the exact enumeration through the
+    # dense SVD (to the 8 float32 units the scales are widened by), and are certified.
     from tf_lipschitz import seqlip
 
     model = _relu_bn_model()
@@ -435,13 +436,18 @@ def test_batchnorm_group_gets_its_exact_diagonal_spectrum(mode, monkeypatch):
                         lambda op, *a, **k: dense_calls.append(op.name) or original(op, *a, **k))
     monkeypatch.setattr(seqlip, "diagonal_spectrum",
                         lambda d, *a: diagonal_calls.append(len(d)) or diagonal(d, *a))
-    kwargs = {"mode": mode, "max_exact_width": 18, "certified": mode != "greedy"}
-    fast = tfl.LipschitzEstimator(model, verbose=0).seqlip(**kwargs)
+    kwargs = {"max_exact_width": 18, "certified": True}
+    fast = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode=mode, **kwargs)
     assert diagonal_calls == [18] and "bn" not in dense_calls and "conv" in dense_calls
+    assert [p["mode"] for p in fast.settings["pairs"]] == ["diagonal", "diagonal"]
     monkeypatch.setattr(seqlip, "_diagonal_of", lambda op: None)
-    dense = tfl.LipschitzEstimator(model, verbose=0).seqlip(**kwargs)
-    assert dense.upper <= fast.upper <= dense.upper * (1 + 1e-6)
-    assert fast.certified == dense.certified == (mode != "greedy")
+    exact = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode="exact", **kwargs)
+    assert exact.certified and fast.certified
+    assert exact.upper <= fast.upper <= exact.upper * (1 + 2e-6)
+    # top_k does not truncate the exact SVD next to the scaling: one norm takes every triplet
+    monkeypatch.undo()
+    few = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode=mode, top_k=2, **kwargs)
+    assert few.certified and few.upper == pytest.approx(fast.upper, rel=1e-12)
 
 
 def test_truncated_diagonal_spectrum_keeps_the_remainder(monkeypatch):

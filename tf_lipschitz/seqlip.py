@@ -133,8 +133,9 @@ class PatternMax:
     Attributes:
         value: The max (``"exact"``), the value at the pattern found (``"greedy"``: an estimate,
             never above the max) or an upper bound on the max (``"certified"``).
-        mode: ``"exact"``, ``"greedy"``, ``"certified"`` or ``"product"`` (``lo == hi``: one
-            vertex, ``|lo| ‖AB‖``).
+        mode: ``"exact"``, ``"greedy"``, ``"certified"``, ``"product"`` (``lo == hi``: one
+            vertex, ``|lo| ‖AB‖``) or ``"diagonal"`` (one side an elementwise scaling: closed
+            form, see :func:`_diagonal_pair`).
         certified: Whether ``value`` is a proven upper bound on the max (given exact ``A, B``).
         pattern: The maximising slopes ``d`` (``None`` for ``"certified"``).
         width: ``n``, the number of activations.
@@ -539,6 +540,8 @@ class Spectrum:
         method: ``"svd"``, ``"diagonal"`` (an elementwise scaling, exact) or ``"subspace"``.
         products: Operator products used (iterative triplets).
         residual: Largest relative residual of the iterative triplets.
+        diagonal: The whole diagonal when the operator is an elementwise scaling (see
+            :func:`diagonal_spectrum`), whatever the triplets kept.
     """
 
     s: np.ndarray
@@ -549,6 +552,7 @@ class Spectrum:
     method: str
     products: int = 0
     residual: float | None = None
+    diagonal: np.ndarray | None = None
 
 
 def _diagonal_of(op: LinearOperator) -> np.ndarray | None:
@@ -606,7 +610,7 @@ def diagonal_spectrum(diag: np.ndarray, top_k: int | None = None) -> Spectrum:
     u = np.zeros((n, keep))
     u[idx, cols] = np.where(diag[idx] < 0, -1.0, 1.0)
     rest = float(abs(diag[order[keep]])) if keep < n else 0.0
-    return Spectrum(np.abs(diag[idx]), u, v, rest, True, "diagonal")
+    return Spectrum(np.abs(diag[idx]), u, v, rest, True, "diagonal", diagonal=diag)
 
 
 DENSE_LIMIT = 2 ** 25
@@ -811,6 +815,38 @@ class _Pair:
     capped: bool = False  # the remainder of the truncation lifted the factor to AutoLip's
 
 
+def _diagonal_pair(left: Spectrum, right: Spectrum, slopes: tuple[float, float], t_left,
+                   t_right, keep_l: int, keep_r: int) -> PatternMax:
+    """The inner max of a pair whose one side is an elementwise scaling, in closed form.
+
+    With ``A = diag(w)`` (the scaling after the activations; ``B`` the side before), every
+    ``d ∈ [lo, hi]^n`` gives ``‖diag(w) diag(d) B‖ = ‖diag(d) diag(w) B‖ ≤ m ‖diag(w) B‖``
+    (``m = max(|lo|, |hi|)``, ``‖diag(d)‖ ≤ m``), with equality at ``d = ±m``: the max is
+    ``m ‖diag(w) B‖``; likewise ``m ‖A diag(w)‖`` for a scaling before them (its left
+    singular vectors' signs are an orthogonal diagonal, which drops out of the norm). When
+    the other side keeps only its top triplets, its remainder ``B_⊥`` (norm at most its
+    next singular value) enters as a column block: ``‖[X, Y]‖² ≤ ‖X‖² + ‖Y‖²``.
+    """
+    m = max(abs(slopes[0]), abs(slopes[1]))
+    n = len(left.diagonal if left.diagonal is not None else right.diagonal)
+    pattern = np.full(n, slopes[1] if abs(slopes[1]) >= abs(slopes[0]) else slopes[0])
+
+    def rest_of(spec: Spectrum, keep: int) -> float:
+        return max(spec.rest, float(spec.s[keep]) if keep < len(spec.s) else 0.0)
+
+    if left.diagonal is not None and right.diagonal is not None:
+        value = float(np.max(t_right(np.abs(right.diagonal)) * t_left(np.abs(left.diagonal))))
+    elif right.diagonal is not None:
+        w = t_right(np.abs(right.diagonal))
+        core = _norm2(w[:, None] * (left.u[:, :keep_l] * t_left(left.s[:keep_l])))
+        value = math.hypot(core, float(np.max(w)) * float(t_left(rest_of(left, keep_l))))
+    else:
+        w = t_left(np.abs(left.diagonal))
+        core = _norm2((right.v[:, :keep_r] * t_right(right.s[:keep_r])).T * w[None, :])
+        value = math.hypot(core, float(np.max(w)) * float(t_right(rest_of(right, keep_r))))
+    return PatternMax(m * value, "diagonal", True, pattern, n)
+
+
 def _block_norm(f11: float, f12: float, f21: float, f22: float) -> float:
     """``‖[[f11, f12], [f21, f22]]‖₂``: bounds a 2×2 block matrix by its blocks' norms."""
     return float(np.linalg.norm(np.array([[f11, f12], [f21, f22]]), 2))
@@ -889,8 +925,15 @@ class SeqLip:
         rho_r = max(right.rest, float(right.s[keep_r]) if keep_r < len(right.s) else 0.0)
         b = left.u[:, :keep_l] * t_left(left.s[:keep_l])  # U_k Σ̃_k, (n, r_k)
         a = (right.v[:, :keep_r] * t_right(right.s[:keep_r])).T  # Σ̃_{k+1} V_{k+1}ᵀ, (r, n)
-        inner = pattern_max(a, b, (lo, hi), mode=choice, max_sweeps=max_sweeps,
-                            verbose=verbose, label=f"SeqLip {names}")
+        if left.diagonal is not None or right.diagonal is not None:
+            # No pattern to search: one norm, through every triplet the other side has (only
+            # an iterative side's own remainder is bounded), so the factor is exact
+            keep_l, keep_r = len(left.s), len(right.s)
+            inner = _diagonal_pair(left, right, (lo, hi), t_left, t_right, keep_l, keep_r)
+            rho_l = rho_r = 0.0
+        else:
+            inner = pattern_max(a, b, (lo, hi), mode=choice, max_sweeps=max_sweeps,
+                                verbose=verbose, label=f"SeqLip {names}")
         m = max(abs(lo), abs(hi))
         s1_l = float(left.s[0]) if len(left.s) else 0.0
         s1_r = float(right.s[0]) if len(right.s) else 0.0
@@ -921,6 +964,8 @@ class SeqLip:
                  f"[{lo:.4g}, {hi:.4g}], {n} activations"]
         if inner.mode == "exact":
             parts.append(f"{inner.evaluated} of 2^{n} patterns evaluated exactly")
+        if inner.mode == "diagonal":
+            parts.append("a per-channel scaling on one side: m·‖scaled side‖, exact")
         if truncated:
             how = "added back" if remainder else "ignored (estimate)"
             parts.append(f"top {keep_l}/{keep_r} singular triplets, remainder σ {rho_l:.3g}/"
