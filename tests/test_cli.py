@@ -436,3 +436,15 @@ def test_certified_summary_names_the_layer_left_an_estimate(tmp_path, capsys):
                           "--methods", "autolip", "--quiet")
     assert code == 0, err
     assert "not certified because" not in out  # estimate mode: nothing was asked
+
+
+@pytest.mark.parametrize("fmt", ["keras", "savedmodel"])
+def test_certified_run_shows_certificate_progress_unless_quiet(saved, capsys, fmt):
+    path = saved["keras"] if fmt == "keras" else saved["savedmodel"]
+    code, _, err = _run(capsys, path, "--methods", "autolip", "--certified")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("certified AutoLip: ")]
+    assert lines and " certificates, " in lines[-1], err
+    assert "\x1b" not in err and "\r" not in err  # stderr is not a terminal here
+    code, _, err = _run(capsys, path, "--methods", "autolip", "--certified", "--quiet")
+    assert code == 0 and "certified AutoLip" not in err

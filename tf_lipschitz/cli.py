@@ -611,7 +611,8 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
             n = len(est.engine.operators)
             progress(f"AutoLip: measuring {n} linear operator(s) with {args.solver} "
                      f"(tol={args.tol:g}) in one compiled solve")
-            analysis.reports["autolip"] = est.autolip(certified=args.certified)
+            analysis.reports["autolip"] = est.autolip(certified=args.certified,
+                                                      verbose=0 if args.quiet else 1)
         elif method == "seqlip":
             if kind != "keras-layers":
                 analysis.skipped["seqlip"] = (

@@ -94,7 +94,8 @@ class LipschitzEstimator:
     def name(self) -> str:
         return getattr(self.model, "name", "model")
 
-    def autolip(self, *, certified: bool = False, init: Any = "warm") -> LipschitzReport:
+    def autolip(self, *, certified: bool = False, init: Any = "warm",
+                verbose: int | None = None) -> LipschitzReport:
         """AutoLip upper bound (Scaman & Virmaux 2018, Algorithm 1).
 
         Args:
@@ -104,6 +105,8 @@ class LipschitzEstimator:
                 fresh ones on the first call), ``None`` (fresh: Fourier vectors for large
                 convolutions, see :mod:`tf_lipschitz.starts`, random elsewhere), ``"random"``
                 or a list of arrays.
+            verbose: 1 shows a progress bar over the certificates (certified mode); defaults
+                to the estimator's ``verbose``, which also prints a summary line first.
 
         Returns:
             A :class:`~tf_lipschitz.report.LipschitzReport`.
@@ -113,7 +116,7 @@ class LipschitzEstimator:
             print(f"tf_lipschitz: AutoLip on '{self.name}': {len(self.graph) - 1} layer calls, "
                   f"{n} linear operators to measure ({self._autolip.method}).", flush=True)
         return self._autolip.run(certified=certified, init=init, model_name=self.name,
-                                 verbose=self.verbose)
+                                 verbose=self.verbose if verbose is None else verbose)
 
     def lower_bound(self, x: Any = None, **kwargs) -> LowerBound:
         """A proven lower bound: the largest Jacobian norm found by ascent over inputs.

@@ -1988,18 +1988,21 @@ class GraphEstimator:
         kwargs.setdefault("name", os.path.basename(os.path.normpath(path)))
         return cls(fn, _signature_name=key, _owner=loaded, **kwargs)
 
-    def autolip(self, *, certified: bool = False, init: Any = "warm") -> LipschitzReport:
+    def autolip(self, *, certified: bool = False, init: Any = "warm",
+                verbose: int = 0) -> LipschitzReport:
         """AutoLip on the graph (method ``"autolip-graph"``).
 
         Args:
             certified: Use the closed-form certified norms where they exist; the report is
                 certified only when every factor is.
             init: Starting vectors of the solver (``"warm"``, ``None`` or arrays).
+            verbose: 1 shows a progress bar over the certificates (certified mode).
 
         Returns:
             A :class:`~tf_lipschitz.report.LipschitzReport`.
         """
-        report = self._autolip.run(certified=certified, init=init, model_name=self.name)
+        report = self._autolip.run(certified=certified, init=init, model_name=self.name,
+                                   verbose=verbose)
         settings = dict(report.settings, analysis="tf-graph", graph_ops=self.op_count)
         if self._reader.skipped_outputs:
             settings["skipped_outputs"] = list(self._reader.skipped_outputs)
