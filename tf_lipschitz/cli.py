@@ -259,8 +259,8 @@ class Analysis:
         for method, rep in self.reports.items():
             lines.append(f"  {names.get(method, method) + ' upper bound':<22}{rep.upper:<14.6g}"
                          f"({rep.kind})")
-            if rep.settings.get("certified_mode") and rep.why_not_certified():
-                lines.append(f"  {'':<22}{rep.why_not_certified()}")
+            if rep.certification_note:
+                lines.append(f"  {'':<22}{rep.certification_note}")
         if self.lower is not None:
             line = (f"  {'lower bound':<22}{self.lower.value:<14.6g}(lower bound; secant check "
                     f"{self.lower.secant:.6g})")

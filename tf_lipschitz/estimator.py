@@ -181,8 +181,8 @@ class LipschitzEstimator:
                 ``max_exact_width`` (20), ``remainder`` (True: bound and add back the dropped
                 singular values; False: the paper's truncation, an estimate), ``dense_limit``
                 (2**25 matrix entries for an exact dense SVD, when it is cheap enough),
-                ``max_sweeps`` (10, greedy), ``split`` ("sqrt", the paper's; "optimize" searches the split exponents),
-                ``subspace_tol``, ``subspace_max_iter``; see :meth:`tf_lipschitz.seqlip.SeqLip.run`.
+                ``max_sweeps`` (10, greedy), ``split`` ("sqrt", the paper's; "optimize"
+                searches the split exponents), ``subspace_tol``, ``subspace_max_iter``; see :meth:`tf_lipschitz.seqlip.SeqLip.run`.
 
         Returns:
             A :class:`~tf_lipschitz.report.LipschitzReport` with ``method="seqlip"``;

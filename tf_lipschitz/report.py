@@ -144,19 +144,27 @@ class LipschitzReport:
         is an estimate; after ``autolip(certified=True)`` only those without a certificate
         are (a custom rule registered with ``certified=False``, a linear map that cannot be
         bounded in float64...)."""
-        return tuple(row.name for row in self.layers
-                     if row.kind != "input" and row.bound_kind != CERTIFIED)
+        return tuple(row.name for row in self._estimated_rows())
+
+    def _estimated_rows(self) -> list[LayerRow]:
+        return [row for row in self.layers if row.kind != "input" and row.bound_kind != CERTIFIED]
 
     def why_not_certified(self, limit: int = 3) -> str:
         """One line naming the estimated rows (at most ``limit``) and how each was found, or
         ``""`` when the report is certified or no row is to blame."""
-        names = set(self.uncertified)
-        rows = [row for row in self.layers if row.name in names]
+        rows = self._estimated_rows()
         if self.certified or not rows:
             return ""
         named = [f"'{row.name}' ({_estimate_reason(row)})" for row in rows[:limit]]
         more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
         return "not certified because of " + ", ".join(named) + more
+
+    @property
+    def certification_note(self) -> str:
+        """:meth:`why_not_certified` when certified mode was asked (``certified=True``), else
+        ``""``: in estimate mode every measured row is an estimate by request. The table and
+        the CLI summary print it under the bound."""
+        return self.why_not_certified() if self.settings.get("certified_mode") else ""
 
     @property
     def gap(self) -> float | None:
@@ -211,8 +219,8 @@ class LipschitzReport:
             )
         lines.append("=" * len(head))
         lines.append(f"Upper bound ({self.kind}): {self.upper:.6g}")
-        if self.settings.get("certified_mode") and self.why_not_certified():
-            lines.append(f"  {self.why_not_certified()}")
+        if self.certification_note:
+            lines.append(f"  {self.certification_note}")
         if len(self.outputs) > 1:
             for name, value in self.outputs.items():
                 lines.append(f"  output {name}: {value:.6g}")

@@ -816,34 +816,31 @@ class _Pair:
 
 
 def _diagonal_pair(left: Spectrum, right: Spectrum, slopes: tuple[float, float], t_left,
-                   t_right, keep_l: int, keep_r: int) -> PatternMax:
+                   t_right) -> PatternMax:
     """The inner max of a pair whose one side is an elementwise scaling, in closed form.
 
     With ``A = diag(w)`` (the scaling after the activations; ``B`` the side before), every
     ``d ∈ [lo, hi]^n`` gives ``‖diag(w) diag(d) B‖ = ‖diag(d) diag(w) B‖ ≤ m ‖diag(w) B‖``
     (``m = max(|lo|, |hi|)``, ``‖diag(d)‖ ≤ m``), with equality at ``d = ±m``: the max is
     ``m ‖diag(w) B‖``; likewise ``m ‖A diag(w)‖`` for a scaling before them (its left
-    singular vectors' signs are an orthogonal diagonal, which drops out of the norm). When
-    the other side keeps only its top triplets, its remainder ``B_⊥`` (norm at most its
-    next singular value) enters as a column block: ``‖[X, Y]‖² ≤ ‖X‖² + ‖Y‖²``.
+    singular vectors' signs are an orthogonal diagonal, which drops out of the norm). Every
+    triplet of the other side enters (``top_k`` does not truncate it); when that side is
+    iterative, its remainder ``B_⊥`` (norm at most ``rest``) enters as a column block:
+    ``‖[X, Y]‖² ≤ ‖X‖² + ‖Y‖²``.
     """
     m = max(abs(slopes[0]), abs(slopes[1]))
     n = len(left.diagonal if left.diagonal is not None else right.diagonal)
     pattern = np.full(n, slopes[1] if abs(slopes[1]) >= abs(slopes[0]) else slopes[0])
-
-    def rest_of(spec: Spectrum, keep: int) -> float:
-        return max(spec.rest, float(spec.s[keep]) if keep < len(spec.s) else 0.0)
-
     if left.diagonal is not None and right.diagonal is not None:
         value = float(np.max(t_right(np.abs(right.diagonal)) * t_left(np.abs(left.diagonal))))
     elif right.diagonal is not None:
         w = t_right(np.abs(right.diagonal))
-        core = _norm2(w[:, None] * (left.u[:, :keep_l] * t_left(left.s[:keep_l])))
-        value = math.hypot(core, float(np.max(w)) * float(t_left(rest_of(left, keep_l))))
+        core = _norm2(w[:, None] * (left.u * t_left(left.s)))
+        value = math.hypot(core, float(np.max(w)) * float(t_left(left.rest)))
     else:
         w = t_left(np.abs(left.diagonal))
-        core = _norm2((right.v[:, :keep_r] * t_right(right.s[:keep_r])).T * w[None, :])
-        value = math.hypot(core, float(np.max(w)) * float(t_right(rest_of(right, keep_r))))
+        core = _norm2((right.v * t_right(right.s)).T * w[None, :])
+        value = math.hypot(core, float(np.max(w)) * float(t_right(right.rest)))
     return PatternMax(m * value, "diagonal", True, pattern, n)
 
 
@@ -880,8 +877,9 @@ class SeqLip:
                 # The scales were computed in the model's precision (γ·rsqrt(var + ε) is up to
                 # ~2 units below its exact value in float32); widened so that they bound it.
                 diag = diag * (1.0 + 8 * dtype_eps(op.dtype))
-                complete = dense_route(out_size, op.size, dense_limit)  # as a dense SVD would
-                return diagonal_spectrum(diag, None if complete else top_k)
+                # Its pairs read the whole diagonal (_diagonal_pair); the triplets kept only
+                # serve the report, so top_k of them suffice (n × n unit vectors would not)
+                return diagonal_spectrum(diag, top_k)
         return operator_spectrum(op, out_size, top_k=top_k, dense_limit=dense_limit,
                                  tol=tol, max_iter=max_iter)
 
@@ -926,10 +924,8 @@ class SeqLip:
         b = left.u[:, :keep_l] * t_left(left.s[:keep_l])  # U_k Σ̃_k, (n, r_k)
         a = (right.v[:, :keep_r] * t_right(right.s[:keep_r])).T  # Σ̃_{k+1} V_{k+1}ᵀ, (r, n)
         if left.diagonal is not None or right.diagonal is not None:
-            # No pattern to search: one norm, through every triplet the other side has (only
-            # an iterative side's own remainder is bounded), so the factor is exact
-            keep_l, keep_r = len(left.s), len(right.s)
-            inner = _diagonal_pair(left, right, (lo, hi), t_left, t_right, keep_l, keep_r)
+            # No pattern to search: one norm through every triplet of the other side, exact
+            inner = _diagonal_pair(left, right, (lo, hi), t_left, t_right)
             rho_l = rho_r = 0.0
         else:
             inner = pattern_max(a, b, (lo, hi), mode=choice, max_sweeps=max_sweeps,
