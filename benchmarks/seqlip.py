@@ -14,7 +14,12 @@ meaningless values far below the true constant.
 - ``vgg16_32``: ``keras.applications.VGG16(weights=None)`` on 32×32×3 inputs with a 10-class
   top (138 million → 34 million parameters; 13 convolutions, 3 dense layers): SeqLip on every
   block (convolutions between max-poolings) and on the dense top, with iterative top-E
-  triplets (E small: the block subspace iteration costs E+8 convolution products per step).
+  triplets (E small: the block subspace iteration costs E+8 convolution products per step);
+- ``mnist_bn``: a small MNIST CNN with a BatchNormalization after ``Conv2D(activation="relu")``
+  (the shape of a user trial's model: Conv 3×3×16 → BN → max-pooling → Conv 3×3×32 stride 2 →
+  Dense 32 → Dense 10), its BN statistics drawn at random (a fresh BN scales every channel by
+  ~1, which hides what the scaling does), SeqLip at its defaults. AutoLip measures the BN with
+  the convolution across the ReLU (``‖diag(s) W‖``), which SeqLip then starts from.
 
 Usage::
 
@@ -35,6 +40,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 import tf_lipschitz as tfl  # noqa: E402
 
@@ -54,6 +60,20 @@ def mnist_cnn4() -> keras.Model:
 def vgg16_32() -> keras.Model:
     return keras.applications.VGG16(weights=None, input_shape=(32, 32, 3), classes=10,
                                      classifier_activation=None, name="vgg16_32")
+
+
+def mnist_bn() -> keras.Model:
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        L.Conv2D(16, 3, activation="relu"), L.BatchNormalization(), L.MaxPooling2D(),
+        L.Conv2D(32, 3, strides=2, activation="relu"), L.Flatten(),
+        L.Dense(32, activation="relu"), L.Dense(10),
+    ], name="mnist_bn")
+    bn = model.layers[1]
+    rng = np.random.default_rng(0)
+    bn.gamma.assign(rng.uniform(0.2, 3.0, 16).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.1, 2.0, 16).astype("float32"))
+    return model
 
 
 def measure(name: str, model: keras.Model, options: dict) -> dict:
@@ -106,7 +126,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller E and iteration caps")
-    parser.add_argument("--only", choices=("mnist_cnn4", "vgg16_32"))
+    parser.add_argument("--only", choices=("mnist_cnn4", "vgg16_32", "mnist_bn"))
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     keras.utils.set_random_seed(0)
@@ -116,6 +136,7 @@ def main(argv=None) -> int:
         "vgg16_32": (vgg16_32, {"mode": "greedy", "top_k": 8 if args.quick else 16,
                                 "subspace_max_iter": 10 if args.quick else 30,
                                 "max_sweeps": 1 if args.quick else 2}),
+        "mnist_bn": (mnist_bn, {}),
     }
     rows = []
     for name, (build, options) in configs.items():

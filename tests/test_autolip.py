@@ -249,12 +249,14 @@ def test_branches_sharing_an_input_keep_the_general_rule():
 def test_factors_that_are_not_numbers_are_refused():
     # A NaN factor passes every comparison: BN gamma = NaN gave upper = nan with certified=True,
     # and PReLU alpha = NaN read as max(1, nan) = 1 (certified 1.25 for an undefined map).
-    model = keras.Sequential([keras.Input((4,)), L.Dense(3, activation="relu"),
-                              L.BatchNormalization()])
-    model.layers[1].gamma.assign(np.array([1.0, np.nan, 1.0], "float32"))
-    for certified in (False, True):
-        with pytest.raises(tfl.LipschitzError, match=r"'batch_normalization.*nan"):
-            tfl.LipschitzEstimator(model, verbose=0).autolip(certified=certified)
+    # The BN alone (its closed form), then commuted into the Dense before it (the solver).
+    for layers, pattern in (([L.Dense(3), L.ReLU()], r"'batch_normalization.*nan"),
+                            ([L.Dense(3, activation="relu")], r"\+batch_normalization.*nan")):
+        model = keras.Sequential([keras.Input((4,)), *layers, L.BatchNormalization()])
+        model.layers[-1].gamma.assign(np.array([1.0, np.nan, 1.0], "float32"))
+        for certified in (False, True):
+            with pytest.raises(tfl.LipschitzError, match=pattern):
+                tfl.LipschitzEstimator(model, verbose=0).autolip(certified=certified)
     model = keras.Sequential([keras.Input((4,)), L.Dense(3), L.PReLU()])
     model.layers[1].alpha.assign(np.array([0.1, np.nan, 0.2], "float32"))
     with pytest.raises(tfl.LipschitzError, match=r"PReLU layer 'p_re_lu.*not finite"):
@@ -398,3 +400,73 @@ def test_certified_report_names_the_rows_that_keep_it_an_estimate():
         [keras.Input((4,)), keras.layers.Dense(3)]), verbose=0).autolip(certified=True)
     assert certified.certified and certified.uncertified == () and not \
         certified.why_not_certified()
+
+
+def _dense_map(layer, in_shape):
+    """The ``(out, in)`` matrix of a layer's linear part (activation and bias left out)."""
+    n = int(np.prod(in_shape))
+    basis = np.concatenate([np.zeros((1, n)), np.eye(n)]).reshape((n + 1, *in_shape))
+    act, layer.activation = layer.activation, keras.activations.linear
+    try:
+        y = np.asarray(layer(basis.astype("float32"))).reshape(n + 1, -1).astype(np.float64)
+    finally:
+        layer.activation = act
+    return (y[1:] - y[:1]).T
+
+
+def _conv_act_bn(activation, rng, head=None):
+    inputs = keras.Input((5, 5, 2))
+    x = L.Conv2D(3, 3, padding="same", activation=activation, name="conv")(inputs)
+    x = L.BatchNormalization(name="bn")(x)
+    x = head(x) if head is not None else L.MaxPooling2D(name="pool")(x)
+    model = keras.Model(inputs, x)
+    bn = model.get_layer("bn")
+    bn.gamma.assign(np.array([4.0, 0.1, -0.6], "float32"))  # one large scale, two small
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, 3).astype("float32"))
+    return model
+
+
+@pytest.mark.parametrize("activation,slope", [("relu", 1.0), ("sigmoid", 0.25), ("tanh", 1.0)])
+def test_scaling_after_an_activation_joins_the_linear_group_before_it(rng, activation, slope):
+    # Conv2D(activation=σ) → BN: the BN scales commute with σ's diagonal derivative, so the pair
+    # is m·‖diag(s)·W‖ (m = sup|σ'|), not m·max|s|·‖W‖. Ground truth: a dense SVD of diag(s)·W.
+    model = _conv_act_bn(activation, rng)
+    conv, bn = model.get_layer("conv"), model.get_layer("bn")
+    w = _dense_map(conv, (5, 5, 2))
+    scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    exact = np.linalg.norm(np.tile(scale, 25)[:, None] * w, 2)
+    separate = np.abs(scale).max() * np.linalg.norm(w, 2)
+    assert exact < 0.9 * separate  # the test can tell the two apart
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    for certified in (False, True):
+        rep = est.autolip(certified=certified)
+        [row] = [r for r in rep.layers if r.kind == "linear"]
+        assert row.name == "conv+bn" and row.activation == activation
+        assert "commuted through" in row.note
+        assert row.norm == pytest.approx(exact, rel=1e-4)
+        assert row.lipschitz == pytest.approx(slope * (row.certificate if certified else row.norm))
+        if certified:
+            assert rep.certified and exact <= row.certificate <= exact * 1.01
+            assert rep.upper >= slope * exact
+    # sampled secants stay under the bound
+    x = rng.standard_normal((400, 5, 5, 2)).astype("float32")
+    y = x + 1e-2 * rng.standard_normal(x.shape).astype("float32")
+    ratio = (np.linalg.norm((np.asarray(model(x)) - np.asarray(model(y))).reshape(400, -1), axis=1)
+             / np.linalg.norm((x - y).reshape(400, -1), axis=1))
+    assert ratio.max() <= rep.upper
+
+
+def test_scaling_stays_apart_where_it_cannot_commute(rng):
+    # Not elementwise (softmax), a BN already fused forward into the next convolution, and an
+    # activation output read twice: the groups are the previous ones.
+    est = tfl.LipschitzEstimator(_conv_act_bn("softmax", rng), verbose=0)
+    assert [r.name for r in est.autolip().layers if r.kind == "linear"] == ["conv", "bn"]
+    forward = _conv_act_bn("relu", rng, head=L.Conv2D(2, 3, name="conv2"))
+    names = [r.name for r in tfl.LipschitzEstimator(forward, verbose=0).autolip().layers
+             if r.kind == "linear"]
+    assert names == ["conv", "bn+conv2"]
+    inputs = keras.Input((4,))
+    hidden = L.Dense(3, activation="relu", name="hidden")(inputs)
+    both = keras.Model(inputs, [L.BatchNormalization(name="bn")(hidden), L.Dense(2)(hidden)])
+    rows = tfl.LipschitzEstimator(both, verbose=0).autolip().layers
+    assert "hidden" in [r.name for r in rows] and "bn" in [r.name for r in rows]

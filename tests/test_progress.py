@@ -40,6 +40,7 @@ def test_progress_bar_is_keras_on_a_terminal_and_lines_elsewhere(monkeypatch):
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     assert isinstance(progress.progress_bar(3), progress.LineProgress)
+    assert progress.progress_bar(3, verbose=0) is None
 
 
 def test_certified_autolip_progress_has_no_terminal_codes_in_a_log(capsys):

@@ -406,10 +406,13 @@ def test_diagonal_spectrum_is_the_svd_of_the_diagonal_matrix():
     np.testing.assert_allclose(top.u.T @ np.diag(d) @ top.v, np.diag(top.s))
 
 
-def _relu_bn_model():
+def _relu_bn_model(fused=False):
     inputs = keras.Input((2, 3, 2))
-    x = L.Conv2D(3, 3, padding="same", activation="relu", name="conv")(inputs)
-    x = L.BatchNormalization(name="bn")(x)  # its own linear group: ReLUs on both sides
+    if fused:  # the BN joins the convolution's group across its ReLU
+        x = L.Conv2D(3, 3, padding="same", activation="relu", name="conv")(inputs)
+    else:
+        x = L.ReLU()(L.Conv2D(3, 3, padding="same", name="conv")(inputs))
+    x = L.BatchNormalization(name="bn")(x)  # else its own linear group: ReLUs on both sides
     x = L.ReLU()(x)
     x = L.Flatten()(x)
     x = L.Dense(4, name="head")(x)
@@ -448,6 +451,42 @@ def test_batchnorm_group_gets_its_exact_diagonal_spectrum(mode, monkeypatch):
     monkeypatch.undo()
     few = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode=mode, top_k=2, **kwargs)
     assert few.certified and few.upper == pytest.approx(fast.upper, rel=1e-12)
+
+
+def test_batchnorm_after_a_fused_relu_joins_the_convolution_group():
+    # The same map with the ReLU inside the Conv2D: the BN commutes with the ReLU's diagonal
+    # derivative and joins the convolution's group; the chain is then one pair, with both
+    # ReLUs in its link (D₂D₁ is again a 0/1 pattern). Its exact value is the enumeration over
+    # that pair, and at most the three-group chain's (the same function bounded with one more
+    # split).
+    fused = _relu_bn_model(fused=True)
+    split = _relu_bn_model()
+    split.set_weights(fused.get_weights())
+    est = tfl.LipschitzEstimator(fused, verbose=0)
+    rep = est.seqlip(mode="exact", certified=True, max_exact_width=18)
+    [pair] = rep.settings["pairs"]
+    assert pair["pair"].startswith("conv+bn -> flatten")
+    conv, bn, head = fused.get_layer("conv"), fused.get_layer("bn"), fused.get_layer("head")
+    scale = (bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)).astype(float)
+    n_in = 2 * 3 * 2
+    basis = np.eye(n_in, dtype="float32").reshape(n_in, 2, 3, 2)
+    conv.activation = keras.activations.linear
+    try:
+        w1 = conv(basis).numpy().reshape(n_in, -1).T - conv(0 * basis[:1]).numpy().reshape(1, -1).T
+    finally:
+        conv.activation = keras.activations.relu
+    m1 = (np.tile(scale, 6)[:, None] * w1).astype(np.float64)
+    m2 = head.kernel.numpy().T.astype(np.float64)
+    patterns = np.array(list(itertools.product([0.0, 1.0], repeat=18)))
+    truth = 0.0
+    for chunk in np.array_split(patterns, 16):
+        prods = np.einsum("on,sn,ni->soi", m2, chunk, m1)
+        gram = prods @ prods.transpose(0, 2, 1)
+        truth = max(truth, float(np.sqrt(np.linalg.eigvalsh(gram)[:, -1].max())))
+    assert rep.certified and rep.upper == pytest.approx(truth, rel=1e-5)
+    assert rep.upper >= truth * (1 - 1e-6)
+    assert rep.upper <= tfl.LipschitzEstimator(split, verbose=0).seqlip(
+        mode="exact", certified=True, max_exact_width=18).upper * (1 + 1e-6)
 
 
 def test_truncated_diagonal_spectrum_keeps_the_remainder(monkeypatch):

@@ -22,12 +22,24 @@ L = keras.layers
 
 
 def affine_map(layers, in_shape):
-    """Dense ``(out, in)`` matrix of a chain of affine layers (bias removed), in float64."""
+    """Dense ``(out, in)`` matrix of a chain of affine layers (bias removed), in float64.
+
+    An activation inside a layer of the chain is left out: the chain is a group whose
+    scalings were commuted through it (``Dense(activation="sigmoid") → BatchNormalization``),
+    and the activation counts in the link after the group.
+    """
     n = int(np.prod(in_shape))
     basis = np.concatenate([np.zeros((1, n)), np.eye(n)]).reshape((n + 1, *in_shape))
     y = tf.constant(basis.astype("float32"))
     for layer in layers:
-        y = layer(y, training=False)
+        act = getattr(layer, "activation", None)
+        if act is not None:
+            layer.activation = keras.activations.linear
+        try:
+            y = layer(y, training=False)
+        finally:
+            if act is not None:
+                layer.activation = act
     y = y.numpy().reshape(n + 1, -1).astype(np.float64)
     return (y[1:] - y[:1]).T
 
@@ -123,8 +135,19 @@ def _leaky_steep():
     return model, (2,), [["d1"], ["d2"], ["d3"]], [(1.0, 1.5), (0.0, 0.25)]
 
 
-@pytest.mark.parametrize("build", [_bn_leaky, _conv1d, _pool_reshape, _leaky_steep],
-                         ids=["bn-leaky", "conv1d", "pool-reshape", "leaky-1.5"])
+def _commuted():
+    # Each BN follows an activation inside a Dense and joins its group across it; the link
+    # after the first group composes that group's sigmoid with the ReLU layer: [0, 0.25].
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([
+        keras.Input((2,)), L.Dense(4, activation="sigmoid", name="d1"),
+        L.BatchNormalization(name="b1"), L.ReLU(), L.Dense(5, activation="relu", name="d2"),
+        L.BatchNormalization(name="b2")])
+    return model, (2,), [["d1", "b1"], ["d2", "b2"]], [(0.0, 0.25)]
+
+
+@pytest.mark.parametrize("build", [_bn_leaky, _conv1d, _pool_reshape, _leaky_steep, _commuted],
+                         ids=["bn-leaky", "conv1d", "pool-reshape", "leaky-1.5", "commuted"])
 def test_exact_seqlip_equals_independent_brute_force_and_orders_the_bounds(build):
     model, in_shape, groups, slopes = build()
     randomize(model, 1)

@@ -4,7 +4,9 @@ Scaman & Virmaux (NeurIPS 2018), Algorithm 1: walk the graph in topological orde
 ``L = 1`` at the inputs, ``0`` for constants, and ``L_k = Σ_p Lip_p(g_k) · L_p`` elsewhere.
 Layers affine in their input are first fused into maximal chains (Conv → BatchNorm →
 Rescaling; Conv → Flatten → Dense), whose operator norm is measured as one linear map on its
-real input shape: ``‖AB‖ ≤ ‖A‖‖B‖``, so fusing can only tighten the bound. Merges of tensors
+real input shape: ``‖AB‖ ≤ ‖A‖‖B‖``, so fusing can only tighten the bound. A per-channel
+scaling after an elementwise activation (``Conv2D(activation="relu") → BatchNormalization``)
+fuses too, across the activation, whose diagonal derivative commutes with it. Merges of tensors
 that depend on disjoint sets of model inputs (branches of a multi-input model) use the tighter
 forms of :class:`~tf_lipschitz.rules.Merge` (``disjoint``), since then ``‖Δx‖² = Σ ‖Δx_p‖²``.
 """
@@ -29,10 +31,11 @@ from tf_lipschitz.power import (METHODS, SpectralResult, SpectralSolver, check_c
 from tf_lipschitz.progress import progress_bar
 from tf_lipschitz.report import (CERTIFIED, ESTIMATE, LayerRow, LipschitzReport, combine_outputs,
                                  compose_bounds, round_up)
-from tf_lipschitz.rules import Constant, LayerBound, Linear, Merge, NodeContext, get_rule
+from tf_lipschitz.rules import (Activation, Constant, LayerBound, Linear, Merge, NodeContext,
+                                get_rule)
 from tf_lipschitz.starts import group_start
 
-__all__ = ["AutoLip", "Group", "Segment", "check_solver_arguments"]
+__all__ = ["AutoLip", "Group", "Segment", "check_solver_arguments", "group_activations"]
 
 
 def check_solver_arguments(method: str, tol: float, max_products: int, *,
@@ -190,10 +193,24 @@ def fuse(graph: ModelGraph, bounds: dict[int, LayerBound]) -> list[Group]:
 
     A node joins its parent's chain when both are :class:`Linear`, the parent has no
     activation, the parent feeds nothing else and is not a model output.
+
+    Then a chain of elementwise scalings alone (:attr:`Linear.diagonal`, e.g. a
+    BatchNormalization that follows ``Conv2D(activation="relu")`` and feeds a pooling layer)
+    joins the chain before it across that chain's elementwise activation, under the same
+    conditions on the parent: the activation's derivative is diagonal and commutes with the
+    scaling, ``diag(s) · diag(σ') · W = diag(σ') · diag(s) · W``, so the pair is bounded by
+    ``m · ‖diag(s) W‖`` (``m = sup|σ'|``) instead of ``m · ‖W‖ · max|s|``. Such a chain carries
+    the activations of its members inside it (:func:`group_activations`); nothing but
+    scalings follows them.
     """
     outputs = set(graph.outputs)
     group_of: dict[int, list[int]] = {}
     chains: list[list[int]] = []
+
+    def feeds_only_chain(parent: int) -> bool:
+        return (len(graph.nodes[parent].consumers) == 1 and parent not in outputs
+                and parent in group_of)
+
     for node in graph.nodes:
         bound = bounds.get(node.index)
         if not isinstance(bound, Linear):
@@ -203,9 +220,7 @@ def fuse(graph: ModelGraph, bounds: dict[int, LayerBound]) -> list[Group]:
         if (
             isinstance(pbound, Linear)
             and (pbound.activation is None or pbound.activation.name == "linear")
-            and len(graph.nodes[parent].consumers) == 1
-            and parent not in outputs
-            and parent in group_of
+            and feeds_only_chain(parent)
         ):
             chain = group_of[parent]
             chain.append(node.index)
@@ -213,7 +228,32 @@ def fuse(graph: ModelGraph, bounds: dict[int, LayerBound]) -> list[Group]:
             chain = [node.index]
             chains.append(chain)
         group_of[node.index] = chain
+    for chain in list(chains):
+        if not all(bounds[i].diagonal for i in chain):
+            continue
+        parent = _dependent_parent(graph.nodes[chain[0]])
+        pbound = bounds.get(parent) if parent is not None else None
+        if (isinstance(pbound, Linear) and pbound.activation is not None
+                and pbound.activation.slope_range is not None and feeds_only_chain(parent)):
+            before = group_of[parent]
+            before.extend(chain)
+            chains.remove(chain)
+            for i in chain:
+                group_of[i] = before
     return [Group(tuple(c), _dependent_parent(graph.nodes[c[0]])) for c in chains]
+
+
+def group_activations(group: Group, bounds: dict[int, LayerBound]) -> list[Activation]:
+    """The activations a group applies, in order (``"linear"`` left out).
+
+    That is the last member's activation, and for a group whose scalings were commuted through
+    an activation (:func:`fuse`) the activations inside it too. Their derivatives are diagonal
+    and commute with the scalings that follow them, so the group's Jacobian is
+    ``diag(σ'_1) ⋯ diag(σ'_k) · M`` with ``M`` the composed linear parts (the group's
+    operator): the activations act, in effect, after ``M``.
+    """
+    acts = (bounds[i].activation for i in group.nodes)
+    return [a for a in acts if a is not None and a.name != "linear"]
 
 
 class AutoLip:
@@ -327,10 +367,8 @@ class AutoLip:
         in_group = {i for g in self.groups for i in g.nodes}
         segment_of_last = {seg.nodes[-1]: seg for seg in segments}
         in_segment = {i for seg in segments for i in seg.nodes}
-        bar = None
-        if certified and verbose:
-            bar = progress_bar(len(self.groups), unit_name="certificate",
-                               label="certified AutoLip", verbose=verbose)
+        bar = progress_bar(len(self.groups), unit_name="certificate", label="certified AutoLip",
+                           verbose=verbose if certified else 0)
 
         sources = model_input_sources(graph)
         for node in graph.nodes:
@@ -434,8 +472,8 @@ class AutoLip:
     def _group_row(self, group: Group, bounds, result: SpectralResult | None, certified: bool):
         nodes = [self.graph.nodes[i] for i in group.nodes]
         members = [bounds[i] for i in group.nodes]
-        last = members[-1]
-        post = last.post
+        acts = group_activations(group, bounds)
+        post = math.prod(a.lipschitz for a in acts)
         cert = None
         if certified:  # certificates cost more than the estimate: only on request
             cert = fused_certificate([(bounds[i], self.graph.nodes[i]) for i in group.nodes])
@@ -453,12 +491,17 @@ class AutoLip:
                     f"{residual:.2e}); its norm is an underestimate. Raise max_products.",
                     stacklevel=3,
                 )
-        act_cert = last.activation is None or last.activation.certified
+        act_cert = all(a.certified for a in acts)
         value = norm
         if certified and cert is not None:  # a closed form's certificate is rounded up: use it
             value, is_cert = (cert if not is_cert else max(norm, cert)), True
-        lipschitz = compose_bounds((value, is_cert), (post, act_cert))
+        lipschitz = compose_bounds((value, is_cert), *((a.lipschitz, a.certified) for a in acts))
         is_cert = is_cert and act_cert
+        notes = [m.note for m in members if m.note]
+        inner = [bounds[i].activation for i in group.nodes[:-1] if bounds[i].activation is not None]
+        if inner:
+            notes.append(f"scaling commuted through {'+'.join(a.name for a in inner)}: "
+                         f"‖diag(s)·W‖ × {post:.4g}")
         row = LayerRow(
             name="+".join(n.name for n in nodes),
             class_name="+".join(n.class_name for n in nodes),
@@ -468,13 +511,12 @@ class AutoLip:
             lipschitz=lipschitz,
             norm=norm,
             certificate=cert,
-            activation=last.activation.name if last.activation is not None else None,
+            activation="+".join(a.name for a in acts) or None,
             bound_kind=CERTIFIED if is_cert else ESTIMATE,
             method=method,
             products=products,
             residual=residual,
             converged=converged,
-            note="; ".join(m.note for m in members if m.note),
+            note="; ".join(notes),
         )
         return row, lipschitz, is_cert
-

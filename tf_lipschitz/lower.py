@@ -868,8 +868,8 @@ def lower_bound(
     # 2-3. search from the best screened points
     per_point = proposals + (len(_GRADIENT_STEPS) if learning_rate > 0 else 0)
     chunks = _chunks(len(keep), max(1, batch_size // per_point))
-    bar = (progress_bar(len(chunks), unit_name="batch", label="lower bound", verbose=verbose,
-                        stateful_metrics=["lower"]) if verbose else None)
+    bar = progress_bar(len(chunks), unit_name="batch", label="lower bound", verbose=verbose,
+                       stateful_metrics=["lower"])
     best = (-1.0, None, None, None)
     for c, part in enumerate(chunks):
         xb = tf.convert_to_tensor(starts[keep[part]])
@@ -971,8 +971,7 @@ def extreme_value_estimate(
     data = None if x is None else np.asarray(x, dtype=dtype).reshape((-1, *shape))
     spread = float(np.std(data)) if data is not None else 1.0
     maxima = []
-    bar = (progress_bar(batches, unit_name="batch", label="extreme values", verbose=verbose)
-           if verbose else None)
+    bar = progress_bar(batches, unit_name="batch", label="extreme values", verbose=verbose)
     for b in range(batches):
         if data is not None:
             centers = data[rng.integers(0, len(data), batch_size)]

@@ -98,7 +98,8 @@ def _plural(word: str, count: int) -> str:
 
 
 def progress_bar(target: int, *, unit_name: str = "step", label: str = "tf_lipschitz",
-                 stateful_metrics: Sequence[str] | None = None, verbose: int = 1):
+                 stateful_metrics: Sequence[str] | None = None,
+                 verbose: int = 1) -> keras.utils.Progbar | LineProgress | None:
     """A progress bar over ``target`` steps, written to ``sys.stdout`` like Keras' own.
 
     Args:
@@ -106,11 +107,14 @@ def progress_bar(target: int, *, unit_name: str = "step", label: str = "tf_lipsc
         unit_name: What a step is (``"certificate"``, ``"batch"``...).
         label: Prefix of the plain lines (non-interactive output only).
         stateful_metrics: Names of values the Keras bar shows as given instead of averaging.
-        verbose: As in Keras: 1 shows the progress, 2 only the last line.
+        verbose: As in Keras: 0 shows nothing, 1 the progress, 2 only the last line.
 
     Returns:
-        ``keras.utils.Progbar`` on a terminal or in a notebook, else a :class:`LineProgress`.
+        ``keras.utils.Progbar`` on a terminal or in a notebook, else a :class:`LineProgress`;
+        ``None`` for ``verbose=0``.
     """
+    if not verbose:
+        return None
     if _interactive(sys.stdout):
         return keras.utils.Progbar(target, verbose=verbose, unit_name=unit_name,
                                    stateful_metrics=stateful_metrics)

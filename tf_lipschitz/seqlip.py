@@ -46,7 +46,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tf_lipschitz.autolip import AutoLip, Group, Segment, evaluate_rules
+from tf_lipschitz.autolip import (AutoLip, Group, Segment, evaluate_rules,
+                                  group_activations)
 from tf_lipschitz.certify import DIAGONAL_LAYERS
 from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.graph import ModelGraph
@@ -334,8 +335,8 @@ def _exact_search(c, e, lo, hi, *, verbose=0, label="pattern search"):
     inc2 = (incumbent / scale) ** 2
     evaluated = 0
     n_blocks = 2 ** n_hi
-    bar = (progress_bar(n_blocks, unit_name="block", label=label, verbose=verbose)
-           if verbose and n_blocks >= 64 else None)
+    bar = progress_bar(n_blocks, unit_name="block", label=label,
+                       verbose=verbose if n_blocks >= 64 else 0)
     if bar is not None:
         print(f"tf_lipschitz: {label}: 2^{n} = {2 ** n} patterns in {n_blocks} blocks", flush=True)
     for b in range(n_blocks):
@@ -411,8 +412,8 @@ def _greedy_search(c, e, lo, hi, *, max_sweeps=10, verbose=0, label="greedy"):
     consts = [tf.constant(cp), tf.constant(ep)]
     lo_t, hi_t = tf.constant(lo, tf.float64), tf.constant(hi, tf.float64)
     evaluated = 0
-    bar = progress_bar(max_sweeps, unit_name="sweep", label=label, verbose=verbose,
-                       stateful_metrics=["norm", "flips"]) if verbose and n >= 256 else None
+    bar = progress_bar(max_sweeps, unit_name="sweep", label=label,
+                       verbose=verbose if n >= 256 else 0, stateful_metrics=["norm", "flips"])
     if bar is not None:
         print(f"tf_lipschitz: {label}: greedy flips over {n} activations", flush=True)
     for sweep in range(max_sweeps):
@@ -580,8 +581,8 @@ def diagonal_spectrum(diag: np.ndarray, top_k: int | None = None) -> Spectrum:
     """The exact SVD of ``diag(d)``: singular values ``|d_i|`` in decreasing order, right
     vectors the unit basis vectors, left ones the same with the signs of ``d_i``.
 
-    A BatchNormalization that does not follow a linear layer directly (``Conv2D(activation=
-    "relu") → BatchNormalization``) is its own linear group, with every per-channel scale
+    A BatchNormalization that does not follow a linear layer directly (``Conv2D → ReLU →
+    BatchNormalization``) is its own linear group, with every per-channel scale
     repeated over the whole grid: a subspace iteration for its top triplets meets a
     spectrum of huge multiplicities (18 s without settling on a 26×26×16 map), while this is
     exact and immediate.
@@ -754,8 +755,7 @@ def find_chains(graph: ModelGraph, bounds: dict[int, LayerBound],
 
     for g in groups:
         node = g.nodes[-1]
-        own = bounds[node].activation
-        acts = [own] if own is not None and own.name != "linear" else []
+        acts = group_activations(g, bounds)  # a group's inner activations act after it
         certified = all(a.certified for a in acts)
         link_nodes: list[int] = []
         while node not in outputs and len(graph.nodes[node].consumers) == 1:
@@ -873,7 +873,7 @@ class SeqLip:
         out_size = int(np.prod(self.graph.nodes[group.nodes[-1]].output_shapes[0]))
         if all(isinstance(self.graph.nodes[i].operation, DIAGONAL_LAYERS) for i in group.nodes):
             diag = _diagonal_of(op)
-            if diag is not None:  # BatchNormalization after Conv2D(activation="relu")...
+            if diag is not None:  # BatchNormalization after a ReLU layer...
                 # The scales were computed in the model's precision (γ·rsqrt(var + ε) is up to
                 # ~2 units below its exact value in float32); widened so that they bound it.
                 diag = diag * (1.0 + 8 * dtype_eps(op.dtype))
@@ -921,13 +921,15 @@ class SeqLip:
         keep_r = len(right.s) if choice == "exact" else min(len(right.s), top_k)
         rho_l = max(left.rest, float(left.s[keep_l]) if keep_l < len(left.s) else 0.0)
         rho_r = max(right.rest, float(right.s[keep_r]) if keep_r < len(right.s) else 0.0)
-        b = left.u[:, :keep_l] * t_left(left.s[:keep_l])  # U_k Σ̃_k, (n, r_k)
-        a = (right.v[:, :keep_r] * t_right(right.s[:keep_r])).T  # Σ̃_{k+1} V_{k+1}ᵀ, (r, n)
         if left.diagonal is not None or right.diagonal is not None:
             # No pattern to search: one norm through every triplet of the other side, exact
+            # (always flagged certified, so the matrices a, b of a certificate are not needed)
             inner = _diagonal_pair(left, right, (lo, hi), t_left, t_right)
             rho_l = rho_r = 0.0
+            a = b = None
         else:
+            b = left.u[:, :keep_l] * t_left(left.s[:keep_l])  # U_k Σ̃_k, (n, r_k)
+            a = (right.v[:, :keep_r] * t_right(right.s[:keep_r])).T  # Σ̃_{k+1} V_{k+1}ᵀ, (r, n)
             inner = pattern_max(a, b, (lo, hi), mode=choice, max_sweeps=max_sweeps,
                                 verbose=verbose, label=f"SeqLip {names}")
         m = max(abs(lo), abs(hi))
@@ -1036,14 +1038,14 @@ class SeqLip:
             nodes = [graph.nodes[i] for i in group.nodes]
             spec = spectra[k]
             s1 = float(spec.s[0]) if len(spec.s) else 0.0
-            act = bounds[group.nodes[-1]].activation
-            act_lip = act.lipschitz if act is not None else 1.0
+            acts = group_activations(group, bounds)
+            act_lip = math.prod(a.lipschitz for a in acts)
             common = dict(
                 name="+".join(n.name for n in nodes),
                 class_name="+".join(n.class_name for n in nodes),
                 kind="linear", input_shape=nodes[0].input_shapes[0],
                 output_shape=nodes[-1].output_shapes[0],
-                activation=act.name if act is not None else None,
+                activation="+".join(a.name for a in acts) or None,
                 products=spec.products, residual=spec.residual,
             )
             if k == 0:
@@ -1079,9 +1081,9 @@ class SeqLip:
                         method="seqlip", cumulative=cumulative,
                         note=f"inside SeqLip pair factor {k + 1} (slopes {a.slope_range})",
                     )
-        last = bounds[chain.groups[-1].nodes[-1]].activation
-        post = last.lipschitz if last is not None else 1.0
-        certified = all(p.certified for p in pairs) and (last is None or last.certified)
+        last = group_activations(chain.groups[-1], bounds)
+        post = math.prod(a.lipschitz for a in last)
+        certified = all(p.certified for p in pairs) and all(a.certified for a in last)
         return Segment(chain.groups[0].parent, chain.nodes, prefix * post, certified, rows)
 
     def run(
@@ -1135,8 +1137,8 @@ class SeqLip:
                       subspace_tol=subspace_tol, subspace_max_iter=subspace_max_iter)
         start = time.perf_counter()
         n_steps = sum(2 * len(c.groups) - 1 for c in self.chains)
-        bar = progress_bar(n_steps, unit_name="step", label="SeqLip", verbose=verbose) \
-            if verbose and n_steps else None
+        bar = progress_bar(n_steps, unit_name="step", label="SeqLip",
+                           verbose=verbose if n_steps else 0)
         if verbose:
             print(f"tf_lipschitz: SeqLip on '{model_name}': {len(self.chains)} chain(s), "
                   f"{sum(len(c.links) for c in self.chains)} pair factor(s), mode={mode!r}.", flush=True)

@@ -1350,9 +1350,8 @@ class _GraphReader:
 
         todo = [n for n in live if n not in absorbed]
         self.offsets: dict[str, tuple[int, ...] | None] = {}  # of ops with Linear rules
-        bar = None
-        if self.progress and len(todo) > 50:
-            bar = progress_bar(len(todo), unit_name="op", label="reading the graph")
+        bar = progress_bar(len(todo), unit_name="op", label="reading the graph",
+                           verbose=int(self.progress and len(todo) > 50))
         for count, name in enumerate(todo):
             node_def = self.nodes[name]
             if name in regions:

@@ -135,6 +135,12 @@ class Linear:
             checks ``<fn(x), y> == <x, adjoint(y)>`` for every built-in one. A
             :class:`tf_lipschitz.operators.Adjoint` has its weight-dependent part (a flipped
             kernel) prepared once per solve instead of once per product.
+        diagonal: The linear part scales every entry of the input by its own factor (same
+            input and output shape: BatchNormalization at inference, Rescaling, Normalization).
+            Such a scaling commutes with the diagonal derivative of an elementwise activation,
+            so AutoLip measures ``Conv2D(activation="relu") → BatchNormalization`` as
+            ``m · ‖diag(s) W‖`` instead of ``m · ‖W‖ · max|s|``. Setting it on a layer that
+            mixes entries gives a wrong bound.
     """
 
     fn: Callable[[Any], Any]
@@ -143,6 +149,7 @@ class Linear:
     certificate: Callable[[], float] | None = None
     note: str = ""
     adjoint: Callable[[Any], Any] | None = None
+    diagonal: bool = False
 
     @property
     def post(self) -> float:

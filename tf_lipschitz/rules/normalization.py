@@ -36,11 +36,11 @@ def _channel_shape(ndim: int, axes) -> list[int]:
     return [-1 if i in axes else 1 for i in range(ndim)]
 
 
-def _diagonal(fn, ctx: NodeContext):
-    """An elementwise scaling is its own transpose, unless its factor broadcasts the input to
-    a larger output."""
+def _diagonal(fn, ctx: NodeContext) -> dict:
+    """``Linear`` arguments of an elementwise scaling: it is diagonal and its own transpose,
+    unless its factor broadcasts the input to a larger output."""
     same = tuple(ctx.output_shapes[0]) == tuple(ctx.input_shape)
-    return fn if same else None
+    return {"adjoint": fn if same else None, "diagonal": same}
 
 
 def _arithmetic_dtype(layer) -> str:
@@ -75,7 +75,7 @@ def _batch_norm(layer, ctx: NodeContext) -> Linear:
                               layer.epsilon, dtype, [scale()], operations=4)
 
     return Linear(fn, norm=norm, certificate=certificate,
-                  note="BN (inference): max|γ|/√(var+ε)", adjoint=_diagonal(fn, ctx))
+                  note="BN (inference): max|γ|/√(var+ε)", **_diagonal(fn, ctx))
 
 
 def _channel_scale(layer, ctx: NodeContext, value, note: str) -> Linear:
@@ -98,7 +98,7 @@ def _channel_scale(layer, ctx: NodeContext, value, note: str) -> Linear:
         exact = weight_values(layer, value, compute_dtype="float64")
         return max(norm(), magnitude(exact))
 
-    return Linear(fn, norm=norm, certificate=certificate, note=note, adjoint=_diagonal(fn, ctx))
+    return Linear(fn, norm=norm, certificate=certificate, note=note, **_diagonal(fn, ctx))
 
 
 def _rescaling(layer, ctx: NodeContext) -> Linear:
@@ -131,7 +131,7 @@ def _normalization(layer, ctx: NodeContext) -> Linear:
                               [factor("float64"), factor(layer.compute_dtype)], operations=2)
 
     return Linear(fn, norm=norm, certificate=certificate, note="normalization",
-                  adjoint=_diagonal(fn, ctx))
+                  **_diagonal(fn, ctx))
 
 
 def _eps_normalization(layer, ctx: NodeContext) -> Constant:
