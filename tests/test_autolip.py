@@ -250,7 +250,7 @@ def test_factors_that_are_not_numbers_are_refused():
     # A NaN factor passes every comparison: BN gamma = NaN gave upper = nan with certified=True,
     # and PReLU alpha = NaN read as max(1, nan) = 1 (certified 1.25 for an undefined map).
     # The BN alone (its closed form), then commuted into the Dense before it (the solver).
-    for layers, pattern in (([L.Dense(3), L.ReLU()], r"'batch_normalization.*nan"),
+    for layers, pattern in (([L.Dense(3), L.Softmax()], r"'batch_normalization.*nan"),
                             ([L.Dense(3, activation="relu")], r"\+batch_normalization.*nan")):
         model = keras.Sequential([keras.Input((4,)), *layers, L.BatchNormalization()])
         model.layers[-1].gamma.assign(np.array([1.0, np.nan, 1.0], "float32"))
@@ -414,9 +414,12 @@ def _dense_map(layer, in_shape):
     return (y[1:] - y[:1]).T
 
 
-def _conv_act_bn(activation, rng, head=None):
+def _conv_act_bn(activation, rng, head=None, layer=False):
     inputs = keras.Input((5, 5, 2))
-    x = L.Conv2D(3, 3, padding="same", activation=activation, name="conv")(inputs)
+    if layer:  # the activation as a layer of its own
+        x = L.Activation(activation)(L.Conv2D(3, 3, padding="same", name="conv")(inputs))
+    else:
+        x = L.Conv2D(3, 3, padding="same", activation=activation, name="conv")(inputs)
     x = L.BatchNormalization(name="bn")(x)
     x = head(x) if head is not None else L.MaxPooling2D(name="pool")(x)
     model = keras.Model(inputs, x)
@@ -426,11 +429,14 @@ def _conv_act_bn(activation, rng, head=None):
     return model
 
 
+@pytest.mark.parametrize("layer", [False, True], ids=["in-conv", "layer"])
 @pytest.mark.parametrize("activation,slope", [("relu", 1.0), ("sigmoid", 0.25), ("tanh", 1.0)])
-def test_scaling_after_an_activation_joins_the_linear_group_before_it(rng, activation, slope):
-    # Conv2D(activation=σ) → BN: the BN scales commute with σ's diagonal derivative, so the pair
-    # is m·‖diag(s)·W‖ (m = sup|σ'|), not m·max|s|·‖W‖. Ground truth: a dense SVD of diag(s)·W.
-    model = _conv_act_bn(activation, rng)
+def test_scaling_after_an_activation_joins_the_linear_group_before_it(rng, activation, slope,
+                                                                      layer):
+    # Conv2D(activation=σ) → BN, or Conv2D → Activation(σ) → BN: the BN scales commute with σ's
+    # diagonal derivative, so the pair is m·‖diag(s)·W‖ (m = sup|σ'|), not m·max|s|·‖W‖.
+    # Ground truth: a dense SVD of diag(s)·W.
+    model = _conv_act_bn(activation, rng, layer=layer)
     conv, bn = model.get_layer("conv"), model.get_layer("bn")
     w = _dense_map(conv, (5, 5, 2))
     scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
@@ -443,6 +449,7 @@ def test_scaling_after_an_activation_joins_the_linear_group_before_it(rng, activ
         [row] = [r for r in rep.layers if r.kind == "linear"]
         assert row.name == "conv+bn" and row.activation == activation
         assert "commuted through" in row.note
+        assert not [r for r in rep.layers if r.activation == activation and r is not row]
         assert row.norm == pytest.approx(exact, rel=1e-4)
         assert row.lipschitz == pytest.approx(slope * (row.certificate if certified else row.norm))
         if certified:
@@ -456,11 +463,30 @@ def test_scaling_after_an_activation_joins_the_linear_group_before_it(rng, activ
     assert ratio.max() <= rep.upper
 
 
+def test_identity_layers_between_scalings_do_not_stop_the_commutation(rng):
+    # Dropout is the identity at inference, a diagonal map: Conv(relu) → BN → Dropout is
+    # still m·‖diag(s)·W‖, and so is Conv(relu) → Dropout → BN.
+    for head in (L.Dropout(0.5, name="drop"), None):
+        model = _conv_act_bn("relu", rng, head=head)
+        if head is None:
+            inputs = keras.Input((5, 5, 2))
+            x = L.Dropout(0.5, name="drop")(model.get_layer("conv")(inputs))
+            model = keras.Model(inputs, model.get_layer("bn")(x))
+        [row] = [r for r in tfl.LipschitzEstimator(model, verbose=0).autolip().layers
+                 if r.kind == "linear"]
+        assert set(row.name.split("+")) == {"conv", "bn", "drop"}
+        conv, bn = model.get_layer("conv"), model.get_layer("bn")
+        scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+        exact = np.linalg.norm(np.tile(scale, 25)[:, None] * _dense_map(conv, (5, 5, 2)), 2)
+        assert row.norm == pytest.approx(exact, rel=1e-4)
+
+
 def test_scaling_stays_apart_where_it_cannot_commute(rng):
     # Not elementwise (softmax), a BN already fused forward into the next convolution, and an
     # activation output read twice: the groups are the previous ones.
-    est = tfl.LipschitzEstimator(_conv_act_bn("softmax", rng), verbose=0)
-    assert [r.name for r in est.autolip().layers if r.kind == "linear"] == ["conv", "bn"]
+    for layer in (False, True):
+        est = tfl.LipschitzEstimator(_conv_act_bn("softmax", rng, layer=layer), verbose=0)
+        assert [r.name for r in est.autolip().layers if r.kind == "linear"] == ["conv", "bn"]
     forward = _conv_act_bn("relu", rng, head=L.Conv2D(2, 3, name="conv2"))
     names = [r.name for r in tfl.LipschitzEstimator(forward, verbose=0).autolip().layers
              if r.kind == "linear"]
@@ -470,3 +496,12 @@ def test_scaling_stays_apart_where_it_cannot_commute(rng):
     both = keras.Model(inputs, [L.BatchNormalization(name="bn")(hidden), L.Dense(2)(hidden)])
     rows = tfl.LipschitzEstimator(both, verbose=0).autolip().layers
     assert "hidden" in [r.name for r in rows] and "bn" in [r.name for r in rows]
+    # No scaling, or a scaling that fuses forward: no "commuted" note on ordinary chains
+    plain = keras.Sequential([inputs, L.Dense(3), L.BatchNormalization(), L.Dense(2),
+                              L.Flatten(), L.Dense(2)])
+    assert not [r for r in tfl.LipschitzEstimator(plain, verbose=0).autolip().layers
+                if "commuted" in r.note]
+    act = L.ReLU(name="act")(L.Dense(3, name="hidden")(inputs))  # the activation read twice
+    both = keras.Model(inputs, [L.BatchNormalization(name="bn")(act), L.Dense(2)(act)])
+    rows = tfl.LipschitzEstimator(both, verbose=0).autolip().layers
+    assert {"hidden", "act", "bn"} <= {r.name for r in rows}

@@ -406,33 +406,43 @@ def test_diagonal_spectrum_is_the_svd_of_the_diagonal_matrix():
     np.testing.assert_allclose(top.u.T @ np.diag(d) @ top.v, np.diag(top.s))
 
 
-def _relu_bn_model(fused=False):
+def _scaled_model(scaling_first=True, relu_layer=False):
+    """A tiny CNN with a BatchNormalization (random negative and positive scales).
+
+    ``scaling_first``: the BN is the first layer, a linear group of its own at the start of
+    the SeqLip chain (``BN → ReLU → Conv → ReLU → Dense``). Otherwise it follows the
+    convolution's ReLU (inside the Conv2D, or a ReLU layer with ``relu_layer``) and joins the
+    convolution's group across it (``Conv → ReLU → BN → ReLU → Dense``).
+    """
     inputs = keras.Input((2, 3, 2))
-    if fused:  # the BN joins the convolution's group across its ReLU
-        x = L.Conv2D(3, 3, padding="same", activation="relu", name="conv")(inputs)
+    if scaling_first:
+        x = L.Conv2D(3, 3, padding="same", name="conv")(L.ReLU()(L.BatchNormalization(name="bn")(
+            inputs)))
+    elif relu_layer:
+        x = L.BatchNormalization(name="bn")(L.ReLU()(L.Conv2D(3, 3, padding="same",
+                                                               name="conv")(inputs)))
     else:
-        x = L.ReLU()(L.Conv2D(3, 3, padding="same", name="conv")(inputs))
-    x = L.BatchNormalization(name="bn")(x)  # else its own linear group: ReLUs on both sides
-    x = L.ReLU()(x)
-    x = L.Flatten()(x)
-    x = L.Dense(4, name="head")(x)
-    model = keras.Model(inputs, x)
+        x = L.BatchNormalization(name="bn")(L.Conv2D(3, 3, padding="same", activation="relu",
+                                                     name="conv")(inputs))
+    x = L.Flatten()(L.ReLU()(x))
+    model = keras.Model(inputs, L.Dense(4, name="head")(x))
     rng = np.random.default_rng(11)
     bn = model.get_layer("bn")
-    bn.gamma.assign(rng.uniform(-2.0, 2.0, 3).astype("float32"))
-    bn.moving_variance.assign(rng.uniform(0.5, 2.0, 3).astype("float32"))
+    size = bn.gamma.shape[0]
+    bn.gamma.assign(rng.uniform(-2.0, 2.0, size).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, size).astype("float32"))
     return model
 
 
 @pytest.mark.parametrize("mode", ["exact", "greedy", "certified"])
 def test_batchnorm_group_gets_its_exact_diagonal_spectrum(mode, monkeypatch):
     # The BN group's SVD is its diagonal, without a dense SVD (or, on large grids, a subspace
-    # iteration over a spectrum where each scale repeats over the grid); the pairs next to it
-    # need no pattern search: in every mode they equal the exact enumeration through the
-    # dense SVD (to the 8 float32 units the scales are widened by), and are certified.
+    # iteration over a spectrum where each scale repeats over the grid); the pair next to it
+    # needs no pattern search: in every mode it equals the exact enumeration through the
+    # dense SVD (to the 8 float32 units the scales are widened by), and is certified.
     from tf_lipschitz import seqlip
 
-    model = _relu_bn_model()
+    model = _scaled_model()
     dense_calls, diagonal_calls = [], []
     original, diagonal = seqlip.operator_spectrum, seqlip.diagonal_spectrum
     monkeypatch.setattr(seqlip, "operator_spectrum",
@@ -441,40 +451,40 @@ def test_batchnorm_group_gets_its_exact_diagonal_spectrum(mode, monkeypatch):
                         lambda d, *a: diagonal_calls.append(len(d)) or diagonal(d, *a))
     kwargs = {"max_exact_width": 18, "certified": True}
     fast = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode=mode, **kwargs)
-    assert diagonal_calls == [18] and "bn" not in dense_calls and "conv" in dense_calls
-    assert [p["mode"] for p in fast.settings["pairs"]] == ["diagonal", "diagonal"]
+    assert diagonal_calls == [12] and "bn" not in dense_calls and "conv" in dense_calls
+    assert [p["mode"] for p in fast.settings["pairs"]] == ["diagonal", mode]
     monkeypatch.setattr(seqlip, "_diagonal_of", lambda op: None)
     exact = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode="exact", **kwargs)
-    assert exact.certified and fast.certified
-    assert exact.upper <= fast.upper <= exact.upper * (1 + 2e-6)
+    assert exact.certified
+    assert fast.settings["pairs"][0]["value"] == pytest.approx(
+        exact.settings["pairs"][0]["value"], rel=2e-6)
+    assert fast.settings["pairs"][0]["value"] >= exact.settings["pairs"][0]["value"]
     # top_k does not truncate the exact SVD next to the scaling: one norm takes every triplet
     monkeypatch.undo()
     few = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode=mode, top_k=2, **kwargs)
-    assert few.certified and few.upper == pytest.approx(fast.upper, rel=1e-12)
+    assert few.settings["pairs"][0]["value"] == pytest.approx(
+        fast.settings["pairs"][0]["value"], rel=1e-12)
 
 
-def test_batchnorm_after_a_fused_relu_joins_the_convolution_group():
-    # The same map with the ReLU inside the Conv2D: the BN commutes with the ReLU's diagonal
-    # derivative and joins the convolution's group; the chain is then one pair, with both
-    # ReLUs in its link (D₂D₁ is again a 0/1 pattern). Its exact value is the enumeration over
-    # that pair, and at most the three-group chain's (the same function bounded with one more
-    # split).
-    fused = _relu_bn_model(fused=True)
-    split = _relu_bn_model()
-    split.set_weights(fused.get_weights())
-    est = tfl.LipschitzEstimator(fused, verbose=0)
-    rep = est.seqlip(mode="exact", certified=True, max_exact_width=18)
+@pytest.mark.parametrize("relu_layer", [False, True], ids=["relu-in-conv", "relu-layer"])
+def test_batchnorm_after_a_relu_joins_the_convolution_group(relu_layer):
+    # Conv → ReLU → BN: the BN commutes with the ReLU's diagonal derivative and joins the
+    # convolution's group; the chain is then one pair, with both ReLUs in its link (D₂D₁ is
+    # again a 0/1 pattern). Its exact value is the enumeration over that pair.
+    model = _scaled_model(scaling_first=False, relu_layer=relu_layer)
+    rep = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode="exact", certified=True,
+                                                          max_exact_width=18)
     [pair] = rep.settings["pairs"]
     assert pair["pair"].startswith("conv+bn -> flatten")
-    conv, bn, head = fused.get_layer("conv"), fused.get_layer("bn"), fused.get_layer("head")
+    conv, bn, head = model.get_layer("conv"), model.get_layer("bn"), model.get_layer("head")
     scale = (bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)).astype(float)
     n_in = 2 * 3 * 2
     basis = np.eye(n_in, dtype="float32").reshape(n_in, 2, 3, 2)
-    conv.activation = keras.activations.linear
+    act, conv.activation = conv.activation, keras.activations.linear
     try:
         w1 = conv(basis).numpy().reshape(n_in, -1).T - conv(0 * basis[:1]).numpy().reshape(1, -1).T
     finally:
-        conv.activation = keras.activations.relu
+        conv.activation = act
     m1 = (np.tile(scale, 6)[:, None] * w1).astype(np.float64)
     m2 = head.kernel.numpy().T.astype(np.float64)
     patterns = np.array(list(itertools.product([0.0, 1.0], repeat=18)))
@@ -485,16 +495,14 @@ def test_batchnorm_after_a_fused_relu_joins_the_convolution_group():
         truth = max(truth, float(np.sqrt(np.linalg.eigvalsh(gram)[:, -1].max())))
     assert rep.certified and rep.upper == pytest.approx(truth, rel=1e-5)
     assert rep.upper >= truth * (1 - 1e-6)
-    assert rep.upper <= tfl.LipschitzEstimator(split, verbose=0).seqlip(
-        mode="exact", certified=True, max_exact_width=18).upper * (1 + 1e-6)
 
 
 def test_truncated_diagonal_spectrum_keeps_the_remainder(monkeypatch):
-    # dense_limit=0: the BN group (3 scales, each repeated over 6 positions) keeps its top 4
+    # dense_limit=0: the BN group (2 scales, each repeated over 6 positions) keeps its top 4
     # triplets and bounds the rest by the fifth scale; the bound stays above the reference.
     from tf_lipschitz import seqlip
 
-    model = _relu_bn_model()
+    model = _scaled_model()
     est = tfl.LipschitzEstimator(model, verbose=0)
     reference = est.seqlip(mode="certified")
     kept = []
@@ -504,6 +512,40 @@ def test_truncated_diagonal_spectrum_keeps_the_remainder(monkeypatch):
     truncated = est.seqlip(mode="greedy", top_k=4, dense_limit=0, subspace_tol=1e-8)
     assert kept == [(4,)]
     assert truncated.upper >= reference.upper * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("side", ["before", "after", "both"])
+def test_diagonal_pair_equals_the_vertex_enumeration(side):
+    # The closed form on either side of the activations (and on both), against all 2^n
+    # vertex patterns through the full SVDs; the split exponents of a middle pair included.
+    # (Built-in scalings after an activation join the group before it, so models reach only
+    # the "before" side; the closed form does not depend on that.)
+    from tf_lipschitz.seqlip import Spectrum, _diagonal_pair, diagonal_spectrum
+
+    rng = np.random.default_rng(3)
+    n, lo, hi = 6, 0.1, 1.0
+    scales = rng.uniform(-2.0, 2.0, n)
+
+    def dense(m):
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        return Spectrum(s, u, vt.T, 0.0, True, "svd")
+
+    left_m = np.diag(scales) if side in ("before", "both") else rng.standard_normal((n, 4))
+    right_m = np.diag(scales[::-1]) if side in ("after", "both") else rng.standard_normal((3, n))
+    left = diagonal_spectrum(scales) if side in ("before", "both") else dense(left_m)
+    right = diagonal_spectrum(scales[::-1]) if side in ("after", "both") else dense(right_m)
+    for e_left, e_right in ((1.0, 0.0), (0.5, 0.5)):
+        def t_left(x, e=e_left):
+            return np.power(x, e)
+
+        def t_right(x, e=e_right):
+            return np.power(x, 1.0 - e)
+        b = left.u * t_left(left.s)
+        a = (right.v * t_right(right.s)).T
+        truth = max(np.linalg.norm(a @ (np.array(d)[:, None] * b), 2)
+                    for d in itertools.product([lo, hi], repeat=n))
+        got = _diagonal_pair(left, right, (lo, hi), t_left, t_right)
+        assert got.certified and got.value == pytest.approx(truth, rel=1e-12)
 
 
 def test_diagonal_probe_refuses_a_rule_that_is_not_diagonal():

@@ -146,8 +146,21 @@ def _commuted():
     return model, (2,), [["d1", "b1"], ["d2", "b2"]], [(0.0, 0.25)]
 
 
-@pytest.mark.parametrize("build", [_bn_leaky, _conv1d, _pool_reshape, _leaky_steep, _commuted],
-                         ids=["bn-leaky", "conv1d", "pool-reshape", "leaky-1.5", "commuted"])
+def _commuted_layers():
+    # A BN after a ReLU layer joins the Dense before it; the ReLU then composes with the
+    # LeakyReLU of the link ([0, 1]); the second BN fuses forward into the last Dense.
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([
+        keras.Input((3,)), L.Dense(4, name="d1"), L.ReLU(), L.BatchNormalization(name="b1"),
+        L.LeakyReLU(0.2), L.Dense(4, name="d2"), L.ReLU(), L.BatchNormalization(name="b2"),
+        L.Dense(2, name="d3")])
+    return model, (3,), [["d1", "b1"], ["d2"], ["b2", "d3"]], [(0.0, 1.0), (0.0, 1.0)]
+
+
+@pytest.mark.parametrize("build", [_bn_leaky, _conv1d, _pool_reshape, _leaky_steep, _commuted,
+                                   _commuted_layers],
+                         ids=["bn-leaky", "conv1d", "pool-reshape", "leaky-1.5", "commuted",
+                              "commuted-layers"])
 def test_exact_seqlip_equals_independent_brute_force_and_orders_the_bounds(build):
     model, in_shape, groups, slopes = build()
     randomize(model, 1)

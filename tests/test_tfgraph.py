@@ -63,6 +63,18 @@ def _resnet_block():
     return keras.Model(inp, L.Dense(3, activation="silu")(x), name="resnet_block")
 
 
+def _relu_bn_cnn():
+    # BNs after ReLUs (one inside the Conv2D, one a layer of its own) join the convolution
+    # before them across the ReLU, on both sides (graph: Relu op, then Mul/Add or
+    # FusedBatchNormV3 ops).
+    inp = keras.Input((10, 10, 2))
+    x = L.Conv2D(4, 3, activation="relu")(inp)
+    x = L.MaxPooling2D()(L.BatchNormalization()(x))
+    x = L.BatchNormalization()(L.ReLU()(L.Conv2D(5, 3, padding="same")(x)))
+    x = L.Flatten()(L.MaxPooling2D()(x))
+    return keras.Model(inp, L.Dense(3)(x), name="relu_bn_cnn")
+
+
 def _randomise_batch_norm(model, rng):
     """Moves BN statistics away from the identity so that folding them matters."""
     for layer in model.layers:
@@ -73,7 +85,8 @@ def _randomise_batch_norm(model, rng):
             layer.gamma.assign(rng.normal(size=n).astype("float32"))
 
 
-@pytest.mark.parametrize("builder", [_mlp, _cnn, _resnet_block], ids=["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("builder", [_mlp, _cnn, _resnet_block, _relu_bn_cnn],
+                         ids=["mlp", "cnn", "resnet", "relu-bn"])
 def test_exported_model_matches_keras_autolip(builder, tmp_path, rng):
     model = builder()
     _randomise_batch_norm(model, rng)

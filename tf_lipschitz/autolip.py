@@ -67,12 +67,15 @@ class Group:
     """A fused chain of affine layer calls measured as one operator.
 
     Attributes:
-        nodes: Node indices, in order.
+        nodes: Node indices of the affine calls, in order.
         parent: Node feeding the chain (``None`` if the chain has a constant input).
+        inner: Activation layers inside the chain (``Conv2D → ReLU → BatchNormalization``),
+            crossed by the scalings after them (see :func:`fuse`).
     """
 
     nodes: tuple[int, ...]
     parent: int | None
+    inner: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,20 +199,26 @@ def fuse(graph: ModelGraph, bounds: dict[int, LayerBound]) -> list[Group]:
 
     Then a chain of elementwise scalings alone (:attr:`Linear.diagonal`, e.g. a
     BatchNormalization that follows ``Conv2D(activation="relu")`` and feeds a pooling layer)
-    joins the chain before it across that chain's elementwise activation, under the same
-    conditions on the parent: the activation's derivative is diagonal and commutes with the
-    scaling, ``diag(s) · diag(σ') · W = diag(σ') · diag(s) · W``, so the pair is bounded by
-    ``m · ‖diag(s) W‖`` (``m = sup|σ'|``) instead of ``m · ‖W‖ · max|s|``. Such a chain carries
-    the activations of its members inside it (:func:`group_activations`); nothing but
-    scalings follows them.
+    joins the chain before it across elementwise activations: the one inside that chain's
+    last layer and activation layers in between (``Conv2D → ReLU → BatchNormalization``),
+    each with a single consumer and not a model output, when that chain has a layer that
+    is not a scaling (scalings on both sides keep their closed forms). An activation's derivative is
+    diagonal and commutes with the scaling, ``diag(s) · diag(σ') · W = diag(σ') · diag(s) ·
+    W``, so the pair is bounded by ``m · ‖diag(s) W‖`` (``m = sup|σ'|``) instead of
+    ``m · ‖W‖ · max|s|``. Such a chain carries the activations inside it
+    (:func:`group_activations`); nothing but scalings follows them.
     """
     outputs = set(graph.outputs)
     group_of: dict[int, list[int]] = {}
     chains: list[list[int]] = []
+    inner: dict[int, list[int]] = {}  # id of a chain -> activation layers inside it
 
     def feeds_only_chain(parent: int) -> bool:
         return (len(graph.nodes[parent].consumers) == 1 and parent not in outputs
                 and parent in group_of)
+
+    def elementwise(activation) -> bool:
+        return activation is not None and activation.slope_range is not None
 
     for node in graph.nodes:
         bound = bounds.get(node.index)
@@ -231,28 +240,44 @@ def fuse(graph: ModelGraph, bounds: dict[int, LayerBound]) -> list[Group]:
     for chain in list(chains):
         if not all(bounds[i].diagonal for i in chain):
             continue
+        crossed: list[int] = []  # activation layers between the chain and the one before
         parent = _dependent_parent(graph.nodes[chain[0]])
+        while (parent is not None and isinstance(bounds.get(parent), Constant)
+               and elementwise(bounds[parent].activation)
+               and len(graph.nodes[parent].consumers) == 1 and parent not in outputs):
+            crossed.append(parent)
+            parent = _dependent_parent(graph.nodes[parent])
         pbound = bounds.get(parent) if parent is not None else None
-        if (isinstance(pbound, Linear) and pbound.activation is not None
-                and pbound.activation.slope_range is not None and feeds_only_chain(parent)):
+        own = pbound.activation if isinstance(pbound, Linear) else None
+        if (isinstance(pbound, Linear) and feeds_only_chain(parent)
+                and (elementwise(own) or (crossed and (own is None or own.name == "linear")))
+                and not all(bounds[i].diagonal for i in group_of[parent])):
             before = group_of[parent]
             before.extend(chain)
+            inner.setdefault(id(before), []).extend(reversed(crossed))
             chains.remove(chain)
             for i in chain:
                 group_of[i] = before
-    return [Group(tuple(c), _dependent_parent(graph.nodes[c[0]])) for c in chains]
+    return [Group(tuple(c), _dependent_parent(graph.nodes[c[0]]), tuple(inner.get(id(c), ())))
+            for c in chains]
 
 
 def group_activations(group: Group, bounds: dict[int, LayerBound]) -> list[Activation]:
-    """The activations a group applies, in order (``"linear"`` left out).
+    """The activations a group applies (``"linear"`` left out).
 
     That is the last member's activation, and for a group whose scalings were commuted through
-    an activation (:func:`fuse`) the activations inside it too. Their derivatives are diagonal
-    and commute with the scalings that follow them, so the group's Jacobian is
-    ``diag(σ'_1) ⋯ diag(σ'_k) · M`` with ``M`` the composed linear parts (the group's
-    operator): the activations act, in effect, after ``M``.
+    activations (:func:`fuse`) the activations inside it too: those of its members and of its
+    activation layers (an activation layer whose constant is an estimate gives an activation
+    marked not certified, with the layer's constant if it is larger). Their derivatives are diagonal and commute with the scalings that
+    follow them, so the group's Jacobian is ``diag(σ'_1) ⋯ diag(σ'_k) · M`` with ``M`` the
+    composed linear parts (the group's operator): the activations act, in effect, after
+    ``M``.
     """
-    acts = (bounds[i].activation for i in group.nodes)
+    acts = [bounds[i].activation for i in group.nodes]
+    for i in group.inner:  # the layer's constant is AutoLip's factor
+        layer, act = bounds[i], bounds[i].activation
+        acts.append(dataclasses.replace(act, lipschitz=max(act.lipschitz, layer.value),
+                                        certified=act.certified and layer.certified))
     return [a for a in acts if a is not None and a.name != "linear"]
 
 
@@ -364,7 +389,7 @@ class AutoLip:
         rows: dict[int, LayerRow] = {}
         all_certified = True
         group_of_last = {g.nodes[-1]: g for g in self.groups}
-        in_group = {i for g in self.groups for i in g.nodes}
+        in_group = {i for g in self.groups for i in g.nodes + g.inner}
         segment_of_last = {seg.nodes[-1]: seg for seg in segments}
         in_segment = {i for seg in segments for i in seg.nodes}
         bar = progress_bar(len(self.groups), unit_name="certificate", label="certified AutoLip",
@@ -393,6 +418,8 @@ class AutoLip:
                         cumulative = compose_bounds((row.cumulative, seg.certified), base)
                         rows[k] = dataclasses.replace(row, cumulative=cumulative)
                 continue
+            if i in in_group and i not in group_of_last:
+                continue  # interior of a fused chain: accounted for at its last node
             bound = bounds[i]
             if isinstance(bound, Merge):
                 parents = [lip[p] if d else 0.0 for p, d in zip(node.parents, node.input_dependent)]
@@ -422,8 +449,6 @@ class AutoLip:
                     cumulative=lip[i], note=bound.note,
                 )
                 continue
-            if i in in_group and i not in group_of_last:
-                continue  # interior of a fused chain: accounted for at its last node
             group = group_of_last[i]
             row, value, is_cert = self._group_row(group, bounds, spectral.get(group), certified)
             if bar is not None:
@@ -476,7 +501,11 @@ class AutoLip:
         post = math.prod(a.lipschitz for a in acts)
         cert = None
         if certified:  # certificates cost more than the estimate: only on request
-            cert = fused_certificate([(bounds[i], self.graph.nodes[i]) for i in group.nodes])
+            try:
+                cert = fused_certificate([(bounds[i], self.graph.nodes[i]) for i in group.nodes])
+            except InvalidArgumentError as err:  # NaN or inf weights: name the layers
+                raise LipschitzError(f"Certifying '{'+'.join(n.name for n in nodes)}' "
+                                     f"({'+'.join(n.class_name for n in nodes)}): {err}") from err
         if result is None:
             norm = compose_bounds(*((float(m.norm()), True) for m in members))
             method, products, residual, converged, is_cert = "closed-form", 0, None, None, True
@@ -498,9 +527,11 @@ class AutoLip:
         lipschitz = compose_bounds((value, is_cert), *((a.lipschitz, a.certified) for a in acts))
         is_cert = is_cert and act_cert
         notes = [m.note for m in members if m.note]
-        inner = [bounds[i].activation for i in group.nodes[:-1] if bounds[i].activation is not None]
+        inner = [bounds[i].activation.name for i in group.nodes[:-1]
+                 if bounds[i].activation is not None and bounds[i].activation.name != "linear"]
+        inner += [f"'{self.graph.nodes[i].name}'" for i in group.inner]
         if inner:
-            notes.append(f"scaling commuted through {'+'.join(a.name for a in inner)}: "
+            notes.append(f"scaling commuted through {' and '.join(inner)}: "
                          f"‖diag(s)·W‖ × {post:.4g}")
         row = LayerRow(
             name="+".join(n.name for n in nodes),

@@ -56,7 +56,8 @@ class LayerRow:
             constant); ``None`` for inputs and merges.
         norm: Operator norm of the linear part (linear rows).
         certificate: Certified upper bound on ``norm`` when one is available.
-        activation: Name of the activation applied after the linear part.
+        activation: Name of the activation applied after the linear part (several joined with
+            ``+`` when a scaling was commuted through activations inside a fused group).
         bound_kind: ``"certified"`` or ``"estimate"`` for ``lipschitz``.
         method: How ``norm`` was found: ``"lanczos"``, ``"power"``, ``"closed-form"``, ``"rule"``,
             ``"seqlip-exact"``...

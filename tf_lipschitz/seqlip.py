@@ -581,10 +581,10 @@ def diagonal_spectrum(diag: np.ndarray, top_k: int | None = None) -> Spectrum:
     """The exact SVD of ``diag(d)``: singular values ``|d_i|`` in decreasing order, right
     vectors the unit basis vectors, left ones the same with the signs of ``d_i``.
 
-    A BatchNormalization that does not follow a linear layer directly (``Conv2D → ReLU →
-    BatchNormalization``) is its own linear group, with every per-channel scale
-    repeated over the whole grid: a subspace iteration for its top triplets meets a
-    spectrum of huge multiplicities (18 s without settling on a 26×26×16 map), while this is
+    A BatchNormalization that neither follows nor precedes a linear layer directly (at the
+    start of a chain, ``BatchNormalization → ReLU → Conv2D``) is its own linear group, with
+    every per-channel scale repeated over the whole grid: a subspace iteration for its top
+    triplets meets a spectrum of huge multiplicities (18 s without settling on a 26×26×16 map), while this is
     exact and immediate.
 
     Truncation to ``top_k`` breaks ties by position (the first entries in flattened order): a
@@ -718,7 +718,7 @@ class Chain:
     def nodes(self) -> tuple[int, ...]:
         out: list[int] = []
         for k, g in enumerate(self.groups):
-            out.extend(g.nodes)
+            out.extend(sorted(g.nodes + g.inner))
             if k < len(self.links):
                 out.extend(self.links[k].nodes)
         return tuple(out)
@@ -873,7 +873,7 @@ class SeqLip:
         out_size = int(np.prod(self.graph.nodes[group.nodes[-1]].output_shapes[0]))
         if all(isinstance(self.graph.nodes[i].operation, DIAGONAL_LAYERS) for i in group.nodes):
             diag = _diagonal_of(op)
-            if diag is not None:  # BatchNormalization after a ReLU layer...
+            if diag is not None:  # BatchNormalization → ReLU at a chain start...
                 # The scales were computed in the model's precision (γ·rsqrt(var + ε) is up to
                 # ~2 units below its exact value in float32); widened so that they bound it.
                 diag = diag * (1.0 + 8 * dtype_eps(op.dtype))

@@ -439,7 +439,7 @@ class OpContext:
         return slots[0]
 
     def linear(self, *, offsets: Sequence[int] = (), norm: float | None = None,
-               note: str = "") -> Linear:
+               note: str = "", diagonal: bool = False) -> Linear:
         """A :class:`~tf_lipschitz.rules.Linear` bound re-executing this op on its own.
 
         Args:
@@ -448,6 +448,8 @@ class OpContext:
                 part of the affine op.
             norm: Exact operator norm when known in closed form (also used as certificate).
             note: Shown in the report.
+            diagonal: The linear part scales each entry on its own (same input and output
+                shape): see :attr:`tf_lipschitz.rules.Linear.diagonal`.
         """
         slot = self.single_dependent()
         self.offsets = tuple(offsets)
@@ -477,10 +479,10 @@ class OpContext:
         fn = _batched(single, self.input_shapes[slot], self.output_shape, compute,
                       _work_dtype(compute))
         if norm is None:
-            return Linear(fn, note=note or f"{self.op_type} (linear)")
+            return Linear(fn, note=note or f"{self.op_type} (linear)", diagonal=diagonal)
         value = float(norm)
         return Linear(fn, norm=lambda: value, certificate=lambda: value,
-                      note=note or f"{self.op_type}: norm {value:.4g}")
+                      note=note or f"{self.op_type}: norm {value:.4g}", diagonal=diagonal)
 
 
 def _has_gradient(op_type: str) -> bool:
@@ -626,11 +628,12 @@ def _affine_sum(ctx: OpContext) -> LayerBound:
     slot = slots[0]
     offsets = tuple(i for i in range(len(ctx.inputs)) if i != slot)
     note = "affine: constant added" if ctx.op_type != "Sub" or slot == 0 else "constant − x"
-    return ctx.linear(offsets=offsets, norm=_broadcast_factor(ctx, slot), note=note)
+    return ctx.linear(offsets=offsets, norm=_broadcast_factor(ctx, slot), note=note,
+                      diagonal=_same_shape(ctx, slot))
 
 
 def _neg(ctx: OpContext) -> Linear:
-    return ctx.linear(norm=1.0, note="negation")
+    return ctx.linear(norm=1.0, note="negation", diagonal=True)
 
 
 def _scale(ctx: OpContext) -> LayerBound:
@@ -651,7 +654,8 @@ def _scale(ctx: OpContext) -> LayerBound:
                 factor = 1.0 / factor
         if np.all(np.isfinite(factor)):
             norm = float(np.max(factor))
-    return ctx.linear(norm=norm, note=f"{ctx.op_type} by a constant")
+    return ctx.linear(norm=norm, note=f"{ctx.op_type} by a constant",
+                      diagonal=_same_shape(ctx, slot))
 
 
 def _reduction_mean(ctx: OpContext) -> Linear:
@@ -684,7 +688,7 @@ def _batch_norm(ctx: OpContext) -> Linear:
         gamma, var = np.abs(scale.astype("float64")), variance.astype("float64")
         norm = certified_max(None, lambda e: gamma / np.sqrt(var + e), eps, dtype,
                              [computed * tf.constant(scale, dtype)], operations=4)
-    return ctx.linear(offsets=(2, 3), norm=norm, note="batch norm (inference)")
+    return ctx.linear(offsets=(2, 3), norm=norm, note="batch norm (inference)", diagonal=True)
 
 
 def _concat(ctx: OpContext) -> LayerBound:

@@ -74,6 +74,26 @@ def test_rescaling_that_broadcasts_the_input_counts_its_copies():
         assert upper >= exact and upper == pytest.approx(exact, rel=1e-9)
 
 
+def test_rescaling_whose_offset_broadcasts_the_input_counts_its_copies():
+    # Rescaling(2, offset of shape (3, 1)) on inputs (1, 4) copies every entry 3 times; its
+    # linear part x·2 left the copies out once fused with the next layer: a certified 2·‖W‖
+    # for a map of norm 2√3·‖W‖ (alone, its closed form counted them).
+    def build(inputs):
+        rescaled = L.Rescaling(2.0, offset=np.zeros((3, 1)))(inputs)
+        return keras.Model(inputs, L.Dense(2, kernel_initializer="ones")(rescaled))
+
+    model = build(keras.Input((1, 4)))
+    exact = _exact(_float64_twin(build, (1, 4)), (1, 4))
+    assert exact == pytest.approx(2 * np.sqrt(3) * np.sqrt(4 * 2), rel=1e-6)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    for certified in (False, True):
+        report = est.autolip(certified=certified)
+        assert report.upper == pytest.approx(exact, rel=1e-5)
+        assert not certified or (report.certified and report.upper >= exact)
+    for mode in ("exact", "certified"):
+        assert est.seqlip(mode=mode).upper == pytest.approx(exact, rel=1e-5)
+
+
 @pytest.mark.parametrize("scale", [1e200, 1e-200])
 def test_broadcast_norm_of_a_float64_constant_far_from_one(scale):
     # ‖c‖₂ over the 4 copies summed the squares: inf for |c| = 1e200, 0 for 1e-200 (a certified

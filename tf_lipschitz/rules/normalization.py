@@ -85,8 +85,13 @@ def _channel_scale(layer, ctx: NodeContext, value, note: str) -> Linear:
     float32 number above ``1/255``); the certificate bounds that and the exact value.
     """
 
+    out_shape = tuple(ctx.output_shapes[0])
+
     def fn(x):
-        return x * weight_as_used(layer, value, x.dtype)
+        y = x * weight_as_used(layer, value, x.dtype)
+        if tuple(y.shape[1:]) != out_shape:  # the offset broadcasts x further (copies it)
+            y = ops.broadcast_to(y, (ops.shape(y)[0], *out_shape))
+        return y
 
     def magnitude(values):  # a factor that broadcasts x copies each entry: ‖c‖₂ over its copies
         return broadcast_product_norm(np.abs(values), ctx.input_shape, ctx.output_shapes[0])

@@ -26,7 +26,8 @@ __all__: list[str] = []
 def _known(value: float, note: str, fn=None):
     def rule(layer, ctx: NodeContext) -> Linear:
         f = fn if fn is not None else (lambda x: layer(x))
-        return Linear(f, norm=lambda: value, certificate=lambda: value, note=note)
+        return Linear(f, norm=lambda: value, certificate=lambda: value, note=note,
+                      diagonal=fn is _identity)
 
     return rule
 
