@@ -481,6 +481,26 @@ def test_identity_layers_between_scalings_do_not_stop_the_commutation(rng):
         assert row.norm == pytest.approx(exact, rel=1e-4)
 
 
+def test_identity_layers_fold_into_the_certificate(rng, monkeypatch):
+    # Off the dense route (as on a large grid), the certificate folds the scalings into the
+    # convolution's kernel; a Dropout between them stopped the fold: max|s|·‖W‖ instead.
+    from tf_lipschitz import certify
+
+    monkeypatch.setattr(certify, "_small", lambda *shapes: False)
+    inputs = keras.Input((5, 5, 2))
+    conv = L.Conv2D(3, 3, padding="same", activation="relu", name="conv")
+    x = L.BatchNormalization(name="bn")(L.Dropout(0.5, name="drop")(conv(inputs)))
+    model = keras.Model(inputs, L.MaxPooling2D()(x))
+    bn = model.get_layer("bn")
+    bn.gamma.assign(np.array([4.0, 0.1, -0.6], "float32"))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, 3).astype("float32"))
+    scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    exact = np.linalg.norm(np.tile(scale, 25)[:, None] * _dense_map(conv, (5, 5, 2)), 2)
+    report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
+    [row] = [r for r in report.layers if r.kind == "linear"]
+    assert report.certified and exact <= row.certificate <= exact * 1.01
+
+
 def test_scaling_stays_apart_where_it_cannot_commute(rng):
     # Not elementwise (softmax), a BN already fused forward into the next convolution, and an
     # activation output read twice: the groups are the previous ones.

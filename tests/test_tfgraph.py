@@ -75,6 +75,19 @@ def _relu_bn_cnn():
     return keras.Model(inp, L.Dense(3)(x), name="relu_bn_cnn")
 
 
+def _relu_ops_cnn():
+    # keras.ops scalings after ReLUs: the Keras rules and the graph's Mul/Neg/RealDiv ops both
+    # join the convolution before them across the ReLU.
+    inp = keras.Input((10, 10, 2))
+    x = L.Conv2D(4, 3, activation="relu")(inp)
+    x = keras.ops.multiply(x, np.array([3.0, 0.2, -0.5, 1.5], "float32"))
+    x = L.MaxPooling2D()(x)
+    x = L.ReLU()(L.Conv2D(3, 3, padding="same")(x))
+    x = keras.ops.divide(keras.ops.negative(x), np.array([0.25, 2.0, 1.0], "float32"))
+    x = L.Flatten()(L.MaxPooling2D()(x))
+    return keras.Model(inp, L.Dense(3)(x), name="relu_ops_cnn")
+
+
 def _randomise_batch_norm(model, rng):
     """Moves BN statistics away from the identity so that folding them matters."""
     for layer in model.layers:
@@ -85,8 +98,8 @@ def _randomise_batch_norm(model, rng):
             layer.gamma.assign(rng.normal(size=n).astype("float32"))
 
 
-@pytest.mark.parametrize("builder", [_mlp, _cnn, _resnet_block, _relu_bn_cnn],
-                         ids=["mlp", "cnn", "resnet", "relu-bn"])
+@pytest.mark.parametrize("builder", [_mlp, _cnn, _resnet_block, _relu_bn_cnn, _relu_ops_cnn],
+                         ids=["mlp", "cnn", "resnet", "relu-bn", "relu-ops"])
 def test_exported_model_matches_keras_autolip(builder, tmp_path, rng):
     model = builder()
     _randomise_batch_norm(model, rng)
@@ -101,6 +114,35 @@ def test_exported_model_matches_keras_autolip(builder, tmp_path, rng):
     # Same fusion: as many measured operators on both sides.
     measured = [r for r in graph_rep.layers if r.method in ("lanczos", "power")]
     assert len(measured) == len([r for r in keras_rep.layers if r.method in ("lanczos", "power")])
+
+
+def test_fused_batch_norm_after_a_relu_stays_certified(tmp_path):
+    # Relu then FusedBatchNormV3 (no float64 kernel) joins the convolution's group; the whole
+    # group cannot be materialised in float64, so the convolution and the scaling are
+    # certified apart (‖D·M‖ ≤ ‖D‖‖M‖), as before the merge, instead of leaving an estimate.
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((3, 3, 2, 4)).astype("float32")
+    gamma = np.array([2.0, -0.3, 0.7, 1.1], "float32")
+    variance = rng.uniform(0.3, 2.0, 4).astype("float32")
+    zeros = np.zeros(4, "float32")
+
+    class Model(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((1, 6, 6, 2), tf.float32)])
+        def __call__(self, x):
+            y = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME"))
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(y, gamma, zeros, zeros, variance,
+                                                       epsilon=1e-3, is_training=False)
+            return tf.nn.max_pool2d(y, 2, 2, "VALID")
+
+    tf.saved_model.save(Model(), str(tmp_path / "fbn"))
+    report = GraphEstimator.from_saved_model(str(tmp_path / "fbn")).autolip(certified=True)
+    [row] = [r for r in report.layers if "FusedBatchNorm" in r.name]
+    assert "Relu" in row.note and report.certified
+    conv = LinearOperator(lambda v: tf.nn.conv2d(v, kernel.astype("float64"), 1, "SAME"),
+                          (6, 6, 2), dtype="float64")
+    scale = np.abs(gamma.astype("float64")) / np.sqrt(variance.astype("float64") + 1e-3)
+    apart = np.linalg.svd(conv.to_dense(), compute_uv=False)[0] * scale.max()
+    assert apart <= report.upper <= apart * (1 + 1e-5)
 
 
 def test_graph_operator_equals_dense_matrix_and_its_norm():
@@ -342,9 +384,13 @@ def test_fused_batch_norm_at_inference():
     assert [r.class_name for r in est.autolip().layers][-1] == "Conv2D+FusedBatchNormV3"
     linear = LinearOperator(lambda x: conv_bn(x, center=False), (5, 5, 2)).to_dense()
     assert est.autolip().upper == pytest.approx(_sigma(linear), rel=1e-4)
-    with pytest.warns(UserWarning, match="Conv2D\\+FusedBatchNormV3.*stays an estimate"):
-        report = est.autolip(certified=True)
-    assert report.upper == pytest.approx(_sigma(linear), rel=1e-4) and not report.certified
+    # Certified mode: no float64 matrix of the pair, so the convolution and the scaling are
+    # certified apart (it stayed an estimate, with a warning, before)
+    report = est.autolip(certified=True)
+    conv = LinearOperator(lambda x: tf.nn.conv2d(x, kernel, 1, "SAME"), (5, 5, 2)).to_dense()
+    apart = _sigma(conv) * float(np.max(np.abs(scale) / np.sqrt(variance + 1e-3)))
+    assert report.certified and report.upper >= _sigma(linear)
+    assert report.upper == pytest.approx(apart, rel=1e-4)
 
 
 @pytest.mark.slow

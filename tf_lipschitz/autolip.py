@@ -494,6 +494,30 @@ class AutoLip:
             model_name=model_name,
         )
 
+    def _certificate(self, group: Group, bounds) -> float | None:
+        """The group's certificate (:func:`~tf_lipschitz.certify.fused_certificate`).
+
+        When the whole chain has none and it ends with scalings (commuted into it, or fused),
+        the part before them and each scaling are certified apart (``‖D M‖ ≤ ‖D‖ ‖M‖``): a
+        scaling whose op has no float64 kernel (``FusedBatchNormV3`` in a graph) would
+        otherwise leave the whole group an estimate.
+        """
+        members = [(bounds[i], self.graph.nodes[i]) for i in group.nodes]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cert = fused_certificate(members)
+        k = len(members)
+        while k > 1 and members[k - 1][0].diagonal:
+            k -= 1
+        if cert is None and k < len(members):
+            parts = [fused_certificate(members[:k])]
+            parts += [fused_certificate([m]) for m in members[k:]]
+            if all(p is not None for p in parts):
+                return compose_bounds(*((p, True) for p in parts))
+        for w in caught:  # the group stays an estimate (or is certified): say why as usual
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return cert
+
     def _group_row(self, group: Group, bounds, result: SpectralResult | None, certified: bool):
         nodes = [self.graph.nodes[i] for i in group.nodes]
         members = [bounds[i] for i in group.nodes]
@@ -502,7 +526,7 @@ class AutoLip:
         cert = None
         if certified:  # certificates cost more than the estimate: only on request
             try:
-                cert = fused_certificate([(bounds[i], self.graph.nodes[i]) for i in group.nodes])
+                cert = self._certificate(group, bounds)
             except InvalidArgumentError as err:  # NaN or inf weights: name the layers
                 raise LipschitzError(f"Certifying '{'+'.join(n.name for n in nodes)}' "
                                      f"({'+'.join(n.class_name for n in nodes)}): {err}") from err

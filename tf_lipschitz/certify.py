@@ -1023,11 +1023,14 @@ def average_pool_certificate(layer, input_shape: Sequence[int]) -> Callable[[], 
 
 
 def _diagonal_scale(bound, node) -> np.ndarray | None:
-    """The elementwise scale of a per-channel diagonal layer (BatchNormalization...), or None."""
-    if not isinstance(node.operation, DIAGONAL_LAYERS):
+    """The elementwise scale of a diagonal layer (BatchNormalization, Dropout...), or None."""
+    if not (getattr(bound, "diagonal", False) or isinstance(node.operation, DIAGONAL_LAYERS)):
         return None
     ones = tf.ones((1, *node.input_shapes[0]), tf.float64)
-    diag = np.asarray(bound.fn(ones), np.float64)[0]
+    try:
+        diag = np.asarray(bound.fn(ones), np.float64)[0]
+    except (tf.errors.OpError, TypeError, ValueError):  # no float64 kernel (FusedBatchNorm)
+        return None
     return diag if diag.shape == tuple(node.input_shapes[0]) else None
 
 

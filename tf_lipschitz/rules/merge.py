@@ -159,7 +159,10 @@ def _scaling(ctx: NodeContext, multipliers, dependent, divisor=None, no_nan=Fals
             return y
         return ops.divide_no_nan(y, divisor_like(x)) if no_nan else y / divisor_like(x)
 
-    return Linear(fn, norm=lambda: norm_value, certificate=lambda: norm_value, note=note)
+    diagonal = bool(dependent) and (tuple(ctx.input_shapes[dependent[0]])
+                                    == tuple(ctx.output_shapes[0]))
+    return Linear(fn, norm=lambda: norm_value, certificate=lambda: norm_value, note=note,
+                  diagonal=diagonal)
 
 
 def _quotient_rule(layer, ctx: NodeContext):

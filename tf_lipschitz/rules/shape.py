@@ -23,11 +23,11 @@ from tf_lipschitz.rules.base import Linear, NodeContext, register_rule
 __all__: list[str] = []
 
 
-def _known(value: float, note: str, fn=None):
+def _known(value: float, note: str, fn=None, diagonal: bool = False):
     def rule(layer, ctx: NodeContext) -> Linear:
         f = fn if fn is not None else (lambda x: layer(x))
         return Linear(f, norm=lambda: value, certificate=lambda: value, note=note,
-                      diagonal=fn is _identity)
+                      diagonal=diagonal or fn is _identity)
 
     return rule
 
@@ -97,8 +97,9 @@ register_rule(L.Masking, _masking)
 def _register_ops():
     from keras.src.ops import numpy as knp
 
-    for cls in (knp.Negative, knp.Reshape, knp.Transpose, knp.Squeeze, knp.ExpandDims):
+    for cls in (knp.Reshape, knp.Transpose, knp.Squeeze, knp.ExpandDims):
         register_rule(cls, _known(1.0, "isometry (op)"))
+    register_rule(knp.Negative, _known(1.0, "negation (op)", diagonal=True))
 
 
 _register_ops()
