@@ -202,20 +202,22 @@ def fuse(graph: ModelGraph, bounds: dict[int, LayerBound]) -> list[Group]:
     joins the chain before it across elementwise activations: the one inside that chain's
     last layer and activation layers in between (``Conv2D → ReLU → BatchNormalization``),
     each with a single consumer and not a model output, when that chain has a layer that
-    is not a scaling (scalings on both sides keep their closed forms). An activation's derivative is
-    diagonal and commutes with the scaling, ``diag(s) · diag(σ') · W = diag(σ') · diag(s) ·
-    W``, so the pair is bounded by ``m · ‖diag(s) W‖`` (``m = sup|σ'|``) instead of
-    ``m · ‖W‖ · max|s|``. Such a chain carries the activations inside it
-    (:func:`group_activations`); nothing but scalings follows them.
+    is not a scaling (scalings on both sides keep their closed forms). An activation's
+    derivative is diagonal and commutes with the scaling, ``diag(s) · diag(σ') · W =
+    diag(σ') · diag(s) · W``, so the pair is bounded by ``m · ‖diag(s) W‖``
+    (``m = sup|σ'|``) instead of ``m · ‖W‖ · max|s|``. Such a chain carries the activations
+    inside it (:func:`group_activations`); nothing but scalings follows them.
     """
     outputs = set(graph.outputs)
     group_of: dict[int, list[int]] = {}
     chains: list[list[int]] = []
     inner: dict[int, list[int]] = {}  # id of a chain -> activation layers inside it
 
+    def feeds_one(node: int) -> bool:
+        return len(graph.nodes[node].consumers) == 1 and node not in outputs
+
     def feeds_only_chain(parent: int) -> bool:
-        return (len(graph.nodes[parent].consumers) == 1 and parent not in outputs
-                and parent in group_of)
+        return feeds_one(parent) and parent in group_of
 
     def elementwise(activation) -> bool:
         return activation is not None and activation.slope_range is not None
@@ -228,7 +230,7 @@ def fuse(graph: ModelGraph, bounds: dict[int, LayerBound]) -> list[Group]:
         pbound = bounds.get(parent) if parent is not None else None
         if (
             isinstance(pbound, Linear)
-            and (pbound.activation is None or pbound.activation.name == "linear")
+            and _no_activation(pbound.activation)
             and feeds_only_chain(parent)
         ):
             chain = group_of[parent]
@@ -243,14 +245,13 @@ def fuse(graph: ModelGraph, bounds: dict[int, LayerBound]) -> list[Group]:
         crossed: list[int] = []  # activation layers between the chain and the one before
         parent = _dependent_parent(graph.nodes[chain[0]])
         while (parent is not None and isinstance(bounds.get(parent), Constant)
-               and elementwise(bounds[parent].activation)
-               and len(graph.nodes[parent].consumers) == 1 and parent not in outputs):
+               and elementwise(bounds[parent].activation) and feeds_one(parent)):
             crossed.append(parent)
             parent = _dependent_parent(graph.nodes[parent])
         pbound = bounds.get(parent) if parent is not None else None
         own = pbound.activation if isinstance(pbound, Linear) else None
         if (isinstance(pbound, Linear) and feeds_only_chain(parent)
-                and (elementwise(own) or (crossed and (own is None or own.name == "linear")))
+                and (elementwise(own) or (crossed and _no_activation(own)))
                 and not all(bounds[i].diagonal for i in group_of[parent])):
             before = group_of[parent]
             before.extend(chain)
@@ -262,23 +263,27 @@ def fuse(graph: ModelGraph, bounds: dict[int, LayerBound]) -> list[Group]:
             for c in chains]
 
 
+def _no_activation(activation: Activation | None) -> bool:
+    return activation is None or activation.name == "linear"
+
+
 def group_activations(group: Group, bounds: dict[int, LayerBound]) -> list[Activation]:
     """The activations a group applies (``"linear"`` left out).
 
     That is the last member's activation, and for a group whose scalings were commuted through
     activations (:func:`fuse`) the activations inside it too: those of its members and of its
     activation layers (an activation layer whose constant is an estimate gives an activation
-    marked not certified, with the layer's constant if it is larger). Their derivatives are diagonal and commute with the scalings that
-    follow them, so the group's Jacobian is ``diag(σ'_1) ⋯ diag(σ'_k) · M`` with ``M`` the
-    composed linear parts (the group's operator): the activations act, in effect, after
-    ``M``.
+    marked not certified, with the layer's constant if it is larger). Their derivatives are
+    diagonal and commute with the scalings that follow them, so the group's Jacobian is
+    ``diag(σ'_1) ⋯ diag(σ'_k) · M`` with ``M`` the composed linear parts (the group's
+    operator): the activations act, in effect, after ``M``.
     """
     acts = [bounds[i].activation for i in group.nodes]
     for i in group.inner:  # the layer's constant is AutoLip's factor
         layer, act = bounds[i], bounds[i].activation
         acts.append(dataclasses.replace(act, lipschitz=max(act.lipschitz, layer.value),
                                         certified=act.certified and layer.certified))
-    return [a for a in acts if a is not None and a.name != "linear"]
+    return [a for a in acts if not _no_activation(a)]
 
 
 class AutoLip:
@@ -552,7 +557,7 @@ class AutoLip:
         is_cert = is_cert and act_cert
         notes = [m.note for m in members if m.note]
         inner = [bounds[i].activation.name for i in group.nodes[:-1]
-                 if bounds[i].activation is not None and bounds[i].activation.name != "linear"]
+                 if not _no_activation(bounds[i].activation)]
         inner += [f"'{self.graph.nodes[i].name}'" for i in group.inner]
         if inner:
             notes.append(f"scaling commuted through {' and '.join(inner)}: "

@@ -59,7 +59,6 @@ from tf_lipschitz.errors import InvalidArgumentError, LipschitzError
 from tf_lipschitz.operators import LinearOperator, compose
 from tf_lipschitz.power import check_choice, check_int, check_tol
 from tf_lipschitz.rules.base import weight_values
-from tf_lipschitz.rules.normalization import DIAGONAL_LAYERS
 
 __all__ = [
     "SAFETY_MARGIN",
@@ -1024,7 +1023,7 @@ def average_pool_certificate(layer, input_shape: Sequence[int]) -> Callable[[], 
 
 def _diagonal_scale(bound, node) -> np.ndarray | None:
     """The elementwise scale of a diagonal layer (BatchNormalization, Dropout...), or None."""
-    if not (getattr(bound, "diagonal", False) or isinstance(node.operation, DIAGONAL_LAYERS)):
+    if not getattr(bound, "diagonal", False):
         return None
     ones = tf.ones((1, *node.input_shapes[0]), tf.float64)
     try:

@@ -48,7 +48,6 @@ import tensorflow as tf
 
 from tf_lipschitz.autolip import (AutoLip, Group, Segment, evaluate_rules,
                                   group_activations)
-from tf_lipschitz.certify import DIAGONAL_LAYERS
 from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.graph import ModelGraph
 from tf_lipschitz.operators import LinearOperator
@@ -584,8 +583,8 @@ def diagonal_spectrum(diag: np.ndarray, top_k: int | None = None) -> Spectrum:
     A BatchNormalization that neither follows nor precedes a linear layer directly (at the
     start of a chain, ``BatchNormalization → ReLU → Conv2D``) is its own linear group, with
     every per-channel scale repeated over the whole grid: a subspace iteration for its top
-    triplets meets a spectrum of huge multiplicities (18 s without settling on a 26×26×16 map), while this is
-    exact and immediate.
+    triplets meets a spectrum of huge multiplicities (18 s without settling on a 26×26×16
+    map), while this is exact and immediate.
 
     Truncation to ``top_k`` breaks ties by position (the first entries in flattened order): a
     scale repeated over a grid keeps one corner of it. With ``remainder=True`` (the default)
@@ -871,7 +870,7 @@ class SeqLip:
     def _spectrum(self, group: Group, top_k, dense_limit, tol, max_iter) -> Spectrum:
         op = self.autolip.operator(group, self.bounds)
         out_size = int(np.prod(self.graph.nodes[group.nodes[-1]].output_shapes[0]))
-        if all(isinstance(self.graph.nodes[i].operation, DIAGONAL_LAYERS) for i in group.nodes):
+        if all(self.bounds[i].diagonal for i in group.nodes):
             diag = _diagonal_of(op)
             if diag is not None:  # BatchNormalization → ReLU at a chain start...
                 # The scales were computed in the model's precision (γ·rsqrt(var + ε) is up to

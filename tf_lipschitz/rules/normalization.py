@@ -183,8 +183,3 @@ register_rule(keras.layers.GroupNormalization, _eps_normalization)
 register_rule(keras.layers.UnitNormalization, _unit_normalization)
 if LayerScale is not None:
     register_rule(LayerScale, _layer_scale)
-
-DIAGONAL_LAYERS: tuple[type, ...] = (
-    keras.layers.BatchNormalization, keras.layers.Rescaling, keras.layers.Normalization,
-) + ((LayerScale,) if LayerScale is not None else ())
-"""Layers whose rule above is a per-channel diagonal map (folded into fused certificates)."""
