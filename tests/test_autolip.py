@@ -12,6 +12,8 @@ import scipy.stats
 import tf_lipschitz as tfl
 from tf_lipschitz.report import compose_bounds
 
+from groundtruth import affine_map
+
 L = keras.layers
 
 
@@ -402,18 +404,6 @@ def test_certified_report_names_the_rows_that_keep_it_an_estimate():
         certified.why_not_certified()
 
 
-def _dense_map(layer, in_shape):
-    """The ``(out, in)`` matrix of a layer's linear part (activation and bias left out)."""
-    n = int(np.prod(in_shape))
-    basis = np.concatenate([np.zeros((1, n)), np.eye(n)]).reshape((n + 1, *in_shape))
-    act, layer.activation = layer.activation, keras.activations.linear
-    try:
-        y = np.asarray(layer(basis.astype("float32"))).reshape(n + 1, -1).astype(np.float64)
-    finally:
-        layer.activation = act
-    return (y[1:] - y[:1]).T
-
-
 def _conv_act_bn(activation, rng, head=None, layer=False):
     inputs = keras.Input((5, 5, 2))
     if layer:  # the activation as a layer of its own
@@ -438,7 +428,7 @@ def test_scaling_after_an_activation_joins_the_linear_group_before_it(rng, activ
     # Ground truth: a dense SVD of diag(s)·W.
     model = _conv_act_bn(activation, rng, layer=layer)
     conv, bn = model.get_layer("conv"), model.get_layer("bn")
-    w = _dense_map(conv, (5, 5, 2))
+    w = affine_map(conv, (5, 5, 2))
     scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
     exact = np.linalg.norm(np.tile(scale, 25)[:, None] * w, 2)
     separate = np.abs(scale).max() * np.linalg.norm(w, 2)
@@ -477,7 +467,7 @@ def test_identity_layers_between_scalings_do_not_stop_the_commutation(rng):
         assert set(row.name.split("+")) == {"conv", "bn", "drop"}
         conv, bn = model.get_layer("conv"), model.get_layer("bn")
         scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
-        exact = np.linalg.norm(np.tile(scale, 25)[:, None] * _dense_map(conv, (5, 5, 2)), 2)
+        exact = np.linalg.norm(np.tile(scale, 25)[:, None] * affine_map(conv, (5, 5, 2)), 2)
         assert row.norm == pytest.approx(exact, rel=1e-4)
 
 
@@ -495,7 +485,7 @@ def test_identity_layers_fold_into_the_certificate(rng, monkeypatch):
     bn.gamma.assign(np.array([4.0, 0.1, -0.6], "float32"))
     bn.moving_variance.assign(rng.uniform(0.5, 2.0, 3).astype("float32"))
     scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
-    exact = np.linalg.norm(np.tile(scale, 25)[:, None] * _dense_map(conv, (5, 5, 2)), 2)
+    exact = np.linalg.norm(np.tile(scale, 25)[:, None] * affine_map(conv, (5, 5, 2)), 2)
     report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
     [row] = [r for r in report.layers if r.kind == "linear"]
     assert report.certified and exact <= row.certificate <= exact * 1.01

@@ -28,15 +28,9 @@ import tf_lipschitz as tfl
 from tf_lipschitz import certify
 from tf_lipschitz.autolip import evaluate_rules
 
+from groundtruth import exact_norm
+
 L = keras.layers
-
-
-def _jacobian_norm(model, shape, dtype="float32"):
-    """σ_max of the Jacobian of a linear (or affine) model, from the model on the basis."""
-    n = math.prod(shape)
-    basis = np.eye(n, dtype=dtype).reshape((n, *shape))
-    out = np.asarray(model(basis)) - np.asarray(model(np.zeros((1, *shape), dtype)))
-    return float(np.linalg.svd(out.reshape(n, -1).astype("float64"), compute_uv=False)[0])
 
 
 def _certified(model, **kwargs):
@@ -72,7 +66,7 @@ def test_product_with_constant_is_certified_exactly(name):
     model = keras.Model(inputs, _PRODUCTS[name](L.Dense(4)(inputs)))
     with _no_warnings():
         report = _certified(model)
-    exact = _jacobian_norm(model, (5,))
+    exact = exact_norm(model, (5,))
     assert report.certified
     assert exact <= report.upper <= exact * 1.01
     assert report.upper == pytest.approx(exact, rel=1e-5)  # the dense route is exact
@@ -88,7 +82,7 @@ def test_product_with_constant_is_certified_exactly(name):
 def test_product_norm_counts_broadcast_copies(constant, shape):
     inputs = keras.Input(shape)
     model = keras.Model(inputs, keras.ops.multiply(inputs, constant))
-    exact = _jacobian_norm(model, shape)
+    exact = exact_norm(model, shape)
     for report in (tfl.LipschitzEstimator(model, verbose=0).autolip(), _certified(model)):
         assert report.certified  # a closed form
         assert exact <= report.upper <= exact * (1 + 1e-6)
@@ -128,7 +122,7 @@ def test_division_by_constant_is_certified_exactly(name):
     model = keras.Model(inputs, L.Dense(3)(_QUOTIENTS[name](L.Dense(4)(inputs))))
     with _no_warnings():
         report = _certified(model)
-    exact = _jacobian_norm(model, (5,))
+    exact = exact_norm(model, (5,))
     assert report.certified
     assert exact <= report.upper <= exact * (1 + 1e-5)
 
@@ -140,7 +134,7 @@ def test_division_by_constant_is_certified_exactly(name):
 def test_division_norm_is_the_reciprocals_norm(constant, shape):
     inputs = keras.Input(shape)
     model = keras.Model(inputs, inputs / constant)
-    exact = _jacobian_norm(model, shape)
+    exact = exact_norm(model, shape)
     report = tfl.LipschitzEstimator(model, verbose=0).autolip()
     assert report.certified  # a closed form
     assert exact <= report.upper <= exact * (1 + 1e-6)
@@ -192,7 +186,7 @@ def test_variable_operand_is_read_at_every_run():
     report = quotient.autolip(certified=True)
     assert report.certified and report.upper == pytest.approx(4.0, rel=1e-12)
     assert est.autolip().upper == pytest.approx(before / 8, rel=1e-6)
-    exact = _jacobian_norm(chain, (4,))
+    exact = exact_norm(chain, (4,))
     assert exact <= est.autolip(certified=True).upper <= exact * (1 + 1e-5)
 
 
@@ -252,7 +246,7 @@ def test_float32_user_layer_stays_an_estimate(with_dense):
     model = keras.Sequential([keras.Input((5,)), *layers, BiasAffine()])
     with pytest.warns(UserWarning, match="not materialised in float64.*AddV2"):
         report = _certified(model)
-    exact = _jacobian_norm(model, (5,))
+    exact = exact_norm(model, (5,))
     assert not report.certified  # the user rule has no certificate of its own
     (row,) = [r for r in report.layers if r.kind == "linear"]
     assert row.certificate is None and row.bound_kind == "estimate"
@@ -266,7 +260,7 @@ def test_user_layer_computing_in_input_dtype_is_certified(with_dense):
     model = keras.Sequential([keras.Input((5,)), *layers, CastingAffine()])
     with _no_warnings():
         report = _certified(model)
-    exact = _jacobian_norm(model, (5,))
+    exact = exact_norm(model, (5,))
     assert report.certified
     assert exact <= report.upper <= exact * 1.01
 
@@ -323,7 +317,7 @@ def test_average_pooling_3d_is_certified_by_its_closed_form(make, shape, monkeyp
     monkeypatch.setattr(certify, "_float64_matrix", no_materialisation)
     with _no_warnings():
         report = _certified(model)
-    exact = _jacobian_norm(model, shape)
+    exact = exact_norm(model, shape)
     assert report.certified
     (row,) = [r for r in report.layers if r.kind == "linear"]
     assert row.method == "closed-form"
@@ -344,7 +338,7 @@ def test_average_pooling_3d_in_a_chain_is_exact(make, shape):
         report = _certified(model)
     (row,) = [r for r in report.layers if r.kind == "linear"]
     assert row.name.count("+") == 1  # Conv3D and the pooling are one fused chain
-    exact = _jacobian_norm(model, shape)
+    exact = exact_norm(model, shape)
     assert report.certified
     assert exact <= row.certificate <= exact * 1.01
     assert row.norm == pytest.approx(exact, rel=1e-4)
@@ -388,8 +382,8 @@ def test_op_without_float64_kernel_falls_back_to_the_product():
         report = _certified(model)
     (row,) = [r for r in report.layers if r.kind == "linear"]
     assert row.name.count("+") == 1
-    exact = _jacobian_norm(model, shape)
-    product = _jacobian_norm(keras.Sequential([keras.Input(shape), conv]), shape) * _POOL_NORM
+    exact = exact_norm(model, shape)
+    product = exact_norm(keras.Sequential([keras.Input(shape), conv]), shape) * _POOL_NORM
     assert report.certified  # every member has a certificate: ‖AB‖ ≤ ‖A‖‖B‖
     assert exact <= row.certificate <= product * (1 + 1e-5)
     assert row.certificate >= product * (1 - 1e-5)  # the product, not a dense bound
@@ -456,11 +450,7 @@ def _norm_as_computed(model, shape):
     copy = keras.Sequential([keras.Input(shape, dtype="float64"), *twins])
     for layer, twin in zip(model.layers, twins):
         twin.set_weights([_read_as_multiplied(layer, w) for w in layer.weights])
-    n = math.prod(shape)
-    basis = np.eye(n).reshape((n, *shape))
-    out = np.asarray(copy(basis, training=False)) - np.asarray(
-        copy(np.zeros((1, *shape)), training=False))
-    return float(np.linalg.svd(out.reshape(n, -1), compute_uv=False)[0])
+    return exact_norm(copy, shape, "float64")
 
 
 _HALF_ULP = {"mixed_float16": 2.0 ** -10, "mixed_bfloat16": 2.0 ** -7}
@@ -649,7 +639,7 @@ def test_float64_fused_conv_batchnorm_uses_float64_scales(route, monkeypatch):
     var = (np.array([1000, 700, 1500]) + 0.51) * 2.0 ** -149
     bn.set_weights([np.full(3, 1e-21), np.zeros(3), np.zeros(3), var])
     report = _certified(model)
-    exact = _jacobian_norm(model, shape, "float64")
+    exact = exact_norm(model, shape, "float64")
     assert report.certified
     assert exact <= report.upper <= exact * (1 + 1e-5)
 

@@ -24,6 +24,8 @@ from tf_lipschitz.operators import LinearOperator
 from tf_lipschitz.power import SpectralSolver
 from tf_lipschitz.rules import NodeContext, get_rule
 
+from groundtruth import exact_norm
+
 L = keras.layers
 
 
@@ -35,14 +37,6 @@ def _build(make, shape, seed=0):
         layer.set_weights([rng.standard_normal(w.shape).astype("float32") for w in layer.weights])
     ctx = NodeContext(input_shapes=(tuple(shape),), output_shapes=(tuple(model.output_shape[1:]),))
     return layer, get_rule(layer)(layer, ctx)
-
-
-def _exact(layer, shape):
-    """σ_max of the layer's own dense matrix (float64 SVD)."""
-    n = int(np.prod(shape))
-    basis = np.eye(n, dtype="float32").reshape((n, *shape))
-    out = np.asarray(layer(basis)) - np.asarray(layer(np.zeros((1, *shape), "float32")))
-    return float(np.linalg.svd(out.reshape(n, -1).astype("float64"), compute_uv=False)[0])
 
 
 def _cases():
@@ -135,7 +129,7 @@ def measured(built):
     for name, (layer, bound, shape) in built.items():
         cert = bound.certificate
         structured = cert.structured(None, None) if hasattr(cert, "structured") else cert()
-        out[name] = {"layer": layer, "shape": shape, "exact": _exact(layer, shape),
+        out[name] = {"layer": layer, "shape": shape, "exact": exact_norm(layer, shape),
                      "certificate": float(cert()), "structured": float(structured)}
     return out
 
@@ -216,7 +210,7 @@ LONG = [
 @pytest.mark.parametrize("make,shape", [c[1:] for c in LONG], ids=[c[0] for c in LONG])
 def test_polyphase_fft_tight_on_long_inputs(make, shape):
     layer, bound = _build(make, shape, seed=1)
-    exact = _exact(layer, shape)
+    exact = exact_norm(layer, shape)
     structured = bound.certificate.structured(None, None)
     assert exact <= structured <= exact * 1.01
 

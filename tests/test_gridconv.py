@@ -18,6 +18,8 @@ import pytest
 
 from tf_lipschitz import certify, gridconv, linalg
 
+from groundtruth import affine_map, exact_norm
+
 L = keras.layers
 
 CASES = [
@@ -41,14 +43,6 @@ def _layer(make, shape, seed=0):
     return layer
 
 
-def _dense(layer, shape):
-    """The layer's linear part as a float64 matrix ``(n_out, n_in)``, from its own outputs."""
-    n = math.prod(shape)
-    basis = np.eye(n, dtype="float32").reshape((n, *shape))
-    out = np.asarray(layer(basis)) - np.asarray(layer(np.zeros((1, *shape), "float32")))
-    return out.reshape(n, -1).T.astype("float64")
-
-
 @pytest.fixture(scope="module", params=CASES, ids=IDS)
 def case(request):
     _, make, shape = request.param
@@ -57,7 +51,7 @@ def case(request):
     spec = certify.conv_certificate(layer, shape, out_shape).spec(None, None)
     taps, shifts = spec.taps()
     op = gridconv.GridConv(taps, shifts, spec.offset, spec.spatial, out_shape[:-1])
-    matrix = _dense(layer, shape)
+    matrix = affine_map(layer, shape)
     return {"layer": layer, "shape": shape, "out_shape": out_shape, "spec": spec, "op": op,
             "matrix": matrix, "exact": float(np.linalg.svd(matrix, compute_uv=False)[0])}
 
@@ -157,7 +151,7 @@ def test_structured_certificate_uses_the_small_grid_route(monkeypatch):
     shape = (7, 7, 48)  # 2352 > DENSE_GRAM_SIDE: Lanczos proposal, block Cholesky, 7 block rows
     calls = _counting(monkeypatch)
     layer = _layer(lambda: L.Conv2D(48, 3, padding="same", use_bias=False), shape, seed=3)
-    exact = float(np.linalg.svd(_dense(layer, shape), compute_uv=False)[0])
+    exact = exact_norm(layer, shape)
     fft_only = certify.conv_certificate(layer, shape, shape, small_grid=False)
     refined = certify.conv_certificate(layer, shape, shape)
     assert fft_only.structured(None, None) > exact * 1.01
@@ -169,7 +163,7 @@ def test_low_proposal_is_raised_once_and_still_proven(monkeypatch):
     shape = (7, 7, 48)
     calls = _counting(monkeypatch)
     layer = _layer(lambda: L.Conv2D(48, 3, padding="same", use_bias=False), shape, seed=3)
-    exact = float(np.linalg.svd(_dense(layer, shape), compute_uv=False)[0])
+    exact = exact_norm(layer, shape)
     ritz = gridconv.lanczos_ritz  # the proposal 0.2 % low (in the route's own scaling)
     monkeypatch.setattr(gridconv, "lanczos_ritz", lambda *a: ritz(*a) * 0.998 ** 2)
     bound = certify.conv_certificate(layer, shape, shape).structured(None, None)
@@ -182,7 +176,7 @@ def test_channels_first_layers_are_certified_like_their_twin():
     first = L.Conv2D(4, 3, padding="same", use_bias=False, data_format="channels_first")
     first.build((None, 3, 6, 5))  # Conv2D NCHW does not run on CPU: compared by its weights
     first.set_weights(last.get_weights())
-    exact = float(np.linalg.svd(_dense(last, (6, 5, 3)), compute_uv=False)[0])
+    exact = exact_norm(last, (6, 5, 3))
     spec = certify.conv_certificate(first, (3, 6, 5), (4, 6, 5)).spec(None, None)
     bound = gridconv.small_grid_bound(spec, (6, 5), 1e-3, certify.safety_margin, 9.0)
     assert exact <= bound <= exact * 1.01
@@ -199,7 +193,7 @@ def test_single_tap_kernels_skip_the_route_and_the_fft_bound_is_exact():
     kernel = np.zeros_like(layer.get_weights()[0])
     kernel[0, 2] = np.random.default_rng(2).standard_normal(kernel.shape[2:])  # off-centre tap
     layer.set_weights([kernel])
-    exact = float(np.linalg.svd(_dense(layer, (5, 6, 3)), compute_uv=False)[0])
+    exact = exact_norm(layer, (5, 6, 3))
     cert = certify.conv_certificate(layer, (5, 6, 3), (5, 6, 4))
     spec = cert.spec(None, None)
     assert gridconv.small_grid_bound(spec, (5, 6), 1e-3, certify.safety_margin, 9.0) is None

@@ -12,6 +12,8 @@ import tf_lipschitz as tfl
 from tf_lipschitz.errors import LipschitzError
 from tf_lipschitz.seqlip import pattern_max
 
+from groundtruth import affine_map
+
 L = keras.layers
 
 
@@ -478,14 +480,7 @@ def test_batchnorm_after_a_relu_joins_the_convolution_group(relu_layer):
     assert pair["pair"].startswith("conv+bn -> flatten")
     conv, bn, head = model.get_layer("conv"), model.get_layer("bn"), model.get_layer("head")
     scale = (bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)).astype(float)
-    n_in = 2 * 3 * 2
-    basis = np.eye(n_in, dtype="float32").reshape(n_in, 2, 3, 2)
-    act, conv.activation = conv.activation, keras.activations.linear
-    try:
-        w1 = conv(basis).numpy().reshape(n_in, -1).T - conv(0 * basis[:1]).numpy().reshape(1, -1).T
-    finally:
-        conv.activation = act
-    m1 = (np.tile(scale, 6)[:, None] * w1).astype(np.float64)
+    m1 = np.tile(scale, 6)[:, None] * affine_map(conv, (2, 3, 2))
     m2 = head.kernel.numpy().T.astype(np.float64)
     patterns = np.array(list(itertools.product([0.0, 1.0], repeat=18)))
     truth = 0.0

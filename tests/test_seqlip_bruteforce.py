@@ -18,30 +18,9 @@ import tensorflow as tf
 import tf_lipschitz as tfl
 from tf_lipschitz import seqlip
 
+from groundtruth import affine_map
+
 L = keras.layers
-
-
-def affine_map(layers, in_shape):
-    """Dense ``(out, in)`` matrix of a chain of affine layers (bias removed), in float64.
-
-    An activation inside a layer of the chain is left out: the chain is a group whose
-    scalings were commuted through it (``Dense(activation="sigmoid") → BatchNormalization``),
-    and the activation counts in the link after the group.
-    """
-    n = int(np.prod(in_shape))
-    basis = np.concatenate([np.zeros((1, n)), np.eye(n)]).reshape((n + 1, *in_shape))
-    y = tf.constant(basis.astype("float32"))
-    for layer in layers:
-        act = getattr(layer, "activation", None)
-        if act is not None:
-            layer.activation = keras.activations.linear
-        try:
-            y = layer(y, training=False)
-        finally:
-            if act is not None:
-                layer.activation = act
-    y = y.numpy().reshape(n + 1, -1).astype(np.float64)
-    return (y[1:] - y[:1]).T
 
 
 def vertex_max(a, b, lo, hi):

@@ -11,12 +11,7 @@ from tf_lipschitz.operators import LinearOperator
 from tf_lipschitz.rules import Linear, NodeContext, get_rule
 from tf_lipschitz.wrappers import LipschitzWrapper
 
-
-def _top_sv(matrix) -> float:
-    """Largest singular value of a dense matrix (float64 eigenvalues of the smaller Gram)."""
-    m = np.asarray(matrix, dtype="float64")
-    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
-    return float(np.sqrt(np.linalg.eigvalsh(gram)[-1]))
+from groundtruth import exact_norm, top_singular_value
 
 
 def _norm(layer, input_shape) -> float:
@@ -24,16 +19,7 @@ def _norm(layer, input_shape) -> float:
     ctx = NodeContext(input_shapes=(tuple(input_shape),), output_shapes=((),))
     bound = get_rule(layer)(layer, ctx)
     assert isinstance(bound, Linear)
-    return _top_sv(LinearOperator(bound.fn, tuple(input_shape)).to_dense())
-
-
-def _inference_norm(layer, input_shape) -> float:
-    """Exact norm of the Jacobian of ``layer(x) − layer(0)`` in inference, materialised."""
-    n = int(np.prod(input_shape))
-    eye = np.eye(n, dtype="float32").reshape((n, *input_shape))
-    zero = np.zeros((1, *input_shape), "float32")
-    columns = np.asarray(layer(eye, training=False)) - np.asarray(layer(zero, training=False))
-    return _top_sv(columns.reshape(n, -1))
+    return top_singular_value(LinearOperator(bound.fn, tuple(input_shape)).to_dense())
 
 
 LAYERS = {
@@ -185,14 +171,14 @@ def test_dense_on_variable_length_sequences(rng):
     wrapper = LipschitzWrapper(keras.layers.Dense(3), max_lipschitz=0.5)
     model = keras.Sequential([keras.Input((None, 4)), wrapper])
     assert tuple(wrapper.vector.shape) == (1, 4)
-    assert _top_sv(wrapper.layer.kernel.numpy()) > 0.5
+    assert top_singular_value(wrapper.layer.kernel.numpy()) > 0.5
     model.compile(keras.optimizers.SGD(0.05), "mse")
     for length in (5, 2):
         x = rng.standard_normal((16, length, 4)).astype("float32")
         model.fit(x, 10.0 * rng.standard_normal((16, length, 3)), batch_size=8, verbose=0)
     wrapper.calibrate()
     for length in (1, 3, 7):
-        assert _inference_norm(wrapper, (length, 4)) == pytest.approx(0.5, rel=1e-5)
+        assert exact_norm(wrapper, (length, 4)) == pytest.approx(0.5, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["dense", "conv2d_strided"])
@@ -206,15 +192,15 @@ def test_operator_norm_is_the_effective_norm(name, rng):
     keras.Sequential([keras.Input(shape), wrapper])
     kernel = wrapper.layer.kernel
     kernel.assign(3.0 * rng.standard_normal(kernel.shape).astype("float32"))
-    exact = _inference_norm(wrapper, shape)
+    exact = exact_norm(wrapper, shape)
     assert exact > 1.0 + 1e-3
     vector = wrapper.vector.numpy().copy()
     assert wrapper.operator_norm() == pytest.approx(exact, rel=1e-5)
     np.testing.assert_array_equal(wrapper.vector.numpy(), vector)  # read-only
-    assert _inference_norm(wrapper, shape) == exact
+    assert exact_norm(wrapper, shape) == exact
     wrapper.calibrate()
     assert wrapper.operator_norm() == pytest.approx(1.0, rel=1e-5)
-    assert _inference_norm(wrapper, shape) == pytest.approx(1.0, rel=1e-5)
+    assert exact_norm(wrapper, shape) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_calibrated_at_build_and_after_set_weights(rng):

@@ -1,7 +1,5 @@
 """Each activation constant equals the largest |σ'| found numerically on a fine grid."""
 
-import math
-
 import keras
 import numpy as np
 import pytest
