@@ -10,12 +10,7 @@ from tf_lipschitz.constraints import ConvOperatorNorm, SpectralNorm, track_top_v
 from tf_lipschitz.errors import InvalidArgumentError, LipschitzError
 from tf_lipschitz.operators import LinearOperator
 
-
-def _top_sv(matrix) -> float:
-    """Largest singular value of a dense matrix (float64 eigenvalues of the smaller Gram)."""
-    m = np.asarray(matrix, dtype="float64")
-    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
-    return float(np.sqrt(np.linalg.eigvalsh(gram)[-1]))
+from groundtruth import exact_norm, top_singular_value
 
 
 def _conv_norm(kernel, input_shape, strides, padding, dilation=1) -> float:
@@ -24,7 +19,7 @@ def _conv_norm(kernel, input_shape, strides, padding, dilation=1) -> float:
         lambda x: ops.conv(x, kernel, strides=strides, padding=padding, dilation_rate=dilation),
         tuple(input_shape),
     )
-    return _top_sv(op.to_dense())
+    return top_singular_value(op.to_dense())
 
 
 def test_track_top_vector_converges_then_steps(rng):
@@ -32,7 +27,7 @@ def test_track_top_vector_converges_then_steps(rng):
     fn = lambda x: tf.matmul(x, w)  # noqa: E731
     v0 = tf.constant(rng.standard_normal((1, 12)).astype("float32"))
     v = track_top_vector(fn, v0, iterations=1, calibrate=True, tol=1e-10, max_iterations=5000)
-    assert float(tf.norm(fn(v))) == pytest.approx(_top_sv(w), rel=1e-5)
+    assert float(tf.norm(fn(v))) == pytest.approx(top_singular_value(w), rel=1e-5)
     # zero iterations: only normalises
     same = track_top_vector(fn, 3.0 * v0, iterations=0, calibrate=False)
     np.testing.assert_allclose(same.numpy(), (v0 / tf.norm(v0)).numpy(), rtol=1e-6)
@@ -41,14 +36,14 @@ def test_track_top_vector_converges_then_steps(rng):
 @pytest.mark.parametrize("max_value", [0.5, 1.0, 3.0])
 def test_spectral_norm_projects_dense_kernel(max_value, rng):
     w = keras.Variable(rng.standard_normal((20, 9)).astype("float32") * 2.0)
-    assert _top_sv(w.numpy()) > max_value
+    assert top_singular_value(w.numpy()) > max_value
     constraint = SpectralNorm(max_value)
     projected = constraint(w).numpy()
-    assert _top_sv(projected) == pytest.approx(max_value, rel=1e-4)
+    assert top_singular_value(projected) == pytest.approx(max_value, rel=1e-4)
     # a projection: a kernel already inside the ball is left unchanged (idempotence)
     np.testing.assert_allclose(constraint(keras.Variable(projected)).numpy(), projected,
                                rtol=1e-4)
-    small = keras.Variable(w.numpy() * (0.5 * max_value / _top_sv(w.numpy())))
+    small = keras.Variable(w.numpy() * (0.5 * max_value / top_singular_value(w.numpy())))
     np.testing.assert_array_equal(constraint(small).numpy(), small.numpy())
 
 
@@ -56,11 +51,11 @@ def test_spectral_norm_vector_is_persistent_and_warm(rng):
     constraint = SpectralNorm(1.0, power_iterations=1)
     w = keras.Variable(rng.standard_normal((30, 30)).astype("float32"))
     first = constraint.operator_norm(w)  # calibrates
-    assert first == pytest.approx(_top_sv(w.numpy()), rel=1e-4)
+    assert first == pytest.approx(top_singular_value(w.numpy()), rel=1e-4)
     assert len(constraint._vectors) == 1
     # the weights move a little: one warm step is enough to track the new norm
     w.assign(w.numpy() * 1.1 + 0.01 * rng.standard_normal((30, 30)).astype("float32"))
-    assert constraint.operator_norm(w) == pytest.approx(_top_sv(w.numpy()), rel=1e-3)
+    assert constraint.operator_norm(w) == pytest.approx(top_singular_value(w.numpy()), rel=1e-3)
     assert len(constraint._vectors) == 1
 
 
@@ -81,7 +76,7 @@ def test_shared_constraint_calibrates_each_new_kernel(kind, rng):
     kernels = [wrap(matrix) for matrix in (first, second)]
     assert len({getattr(kernel, "path", "kernel") for kernel in kernels}) == 1
     for kernel in kernels:
-        assert _top_sv(np.asarray(constraint(kernel))) == pytest.approx(1.0, rel=1e-5)
+        assert top_singular_value(np.asarray(constraint(kernel))) == pytest.approx(1.0, rel=1e-5)
 
 
 def _fit_named_model(constraint, x, y, seed):
@@ -108,7 +103,7 @@ def test_constraint_shared_by_a_rebuilt_model_of_the_same_name(rng):
     model = _fit_named_model(shared, x, y, seed=1)
     assert model.layers[0].kernel.path == "net/d1/kernel"
     for layer in model.layers:
-        assert _top_sv(layer.kernel.numpy()) <= 1.0 + 1e-3
+        assert top_singular_value(layer.kernel.numpy()) <= 1.0 + 1e-3
 
 
 @pytest.mark.parametrize(
@@ -126,11 +121,50 @@ def test_conv_operator_norm_matches_dense_svd(input_shape, strides, padding, dil
         1.0, rel=1e-4)
 
 
+KINDS = {  # layer, its input shape, the constraint's keywords, the constrained weight
+    "depthwise2d": (lambda: keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
+                    (7, 7, 3), dict(kind="depthwise", padding="same"), "kernel"),
+    "depthwise1d_strided": (lambda: keras.layers.DepthwiseConv1D(3, strides=2),
+                            (11, 2), dict(kind="depthwise", strides=2), "kernel"),
+    "separable_depthwise": (lambda: keras.layers.SeparableConv2D(6, 3, depth_multiplier=2),
+                            (7, 7, 3), dict(kind="depthwise"), "depthwise_kernel"),
+    "transposed2d_strided": (lambda: keras.layers.Conv2DTranspose(2, 3, strides=2,
+                                                                  padding="same"),
+                             (5, 5, 4), dict(kind="transposed", strides=2, padding="same"),
+                             "kernel"),
+    "transposed2d_output_padding": (
+        lambda: keras.layers.Conv2DTranspose(3, 3, strides=2, output_padding=1),
+        (4, 5, 2), dict(kind="transposed", strides=2, output_padding=1), "kernel"),
+    "transposed1d_dilated": (lambda: keras.layers.Conv1DTranspose(3, 3, dilation_rate=2),
+                             (9, 4), dict(kind="transposed", dilation_rate=2), "kernel"),
+}
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_conv_operator_norm_of_depthwise_and_transposed_kernels(name, rng):
+    """The kernel's own operator, from the dense SVD of the layer's map.
+
+    ConvOperatorNorm applied an ordinary convolution to every kernel: a Conv2DTranspose kernel
+    (4 inputs, 2 filters, stride 2) constrained to 1 ended at 1.30, a depthwise one well below
+    its target (0.76).
+    """
+    make, shape, kwargs, attribute = KINDS[name]
+    layer = make()
+    layer.build((None, *shape))
+    if isinstance(layer, keras.layers.SeparableConv2D):  # pointwise identity: the map is the
+        layer.pointwise_kernel.assign(np.eye(6, dtype="float32")[None, None])  # depthwise one
+    weight = getattr(layer, attribute)
+    weight.assign(3.0 * weight.numpy() / exact_norm(layer, shape))
+    constraint = ConvOperatorNorm(1.0, shape, **kwargs)
+    weight.assign(constraint(weight))
+    assert exact_norm(layer, shape) == pytest.approx(1.0, rel=1e-4)
+
+
 def test_conv_operator_norm_is_not_the_reshaped_kernel_norm(rng):
     """The trap of shared/ALGORITHMS.md §2: the reshaped kernel's norm is another number."""
     kernel = rng.standard_normal((3, 3, 3, 16)).astype("float32")
     projected = ConvOperatorNorm(1.0, (16, 16, 3), padding="same")(keras.Variable(kernel))
-    reshaped = _top_sv(np.asarray(projected).reshape(-1, 16))
+    reshaped = top_singular_value(np.asarray(projected).reshape(-1, 16))
     assert _conv_norm(projected, (16, 16, 3), 1, "same") == pytest.approx(1.0, rel=1e-4)
     assert reshaped < 0.8  # normalising the reshaped kernel instead would leave the op at > 1.2
     with pytest.raises(InvalidArgumentError, match="ConvOperatorNorm"):
@@ -154,7 +188,7 @@ def test_training_with_constraints_keeps_operator_norms(rng):
     y = 10.0 * rng.standard_normal((96, 3)).astype("float32")  # pushes the norms up
     _train(model, x, y)
     conv_norm = _conv_norm(conv.kernel.numpy(), shape, 2, "same")
-    dense_norm = _top_sv(dense.kernel.numpy())
+    dense_norm = top_singular_value(dense.kernel.numpy())
     assert conv_norm <= 0.5 * (1 + 1e-3)
     assert dense_norm <= 0.5 * (1 + 1e-3)
     assert conv_norm > 0.45 and dense_norm > 0.45  # the constraint is active, not vacuous
@@ -200,6 +234,12 @@ def test_serialisation_round_trip(tmp_path, rng):
         (lambda: ConvOperatorNorm(1.0, (8, 8, 1), strides=(1, 2, 3)), "strides"),
         (lambda: ConvOperatorNorm(1.0, (8, 8, 1), strides="2"), "strides='2'"),
         (lambda: ConvOperatorNorm(1.0, (8, 8, 1), data_format="NHWC"), "data_format='NHWC'"),
+        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), kind="Conv2DTranspose"), "kind="),
+        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), strides=2, dilation_rate=2),
+         "strides=2, dilation_rate=2"),
+        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), output_padding=1), "kind='conv'"),
+        (lambda: ConvOperatorNorm(1.0, (8, 8, 1), kind="transposed", output_padding=-1),
+         "output_padding=-1"),
     ],
 )
 def test_bad_arguments(factory, match):
@@ -213,8 +253,31 @@ def test_bad_arguments(factory, match):
 
 def test_kernel_that_does_not_fit_the_input_shape(rng):
     constraint = ConvOperatorNorm(1.0, (8, 8, 3))
-    with pytest.raises(InvalidArgumentError, match="input_shape"):
-        constraint(keras.Variable(rng.standard_normal((3, 3, 2, 4)).astype("float32")))
+    with pytest.raises(InvalidArgumentError, match="input_shape") as info:
+        constraint(keras.Variable(rng.standard_normal((3, 3, 2, 4)).astype("float32"),
+                                  name="kernel"))
+    assert "kernel 'kernel'" in str(info.value)  # the variable's path names the layer
+    layer = keras.layers.DepthwiseConv2D(3, depthwise_constraint=ConvOperatorNorm(
+        1.0, (8, 8, 2), kind="depthwise"), name="dw")
+    model = keras.Sequential([keras.Input((8, 8, 3)), layer])
+    with pytest.raises(InvalidArgumentError, match=r"/dw/kernel'.*axis \(-2\) equals 2"):
+        layer.depthwise_constraint(model.layers[0].kernel)
+
+
+def test_calibration_sees_a_block_the_tracked_vector_has_lost(rng):
+    """A block-diagonal map keeps an exactly zero block of the vector at zero (half-precision
+    products flush decaying blocks): the calibration used to return the second norm, 1."""
+    w = tf.constant(np.diag([1.0, 3.0, 2.0]).astype("float32"))
+    v = track_top_vector(lambda x: x @ w, tf.constant([[1.0, 0.0, 0.0]]), iterations=1,
+                         calibrate=True)
+    assert float(tf.norm(v @ w)) == pytest.approx(3.0, rel=1e-6)
+    v = track_top_vector(lambda x: x @ w, tf.constant([[1.0, 0.0, 0.0]]), iterations=1,
+                         calibrate=tf.constant(True))
+    assert float(tf.norm(v @ w)) == pytest.approx(3.0, rel=1e-6)
+    # a training step does not mix: one power step from the vector
+    v = track_top_vector(lambda x: x @ w, tf.constant([[1.0, 0.0, 0.0]]), iterations=1,
+                         calibrate=False)
+    np.testing.assert_array_equal(v.numpy(), [[1.0, 0.0, 0.0]])
 
 
 def test_lanczos_step_beats_power_steps_on_a_clustered_spectrum(rng):
@@ -243,8 +306,8 @@ def test_track_top_vector_iterates_a_float16_map_in_float32(shape, calibrate, st
     # the calibrating Lanczos stopped 3.4 % below the norm of a 2048-wide map, five 8-product
     # restarts 4.7 % below on a 64-wide one. Now applied in float16, iterated in float32.
     m = rng.standard_normal(shape)
-    w = tf.constant(m * 1e3 / _top_sv(m), tf.float16)
-    exact = _top_sv(w.numpy())
+    w = tf.constant(m * 1e3 / top_singular_value(m), tf.float16)
+    exact = top_singular_value(w.numpy())
     v = tf.constant(rng.standard_normal((1, shape[0])), tf.float16)
     for _ in range(steps):
         v = track_top_vector(lambda x: tf.matmul(x, w), v, iterations=8, calibrate=calibrate)
@@ -259,7 +322,7 @@ def test_float16_kernel_of_large_norm_is_projected(kind, rng):
     # With a float16 kernel (float16 policy) of norm about 1e3, σ̂ = ‖h(v)‖ overflowed float16
     # (its square passes 65504 at 256): σ̂ = inf, and the kernel was multiplied by 1/inf = 0.
     if kind == "dense":
-        w, constraint, norm = rng.standard_normal((64, 16)), SpectralNorm(1.0), _top_sv
+        w, constraint, norm = rng.standard_normal((64, 16)), SpectralNorm(1.0), top_singular_value
     else:
         w = rng.standard_normal((3, 3, 3, 4))
         constraint = ConvOperatorNorm(1.0, (9, 9, 3), padding="same")

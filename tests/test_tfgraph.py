@@ -255,6 +255,45 @@ def test_composite_activations_are_recognised_by_structure_not_values():
         tfgraph._OP_RULES.pop("Sin")
 
 
+@pytest.mark.parametrize("low, high", [(-2.5, 1.8), (0.05, 0.3)], ids=["wide", "leaky"])
+@pytest.mark.parametrize("shared", [None, [1, 2]], ids=["per-entry", "per-channel"])
+def test_prelu_in_a_graph_has_the_layer_constant(low, high, shared):
+    """Keras' PReLU exports as ``relu(x) + (−α)·relu(−x)``: constant ``max(1, max|α|)``.
+
+    The two branches were bounded apart, ``1 + max|α|``: the graph bound of this model was
+    above the Keras-level one (1.9× for α in [0.05, 0.3]).
+    """
+    inp = keras.Input((5, 5, 2))
+    prelu = L.PReLU(shared_axes=shared, name="prelu")
+    out = L.Dense(2)(L.Flatten()(prelu(L.Conv2D(3, 3, padding="same")(inp))))
+    model = keras.Model(inp, out)
+    alpha = np.random.default_rng(0).uniform(low, high, prelu.alpha.shape).astype("float32")
+    prelu.alpha.assign(alpha)
+    # ground truth of the activation: its secants through 0, entry by entry
+    ones = np.ones((1, *prelu.input.shape[1:]), "float32")
+    slopes = np.concatenate([np.asarray(prelu(ones)), -np.asarray(prelu(-ones))])
+    keras_rep = tfl.LipschitzEstimator(model, verbose=0, tol=1e-8).autolip()
+    rep = autolip_function(tf.function(lambda x: model(x)), [tf.TensorSpec([None, 5, 5, 2])],
+                           tol=1e-8)
+    [row] = [r for r in rep.layers if "prelu" in r.note]
+    assert row.lipschitz == pytest.approx(max(1.0, float(np.abs(slopes).max())), rel=1e-7)
+    assert row.bound_kind == "certified"
+    assert rep.upper == pytest.approx(keras_rep.upper, rel=1e-6)
+
+
+@pytest.mark.parametrize("fn, truth", [
+    (lambda h: tf.nn.relu(h) + 2.0 * tf.nn.relu(h), 3.0),  # no negation: slopes 0 and 3
+    (lambda h: tf.nn.relu(h) + 2.0 * tf.nn.relu(-tf.nn.relu(h)), 1.0),  # relu(-relu) = 0
+    (lambda h: tf.nn.relu(h) + 0.5 * tf.nn.relu(-2.0 * h), 1.0),  # not relu(-h): slope 1
+], ids=["same-side", "other-source", "scaled-negation"])
+def test_sums_of_relus_that_are_not_prelu_are_bounded_branch_by_branch(fn, truth):
+    w = np.random.default_rng(3).standard_normal((6, 4)).astype("float32")
+    rep = autolip_function(lambda x: fn(x @ w), SPEC6)
+    assert not any("prelu" in r.note for r in rep.layers)
+    assert rep.upper >= _sigma(w) * truth * (1 - 1e-6)
+    assert _slope_sup(fn) == pytest.approx(truth)
+
+
 def test_broadcast_operands_of_merges_count_their_copies():
     """A merged operand broadcast to N/n copies enters with its constant times √(N/n).
 

@@ -105,6 +105,16 @@ def track_top_vector(
     vector = tf.convert_to_tensor(vector)
     size = int(np.prod(vector.shape[1:]))
     iterations = check_int(iterations, "iterations", minimum=0)
+    # A calibration starts from the vector plus a little of a fixed random one. On a
+    # block-diagonal operator (depthwise and grouped convolutions) a block of the tracked vector
+    # that decayed to exact zeros (quickly with half-precision products) stays zero under every
+    # product, and a block that became the largest since would never be seen again: a wrapped
+    # DepthwiseConv2D calibrated after mixed-precision training was 1.16× its target.
+    if calibrate is True:
+        vector = _with_random_part(vector)
+    elif calibrate is not False:
+        vector = tf.where(tf.convert_to_tensor(calibrate, tf.bool), _with_random_part(vector),
+                          vector)
 
     # Every branch but a zero-step one starts with the product at the (unit) vector.
     prep = prepare_operator(fn, None, vector,
@@ -141,6 +151,22 @@ def track_top_vector(
 def start_vector(shape, dtype) -> tf.Tensor:
     """A fixed-seed Gaussian vector: the deterministic start of the persistent iterations."""
     return tf.random.stateless_normal(shape, seed=_START_SEED, dtype=dtype)
+
+
+_CONV_KINDS = ("conv", "depthwise", "transposed")
+
+
+_RANDOM_PART = 0.01  # of a calibration's start (see track_top_vector)
+
+
+def _with_random_part(vector: tf.Tensor) -> tf.Tensor:
+    """``v/‖v‖ + 0.01·r/‖r‖`` for the fixed random ``r`` of :func:`start_vector` (computed in
+    float32 at least, so that the random part is not lost in half precision)."""
+    wide = tf.float32 if vector.dtype.size < 4 else vector.dtype
+    v = tf.cast(vector, wide)
+    r = start_vector(tf.shape(v), wide)
+    mixed = v / tf.maximum(tf.norm(v), 1e-30) + _RANDOM_PART * r / tf.norm(r)
+    return tf.cast(mixed, vector.dtype)
 
 
 def check_positive(name: str, value: Any) -> float:
@@ -214,7 +240,14 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
     def _sigma(self, w) -> tuple[tf.Tensor, tf.Tensor]:
         """One constraint step's estimate: ``(σ̂, kernel tensor)``, updating the stored vector."""
         kernel = ops.convert_to_tensor(w)
-        _, input_shape = self._operator(kernel)
+        try:
+            _, input_shape = self._operator(kernel)
+        except InvalidArgumentError as err:
+            path = getattr(w, "path", None)  # e.g. "sequential/conv2d/kernel"
+            if path is None:
+                raise
+            raise InvalidArgumentError(f"{type(self).__name__} on kernel '{path}': {err}") \
+                from None
         state = self._vector_for(w, input_shape, kernel.dtype)
         if tf.executing_eagerly():  # direct calls: compile once instead of running loops eagerly
             if self._compiled is None:
@@ -318,15 +351,26 @@ class ConvOperatorNorm(_OperatorNormConstraint):
 
     The kernel is rescaled to ``K · min(1, max_value / σ̂)`` after each update, with ``σ̂`` from a
     warm-started power iteration on ``JᵀJ`` of the convolution (persistent vector of shape
-    ``(1, *input_shape)``). Supports Conv1D/2D/3D kernels (grouped convolutions included).
+    ``(1, *input_shape)``). Supports the kernels of Conv1D/2D/3D (grouped convolutions
+    included), of DepthwiseConv1D/2D and SeparableConv1D/2D's ``depthwise_constraint``
+    (``kind="depthwise"``) and of Conv1D/2D/3DTranspose (``kind="transposed"``). Say which:
+    the kernel's shape cannot tell a transposed or depthwise kernel from an ordinary one, and
+    the wrong kind measures another operator (a Conv2DTranspose kernel constrained as an
+    ordinary one ended 1.3× its target).
 
     Args:
         max_value: Largest allowed operator norm.
         input_shape: Per-example input shape of the layer, e.g. ``(28, 28, 1)``.
         strides: The layer's strides.
         padding: ``"valid"`` or ``"same"``, as in the layer.
-        dilation_rate: The layer's dilation rate.
+        dilation_rate: The layer's dilation rate (``strides`` and ``dilation_rate`` cannot both
+            exceed 1, as in Keras).
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        kind: ``"conv"`` (ordinary and grouped convolutions), ``"depthwise"`` (kernel
+            ``(*window, channels, multiplier)``) or ``"transposed"`` (kernel
+            ``(*window, filters, channels)``).
+        output_padding: A transposed convolution's ``output_padding`` (``None``: inferred, as
+            in the layer).
         power_iterations: As in :class:`SpectralNorm` (4 tracks fast-moving weights much
             better than 1).
         tol: As in :class:`SpectralNorm`.
@@ -353,10 +397,18 @@ class ConvOperatorNorm(_OperatorNormConstraint):
         data_format: str | None = None,
         power_iterations: int = 1,
         *,
+        kind: str = "conv",
+        output_padding: int | Sequence[int] | None = None,
         tol: float = 1e-8,
         max_iterations: int = 1000,
     ):
         super().__init__(max_value, power_iterations, tol, max_iterations)
+        if kind not in _CONV_KINDS:
+            raise InvalidArgumentError(
+                f"`kind` must be one of {', '.join(map(repr, _CONV_KINDS))}: 'depthwise' for "
+                "DepthwiseConv and SeparableConv depthwise kernels, 'transposed' for "
+                f"ConvTranspose kernels. Received: kind={kind!r}")
+        self.kind = kind
         if input_shape is None:
             raise InvalidArgumentError(
                 "ConvOperatorNorm needs the layer's per-example `input_shape`, e.g. "
@@ -379,6 +431,16 @@ class ConvOperatorNorm(_OperatorNormConstraint):
         self.strides = self._tuple("strides", strides, rank)
         self.dilation_rate = self._tuple("dilation_rate", dilation_rate, rank)
         self.padding = padding
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise InvalidArgumentError(
+                "`strides` and `dilation_rate` cannot both exceed 1 (Keras convolutions refuse "
+                f"it). Received: strides={strides!r}, dilation_rate={dilation_rate!r}")
+        if output_padding is not None and kind != "transposed":
+            raise InvalidArgumentError(
+                "`output_padding` is for kind='transposed' only. Received: "
+                f"output_padding={output_padding!r}, kind={kind!r}")
+        self.output_padding = None if output_padding is None else self._tuple(
+            "output_padding", output_padding, rank, minimum=0)
         data_format = data_format or keras.config.image_data_format()
         if data_format not in ("channels_last", "channels_first"):
             raise InvalidArgumentError(
@@ -388,32 +450,43 @@ class ConvOperatorNorm(_OperatorNormConstraint):
         self.data_format = data_format
 
     @staticmethod
-    def _tuple(name: str, value, rank: int) -> tuple[int, ...]:
+    def _tuple(name: str, value, rank: int, minimum: int = 1) -> tuple[int, ...]:
         values = (value,) * rank if isinstance(value, int) else (
             tuple(value) if isinstance(value, (tuple, list)) else ())
         if len(values) != rank or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
+            isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values
         ):
             raise InvalidArgumentError(
-                f"`{name}` must be an int >= 1 or a tuple of {rank} of them for input_shape "
-                f"of rank {rank + 1}. Received: {name}={value!r}"
+                f"`{name}` must be an int >= {minimum} or a tuple of {rank} of them for "
+                f"input_shape of rank {rank + 1}. Received: {name}={value!r}"
             )
         return values
 
     def _operator(self, w):
         rank = len(self.input_shape) - 1
         channels = self.input_shape[-1 if self.data_format == "channels_last" else 0]
-        if len(w.shape) != rank + 2 or channels % int(w.shape[-2]) != 0:
+        if self.kind == "conv":
+            fits, axis = channels % int(w.shape[-2]) == 0, "input-channel axis (-2) divides"
+        elif self.kind == "depthwise":
+            fits, axis = int(w.shape[-2]) == channels, "channel axis (-2) equals"
+        else:
+            fits, axis = int(w.shape[-1]) == channels, "input-channel axis (-1) equals"
+        if len(w.shape) != rank + 2 or not fits:
             raise InvalidArgumentError(
-                f"ConvOperatorNorm(input_shape={self.input_shape}, "
+                f"ConvOperatorNorm(input_shape={self.input_shape}, kind={self.kind!r}, "
                 f"data_format={self.data_format!r}) received a kernel of shape "
-                f"{tuple(w.shape)}; expected a Conv{rank}D kernel of rank {rank + 2} whose "
-                f"input-channel axis divides {channels}. Check that input_shape is the layer's."
+                f"{tuple(w.shape)}; expected a kernel of rank {rank + 2} whose {axis} "
+                f"{channels}. Check that input_shape and kind are the layer's."
             )
+        options = dict(strides=self.strides, padding=self.padding,
+                       data_format=self.data_format, dilation_rate=self.dilation_rate)
 
         def fn(x):
-            return ops.conv(x, w, strides=self.strides, padding=self.padding,
-                            data_format=self.data_format, dilation_rate=self.dilation_rate)
+            if self.kind == "depthwise":
+                return ops.depthwise_conv(x, w, **options)
+            if self.kind == "transposed":
+                return ops.conv_transpose(x, w, output_padding=self.output_padding, **options)
+            return ops.conv(x, w, **options)
 
         return fn, self.input_shape
 
@@ -425,4 +498,6 @@ class ConvOperatorNorm(_OperatorNormConstraint):
             "padding": self.padding,
             "dilation_rate": list(self.dilation_rate),
             "data_format": self.data_format,
+            "kind": self.kind,
+            "output_padding": None if self.output_padding is None else list(self.output_padding),
         }

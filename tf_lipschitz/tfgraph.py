@@ -1638,7 +1638,16 @@ class _GraphReader:
         absorbed: set[str] = set()
         for name in reversed(live):
             node = self.nodes[name]
-            if name in absorbed or node.op != "Mul":
+            if name in absorbed:
+                continue
+            prelu = self._prelu(name) if node.op in ("AddV2", "Add") else None
+            if prelu is not None:
+                source, members, bound = prelu
+                keep = {m for m in members if consumers.get(m, set()) <= (members | {name})}
+                regions[name] = (source, keep, bound)
+                absorbed |= keep
+                continue
+            if node.op != "Mul":
                 continue
             refs = [self.resolve(r) for r in _data_inputs(node)]
             if sum(self.is_dependent(r) for r in refs) < 2:
@@ -1746,6 +1755,54 @@ class _GraphReader:
 
         return form_of(output)
 
+    def _node_of(self, ref: str):
+        """The node whose first output is ``ref`` (``None`` for another output)."""
+        name, index = _split(ref)
+        return self.nodes[name] if index == 0 else None
+
+    def _operands(self, node) -> list[str]:
+        """The resolved data inputs of ``node``."""
+        return [self.resolve(r) for r in _data_inputs(node)]
+
+    def _prelu(self, name: str) -> tuple[str, set[str], Constant] | None:
+        """``(source, members, bound)`` when the sum ``name`` is ``relu(s) + c·relu(−s)``.
+
+        That is Keras' PReLU (``relu(x) − α·relu(−x)``, ``c = −α`` a constant broadcast over
+        ``s``): slope 1 where ``s > 0`` and ``α`` where ``s < 0``, entry by entry, so its
+        constant is ``max(1, max|α|)`` and its slopes lie in ``[min(1, min α), max(1, max α)]``,
+        as for the layer. The two branches bounded apart would give ``1 + max|α|``.
+        """
+        refs = self._operands(self.nodes[name])
+        out = f"{name}:0"
+        if len(refs) != 2 or not all(self.is_dependent(r) for r in refs):
+            return None
+        for first, second in (refs, refs[::-1]):
+            relu, product = self._node_of(first), self._node_of(second)
+            if relu is None or product is None or relu.op != "Relu" or product.op != "Mul":
+                continue
+            (source,) = self._operands(relu)
+            pair = self._operands(product)
+            if self._shape(source) != self._shape(out) or sum(map(self.is_dependent, pair)) != 1:
+                continue
+            inner_ref = pair[0] if self.is_dependent(pair[0]) else pair[1]
+            scale_ref = pair[1] if inner_ref == pair[0] else pair[0]
+            inner = self._node_of(inner_ref)
+            negation = self._node_of(self._operands(inner)[0]) if inner is not None \
+                and inner.op == "Relu" else None
+            if negation is None or negation.op != "Neg" or self._operands(negation) != [source]:
+                continue
+            alpha = -np.asarray(self.values[scale_ref], dtype=np.float64)
+            if np.broadcast_shapes(alpha.shape, self._shape(source)) != self._shape(source) \
+                    or not np.all(np.isfinite(alpha)):
+                continue
+            value = float(max(1.0, np.abs(alpha).max()))
+            slopes = (float(min(1.0, alpha.min())), float(max(1.0, alpha.max())))
+            bound = Constant(value, note="prelu: relu(x) − α·relu(−x), max(1, |α|) (recognised "
+                                         "from 5 ops)",
+                             activation=Activation("prelu", value, slopes))
+            return source, {relu.name, product.name, inner.name, negation.name}, bound
+        return None
+
     def _swish_beta(self, output: str, source: str) -> float | None:
         """β when ``output`` is ``x·σ(x)``, ``x·σ(c·x)`` or ``x·σ(x/c)`` of ``x = source``.
 
@@ -1753,13 +1810,7 @@ class _GraphReader:
         (``tf.nn.silu(x, beta)``, the quick-gelu ``x·σ(1.702x)``), and ``g`` ranges in
         ``[-0.0998, 1.0998]``: silu's constant holds for every finite constant β.
         """
-        def node_of(ref: str):
-            name, index = _split(ref)
-            return self.nodes[name] if index == 0 else None
-
-        def operands(node) -> list[str]:
-            return [self.resolve(r) for r in _data_inputs(node)]
-
+        node_of, operands = self._node_of, self._operands
         product = node_of(output)
         if product is None or product.op != "Mul" or source not in operands(product):
             return None
