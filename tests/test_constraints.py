@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
+import tf_lipschitz as tfl
 from tf_lipschitz.constraints import ConvOperatorNorm, SpectralNorm, track_top_vector
 from tf_lipschitz.errors import InvalidArgumentError, LipschitzError
 from tf_lipschitz.operators import LinearOperator
@@ -262,6 +263,31 @@ def test_kernel_that_does_not_fit_the_input_shape(rng):
     model = keras.Sequential([keras.Input((8, 8, 3)), layer])
     with pytest.raises(InvalidArgumentError, match=r"/dw/kernel'.*axis \(-2\) equals 2"):
         layer.depthwise_constraint(model.layers[0].kernel)
+
+
+def test_apply_constraints_projects_with_converged_estimates(rng):
+    """After a jump of the weights one power step from the stale vector underestimates σ, so
+    the projected kernels stay above their targets; apply_constraints converges and projects
+    again (nested models included)."""
+    conv_constraint = ConvOperatorNorm(1.0, (8, 8, 3), padding="same")
+    conv = keras.layers.Conv2D(4, 3, padding="same", kernel_constraint=conv_constraint,
+                               name="conv")
+    inner = keras.Sequential([keras.Input((8, 8, 3)), conv], name="inner")
+    dense = keras.layers.Dense(2, kernel_constraint=SpectralNorm(0.5), name="dense")
+    model = keras.Sequential([keras.Input((8, 8, 3)), inner, keras.layers.Flatten(), dense])
+    cases = ((conv, (8, 8, 3), 1.0), (dense, (256,), 0.5))
+    for layer, _, _ in cases:
+        constraint = layer.kernel_constraint
+        layer.kernel.assign(constraint(layer.kernel))  # calibrated on the initial weights
+        layer.kernel.assign(3.0 * rng.standard_normal(layer.kernel.shape).astype("float32"))
+        layer.kernel.assign(constraint(layer.kernel))  # one step from the stale vector
+    for layer, shape, target in cases:
+        assert exact_norm(layer, shape) > target * 1.001
+    norms = tfl.apply_constraints(model)
+    assert set(norms) == {conv.kernel.path, dense.kernel.path}
+    for layer, shape, target in cases:
+        assert exact_norm(layer, shape) == pytest.approx(target, rel=1e-5)
+        assert norms[layer.kernel.path] == pytest.approx(target, rel=1e-5)
 
 
 def test_calibration_sees_a_block_the_tracked_vector_has_lost(rng):

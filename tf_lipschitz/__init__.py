@@ -22,7 +22,7 @@ if _keras.backend.backend() != "tensorflow":  # pragma: no cover - depends on th
 
 from tf_lipschitz import rules, tfgraph, wrappers
 from tf_lipschitz.callbacks import LipCallback, LipschitzRecord
-from tf_lipschitz.constraints import ConvOperatorNorm, SpectralNorm
+from tf_lipschitz.constraints import ConvOperatorNorm, SpectralNorm, apply_constraints
 from tf_lipschitz.errors import (
     InvalidArgumentError,
     LipschitzError,
@@ -71,6 +71,7 @@ __all__ = [
     "SpectralSolver",
     "UnsupportedLayerError",
     "UnsupportedOpError",
+    "apply_constraints",
     "autolip_function",
     "autolip_saved_model",
     "register_activation",

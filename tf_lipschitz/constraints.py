@@ -28,8 +28,9 @@ Lanczos restart for ``power_iterations >= 2``, see :func:`track_top_vector`). Th
 little between optimizer steps, so the vector stays nearly converged and ``σ̂`` tracks ``σ`` at
 a few products per step (the warm-start scheme of Miyato et al., ICLR 2018). It lags when the
 weights move fast (first epochs, large learning rates): ``power_iterations=4`` removes most of
-that lag (measurements in ``docs/keras_integration.md``). The vectors are a cache: they are not
-saved with the model, and a reloaded model re-converges on its first step.
+that lag (measurements in ``docs/keras_integration.md``); :func:`apply_constraints` after
+``fit`` converges every vector on the final weights and projects once more. The vectors are a
+cache: they are not saved with the model, and a reloaded model re-converges on its first step.
 
 ``SpectralNorm`` treats a 2-D kernel as the matrix of a Dense layer. Do **not** use it for a
 convolution: the norm of the reshaped kernel is not the convolution's operator norm (for a 3×3
@@ -52,7 +53,7 @@ from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.power import (as_shape, check_int, check_tol, compiled, example_norms,
                                 lanczos_loop, power_loop, prepare_operator)
 
-__all__ = ["SpectralNorm", "ConvOperatorNorm", "track_top_vector"]
+__all__ = ["SpectralNorm", "ConvOperatorNorm", "apply_constraints", "track_top_vector"]
 
 _START_SEED = (1805, 10965)  # arXiv 1805.10965: any fixed seed makes the first start reproducible
 
@@ -237,8 +238,9 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
             self._vectors[key] = (weakref.ref(w, forget), var)
         return var
 
-    def _sigma(self, w) -> tuple[tf.Tensor, tf.Tensor]:
-        """One constraint step's estimate: ``(σ̂, kernel tensor)``, updating the stored vector."""
+    def _sigma(self, w, calibrate: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """One constraint step's estimate: ``(σ̂, kernel tensor)``, updating the stored vector
+        (converged to ``tol`` when ``calibrate``)."""
         kernel = ops.convert_to_tensor(w)
         try:
             _, input_shape = self._operator(kernel)
@@ -252,10 +254,11 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
         if tf.executing_eagerly():  # direct calls: compile once instead of running loops eagerly
             if self._compiled is None:
                 self._compiled = compiled(self._update, reduce_retracing=True)
-            return self._compiled(kernel, state), kernel
-        return self._update(kernel, state), kernel
+            return self._compiled(kernel, state, calibrate), kernel
+        return self._update(kernel, state, calibrate), kernel
 
-    def _update(self, kernel: tf.Tensor, state: tf.Variable | None) -> tf.Tensor:
+    def _update(self, kernel: tf.Tensor, state: tf.Variable | None,
+                calibrate: bool = False) -> tf.Tensor:
         fn, input_shape = self._operator(kernel)
         if state is None:  # not a variable: no vector to warm-start from, calibrate
             v0, fresh = start_vector((1, *input_shape), kernel.dtype), True
@@ -263,6 +266,7 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
             v0 = tf.convert_to_tensor(state)
             fresh = tf.reduce_all(tf.equal(v0, 0))
             v0 = tf.where(fresh, start_vector(tf.shape(v0), v0.dtype), v0)
+            fresh = True if calibrate else fresh
         v = track_top_vector(fn, v0, iterations=self.power_iterations, calibrate=fresh,
                              tol=self.tol, max_iterations=self.max_iterations)
         if state is not None:
@@ -271,10 +275,13 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
 
     def __call__(self, w):
         sigma, kernel = self._sigma(w)
-        tiny = tf.constant(1e-12, kernel.dtype)
-        scale = tf.minimum(tf.constant(1.0, kernel.dtype),
-                           tf.constant(self.max_value, kernel.dtype) / tf.maximum(sigma, tiny))
-        return kernel * scale
+        return kernel * self._scale(sigma, kernel.dtype)
+
+    def _scale(self, sigma: tf.Tensor, dtype) -> tf.Tensor:
+        """The projection's factor ``min(1, max_value / σ̂)``."""
+        tiny = tf.constant(1e-12, dtype)
+        return tf.minimum(tf.constant(1.0, dtype),
+                          tf.constant(self.max_value, dtype) / tf.maximum(sigma, tiny))
 
     def operator_norm(self, w) -> float:
         """Estimate of the operator norm of kernel ``w`` (advances the stored vector).
@@ -292,6 +299,47 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
             "tol": self.tol,
             "max_iterations": self.max_iterations,
         }
+
+
+def apply_constraints(model: keras.layers.Layer) -> dict[str, float]:
+    """Projects every kernel of ``model`` that has a tf_lipschitz constraint, with a converged
+    estimate; call it after ``fit``.
+
+    During training each constraint spends ``power_iterations`` products per step from its
+    tracked vector, so ``σ̂`` lags fast-moving weights and the fitted kernels can exceed
+    ``max_value`` by a few % (more when the top singular vector of a convolution keeps
+    changing). This converges each tracked vector on the final weights (restarted Lanczos to
+    the constraint's ``tol``) and applies the projection once more, after which each
+    constrained operator's norm is at most ``max_value`` up to ``tol``. Every variable of the
+    model whose ``constraint`` is a :class:`SpectralNorm` or :class:`ConvOperatorNorm` is
+    visited (nested models and wrappers included); other constraints are left alone.
+
+    Args:
+        model: A built model or layer.
+
+    Returns:
+        ``{variable path: operator norm estimate after the projection}``.
+
+    Example:
+        >>> import keras, tf_lipschitz as tfl
+        >>> layer = keras.layers.Dense(3, kernel_constraint=tfl.SpectralNorm(0.5), name="d")
+        >>> model = keras.Sequential([keras.Input((4,)), layer], name="m")
+        >>> _ = layer.kernel.assign(4.0 * layer.kernel)  # an update that left the ball
+        >>> {k: round(v, 6) for k, v in tfl.apply_constraints(model).items()}
+        {'m/d/kernel': 0.5}
+    """
+    norms: dict[str, float] = {}
+    seen: set[int] = set()
+    for variable in model.weights:
+        constraint = getattr(variable, "constraint", None)
+        if not isinstance(constraint, _OperatorNormConstraint) or id(variable) in seen:
+            continue
+        seen.add(id(variable))
+        sigma, kernel = constraint._sigma(variable, calibrate=True)  # noqa: SLF001
+        scale = constraint._scale(sigma, kernel.dtype)  # noqa: SLF001
+        variable.assign(kernel * scale)
+        norms[variable.path] = float(sigma * scale)
+    return norms
 
 
 @keras.saving.register_keras_serializable(package="tf_lipschitz")
