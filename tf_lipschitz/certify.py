@@ -833,7 +833,6 @@ def _conv_bound(spec: ConvSpec, rtol: float) -> float:
 def _conv_spec(layer, input_shape, output_shape, in_scale=None, out_scale=None) -> ConvSpec:
     """The canonical :class:`ConvSpec` of a Keras convolution layer call."""
     channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
-    rank = len(input_shape) - 1
     spatial_in = tuple(input_shape[:-1] if channels_last else input_shape[1:])
     spatial_out = tuple(output_shape[:-1] if channels_last else output_shape[1:])
     strides = tuple(int(s) for s in layer.strides)
@@ -841,14 +840,47 @@ def _conv_spec(layer, input_shape, output_shape, in_scale=None, out_scale=None) 
     kind = _conv_kind(layer)
     offset = _left_padding(layer, spatial_in, spatial_out, strides, dilation)
     if kind == "separable":
-        dw = weight_values(layer, layer.depthwise_kernel)  # (k..., c_in, m)
-        dw = _scale_axis(dw, in_scale, rank)
-        pw = weight_values(layer, layer.pointwise_kernel)
-        pw = pw.reshape(-1, pw.shape[-1])
+        kernel = weight_values(layer, layer.depthwise_kernel)
+        pointwise = weight_values(layer, layer.pointwise_kernel)
+    else:
+        kernel, pointwise = weight_values(layer, layer.kernel), None
+    return conv_spec(kind, kernel, strides, dilation, spatial_in, spatial_out, offset,
+                     groups=int(getattr(layer, "groups", 1) or 1), pointwise=pointwise,
+                     in_scale=in_scale, out_scale=out_scale)
+
+
+def conv_spec(kind: str, kernel: np.ndarray, strides: Sequence[int], dilation: Sequence[int],
+              spatial_in: Sequence[int], spatial_out: Sequence[int],
+              offset: Sequence[int] | None, *, groups: int = 1,
+              pointwise: np.ndarray | None = None, in_scale=None, out_scale=None) -> ConvSpec:
+    """The canonical :class:`ConvSpec` of a convolution given by its parts.
+
+    Args:
+        kind: ``"conv"``, ``"depthwise"``, ``"transpose"`` or ``"separable"``.
+        kernel: Float64 kernel in Keras' layout for that kind: ``(k…, in/groups, out)``,
+            ``(k…, in, multiplier)``, ``(k…, filters, in)``, or the separable layer's depthwise
+            kernel (with ``pointwise`` its ``(1…, in·multiplier, out)`` kernel).
+        strides: Per spatial axis.
+        dilation: Per spatial axis.
+        spatial_in: Spatial input size per axis.
+        spatial_out: Spatial output size per axis.
+        offset: Left zero padding per spatial axis (ignored for ``"transpose"``).
+        groups: Groups of a ``"conv"``.
+        pointwise: See ``kernel``.
+        in_scale: Per-input-channel scale folded into the kernel, or ``None``.
+        out_scale: Per-output-channel scale folded into the kernel, or ``None``.
+    """
+    strides, dilation = tuple(strides), tuple(dilation)
+    spatial_in, spatial_out = tuple(spatial_in), tuple(spatial_out)
+    rank = len(strides)
+    offset = None if offset is None else tuple(offset)
+    if kind == "separable":
+        dw = _scale_axis(kernel, in_scale, rank)  # (k..., c_in, m)
+        pw = pointwise.reshape(-1, pointwise.shape[-1])
         pw = _scale_axis(pw, out_scale, 1)
-        kernel = dw[..., :, None, :]  # groups = c_in, a = 1, b = m
-        return ConvSpec(kernel, strides, dilation, spatial_in, pointwise=pw, offset=offset)
-    w = weight_values(layer, layer.kernel)
+        return ConvSpec(dw[..., :, None, :], strides, dilation, spatial_in, pointwise=pw,
+                        offset=offset)  # groups = c_in, a = 1, b = m
+    w = kernel
     if kind == "depthwise":  # (k..., c_in, m): output channel c·m + j; groups = c_in, a = 1
         w = w[..., :, None, :]
         groups, b = w.shape[rank], w.shape[-1]
@@ -860,7 +892,6 @@ def _conv_spec(layer, input_shape, output_shape, in_scale=None, out_scale=None) 
         w, groups, b = w[..., None, :, :], 1, w.shape[-1]
         spatial_in = spatial_out
     else:  # (k..., a, groups·b): group g reads inputs [g·a, (g+1)·a), writes [g·b, (g+1)·b)
-        groups = int(getattr(layer, "groups", 1) or 1)
         b = w.shape[-1] // groups
         w = np.moveaxis(w.reshape(*w.shape[:rank], w.shape[rank], groups, b), rank + 1, rank)
     a = w.shape[rank + 1]
@@ -873,7 +904,7 @@ def _conv_spec(layer, input_shape, output_shape, in_scale=None, out_scale=None) 
     return ConvSpec(w, strides, dilation, spatial_in, offset=offset)
 
 
-def _same_left_padding(n: int, n_out: int, stride: int, extent: int) -> int:
+def same_left_padding(n: int, n_out: int, stride: int, extent: int) -> int:
     """Left padding of TF's ``"same"`` (half the total, rounded down; the rest on the right)."""
     return max((n_out - 1) * stride + extent - n, 0) // 2
 
@@ -885,7 +916,7 @@ def _left_padding(layer, spatial_in, spatial_out, strides, dilation) -> tuple[in
     for n, n_out, s, d, k in zip(spatial_in, spatial_out, strides, dilation, taps):
         extent = d * (int(k) - 1) + 1
         if layer.padding == "same":
-            out.append(_same_left_padding(n, n_out, s, extent))
+            out.append(same_left_padding(n, n_out, s, extent))
         elif layer.padding == "causal":
             out.append(extent - 1)
         else:
@@ -935,6 +966,17 @@ def conv_certificate(layer, input_shape: Sequence[int], output_shape: Sequence[i
     def spec(in_scale, out_scale):
         return _conv_spec(layer, input_shape, output_shape, in_scale, out_scale)
 
+    return spec_certificate(spec, input_shape, output_shape, channels_last, fn, rtol=rtol,
+                            dense=dense, small_grid=small_grid)
+
+
+def spec_certificate(spec: Callable[[Any, Any], ConvSpec], input_shape: Sequence[int],
+                     output_shape: Sequence[int], channels_last: bool = True,
+                     fn: Callable | None = None, *, rtol: float = 1e-3, dense: bool = True,
+                     small_grid: bool = True) -> LayerCertificate:
+    """:func:`conv_certificate` of a convolution given by ``spec(in_scale, out_scale)``
+    (:func:`conv_spec`), for convolutions that are not Keras layers (graph ops)."""
+    input_shape, output_shape = tuple(input_shape), tuple(output_shape)
     spatial_out = output_shape[:-1] if channels_last else output_shape[1:]
 
     def structured(in_scale, out_scale):
@@ -958,7 +1000,7 @@ def _average_matrix(n: int, pool: int, stride: int, padding: str) -> np.ndarray:
     """The 1-D average-pooling matrix (TF semantics: padded entries are not counted)."""
     if padding == "same":
         n_out = -(-n // stride)
-        left = _same_left_padding(n, n_out, stride, pool)
+        left = same_left_padding(n, n_out, stride, pool)
     else:
         n_out = (n - pool) // stride + 1
         left = 0
@@ -1033,6 +1075,18 @@ def _diagonal_scale(bound, node) -> np.ndarray | None:
     return diag if diag.shape == tuple(node.input_shapes[0]) else None
 
 
+_RESHAPES = frozenset({"Reshape", "ExpandDims", "Squeeze"})  # Keras layer / graph op types
+
+
+def _keeps_channels(bound, node) -> bool:
+    """Whether a member is a reshape (by its type: Keras' Reshape layer, a graph's Reshape,
+    ExpandDims or Squeeze op) that keeps the last axis, so that entry ``k`` of its row-major
+    input stays in channel ``k mod C``; an isometry."""
+    shape_in, shape_out = tuple(node.input_shapes[0]), tuple(node.output_shapes[0])
+    return (node.class_name in _RESHAPES and bool(shape_in) and bool(shape_out)
+            and shape_in[-1] == shape_out[-1] and math.prod(shape_in) == math.prod(shape_out))
+
+
 def _per_channel(diag: np.ndarray, axis: int) -> np.ndarray | None:
     """The per-channel vector of a diagonal that is constant over the other axes."""
     moved = np.moveaxis(diag, axis, -1).reshape(-1, diag.shape[axis])
@@ -1063,13 +1117,23 @@ def fold_diagonals(members: Sequence[tuple[Any, Any]]):
             continue
         scales = []  # input side (layers before), then output side (layers after)
         for step in (-1, 1):
-            vec, j = None, i + step
-            while 0 <= j < len(members) and diags[j] is not None and not used[j]:
+            vec, j, passed = None, i + step, []
+            while 0 <= j < len(members) and not used[j]:
+                if diags[j] is None:
+                    # a reshape that keeps the last axis (a graph's ExpandDims/Squeeze around
+                    # a Conv1D) keeps every entry's channel: scales fold across it
+                    if cert.channel_axis == -1 and _keeps_channels(*members[j]):
+                        passed.append(j)
+                        j += step
+                        continue
+                    break
                 ch = _per_channel(diags[j], cert.channel_axis)
                 if ch is None:
                     break
                 vec = ch if vec is None else vec * ch
-                used[j] = True
+                for k in (*passed, j):  # the reshapes passed are isometries: factor 1
+                    used[k] = True
+                passed = []
                 j += step
             scales.append(vec)
         folds.append((i, scales[0], scales[1]))

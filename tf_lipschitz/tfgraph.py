@@ -74,6 +74,7 @@ from tensorflow.python.framework import op_def_library, op_def_registry
 from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+from tf_lipschitz import certify
 from tf_lipschitz.autolip import AutoLip, check_solver_arguments
 from tf_lipschitz.errors import (InvalidArgumentError, LipschitzError, LowerBoundError,
                                  ModelNotBuiltError, NotLipschitzError)
@@ -614,7 +615,64 @@ def _bilinear(ctx: OpContext) -> Linear:
                        "DepthwiseConv2dNativeBackpropInput") and slot == 0:
         raise UnsupportedOpError(ctx.op_type, ctx.name,
                                  "Its output size argument depends on the input.")
-    return ctx.linear(note=f"{ctx.op_type} (linear)")
+    bound = ctx.linear(note=f"{ctx.op_type} (linear)")
+    cert = _conv_certificate(ctx, bound.fn) if ctx.op_type in _CONV_OPS else None
+    return bound if cert is None else dataclasses.replace(bound, certificate=cert)
+
+
+# Convolution ops certified like the Keras layers: (kind, kernel slot, dependent slot).
+_CONV_OPS = {
+    "Conv2D": ("conv", 1, 0), "Conv3D": ("conv", 1, 0),
+    "DepthwiseConv2dNative": ("depthwise", 1, 0),
+    "Conv2DBackpropInput": ("transpose", 1, 2), "Conv3DBackpropInputV2": ("transpose", 1, 2),
+}
+
+
+def _conv_certificate(ctx: OpContext, fn: Callable) -> certify.LayerCertificate | None:
+    """The polyphase-FFT certificate of a convolution op with a constant kernel (as for the
+    Keras layers: :func:`tf_lipschitz.certify.conv_certificate`), or ``None`` when the op's
+    form is not covered (explicit paddings wider than the kernel, an input-dependent kernel).
+
+    The op's attributes give the geometry: ``strides`` and ``dilations`` per axis of the full
+    shape, ``padding`` ``SAME``/``VALID``/``EXPLICIT`` (``explicit_paddings``), ``data_format``
+    ``NHWC``/``NCHW`` (and the 3-D forms). A transposed convolution (``Conv*BackpropInput``)
+    is the adjoint of the forward convolution with the same kernel.
+    """
+    kind, kernel_slot, slot = _CONV_OPS[ctx.op_type]
+    kernel = ctx.constants[kernel_slot]
+    full_in, full_out = ctx.input_shapes[slot], ctx.output_shape
+    if ctx.dependent_slots != [slot] or kernel is None or full_in[0] != 1 or full_out[0] != 1:
+        return None  # batch != 1: a dilated conv's SpaceToBatchND blocks, one operator here
+    rank = len(full_in) - 2
+    channels_last = not str(ctx.attr("data_format", "NHWC")).startswith("NC")
+    spatial = slice(1, rank + 1) if channels_last else slice(2, rank + 2)
+    strides = tuple(ctx.attr("strides", [1] * (rank + 2))[spatial])
+    dilation = tuple(ctx.attr("dilations", [1] * (rank + 2))[spatial])
+    spatial_in, spatial_out = tuple(full_in[spatial]), tuple(full_out[spatial])
+    padding = ctx.attr("padding", "VALID")
+    extents = [d * (k - 1) + 1 for k, d in zip(kernel.shape[:rank], dilation)]
+    if padding == "EXPLICIT":
+        pairs = np.reshape(ctx.attr("explicit_paddings", []), (-1, 2))[spatial]
+        if np.any(pairs > np.reshape(extents, (-1, 1)) - 1):
+            return None  # the FFT grid covers paddings up to the kernel's extent - 1
+        offset = tuple(int(p) for p in pairs[:, 0])
+    elif padding == "SAME" and kind != "transpose":
+        offset = tuple(certify.same_left_padding(n, m, s_, e) for n, m, s_, e
+                       in zip(spatial_in, spatial_out, strides, extents))
+    else:
+        offset = (0,) * rank
+    kernel = np.asarray(kernel, np.float64)
+    if kind == "conv":  # TF: groups when the kernel reads fewer channels than the input has
+        groups = full_in[-1 if channels_last else 1] // kernel.shape[-2]
+    else:
+        groups = 1
+    per_example_in, per_example_out = tuple(full_in[1:]), tuple(full_out[1:])
+
+    def spec(in_scale, out_scale):
+        return certify.conv_spec(kind, kernel, strides, dilation, spatial_in, spatial_out,
+                                 offset, groups=groups, in_scale=in_scale, out_scale=out_scale)
+
+    return certify.spec_certificate(spec, per_example_in, per_example_out, channels_last, fn)
 
 
 def _affine_sum(ctx: OpContext) -> LayerBound:
