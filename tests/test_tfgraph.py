@@ -5,6 +5,7 @@ operators and constants), dense-matrix SVDs of small linear ops, and functions w
 constant is known in closed form.
 """
 
+import logging
 import math
 
 import keras
@@ -295,6 +296,23 @@ def test_graph_convolutions_are_certified_like_their_layers(name, monkeypatch, r
         assert rep.upper == pytest.approx(keras_rep.upper, rel=1e-9)
     else:
         assert rep.upper <= keras_rep.upper * 1.01
+
+
+def test_certifying_a_graph_does_not_warn_of_retracing(caplog):
+    """Each op's function is traced for its shapes and for float64: TensorFlow counted them
+    together (one code object) and logged "triggered tf.function retracing" warnings that
+    blamed the user's code."""
+    inputs = keras.Input((12, 12, 1))
+    x = L.BatchNormalization()(L.Conv2D(4, 3, activation="relu")(inputs))
+    x = L.Conv2D(4, 3, activation="relu")(L.MaxPooling2D()(x))
+    x = L.Dense(6, activation="relu")(L.Flatten()(x))
+    model = keras.Model(inputs, L.Dense(3)(x))
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        report = autolip_function(tf.function(lambda t: model(t)),
+                                  [tf.TensorSpec([None, 12, 12, 1])], certified=True)
+        report.to_dict()
+    assert report.certified
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
 
 
 def test_saved_model_cnn_is_certified(tmp_path, rng):

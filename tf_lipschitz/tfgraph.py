@@ -61,6 +61,7 @@ import dataclasses
 import functools
 import heapq
 import itertools
+import logging
 import math
 import os
 import warnings
@@ -290,6 +291,21 @@ def _run_node(node_def, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
             attrs += [attr.name, value]
         execute.record_gradient(op_type, op.inputs, tuple(attrs), outputs)
     return list(outputs)
+
+
+class _OwnRetracingFilter(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning about this module's
+    per-op functions (:func:`_batched`). TensorFlow counts traces per code object, so the
+    compiled functions of all the ops of a graph count as one that retraces at every op: an
+    expected cost (each op is traced for its own shapes and for float64 certificates), not
+    the user's mistake the warning describes. Warnings about other functions pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("retracing" in message and "_batched.<locals>" in message)
+
+
+logging.getLogger("tensorflow").addFilter(_OwnRetracingFilter())
 
 
 def _eager_safe(fn: Callable) -> Callable:
