@@ -1075,16 +1075,20 @@ def _diagonal_scale(bound, node) -> np.ndarray | None:
     return diag if diag.shape == tuple(node.input_shapes[0]) else None
 
 
-_RESHAPES = frozenset({"Reshape", "ExpandDims", "Squeeze"})  # Keras layer / graph op types
+_GRAPH_RESHAPES = frozenset({"Reshape", "ExpandDims", "Squeeze"})
 
 
 def _keeps_channels(bound, node) -> bool:
     """Whether a member is a reshape (by its type: Keras' Reshape layer, a graph's Reshape,
     ExpandDims or Squeeze op) that keeps the last axis, so that entry ``k`` of its row-major
     input stays in channel ``k mod C``; an isometry."""
+    op = node.operation
+    graph_op = (type(op).__module__ == "tf_lipschitz.tfgraph"
+                and type(op).__name__ in _GRAPH_RESHAPES)
     shape_in, shape_out = tuple(node.input_shapes[0]), tuple(node.output_shapes[0])
-    return (node.class_name in _RESHAPES and bool(shape_in) and bool(shape_out)
-            and shape_in[-1] == shape_out[-1] and math.prod(shape_in) == math.prod(shape_out))
+    return ((graph_op or isinstance(op, keras.layers.Reshape)) and bool(shape_in)
+            and bool(shape_out) and shape_in[-1] == shape_out[-1]
+            and math.prod(shape_in) == math.prod(shape_out))
 
 
 def _per_channel(diag: np.ndarray, axis: int) -> np.ndarray | None:
