@@ -298,6 +298,14 @@ def test_graph_convolutions_are_certified_like_their_layers(name, monkeypatch, r
         assert rep.upper <= keras_rep.upper * 1.01
 
 
+def test_grouped_convolution_call_names_the_way_out():
+    """Keras compiles a grouped Conv2D to a function call the graph keeps: the error said
+    calls are not supported, not what to do (a review's ConvNeXt SavedModel)."""
+    model = keras.Sequential([keras.Input((6, 6, 4)), L.Conv2D(4, 3, groups=4)])
+    with pytest.raises(UnsupportedOpError, match=r"groups > 1.*analyse the model's \.keras"):
+        autolip_function(tf.function(lambda x: model(x)), [tf.TensorSpec([None, 6, 6, 4])])
+
+
 def test_certifying_a_graph_does_not_warn_of_retracing(caplog):
     """Each op's function is traced for its shapes and for float64: TensorFlow counted them
     together (one code object) and logged "triggered tf.function retracing" warnings that

@@ -279,8 +279,12 @@ def _run_node(node_def, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         if attr.name in inferred or attr.name not in node_def.attr:
             continue
         if attr.type in ("func", "list(func)"):
-            raise UnsupportedOpError(op_type, node_def.name, "Ops that call functions (control "
-                                     "flow, calls that were not inlined) are not supported.")
+            raise UnsupportedOpError(
+                op_type, node_def.name, "Ops that call functions (control flow, calls that "
+                "were not inlined) are not supported. Keras compiles some layers to such a "
+                "call (a Conv2D with groups > 1 is an XLA-compiled function): analyse the "
+                "model's .keras file instead (`tf-lipschitz analyze model.keras`), whose "
+                "layers all have rules.")
         kwargs[attr.name] = _attr_value(node_def.attr[attr.name])
     _, _, op, outputs = op_def_library._apply_op_helper(op_type, **kwargs)  # noqa: SLF001
     if execute.must_record_gradient():
@@ -632,8 +636,28 @@ def _bilinear(ctx: OpContext) -> Linear:
         raise UnsupportedOpError(ctx.op_type, ctx.name,
                                  "Its output size argument depends on the input.")
     bound = ctx.linear(note=f"{ctx.op_type} (linear)")
-    cert = _conv_certificate(ctx, bound.fn) if ctx.op_type in _CONV_OPS else None
+    if ctx.op_type in _CONV_OPS:
+        cert = _conv_certificate(ctx, bound.fn)
+    else:
+        cert = _matmul_certificate(ctx) if ctx.op_type == "MatMul" else None
     return bound if cert is None else dataclasses.replace(bound, certificate=cert)
+
+
+def _matmul_certificate(ctx: OpContext) -> certify.LayerCertificate | None:
+    """``σ_max`` of the constant matrix of ``x @ W`` (one example's row ``x``, as a Dense
+    layer exports), as for the Dense layer (:func:`tf_lipschitz.certify.matrix_certificate`);
+    ``None`` for other forms."""
+    shape, kernel = ctx.input_shapes[0], ctx.constants[1]
+    if ctx.dependent_slots != [0] or kernel is None or ctx.attr("transpose_a", False) \
+            or len(shape) != 2 or shape[0] != 1:
+        return None
+    transposed = bool(ctx.attr("transpose_b", False))
+
+    def read():  # float64 on demand: a copy held for every MatMul would double its memory
+        w = np.asarray(kernel, np.float64)
+        return w.T if transposed else w
+
+    return certify.matrix_certificate(read, shape[1:], ctx.output_shape[1:])
 
 
 # Convolution ops certified like the Keras layers: (kind, kernel slot, dependent slot).
@@ -677,16 +701,16 @@ def _conv_certificate(ctx: OpContext, fn: Callable) -> certify.LayerCertificate 
                        in zip(spatial_in, spatial_out, strides, extents))
     else:
         offset = (0,) * rank
-    kernel = np.asarray(kernel, np.float64)
     if kind == "conv":  # TF: groups when the kernel reads fewer channels than the input has
         groups = full_in[-1 if channels_last else 1] // kernel.shape[-2]
     else:
         groups = 1
     per_example_in, per_example_out = tuple(full_in[1:]), tuple(full_out[1:])
 
-    def spec(in_scale, out_scale):
-        return certify.conv_spec(kind, kernel, strides, dilation, spatial_in, spatial_out,
-                                 offset, groups=groups, in_scale=in_scale, out_scale=out_scale)
+    def spec(in_scale, out_scale):  # the kernel in float64 on demand (no copy held)
+        return certify.conv_spec(kind, np.asarray(kernel, np.float64), strides, dilation,
+                                 spatial_in, spatial_out, offset, groups=groups,
+                                 in_scale=in_scale, out_scale=out_scale)
 
     return certify.spec_certificate(spec, per_example_in, per_example_out, channels_last, fn)
 
