@@ -916,7 +916,7 @@ def conv_spec(kind: str, kernel: np.ndarray, strides: Sequence[int], dilation: S
     return ConvSpec(w, strides, dilation, spatial_in, offset=offset)
 
 
-def same_left_padding(n: int, n_out: int, stride: int, extent: int) -> int:
+def _same_left_padding(n: int, n_out: int, stride: int, extent: int) -> int:
     """Left padding of TF's ``"same"`` (half the total, rounded down; the rest on the right)."""
     return max((n_out - 1) * stride + extent - n, 0) // 2
 
@@ -924,12 +924,20 @@ def same_left_padding(n: int, n_out: int, stride: int, extent: int) -> int:
 def _left_padding(layer, spatial_in, spatial_out, strides, dilation) -> tuple[int, ...]:
     """Left zero padding per axis of a (non-transposed) convolution call, TF conventions."""
     taps = getattr(layer, "kernel_size", None) or (1,) * len(strides)
+    extents = [d * (int(k) - 1) + 1 for k, d in zip(taps, dilation)]
+    return left_padding(layer.padding, spatial_in, spatial_out, strides, extents)
+
+
+def left_padding(padding: str, spatial_in: Sequence[int], spatial_out: Sequence[int],
+                 strides: Sequence[int], extents: Sequence[int]) -> tuple[int, ...]:
+    """Left zero padding per axis of a convolution with ``padding`` ``"same"``, ``"causal"``
+    or ``"valid"`` (any case: a Keras layer's or a graph op's), TF conventions; ``extents``
+    are the dilated kernel sizes ``d·(k − 1) + 1``."""
     out = []
-    for n, n_out, s, d, k in zip(spatial_in, spatial_out, strides, dilation, taps):
-        extent = d * (int(k) - 1) + 1
-        if layer.padding == "same":
-            out.append(same_left_padding(n, n_out, s, extent))
-        elif layer.padding == "causal":
+    for n, n_out, s, extent in zip(spatial_in, spatial_out, strides, extents):
+        if padding.lower() == "same":
+            out.append(_same_left_padding(n, n_out, s, extent))
+        elif padding.lower() == "causal":
             out.append(extent - 1)
         else:
             out.append(0)
@@ -1012,7 +1020,7 @@ def _average_matrix(n: int, pool: int, stride: int, padding: str) -> np.ndarray:
     """The 1-D average-pooling matrix (TF semantics: padded entries are not counted)."""
     if padding == "same":
         n_out = -(-n // stride)
-        left = same_left_padding(n, n_out, stride, pool)
+        left = _same_left_padding(n, n_out, stride, pool)
     else:
         n_out = (n - pool) // stride + 1
         left = 0
@@ -1101,7 +1109,7 @@ def _is_reshape(node) -> bool:
         and getattr(op, "data_format", "channels_last") == "channels_last")
 
 
-def _keeps_channels(bound, node) -> bool:
+def _keeps_channels(node) -> bool:
     """Whether a member is a reshape (:func:`_is_reshape`) that keeps the last axis, so that
     entry ``k`` of its input stays in channel ``k mod C``."""
     shape_in, shape_out = tuple(node.input_shapes[0]), tuple(node.output_shapes[0])
@@ -1130,7 +1138,7 @@ def _pointwise_matrix(members: Sequence[tuple[Any, Any]]) -> np.ndarray | None:
     tail = False  # a reshape moved the channel axis: only reshapes may follow (‖R M‖ = ‖M‖)
     for bound, node in members:
         if _is_reshape(node):  # before the first map, or keeping the channels: transparent
-            tail = tail or (total is not None and not _keeps_channels(bound, node))
+            tail = tail or (total is not None and not _keeps_channels(node))
             continue
         if tail:
             return None
@@ -1194,7 +1202,7 @@ def fold_diagonals(members: Sequence[tuple[Any, Any]]):
                 if diags[j] is None:
                     # a reshape that keeps the last axis (a graph's ExpandDims/Squeeze around
                     # a Conv1D) keeps every entry's channel: scales fold across it
-                    if cert.channel_axis == -1 and _keeps_channels(*members[j]):
+                    if cert.channel_axis == -1 and _keeps_channels(members[j][1]):
                         passed.append(j)
                         j += step
                         continue

@@ -274,14 +274,15 @@ class _OperatorNormConstraint(keras.constraints.Constraint):
         return example_norms(fn(v))[0]  # float16: ‖·‖² overflows at 256
 
     def __call__(self, w):
-        sigma, kernel = self._sigma(w)
-        return kernel * self._scale(sigma, kernel.dtype)
+        return self._project(w)[0]
 
-    def _scale(self, sigma: tf.Tensor, dtype) -> tf.Tensor:
-        """The projection's factor ``min(1, max_value / σ̂)``."""
-        tiny = tf.constant(1e-12, dtype)
-        return tf.minimum(tf.constant(1.0, dtype),
-                          tf.constant(self.max_value, dtype) / tf.maximum(sigma, tiny))
+    def _project(self, w, calibrate: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(w · min(1, max_value / σ̂), the projected kernel's estimated norm)``."""
+        sigma, kernel = self._sigma(w, calibrate)
+        tiny = tf.constant(1e-12, kernel.dtype)
+        scale = tf.minimum(tf.constant(1.0, kernel.dtype),
+                           tf.constant(self.max_value, kernel.dtype) / tf.maximum(sigma, tiny))
+        return kernel * scale, sigma * scale
 
     def operator_norm(self, w) -> float:
         """Estimate of the operator norm of kernel ``w`` (advances the stored vector).
@@ -335,10 +336,9 @@ def apply_constraints(model: keras.layers.Layer) -> dict[str, float]:
         if not isinstance(constraint, _OperatorNormConstraint) or id(variable) in seen:
             continue
         seen.add(id(variable))
-        sigma, kernel = constraint._sigma(variable, calibrate=True)  # noqa: SLF001
-        scale = constraint._scale(sigma, kernel.dtype)  # noqa: SLF001
-        variable.assign(kernel * scale)
-        norms[variable.path] = float(sigma * scale)
+        projected, norm = constraint._project(variable, calibrate=True)  # noqa: SLF001
+        variable.assign(projected)
+        norms[variable.path] = float(norm)
     return norms
 
 

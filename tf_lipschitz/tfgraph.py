@@ -696,11 +696,8 @@ def _conv_certificate(ctx: OpContext, fn: Callable) -> certify.LayerCertificate 
         if np.any(pairs > np.reshape(extents, (-1, 1)) - 1):
             return None  # the FFT grid covers paddings up to the kernel's extent - 1
         offset = tuple(int(p) for p in pairs[:, 0])
-    elif padding == "SAME" and kind != "transpose":
-        offset = tuple(certify.same_left_padding(n, m, s_, e) for n, m, s_, e
-                       in zip(spatial_in, spatial_out, strides, extents))
-    else:
-        offset = (0,) * rank
+    else:  # (a transposed convolution's spec ignores it)
+        offset = certify.left_padding(padding, spatial_in, spatial_out, strides, extents)
     if kind == "conv":  # TF: groups when the kernel reads fewer channels than the input has
         groups = full_in[-1 if channels_last else 1] // kernel.shape[-2]
     else:
@@ -1268,6 +1265,7 @@ class _GraphReader:
                 f"Could not freeze the variables of '{signature.name}' into constants: {exc}"
             ) from exc
         self.frozen = frozen
+        self._const_cache: dict[str, tf.Tensor] = {}  # see _constant_feeds
         self.name = signature.name
         self.seed = seed
         self.graph_def = frozen.graph.as_graph_def()
@@ -1428,14 +1426,14 @@ class _GraphReader:
         captures them instead of embedding each one as a constant of its own: for VGG16's 528 MB
         of frozen weights, embedding them took the graph reading to 17.6 GB and 92 s.
         """
-        cache = self.__dict__.setdefault("_const_cache", {})
         feeds = {}
         for node in nodes:
             if node.op == "Const":
                 ref = f"{node.name}:0"
-                if ref not in cache:
-                    cache[ref] = tf.constant(tf.make_ndarray(node.attr["value"].tensor))
-                feeds[ref] = cache[ref]
+                if ref not in self._const_cache:
+                    self._const_cache[ref] = tf.constant(
+                        tf.make_ndarray(node.attr["value"].tensor))
+                feeds[ref] = self._const_cache[ref]
         return feeds
 
     # -- the walk ------------------------------------------------------------------------------
