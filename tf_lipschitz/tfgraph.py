@@ -5,7 +5,8 @@ TensorFlow graph. This module runs AutoLip (Scaman & Virmaux, NeurIPS 2018, Algo
 shared/ALGORITHMS.md §4) on that graph directly:
 
 1. the signature's concrete function is inlined and its variables frozen into a ``GraphDef``
-   (``convert_variables_to_constants_v2``);
+   (``convert_variables_to_constants_v2``); calls that freezing keeps (``_noinline``,
+   ``_XlaMustCompile``: a grouped ``Conv2D``) are replaced by their bodies (:func:`_inline_calls`);
 2. the ops are walked in topological order from the input placeholder(s); an op whose value does
    not depend on the input (weights, shape arithmetic) is a constant, evaluated once;
 3. every input-dependent op gets a rule from a registry keyed by op type:
@@ -71,7 +72,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import execute
-from tensorflow.python.framework import op_def_library, op_def_registry
+from tensorflow.python.framework import function_def_to_graph, op_def_library, op_def_registry
 from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
@@ -224,6 +225,72 @@ def _data_inputs(node_def) -> list[str]:
     return [_tensor_name(i) for i in node_def.input if not i.startswith("^")]
 
 
+_CALLS = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
+
+
+def _inline_calls(graph_def, max_depth: int = 16):
+    """``graph_def`` with the function calls that freezing left in place replaced by the bodies
+    of their functions.
+
+    Freezing inlines ordinary calls but keeps those marked ``_noinline`` or
+    ``_XlaMustCompile``: Keras 3 compiles a grouped ``Conv2D`` (``groups > 1``) to such a call,
+    whose body is a plain ``Conv2D``. Each call ``c`` becomes its body's nodes, named
+    ``c/<node>``, fed by ``Identity`` nodes ``c/<argument>`` of the call's inputs, and ``c``
+    itself an ``IdentityN`` of the returned tensors, so that consumers of ``c:k`` read output
+    ``k`` unchanged. Nested calls are inlined in turn, up to ``max_depth`` levels; control flow
+    (``While``, ``If``) is left as it is.
+    """
+    library = {f.signature.name: f for f in graph_def.library.function}
+    if not library:
+        return graph_def
+    for _ in range(max_depth):
+        calls = [n for n in graph_def.node
+                 if n.op in _CALLS and n.attr["f"].func.name in library]
+        if not calls:
+            break
+        result = type(graph_def)()
+        result.CopyFrom(graph_def)
+        del result.node[:]
+        for node in graph_def.node:
+            if node.op in _CALLS and node.attr["f"].func.name in library:
+                result.node.extend(_call_body(node, library[node.attr["f"].func.name]))
+            else:
+                result.node.add().CopyFrom(node)
+        graph_def = result
+    return graph_def
+
+
+def _call_body(call, fdef) -> list:
+    """The ``NodeDef`` s that replace ``call`` (see :func:`_inline_calls`)."""
+    body, flat = function_def_to_graph.function_def_to_graph_def(fdef)
+    prefix = call.name + "/"
+    args = [a.name for a in fdef.signature.input_arg]
+    data = [i for i in call.input if not i.startswith("^")]
+    control = [i for i in call.input if i.startswith("^")]
+    nodes = []
+    for node in body.node:
+        new = tf.compat.v1.NodeDef()
+        if node.name in args and node.op == "Placeholder":
+            new.name, new.op = prefix + node.name, "Identity"
+            new.input.extend([data[args.index(node.name)], *control])
+            new.attr["T"].type = node.attr["dtype"].type
+        else:
+            new.CopyFrom(node)
+            new.name = prefix + node.name
+            del new.input[:]
+            new.input.extend(("^" + prefix + i[1:]) if i.startswith("^") else prefix + i
+                             for i in node.input)
+        nodes.append(new)
+    returns = []
+    for arg in fdef.signature.output_arg:
+        ref = fdef.ret[arg.name]
+        returns.append(prefix + flat.get(ref, ref))
+    out = tf.compat.v1.NodeDef(name=call.name, op="IdentityN", input=returns)
+    out.attr["T"].list.type.extend(call.attr["Tout"].list.type)
+    nodes.append(out)
+    return nodes
+
+
 # ---------------------------------------------------------------------------------------------
 # Re-executing ops from their NodeDefs
 # ---------------------------------------------------------------------------------------------
@@ -280,11 +347,10 @@ def _run_node(node_def, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
             continue
         if attr.type in ("func", "list(func)"):
             raise UnsupportedOpError(
-                op_type, node_def.name, "Ops that call functions (control flow, calls that "
-                "were not inlined) are not supported. Keras compiles some layers to such a "
-                "call (a Conv2D with groups > 1 is an XLA-compiled function): analyse the "
-                "model's .keras file instead (`tf-lipschitz analyze model.keras`), whose "
-                "layers all have rules.")
+                op_type, node_def.name, "Ops that call functions (control flow such as "
+                "While or If, calls of functions missing from the graph's library) are not "
+                "supported. For a Keras model, analyse its .keras file instead "
+                "(`tf-lipschitz analyze model.keras`), whose layers all have rules.")
         kwargs[attr.name] = _attr_value(node_def.attr[attr.name])
     _, _, op, outputs = op_def_library._apply_op_helper(op_type, **kwargs)  # noqa: SLF001
     if execute.must_record_gradient():
@@ -411,6 +477,11 @@ class OpContext:
         elementwise_of: For a product of two elementwise functions of one tensor that is not a
             recognised activation, the name of that tensor.
         offsets: Set by :meth:`linear`: the constant slots it set to zero (``None`` until then).
+        channels_kept: Set by a rule whose op moves entries between positions and the batch
+            axis but leaves each in its channel, the last axis (``SpaceToBatchND``): channel
+            scalings commute with it, and certificates fold them across it.
+        block_move: Set by the ``SpaceToBatchND`` / ``BatchToSpaceND`` rule: the block shape
+            and the paddings (or crops), ``((b, …), ((left, right), …))``.
     """
 
     node_def: Any
@@ -423,6 +494,8 @@ class OpContext:
     dtype: tf.DType
     elementwise_of: str | None = None
     offsets: tuple[int, ...] | None = None
+    channels_kept: bool = False
+    block_move: tuple | None = None
 
     @property
     def op_type(self) -> str:
@@ -620,6 +693,24 @@ def _restriction(ctx: OpContext) -> Linear:
     return ctx.linear(norm=value, note=f"{ctx.op_type}: restriction")
 
 
+def _block_move(ctx: OpContext) -> Linear:
+    """``SpaceToBatchND`` (zero padding, then a permutation: norm 1) and ``BatchToSpaceND``
+    (a permutation, then a crop: norm 1, or 0 when nothing is kept), as TensorFlow builds a
+    dilated convolution: ``SpaceToBatchND → Conv2D → BatchToSpaceND``. Neither moves an entry
+    out of its channel when the blocks leave the last axis alone."""
+    if ctx.single_dependent() != 0:
+        raise UnsupportedOpError(ctx.op_type, ctx.name, "Its block shape, paddings or crops "
+                                 "depend on the input.")
+    blocks = tuple(int(b) for b in np.ravel(ctx.constants[1]))
+    pads = tuple((int(lo), int(hi)) for lo, hi in np.reshape(ctx.constants[2], (-1, 2)))
+    ctx.channels_kept = 1 + len(blocks) < len(ctx.input_shapes[0])
+    ctx.block_move = (blocks, pads)
+    kept = math.prod(ctx.output_shape) > 0
+    note = "zero padding and permutation" if ctx.op_type == "SpaceToBatchND" else \
+        "permutation and crop"
+    return ctx.linear(norm=1.0 if kept else 0.0, note=f"{ctx.op_type}: {note}")
+
+
 def _padding(ctx: OpContext) -> Linear:
     offsets = (2,) if ctx.op_type == "PadV2" else ()
     if ctx.single_dependent() != 0:
@@ -681,8 +772,10 @@ def _conv_certificate(ctx: OpContext, fn: Callable) -> certify.LayerCertificate 
     kind, kernel_slot, slot = _CONV_OPS[ctx.op_type]
     kernel = ctx.constants[kernel_slot]
     full_in, full_out = ctx.input_shapes[slot], ctx.output_shape
-    if ctx.dependent_slots != [slot] or kernel is None or full_in[0] != 1 or full_out[0] != 1:
-        return None  # batch != 1: a dilated conv's SpaceToBatchND blocks, one operator here
+    if ctx.dependent_slots != [slot] or kernel is None or full_in[0] != full_out[0]:
+        return None
+    # A batch of B > 1 (a dilated convolution's SpaceToBatchND blocks) is one operator here,
+    # I_B ⊗ A: its norm is that of the convolution A on one image.
     rank = len(full_in) - 2
     channels_last = not str(ctx.attr("data_format", "NHWC")).startswith("NC")
     spatial = slice(1, rank + 1) if channels_last else slice(2, rank + 2)
@@ -702,14 +795,15 @@ def _conv_certificate(ctx: OpContext, fn: Callable) -> certify.LayerCertificate 
         groups = full_in[-1 if channels_last else 1] // kernel.shape[-2]
     else:
         groups = 1
-    per_example_in, per_example_out = tuple(full_in[1:]), tuple(full_out[1:])
+    per_example_in, per_example_out = _example_shape(full_in), _example_shape(full_out)
 
     def spec(in_scale, out_scale):  # the kernel in float64 on demand (no copy held)
         return certify.conv_spec(kind, np.asarray(kernel, np.float64), strides, dilation,
                                  spatial_in, spatial_out, offset, groups=groups,
                                  in_scale=in_scale, out_scale=out_scale)
 
-    return certify.spec_certificate(spec, per_example_in, per_example_out, channels_last, fn)
+    return certify.spec_certificate(spec, per_example_in, per_example_out, channels_last, fn,
+                                    grid_out=spatial_out)
 
 
 def _affine_sum(ctx: OpContext) -> LayerBound:
@@ -948,8 +1042,10 @@ def _register_builtin_rules():
     register_op_rule("Cast", _cast)
     for op in ("AvgPool", "AvgPool3D", "MirrorPad", "Tile", "BroadcastTo", "GatherV2", "Gather",
                "ResizeNearestNeighbor", "ResizeBilinear", "ResizeBicubic", "ResizeArea",
-               "SpaceToBatchND", "BatchToSpaceND", "Cumsum"):
+               "Cumsum"):
         register_op_rule(op, lambda ctx: ctx.linear())
+    for op in ("SpaceToBatchND", "BatchToSpaceND"):
+        register_op_rule(op, _block_move)
 
 
 _register_builtin_rules()
@@ -1172,9 +1268,12 @@ class _OpNode:
     registry returns the bound computed when the graph was read.
     """
 
-    def __init__(self, name: str, bound: LayerBound):
+    def __init__(self, name: str, bound: LayerBound, channels_kept: bool = False,
+                 block_move: tuple | None = None):
         self.name = name
         self.bound = bound
+        self.channels_kept = channels_kept  # see OpContext.channels_kept
+        self.block_move = block_move  # see OpContext.block_move
 
 
 _OP_CLASSES: dict[str, type] = {}
@@ -1268,7 +1367,7 @@ class _GraphReader:
         self._const_cache: dict[str, tf.Tensor] = {}  # see _constant_feeds
         self.name = signature.name
         self.seed = seed
-        self.graph_def = frozen.graph.as_graph_def()
+        self.graph_def = _inline_calls(frozen.graph.as_graph_def())
         self.nodes = {n.name: n for n in self.graph_def.node}
         self.order = self._topological_order()
         self.progress = progress
@@ -1473,6 +1572,7 @@ class _GraphReader:
                            verbose=int(self.progress and len(todo) > 50))
         for count, name in enumerate(todo):
             node_def = self.nodes[name]
+            channels_kept, block_move = False, None
             if name in regions:
                 source, _, bound = regions[name]
                 dep_refs = [source]
@@ -1480,6 +1580,7 @@ class _GraphReader:
                 ctx = self._context(node_def, display[name])
                 bound = self._rule(ctx)
                 dep_refs = [r for r, d in zip(ctx.inputs, ctx.dependent) if d]
+                channels_kept, block_move = ctx.channels_kept, ctx.block_move
                 if isinstance(bound, Linear) and name in other_outputs:
                     raise UnsupportedOpError(node_def.op, name, "Only its first output may be "
                                              "used by later input-dependent ops.")
@@ -1490,7 +1591,9 @@ class _GraphReader:
             out_shape = _example_shape(self._shape(f"{name}:0"))
             dtype = self._dtype(dep_refs[0])
             node = GraphNode(
-                index=len(nodes), operation=_op_class(node_def.op)(display[name], bound),
+                index=len(nodes),
+                operation=_op_class(node_def.op)(display[name], bound, channels_kept,
+                                                 block_move),
                 name=display[name], parents=parents, input_shapes=shapes,
                 output_shapes=(out_shape,), dependent=True,
                 input_dependent=tuple(True for _ in parents), dtype=_work_dtype(dtype).name,
