@@ -17,10 +17,16 @@ layers in one compiled call, so its total time is measured as a whole (the first
 traces the solver, separately). Times are the fastest of several runs where repeating is cheap
 (forward pass, single products); the machine may be shared.
 
+With ``--graph`` the model is also exported as a SavedModel (``model.export``) and analysed
+as a TensorFlow graph (:class:`tf_lipschitz.GraphEstimator`), in the same run: the time to
+read the graph, the estimate and the certified run, their values against the Keras model's,
+and the process's peak resident memory after each part (``ru_maxrss``).
+
 Usage::
 
     python benchmarks/certified.py                    # VGG16 and ResNet50
     python benchmarks/certified.py --models VGG16 --json out.json
+    python benchmarks/certified.py --models VGG16 --graph
 
 Goals (issue 6): certificate within 1 % of the estimate on every layer; the whole estimate in
 at most 60 forward-pass equivalents on VGG16; certified AutoLip in a small multiple of that.
@@ -31,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -107,7 +115,51 @@ class CertificateTimer:
         autolip_module.fused_certificate = self._original
 
 
-def run(name: str, size: int, tol: float, max_products: int) -> dict:
+def _peak_gb() -> float:
+    """Peak resident memory of this process so far, in GB (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_graph(model: keras.Model, t_forward: float, tol: float, max_products: int) -> dict:
+    """The same model exported as a SavedModel and analysed as a graph."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "saved")
+        start = time.perf_counter()
+        model.export(path, verbose=False)
+        t_export = time.perf_counter() - start
+        start = time.perf_counter()
+        est = tfl.GraphEstimator.from_saved_model(path, tol=tol, max_products=max_products)
+        t_read = time.perf_counter() - start
+        peak_read = _peak_gb()
+
+        def timed(**kwargs):
+            start = time.perf_counter()
+            report = est.autolip(**kwargs)
+            return report, time.perf_counter() - start
+
+        _, t_first = timed(init=None)
+        estimate, t_estimate = timed(init=None)
+        certified, t_certified = timed(certified=True)
+    return {
+        "export_seconds": t_export,
+        "read_seconds": t_read,
+        "read_forward_passes": t_read / t_forward,
+        "peak_gb_after_read": peak_read,
+        "first_call_seconds": t_first,
+        "estimate_seconds": t_estimate,
+        "estimate_forward_passes": t_estimate / t_forward,
+        "estimate_products": sum(r.products or 0 for r in estimate.layers
+                                 if r.kind == "linear"),
+        "certified_seconds": t_certified,
+        "certified_forward_passes": t_certified / t_forward,
+        "upper_estimate": estimate.upper,
+        "upper_certified": certified.upper,
+        "certified": certified.certified,
+        "peak_gb": _peak_gb(),
+    }
+
+
+def run(name: str, size: int, tol: float, max_products: int, graph: bool = False) -> dict:
     """Measures one ``keras.applications`` model; returns the JSON-ready result."""
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
@@ -172,6 +224,7 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
             "certificate_seconds": timer.times.get(row.name),
         })
     ratios = [r["ratio"] for r in layers if r["ratio"] is not None]
+    peak_keras = _peak_gb()
     return {
         "model": name,
         "input": [size, size, 3],
@@ -197,6 +250,9 @@ def run(name: str, size: int, tol: float, max_products: int) -> dict:
         "layers_within_1pct": sum(r <= 1.01 for r in ratios),
         "max_estimate_error": max((r["estimate_error"] for r in layers
                                    if r["estimate_error"] is not None), default=None),
+        "estimate_products": sum(r["products"] or 0 for r in layers),
+        "peak_gb": peak_keras,
+        "graph": run_graph(model, t_forward, tol, max_products) if graph else None,
         "layers": layers,
     }
 
@@ -237,7 +293,24 @@ def table(result: dict) -> str:
          f"{r['layers_within_1pct']}/{len(r['layers'])}"),
         (f"largest relative error of the estimate against a re-run at tol "
          f"{r['solver']['tol'] * 1e-3:g}: {r['max_estimate_error']:.2e}"),
+        f"peak resident memory after the Keras runs: {r['peak_gb']:.1f} GB",
     ]
+    g = r.get("graph")
+    if g:
+        lines += [
+            "-- the same model as a SavedModel graph (model.export, GraphEstimator) --",
+            (f"export {g['export_seconds']:.1f} s; reading the graph {g['read_seconds']:.1f} s "
+             f"= {g['read_forward_passes']:.1f} forward passes (peak {g['peak_gb_after_read']:.1f}"
+             " GB)"),
+            (f"graph estimate:  {g['estimate_seconds']:.1f} s = "
+             f"{g['estimate_forward_passes']:.1f} forward passes, {g['estimate_products']} "
+             f"products (Keras: {r['estimate_products']}), upper {g['upper_estimate']:.6g} "
+             f"(Keras {r['upper_estimate']:.6g}); first call {g['first_call_seconds']:.1f} s"),
+            (f"graph certified: {g['certified_seconds']:.1f} s = "
+             f"{g['certified_forward_passes']:.1f} forward passes, upper "
+             f"{g['upper_certified']:.6g} (Keras {r['upper_certified']:.6g}), "
+             f"certified={g['certified']}; peak {g['peak_gb']:.1f} GB"),
+        ]
     return "\n".join(lines)
 
 
@@ -249,10 +322,12 @@ def main(argv=None) -> None:
                         help="relative tolerance of the Lanczos estimate (issue 6: 1e-4)")
     parser.add_argument("--max-products", type=int, default=2000)
     parser.add_argument("--json", help="also write the JSON results to this file")
+    parser.add_argument("--graph", action="store_true",
+                        help="also export each model as a SavedModel and analyse its graph")
     args = parser.parse_args(argv)
     results = []
     for name in args.models:
-        result = run(name, args.size, args.tol, args.max_products)
+        result = run(name, args.size, args.tol, args.max_products, graph=args.graph)
         print(table(result), flush=True)
         results.append(result)
     text = json.dumps({"benchmark": "certified", "results": results}, indent=2)
