@@ -139,7 +139,9 @@ def run_graph(model: keras.Model, t_forward: float, tol: float, max_products: in
 
         _, t_first = timed(init=None)
         estimate, t_estimate = timed(init=None)
-        certified, t_certified = timed(certified=True)
+        with CertificateTimer() as timer:
+            certified, t_certified = timed(certified=True)
+    slowest = sorted(timer.times.items(), key=lambda item: -item[1])[:3]
     return {
         "export_seconds": t_export,
         "read_seconds": t_read,
@@ -152,6 +154,8 @@ def run_graph(model: keras.Model, t_forward: float, tol: float, max_products: in
                                  if r.kind == "linear"),
         "certified_seconds": t_certified,
         "certified_forward_passes": t_certified / t_forward,
+        "certificate_seconds": sum(timer.times.values()),
+        "slowest_certificates": [{"group": name, "seconds": t} for name, t in slowest],
         "upper_estimate": estimate.upper,
         "upper_certified": certified.upper,
         "certified": certified.certified,
@@ -307,9 +311,12 @@ def table(result: dict) -> str:
              f"products (Keras: {r['estimate_products']}), upper {g['upper_estimate']:.6g} "
              f"(Keras {r['upper_estimate']:.6g}); first call {g['first_call_seconds']:.1f} s"),
             (f"graph certified: {g['certified_seconds']:.1f} s = "
-             f"{g['certified_forward_passes']:.1f} forward passes, upper "
-             f"{g['upper_certified']:.6g} (Keras {r['upper_certified']:.6g}), "
-             f"certified={g['certified']}; peak {g['peak_gb']:.1f} GB"),
+             f"{g['certified_forward_passes']:.1f} forward passes (certificates "
+             f"{g['certificate_seconds']:.1f} s), upper {g['upper_certified']:.6g} (Keras "
+             f"{r['upper_certified']:.6g}), certified={g['certified']}; peak "
+             f"{g['peak_gb']:.1f} GB"),
+            "  slowest graph certificates: " + "; ".join(
+                f"{c['group'][:40]} {c['seconds']:.1f} s" for c in g["slowest_certificates"]),
         ]
     return "\n".join(lines)
 

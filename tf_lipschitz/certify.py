@@ -1129,7 +1129,8 @@ def _is_reshape(node) -> bool:
 def _moves_positions(node) -> bool:
     """Whether a member only moves entries between positions, leaving each in its channel
     (last axis), padding with zeros or cropping: a graph's ``SpaceToBatchND`` or
-    ``BatchToSpaceND`` whose blocks leave the last axis alone (a dilated convolution's)."""
+    ``BatchToSpaceND`` whose blocks leave the last axis alone (a dilated convolution's), or a
+    ``Pad`` of the spatial axes."""
     return bool(getattr(node.operation, "channels_kept", False))
 
 
@@ -1238,48 +1239,79 @@ def _undo_space_to_batch(members: Sequence[tuple[Any, Any]]) -> list[tuple[Any, 
     out = list(members)
     for i in range(len(out) - 2):
         head = _block_move(out[i][1], "SpaceToBatchND")
-        tail = _block_move(out[i + 2][1], "BatchToSpaceND")
-        bound, node = out[i + 1]
+        if head is None:
+            continue
+        start = i  # a zero padding before the blocks (a causal Conv1D's) adds to theirs
+        pad = _block_move(out[i - 1][1], "Pad") if i > 0 else None
+        if pad is not None and len(pad[1]) == len(head[1]):
+            start = i - 1
+            head = (head[0], tuple((a + c, b + d) for (a, b), (c, d) in zip(pad[1], head[1])))
+        # a Conv1D's ExpandDims after the blocks and Squeeze before them back
+        j = i + 2 if _is_reshape(out[i + 1][1]) and _keeps_channels(out[i + 1][1]) else i + 1
+        k = j + 2 if j + 2 < len(out) and _is_reshape(out[j + 1][1]) \
+            and _keeps_channels(out[j + 1][1]) else j + 1
+        if k >= len(out):
+            continue
+        tail = _block_move(out[k][1], "BatchToSpaceND")
+        bound, node = out[j]
         cert = bound.certificate
-        if (head is None or tail is None or head[0] != tail[0] or not isinstance(
-                cert, LayerCertificate) or cert.spec is None or cert.channel_axis != -1):
+        if (tail is None or head[0] != tail[0] or not isinstance(cert, LayerCertificate)
+                or cert.spec is None or cert.channel_axis != -1):
             continue
-        blocks = head[0]
-        spec = cert.spec(None, None)
-        rank = spec.rank
-        if (rank != len(blocks) or spec.adjoint or spec.pointwise is not None
-                or any(v != 1 for v in (*spec.strides, *spec.dilation))
-                or spec.offset is None):
+        merged = _dilated_certificate(cert, head, tail, out[start][1].input_shapes[0],
+                                      out[k][1].output_shapes[0])
+        if merged is None:
             continue
-        offset = tuple(p[0] - c[0] + d * o
-                       for p, c, d, o in zip(head[1], tail[1], blocks, spec.offset))
-        extents = [d * (k - 1) + 1 for d, k in zip(blocks, spec.kernel.shape[:rank])]
-        if any(not 0 <= o <= e - 1 for o, e in zip(offset, extents)):
-            continue
-        first, last = out[i][1], out[i + 2][1]
-        shape_in, shape_out = tuple(first.input_shapes[0]), tuple(last.output_shapes[0])
-        if len(shape_in) != rank + 1 or len(shape_out) != rank + 1:
-            continue
-        inner = cert.spec
-
-        def dilated(in_scale, out_scale, inner=inner, blocks=blocks, offset=offset,
-                    spatial=shape_in[:-1]):
-            return dataclasses.replace(inner(in_scale, out_scale), dilation=tuple(blocks),
-                                       spatial=spatial, offset=offset)
-
-        def structured(in_scale, out_scale, dilated=dilated, grid_out=shape_out[:-1]):
-            conv = dilated(in_scale, out_scale)
-            loose = _conv_bound(conv, 1e-3)
-            exact = small_grid_bound(conv, grid_out, 1e-3, safety_margin, loose)
-            return loose if exact is None else exact
-
-        merged = LayerCertificate(structured, None, shape_in, shape_out, -1,
-                                  "polyphase FFT (dilated)", dilated)
         node = types.SimpleNamespace(name=node.name, operation=node.operation,
-                                     input_shapes=(shape_in,), output_shapes=(shape_out,))
+                                     input_shapes=(merged.input_shape,),
+                                     output_shapes=(merged.output_shape,))
         return _undo_space_to_batch(
-            [*out[:i], (dataclasses.replace(bound, certificate=merged), node), *out[i + 3:]])
+            [*out[:start], (dataclasses.replace(bound, certificate=merged), node),
+             *out[k + 1:]])
     return out
+
+
+def _dilated_certificate(cert: LayerCertificate, head: tuple, tail: tuple,
+                         shape_in: Sequence[int], shape_out: Sequence[int]
+                         ) -> LayerCertificate | None:
+    """The certificate of ``SpaceToBatchND → cert's convolution → BatchToSpaceND`` as one
+    dilated convolution from ``shape_in`` to ``shape_out`` (see :func:`_undo_space_to_batch`),
+    or ``None`` when the inner convolution is not a stride-1, undilated one whose spatial axes
+    are the blocked ones (plus unit axes of a unit kernel, as a Conv1D's ExpandDims adds)."""
+    blocks = head[0]
+    spec = cert.spec(None, None)
+    rank = spec.rank
+    shape_in, shape_out = tuple(shape_in), tuple(shape_out)
+    if (spec.adjoint or spec.pointwise is not None or spec.offset is None
+            or any(v != 1 for v in (*spec.strides, *spec.dilation))
+            or len(shape_in) != len(blocks) + 1 or len(shape_out) != len(blocks) + 1):
+        return None
+    unit = [a for a in range(rank) if spec.spatial[a] == 1 and spec.kernel.shape[a] == 1]
+    unit = unit[:rank - len(blocks)]
+    if len(unit) != rank - len(blocks):
+        return None
+    blocked = [a for a in range(rank) if a not in unit]
+    dilation, offset, spatial, grid_out = [1] * rank, list(spec.offset), [1] * rank, [1] * rank
+    for axis, d, pad, crop, n_in, n_out in zip(blocked, blocks, head[1], tail[1],
+                                               shape_in[:-1], shape_out[:-1]):
+        dilation[axis], spatial[axis], grid_out[axis] = d, n_in, n_out
+        offset[axis] = pad[0] - crop[0] + d * spec.offset[axis]
+        if not 0 <= offset[axis] <= d * (spec.kernel.shape[axis] - 1):
+            return None
+    inner = cert.spec
+
+    def dilated(in_scale, out_scale):
+        return dataclasses.replace(inner(in_scale, out_scale), dilation=tuple(dilation),
+                                   spatial=tuple(spatial), offset=tuple(offset))
+
+    def structured(in_scale, out_scale):
+        conv = dilated(in_scale, out_scale)
+        loose = _conv_bound(conv, 1e-3)
+        exact = small_grid_bound(conv, grid_out, 1e-3, safety_margin, loose)
+        return loose if exact is None else exact
+
+    return LayerCertificate(structured, None, shape_in, shape_out, -1,
+                            "polyphase FFT (dilated)", dilated)
 
 
 def _conv_then_pointwise(members: Sequence[tuple[Any, Any]]) -> float | None:

@@ -484,7 +484,8 @@ class OpContext:
             axis but leaves each in its channel, the last axis (``SpaceToBatchND``): channel
             scalings commute with it, and certificates fold them across it.
         block_move: Set by the ``SpaceToBatchND`` / ``BatchToSpaceND`` rule: the block shape
-            and the paddings (or crops), ``((b, …), ((left, right), …))``.
+            and the paddings (or crops), ``((b, …), ((left, right), …))``; by the ``Pad`` rule
+            for a padding of the spatial axes only (blocks of 1).
     """
 
     node_def: Any
@@ -741,10 +742,17 @@ def _block_move(ctx: OpContext) -> Linear:
 
 
 def _padding(ctx: OpContext) -> Linear:
+    """Pad, PadV2: a zero padding (PadV2's constant value is an additive offset). One that pads
+    the spatial axes only keeps the channels, and is recorded as a ``SpaceToBatchND`` of blocks
+    1 (a causal Conv1D pads before its dilated convolution's blocks)."""
     offsets = (2,) if ctx.op_type == "PadV2" else ()
     if ctx.single_dependent() != 0:
         raise UnsupportedOpError(ctx.op_type, ctx.name, "Only the padded tensor may depend on "
                                  "the input.")
+    pads = [(int(lo), int(hi)) for lo, hi in np.reshape(ctx.constants[1], (-1, 2))]
+    if len(pads) >= 3 and pads[0] == (0, 0) and pads[-1] == (0, 0):
+        ctx.channels_kept = True
+        ctx.block_move = ((1,) * (len(pads) - 2), tuple(pads[1:-1]))
     return ctx.linear(offsets=offsets, norm=1.0, note="zero padding: isometry")
 
 
