@@ -1151,7 +1151,8 @@ def _per_channel(diag: np.ndarray, axis: int) -> np.ndarray | None:
     return moved[0] if np.all(moved == moved[:1]) else None
 
 
-def _pointwise_matrix(members: Sequence[tuple[Any, Any]]) -> np.ndarray | None:
+def _pointwise_matrix(members: Sequence[tuple[Any, Any]],
+                      diags: Sequence[np.ndarray | None] | None = None) -> np.ndarray | None:
     """The per-position matrix of a chain of pointwise maps, or ``None``.
 
     A chain made only of 1×1 stride-1 convolutions (channels last, any groups), Dense layers,
@@ -1159,13 +1160,16 @@ def _pointwise_matrix(members: Sequence[tuple[Any, Any]]) -> np.ndarray | None:
     axis applies one ``C_in × C_out`` matrix ``M`` at every position (``x ↦ x M``): its
     operator norm is ``‖M‖₂``, whatever the grid. MobileNetV2's projection convolution followed
     by the next block's expansion (a linear bottleneck) is such a chain, too large to
-    materialise: it was certified by the product of the two norms, 14–36 % above.
+    materialise: it was certified by the product of the two norms, 14–36 % above. ``diags``:
+    the members' :func:`_diagonal_scale` s when already evaluated.
     """
+    if diags is None:
+        diags = [_diagonal_scale(b, n) for b, n in members]
     total = None
     rows = None  # scalings before the first matrix: they scale its rows
     kernels = 0
     tail = False  # a reshape moved the channel axis: only reshapes may follow (‖R M‖ = ‖M‖)
-    for bound, node in members:
+    for (bound, node), diag in zip(members, diags):
         # before the first map, or keeping the channels: transparent (a zero padding or a crop
         # around the maps, as SpaceToBatchND and BatchToSpaceND, can only lower the norm)
         if _is_reshape(node) or _moves_positions(node):
@@ -1191,7 +1195,6 @@ def _pointwise_matrix(members: Sequence[tuple[Any, Any]]) -> np.ndarray | None:
                 matrix[g * a:(g + 1) * a, g * b:(g + 1) * b] = taps[g]
             kernels += 1
         else:
-            diag = _diagonal_scale(bound, node)
             if diag is None:
                 return None
             channel = _per_channel(diag, -1)
@@ -1314,7 +1317,8 @@ def _dilated_certificate(cert: LayerCertificate, head: tuple, tail: tuple,
                             "polyphase FFT (dilated)", dilated)
 
 
-def _conv_then_pointwise(members: Sequence[tuple[Any, Any]]) -> float | None:
+def _conv_then_pointwise(members: Sequence[tuple[Any, Any]],
+                         diags: Sequence[np.ndarray | None]) -> float | None:
     """Bound of a convolution followed by a chain of pointwise maps, as one operator, or
     ``None``.
 
@@ -1324,7 +1328,8 @@ def _conv_then_pointwise(members: Sequence[tuple[Any, Any]]) -> float | None:
     :class:`ConvSpec`, certified as the Keras SeparableConv2D is. The product of the two norms
     was up to 30 % above it. Before the convolution only per-channel scalings (folded into it)
     and moves that keep the channels may come; after it, a chain that
-    :func:`_pointwise_matrix` reads, whose reshapes keep the channels.
+    :func:`_pointwise_matrix` reads, whose reshapes keep the channels. ``diags``: the members'
+    :func:`_diagonal_scale` s.
     """
     at = next((i for i, (b, _) in enumerate(members)
                if isinstance(b.certificate, LayerCertificate) and b.certificate.spec is not None),
@@ -1335,10 +1340,9 @@ def _conv_then_pointwise(members: Sequence[tuple[Any, Any]]) -> float | None:
     if cert.channel_axis != -1:
         return None
     in_scale = None
-    for bound, head in members[:at]:
+    for (_, head), diag in zip(members[:at], diags):
         if _keeps_channels(head):
             continue
-        diag = _diagonal_scale(bound, head)
         channel = None if diag is None else _per_channel(diag, -1)
         if channel is None:
             return None
@@ -1346,7 +1350,7 @@ def _conv_then_pointwise(members: Sequence[tuple[Any, Any]]) -> float | None:
     tail = members[at + 1:]
     if any(_is_reshape(n) and not _keeps_channels(n) for _, n in tail):
         return None
-    matrix = _pointwise_matrix(tail)
+    matrix = _pointwise_matrix(tail, diags[at + 1:])
     if matrix is None:
         return None
     spec = cert.spec(in_scale, None)
@@ -1363,7 +1367,8 @@ def _conv_then_pointwise(members: Sequence[tuple[Any, Any]]) -> float | None:
     return bound if exact is None else exact
 
 
-def fold_diagonals(members: Sequence[tuple[Any, Any]]):
+def fold_diagonals(members: Sequence[tuple[Any, Any]],
+                   diags: Sequence[np.ndarray | None] | None = None):
     """Folds per-channel diagonal layers of a fused chain into their neighbours' weights.
 
     Every member whose certificate supports channel scales (``channel_axis`` not ``None``)
@@ -1372,13 +1377,16 @@ def fold_diagonals(members: Sequence[tuple[Any, Any]]):
 
     Args:
         members: ``(Linear bound, graph node)`` pairs of the chain, in order.
+        diags: The members' per-entry diagonal scales when already evaluated (``None`` for a
+            member that is not a diagonal scaling); evaluated here otherwise.
 
     Returns:
         ``(folds, used)``: ``(member index, input scale, output scale)`` per absorbing member
         (scales ``None`` when nothing was folded on that side), and per member whether it is
         accounted for by a fold.
     """
-    diags = [_diagonal_scale(b, n) for b, n in members]
+    if diags is None:
+        diags = [_diagonal_scale(b, n) for b, n in members]
     used = [False] * len(members)
     folds = []
     for i, (bound, node) in enumerate(members):
@@ -1445,11 +1453,12 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
         else:
             return max_singular_value(matrix[None], method="exact")
     members = _undo_space_to_batch(members)
-    pointwise = _pointwise_matrix(members)
+    diags = [_diagonal_scale(b, n) for b, n in members]  # evaluated once for the routes below
+    pointwise = _pointwise_matrix(members, diags)
     if pointwise is not None:  # the same matrix at every position: its norm
         return max_singular_value(pointwise[None])
-    combined = _conv_then_pointwise(members)
-    folds, used = fold_diagonals(members)
+    combined = _conv_then_pointwise(members, diags)
+    folds, used = fold_diagonals(members, diags)
     factors = [members[i][0].certificate.scaled(a, b) for i, a, b in folds]
     for i, (bound, node) in enumerate(members):
         if used[i]:
