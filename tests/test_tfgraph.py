@@ -363,6 +363,25 @@ def test_dilated_convolutions_are_certified_like_their_layers(name, monkeypatch,
     assert rep.upper == pytest.approx(keras_rep.upper, rel=1e-9)
 
 
+def test_convolution_on_a_batch_of_images_gets_a_fourier_start():
+    """A group that starts with a convolution on a batch of B images (I_B ⊗ A, certified as A
+    since the dilated-convolution change) got A's Fourier start, shaped for one image: a
+    ValueError when the solver reshaped it to the group's input (a review's reproducer). The
+    start is now the same wave in every image; the estimate is A's norm."""
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((3, 3, 4, 4)).astype("float32")
+
+    def f(x):  # x: (1, 2·28, 28, 4), two 28×28 images
+        y = tf.nn.relu(tf.reshape(x, (2, 28, 28, 4)))
+        return tf.reshape(tf.nn.relu(tf.nn.conv2d(y, kernel, 1, "SAME")), (1, -1))
+
+    rep = autolip_function(tf.function(f), [tf.TensorSpec([1, 56, 28, 4])], tol=1e-6)
+    conv = L.Conv2D(4, 3, padding="same", use_bias=False)
+    conv.build((None, 28, 28, 4))
+    conv.kernel.assign(kernel)
+    assert rep.upper == pytest.approx(exact_norm(conv, (28, 28, 4)), rel=1e-5)
+
+
 def test_convolution_then_pointwise_is_one_operator(monkeypatch, rng):
     """A depthwise convolution followed by a 1×1 convolution (a SeparableConv2D in a graph, or
     two layers without activation between) is certified as one separable operator: the

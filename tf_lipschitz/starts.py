@@ -328,6 +328,12 @@ def group_start(members: Sequence[tuple[Any, Any]]) -> np.ndarray | None:
     cert = members[index][0].certificate
     if not isinstance(cert, LayerCertificate) or cert.spec is None:
         return None
-    if tuple(cert.input_shape) != tuple(first.input_shapes[0]):
+    shape = tuple(cert.input_shape)
+    if shape != tuple(first.input_shapes[0]):
         return None
-    return conv_start(cert.spec(in_scale, out_scale), channels_last=cert.channel_axis == -1)
+    spec = cert.spec(in_scale, out_scale)
+    start = conv_start(spec, channels_last=cert.channel_axis == -1)
+    if start is not None and len(shape) == spec.rank + 2:
+        # a graph convolution on a batch of B images (I_B ⊗ A): the same start in each image
+        start = np.broadcast_to(start, shape) / math.sqrt(shape[0])
+    return start
