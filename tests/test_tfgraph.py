@@ -296,6 +296,21 @@ GRAPH_CONVS = {  # layer, input shape, whether the graph op is the layer's own c
 }
 
 
+def _layer_and_graph_reports(layer, shape, rng, monkeypatch):
+    """``layer → BatchNormalization`` (random scales), its certified Keras report and that of
+    its graph, with the structured routes forced (no dense SVD)."""
+    bn = L.BatchNormalization()
+    model = keras.Sequential([keras.Input(shape), layer, bn])
+    channels = bn.gamma.shape[0]
+    bn.gamma.assign(rng.uniform(0.2, 3.0, channels).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, channels).astype("float32"))
+    monkeypatch.setattr(certify, "DENSE_LIMIT", 0)
+    keras_rep = tfl.LipschitzEstimator(model, verbose=0, tol=1e-8).autolip(certified=True)
+    rep = autolip_function(tf.function(lambda x: model(x)), [tf.TensorSpec([None, *shape])],
+                           certified=True, tol=1e-8)
+    return model, keras_rep, rep
+
+
 @pytest.mark.parametrize("name", list(GRAPH_CONVS))
 def test_graph_convolutions_are_certified_like_their_layers(name, monkeypatch, rng):
     """Conv ops get the polyphase-FFT certificate of the Keras layers, a BatchNormalization
@@ -305,15 +320,7 @@ def test_graph_convolutions_are_certified_like_their_layers(name, monkeypatch, r
     stayed an estimate, and a SavedModel CNN could not be certified.
     """
     make, shape, same_op = GRAPH_CONVS[name]
-    bn = L.BatchNormalization()
-    model = keras.Sequential([keras.Input(shape), make(), bn])
-    channels = bn.gamma.shape[0]
-    bn.gamma.assign(rng.uniform(0.2, 3.0, channels).astype("float32"))
-    bn.moving_variance.assign(rng.uniform(0.5, 2.0, channels).astype("float32"))
-    monkeypatch.setattr(certify, "DENSE_LIMIT", 0)  # the structured route, not a dense SVD
-    keras_rep = tfl.LipschitzEstimator(model, verbose=0, tol=1e-8).autolip(certified=True)
-    rep = autolip_function(tf.function(lambda x: model(x)), [tf.TensorSpec([None, *shape])],
-                           certified=True, tol=1e-8)
+    model, keras_rep, rep = _layer_and_graph_reports(make(), shape, rng, monkeypatch)
     assert rep.certified and keras_rep.certified
     assert rep.upper >= exact_norm(model, shape) * (1 - 1e-9)
     if same_op:
@@ -343,15 +350,7 @@ def test_dilated_convolutions_are_certified_like_their_layers(name, monkeypatch,
     Squeeze around the Conv2D included, and a causal Conv1D's Pad before the blocks); a
     SeparableConv2D's depthwise and pointwise parts as one operator."""
     make, shape = DILATED[name]
-    bn = L.BatchNormalization()
-    model = keras.Sequential([keras.Input(shape), make(), bn])
-    channels = bn.gamma.shape[0]
-    bn.gamma.assign(rng.uniform(0.2, 3.0, channels).astype("float32"))
-    bn.moving_variance.assign(rng.uniform(0.5, 2.0, channels).astype("float32"))
-    monkeypatch.setattr(certify, "DENSE_LIMIT", 0)  # the structured route, not a dense SVD
-    keras_rep = tfl.LipschitzEstimator(model, verbose=0, tol=1e-8).autolip(certified=True)
-    rep = autolip_function(tf.function(lambda x: model(x)), [tf.TensorSpec([None, *shape])],
-                           certified=True, tol=1e-8)
+    model, keras_rep, rep = _layer_and_graph_reports(make(), shape, rng, monkeypatch)
     ops = {row.class_name for row in rep.layers}
     assert any("SpaceToBatchND" in op for op in ops)
     assert rep.certified
