@@ -839,8 +839,13 @@ def _conv_certificate(ctx: OpContext, fn: Callable) -> certify.LayerCertificate 
                                  spatial_in, spatial_out, offset, groups=groups,
                                  in_scale=in_scale, out_scale=out_scale)
 
-    return certify.spec_certificate(spec, per_example_in, per_example_out, channels_last, fn,
+    cert = certify.spec_certificate(spec, per_example_in, per_example_out, channels_last, fn,
                                     grid_out=spatial_out)
+    if full_in[0] != 1 and not channels_last:
+        # the operator's shape is (B, C, ...): its axis 0 is the batch, not the channels, so no
+        # scaling folds into this certificate (a scale per image is not one per channel)
+        cert = dataclasses.replace(cert, channel_axis=None)
+    return cert
 
 
 def _affine_sum(ctx: OpContext) -> LayerBound:
