@@ -1001,6 +1001,15 @@ def conv_certificate(layer, input_shape: Sequence[int], output_shape: Sequence[i
                             dense=dense, small_grid=small_grid)
 
 
+def _spec_bound(conv: ConvSpec, grid_out: Sequence[int], rtol: float = 1e-3,
+                small_grid: bool = True) -> float:
+    """The polyphase-FFT bound of ``conv``, or the small-grid route's when it applies and is
+    tighter (:func:`~tf_lipschitz.gridconv.small_grid_bound`)."""
+    bound = _conv_bound(conv, rtol)
+    exact = small_grid_bound(conv, grid_out, rtol, safety_margin, bound) if small_grid else None
+    return bound if exact is None else exact
+
+
 def spec_certificate(spec: Callable[[Any, Any], ConvSpec], input_shape: Sequence[int],
                      output_shape: Sequence[int], channels_last: bool = True,
                      fn: Callable | None = None, *, rtol: float = 1e-3, dense: bool = True,
@@ -1017,12 +1026,7 @@ def spec_certificate(spec: Callable[[Any, Any], ConvSpec], input_shape: Sequence
         output_shape[:-1] if channels_last else output_shape[1:])
 
     def structured(in_scale, out_scale):
-        conv = spec(in_scale, out_scale)
-        bound = _conv_bound(conv, rtol)
-        if small_grid:
-            exact = small_grid_bound(conv, spatial_out, rtol, safety_margin, bound)
-            bound = bound if exact is None else exact
-        return bound
+        return _spec_bound(spec(in_scale, out_scale), spatial_out, rtol, small_grid)
 
     return LayerCertificate(structured, fn if dense else None, input_shape, output_shape,
                             -1 if channels_last else 0, "polyphase FFT", spec)
@@ -1219,7 +1223,7 @@ def _pointwise_matrix(members: Sequence[tuple[Any, Any]],
     return total if kernels else None
 
 
-def _block_move(node, op_type: str) -> tuple | None:
+def _block_geometry(node, op_type: str) -> tuple | None:
     """``(blocks, pads)`` of a graph's ``SpaceToBatchND`` / ``BatchToSpaceND`` member."""
     op = node.operation
     if type(op).__module__ != "tf_lipschitz.tfgraph" or type(op).__name__ != op_type:
@@ -1241,11 +1245,11 @@ def _undo_space_to_batch(members: Sequence[tuple[Any, Any]]) -> list[tuple[Any, 
     """
     out = list(members)
     for i in range(len(out) - 2):
-        head = _block_move(out[i][1], "SpaceToBatchND")
+        head = _block_geometry(out[i][1], "SpaceToBatchND")
         if head is None:
             continue
         start = i  # a zero padding before the blocks (a causal Conv1D's) adds to theirs
-        pad = _block_move(out[i - 1][1], "Pad") if i > 0 else None
+        pad = _block_geometry(out[i - 1][1], "Pad") if i > 0 else None
         if pad is not None and len(pad[1]) == len(head[1]):
             start = i - 1
             head = (head[0], tuple((a + c, b + d) for (a, b), (c, d) in zip(pad[1], head[1])))
@@ -1255,7 +1259,7 @@ def _undo_space_to_batch(members: Sequence[tuple[Any, Any]]) -> list[tuple[Any, 
             and _keeps_channels(out[j + 1][1]) else j + 1
         if k >= len(out):
             continue
-        tail = _block_move(out[k][1], "BatchToSpaceND")
+        tail = _block_geometry(out[k][1], "BatchToSpaceND")
         bound, node = out[j]
         cert = bound.certificate
         if (tail is None or head[0] != tail[0] or not isinstance(cert, LayerCertificate)
@@ -1308,10 +1312,7 @@ def _dilated_certificate(cert: LayerCertificate, head: tuple, tail: tuple,
                                    spatial=tuple(spatial), offset=tuple(offset))
 
     def structured(in_scale, out_scale):
-        conv = dilated(in_scale, out_scale)
-        loose = _conv_bound(conv, 1e-3)
-        exact = small_grid_bound(conv, grid_out, 1e-3, safety_margin, loose)
-        return loose if exact is None else exact
+        return _spec_bound(dilated(in_scale, out_scale), grid_out)
 
     return LayerCertificate(structured, None, shape_in, shape_out, -1,
                             "polyphase FFT (dilated)", dilated)
@@ -1356,15 +1357,12 @@ def _conv_then_pointwise(members: Sequence[tuple[Any, Any]],
     spec = cert.spec(in_scale, None)
     if spec.adjoint:
         return None
-    pointwise = matrix if spec.pointwise is None else spec.pointwise @ matrix
     groups, b = spec.kernel.shape[spec.rank], spec.kernel.shape[-1]
-    if pointwise.shape[0] != (groups * b if spec.pointwise is None else spec.pointwise.shape[0]):
+    if matrix.shape[0] != (groups * b if spec.pointwise is None else spec.pointwise.shape[1]):
         return None
+    pointwise = matrix if spec.pointwise is None else spec.pointwise @ matrix
     combined = dataclasses.replace(spec, pointwise=pointwise)
-    bound = _conv_bound(combined, 1e-3)
-    grid_out = tuple(node.output_shapes[0])[-1 - spec.rank:-1]
-    exact = small_grid_bound(combined, grid_out, 1e-3, safety_margin, bound)
-    return bound if exact is None else exact
+    return _spec_bound(combined, tuple(node.output_shapes[0])[-1 - spec.rank:-1])
 
 
 def fold_diagonals(members: Sequence[tuple[Any, Any]],
@@ -1425,9 +1423,14 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
     A single layer with a closed-form norm (average pooling, isometries, products with
     constants) keeps its closed form: it is exact already. Other small chains are materialised
     in float64 and bounded exactly. Otherwise, or when a member cannot compute in float64 (a
-    user layer adding a float32 variable, an op without a float64 kernel), per-channel diagonal layers (BatchNormalization, Rescaling, Normalization)
-    are folded into the adjacent layer's weights (``‖diag(γ/σ) ∘ conv‖`` instead of
-    ``max|γ/σ| · ‖conv‖``), and the remaining factors are multiplied (``‖AB‖ ≤ ‖A‖‖B‖``).
+    user layer adding a float32 variable, an op without a float64 kernel): a graph's
+    ``SpaceToBatchND → conv → BatchToSpaceND`` becomes the dilated convolution it computes
+    (:func:`_undo_space_to_batch`); a chain of pointwise maps is bounded by its per-position
+    matrix (:func:`_pointwise_matrix`); otherwise per-channel diagonal layers
+    (BatchNormalization, Rescaling, Normalization) are folded into the adjacent layer's weights
+    (``‖diag(γ/σ) ∘ conv‖`` instead of ``max|γ/σ| · ‖conv‖``) and the remaining factors are
+    multiplied (``‖AB‖ ≤ ‖A‖‖B‖``), or, when smaller, a convolution followed by pointwise maps
+    is bounded as one separable operator (:func:`_conv_then_pointwise`).
 
     Args:
         members: ``(Linear bound, graph node)`` pairs of the chain, in order.
