@@ -1135,7 +1135,7 @@ def _moves_positions(node) -> bool:
     (last axis), padding with zeros or cropping: a graph's ``SpaceToBatchND`` or
     ``BatchToSpaceND`` whose blocks leave the last axis alone (a dilated convolution's), or a
     ``Pad`` of the spatial axes."""
-    return bool(getattr(node.operation, "channels_kept", False))
+    return getattr(node.operation, "block_move", None) is not None
 
 
 def _keeps_channels(node) -> bool:

@@ -480,12 +480,12 @@ class OpContext:
         elementwise_of: For a product of two elementwise functions of one tensor that is not a
             recognised activation, the name of that tensor.
         offsets: Set by :meth:`linear`: the constant slots it set to zero (``None`` until then).
-        channels_kept: Set by a rule whose op moves entries between positions and the batch
-            axis but leaves each in its channel, the last axis (``SpaceToBatchND``): channel
-            scalings commute with it, and certificates fold them across it.
-        block_move: Set by the ``SpaceToBatchND`` / ``BatchToSpaceND`` rule: the block shape
-            and the paddings (or crops), ``((b, …), ((left, right), …))``; by the ``Pad`` rule
-            for a padding of the spatial axes only (blocks of 1).
+        block_move: Set by the ``SpaceToBatchND`` / ``BatchToSpaceND`` rule when the blocks
+            leave the last axis alone: the block shape and the paddings (or crops),
+            ``((b, …), ((left, right), …))``; by the ``Pad`` rule for a padding of the spatial
+            axes only (blocks of 1). Such an op moves entries between positions (and the batch
+            axis) but leaves each in its channel: channel scalings commute with it, and
+            certificates fold them across it.
     """
 
     node_def: Any
@@ -498,7 +498,6 @@ class OpContext:
     dtype: tf.DType
     elementwise_of: str | None = None
     offsets: tuple[int, ...] | None = None
-    channels_kept: bool = False
     block_move: tuple | None = None
 
     @property
@@ -733,8 +732,8 @@ def _block_move(ctx: OpContext) -> Linear:
                                  "depend on the input.")
     blocks = tuple(int(b) for b in np.ravel(ctx.constants[1]))
     pads = tuple((int(lo), int(hi)) for lo, hi in np.reshape(ctx.constants[2], (-1, 2)))
-    ctx.channels_kept = 1 + len(blocks) < len(ctx.input_shapes[0])
-    ctx.block_move = (blocks, pads)
+    if 1 + len(blocks) < len(ctx.input_shapes[0]):  # the channels are not blocked
+        ctx.block_move = (blocks, pads)
     kept = math.prod(ctx.output_shape) > 0
     note = "zero padding and permutation" if ctx.op_type == "SpaceToBatchND" else \
         "permutation and crop"
@@ -751,7 +750,6 @@ def _padding(ctx: OpContext) -> Linear:
                                  "the input.")
     pads = [(int(lo), int(hi)) for lo, hi in np.reshape(ctx.constants[1], (-1, 2))]
     if len(pads) >= 3 and pads[0] == (0, 0) and pads[-1] == (0, 0):
-        ctx.channels_kept = True
         ctx.block_move = ((1,) * (len(pads) - 2), tuple(pads[1:-1]))
     return ctx.linear(offsets=offsets, norm=1.0, note="zero padding: isometry")
 
@@ -1310,11 +1308,9 @@ class _OpNode:
     registry returns the bound computed when the graph was read.
     """
 
-    def __init__(self, name: str, bound: LayerBound, channels_kept: bool = False,
-                 block_move: tuple | None = None):
+    def __init__(self, name: str, bound: LayerBound, block_move: tuple | None = None):
         self.name = name
         self.bound = bound
-        self.channels_kept = channels_kept  # see OpContext.channels_kept
         self.block_move = block_move  # see OpContext.block_move
 
 
@@ -1614,7 +1610,7 @@ class _GraphReader:
                            verbose=int(self.progress and len(todo) > 50))
         for count, name in enumerate(todo):
             node_def = self.nodes[name]
-            channels_kept, block_move = False, None
+            block_move = None
             if name in regions:
                 source, _, bound = regions[name]
                 dep_refs = [source]
@@ -1622,7 +1618,7 @@ class _GraphReader:
                 ctx = self._context(node_def, display[name])
                 bound = self._rule(ctx)
                 dep_refs = [r for r, d in zip(ctx.inputs, ctx.dependent) if d]
-                channels_kept, block_move = ctx.channels_kept, ctx.block_move
+                block_move = ctx.block_move
                 if isinstance(bound, Linear) and name in other_outputs:
                     raise UnsupportedOpError(node_def.op, name, "Only its first output may be "
                                              "used by later input-dependent ops.")
@@ -1634,8 +1630,7 @@ class _GraphReader:
             dtype = self._dtype(dep_refs[0])
             node = GraphNode(
                 index=len(nodes),
-                operation=_op_class(node_def.op)(display[name], bound, channels_kept,
-                                                 block_move),
+                operation=_op_class(node_def.op)(display[name], bound, block_move),
                 name=display[name], parents=parents, input_shapes=shapes,
                 output_shapes=(out_shape,), dependent=True,
                 input_dependent=tuple(True for _ in parents), dtype=_work_dtype(dtype).name,
