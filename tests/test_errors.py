@@ -172,6 +172,8 @@ CASES = [
      "input_signature", "3"),
     ("autolip-function-no-signature", lambda c: tfl.autolip_function(_halve), "input_signature",
      "_halve"),
+    ("graph-estimator-path", lambda c: tfl.GraphEstimator(c.saved), "from_saved_model",
+     "sm"),
     ("autolip-saved-model-path", lambda c: tfl.autolip_saved_model(c.saved + "_missing"),
      "path", "sm_missing"),
     ("autolip-saved-model-signature",

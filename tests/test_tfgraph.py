@@ -7,6 +7,7 @@ constant is known in closed form.
 
 import logging
 import math
+import types
 
 import keras
 import numpy as np
@@ -421,6 +422,114 @@ def test_convolution_then_pointwise_is_one_operator(monkeypatch, rng):
                 * exact_norm(pair.layers[2], (8, 8, 5)))
     assert rep.certified
     assert exact * (1 - 1e-9) <= rep.upper <= exact * 1.01 < separate
+
+
+GRAPH_POOLS = {
+    "2d_k2": (lambda: L.AveragePooling2D(2), (8, 9, 3)),
+    "2d_k3_s2_same": (lambda: L.AveragePooling2D(3, 2, padding="same"), (9, 7, 2)),
+    "2d_rect_overlap": (lambda: L.AveragePooling2D((3, 2), (1, 2)), (7, 8, 2)),
+    "1d_same": (lambda: L.AveragePooling1D(3, 2, padding="same"), (17, 3)),
+    "3d_k3_s2_same": (lambda: L.AveragePooling3D(3, 2, padding="same"), (5, 4, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAPH_POOLS))
+def test_graph_average_pooling_is_certified_like_its_layer(name, monkeypatch):
+    """A graph's AvgPool / AvgPool3D had no certificate (a linear op left to the power method),
+    so a group holding one stayed an estimate above the dense limit: a DenseNet121 SavedModel
+    could not be certified. The op now gets the layer's closed form ``Π_d ‖A_d‖₂``, alone
+    and in a chain (Conv → AvgPool → Flatten → Dense, dense route forced off)."""
+    make, shape = GRAPH_POOLS[name]
+    pool_only = keras.Sequential([keras.Input(shape), make()])
+    rep = autolip_function(tf.function(lambda x: pool_only(x)), [tf.TensorSpec([None, *shape])],
+                           certified=True)
+    (row,) = [r for r in rep.layers if r.kind == "linear"]
+    exact = exact_norm(pool_only.layers, shape)
+    assert rep.certified and row.method == "closed-form"
+    assert exact <= row.certificate <= exact * (1 + 1e-5)
+
+    keras.utils.set_random_seed(3)
+    conv = {3: L.Conv2D, 2: L.Conv1D, 4: L.Conv3D}[len(shape)](4, 2, padding="same")
+    model = keras.Sequential([keras.Input(shape), conv, make(), L.Flatten(), L.Dense(3)])
+    monkeypatch.setattr(certify, "DENSE_LIMIT", 0)
+    keras_rep = tfl.LipschitzEstimator(model, verbose=0, tol=1e-8).autolip(certified=True)
+    rep = autolip_function(tf.function(lambda x: model(x)), [tf.TensorSpec([None, *shape])],
+                           certified=True, tol=1e-8)
+    assert rep.certified and keras_rep.certified
+    assert rep.upper >= exact_norm(model.layers, shape) * (1 - 1e-9)
+    assert rep.upper == pytest.approx(keras_rep.upper, rel=1e-9)
+
+
+def test_graph_average_pooling_3d_in_a_chain_is_exact():
+    """TensorFlow has no float64 AvgPool3D kernel on CPU: a small graph Conv3D → AvgPool3D
+    was certified by the product of the two norms (1.23 times the exact norm here). The op's
+    float64 map is now the Kronecker product of its averaging matrices, and the chain's dense
+    certificate is exact, as for the Keras layers."""
+    keras.utils.set_random_seed(1)
+    shape = (4, 5, 4, 2)
+    model = keras.Sequential([keras.Input(shape), L.Conv3D(2, 2, padding="same"),
+                              L.AveragePooling3D(2)])
+    rep = autolip_function(tf.function(lambda x: model(x)), [tf.TensorSpec([None, *shape])],
+                           certified=True, tol=1e-8)
+    exact = exact_norm(model.layers, shape)
+    assert rep.certified
+    assert exact * (1 - 1e-9) <= rep.upper <= exact * 1.01
+
+
+def test_freezing_skips_the_wrapped_function_and_keeps_its_graph(monkeypatch):
+    """The reader freezes with TensorFlow's converter but does not wrap the frozen GraphDef
+    into a new concrete function (14 of the 16 s that freezing VGG16 took): it prunes the
+    GraphDef itself. Same nodes, inputs and outputs as the public function's; the public
+    function is the fallback when the private converter is missing."""
+    from tensorflow.python.framework import convert_to_constants
+
+    model = _cnn()
+    concrete = tf.function(lambda x: model(x)).get_concrete_function(
+        tf.TensorSpec([None, 12, 12, 2]))
+    public = convert_to_constants.convert_variables_to_constants_v2(concrete)
+    frozen = tfgraph._freeze(concrete)
+    assert (sorted(n.name for n in frozen.graph_def.node)
+            == sorted(n.name for n in public.graph.as_graph_def().node))
+    assert [(t.name, t.dtype, t.shape.as_list()) for t in frozen.inputs] == [
+        (t.name, t.dtype, t.shape.as_list()) for t in public.inputs]
+    assert [t.name for t in frozen.outputs] == [t.name for t in public.outputs]
+    expected = autolip_function(concrete).upper
+
+    # a TensorFlow whose converter module keeps only its public function
+    monkeypatch.setattr(tfgraph, "convert_to_constants", types.SimpleNamespace(
+        convert_variables_to_constants_v2=convert_to_constants.convert_variables_to_constants_v2))
+    fallback = tfgraph._freeze(concrete)
+    assert len(fallback.graph_def.node) == len(frozen.graph_def.node)
+    assert autolip_function(concrete).upper == pytest.approx(expected, rel=1e-6)
+
+
+def test_nested_calls_are_inlined_up_to_a_depth_then_named():
+    """Calls that freezing keeps are inlined level by level. Past the depth limit, the loop
+    stopped silently and the reader later failed on the call op with a misleading message;
+    it now names the call and its function."""
+    from tensorflow.python.framework import convert_to_constants
+
+    @tf.function(experimental_attributes={"_noinline": True})
+    def inner(x):
+        return 2.0 * x
+
+    @tf.function(experimental_attributes={"_noinline": True})
+    def middle(x):
+        return inner(x) + 1.0
+
+    @tf.function
+    def outer(x):
+        return tf.nn.relu(middle(x))
+
+    concrete = outer.get_concrete_function(tf.TensorSpec([None, 3]))
+    graph_def = convert_to_constants.convert_variables_to_constants_v2(
+        concrete).graph.as_graph_def()
+    assert [n.op for n in graph_def.node].count("PartitionedCall") == 1
+    inlined = tfgraph._inline_calls(graph_def, max_depth=2)
+    assert not [n for n in inlined.node if n.op in tfgraph._CALLS]
+    with pytest.raises(UnsupportedOpError, match="inner.*once 1 nested levels"):
+        tfgraph._inline_calls(graph_def, max_depth=1)
+    assert autolip_function(outer, [tf.TensorSpec([None, 3])]).upper == pytest.approx(2.0)
 
 
 def test_grouped_convolutions_are_inlined_and_certified_like_their_layers(tmp_path, rng):

@@ -1052,6 +1052,50 @@ def _average_matrix(n: int, pool: int, stride: int, padding: str) -> np.ndarray:
     return mat
 
 
+def box_average_matrices(spatial: Sequence[int], pool_size: Sequence[int],
+                         strides: Sequence[int], padding: str) -> list[np.ndarray]:
+    """The 1-D averaging matrices ``A_d`` (``N_out,d × N_d``) of an average pooling with box
+    windows ``pool_size`` on the grid ``spatial`` (TF semantics: with ``"same"`` padding, in
+    any case, padded entries are not counted).
+
+    Args:
+        spatial: The grid, one size per spatial axis.
+        pool_size: Window size per spatial axis.
+        strides: Stride per spatial axis.
+        padding: ``"valid"`` or ``"same"`` (a Keras layer's or a graph op's spelling).
+
+    Returns:
+        One float64 matrix per spatial axis.
+    """
+    return [_average_matrix(int(n), int(k), int(s), padding.lower())
+            for n, k, s in zip(spatial, pool_size, strides)]
+
+
+def box_average_norm(matrices: Sequence[np.ndarray]) -> float:
+    """``Π_d ‖A_d‖₂``: the exact norm of ``I ⊗ A_1 ⊗ … ⊗ A_D`` (float64 rounding aside)."""
+    value = 1.0
+    for mat in matrices:
+        value *= float(np.linalg.norm(mat, 2)) if mat.size else 0.0
+    return value
+
+
+def apply_box_average(x, matrices: Sequence[np.ndarray], channels_last: bool = True):
+    """``(I_channels ⊗ A_1 ⊗ … ⊗ A_D) x`` for a batch ``x`` (batch, then channels and spatial
+    axes) as one einsum over the spatial axes, in ``x``'s dtype: the average pooling of
+    :func:`box_average_matrices`, for dtypes without a pooling kernel (no float64
+    ``AvgPool3D`` on CPU)."""
+    letters = "defghijk"[:len(matrices)]
+    outs = "pqrstuvw"[:len(matrices)]
+    spatial_in, spatial_out = "".join(letters), "".join(outs)
+    factors = ",".join(o + i for o, i in zip(outs, letters))
+    if channels_last:
+        equation = f"b{spatial_in}c,{factors}->b{spatial_out}c"
+    else:
+        equation = f"bc{spatial_in},{factors}->bc{spatial_out}"
+    return keras.ops.einsum(equation, x, *[keras.ops.convert_to_tensor(m, x.dtype)
+                                          for m in matrices])
+
+
 def average_pool_matrices(layer, input_shape: Sequence[int]) -> list[np.ndarray]:
     """The 1-D averaging matrices ``A_d`` (``N_out,d × N_d``) of an average-pooling layer.
 
@@ -1068,8 +1112,7 @@ def average_pool_matrices(layer, input_shape: Sequence[int]) -> list[np.ndarray]
     channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
     spatial = input_shape[:-1] if channels_last else input_shape[1:]
     strides = layer.strides if layer.strides is not None else layer.pool_size
-    return [_average_matrix(int(n), int(k), int(s), layer.padding)
-            for n, k, s in zip(spatial, layer.pool_size, strides)]
+    return box_average_matrices(spatial, layer.pool_size, strides, layer.padding)
 
 
 def average_pool_norm(layer, input_shape: Sequence[int]) -> float:
@@ -1087,10 +1130,7 @@ def average_pool_norm(layer, input_shape: Sequence[int]) -> float:
     Returns:
         The norm (a float; exact up to float64 rounding).
     """
-    value = 1.0
-    for mat in average_pool_matrices(layer, input_shape):
-        value *= float(np.linalg.norm(mat, 2)) if mat.size else 0.0
-    return value
+    return box_average_norm(average_pool_matrices(layer, input_shape))
 
 
 def average_pool_certificate(layer, input_shape: Sequence[int]) -> Callable[[], float]:
@@ -1244,38 +1284,50 @@ def _undo_space_to_batch(members: Sequence[tuple[Any, Any]]) -> list[tuple[Any, 
     on 9×9, far more for large rates on small grids.
     """
     out = list(members)
-    for i in range(len(out) - 2):
-        head = _block_geometry(out[i][1], "SpaceToBatchND")
-        if head is None:
-            continue
-        start = i  # a zero padding before the blocks (a causal Conv1D's) adds to theirs
-        pad = _block_geometry(out[i - 1][1], "Pad") if i > 0 else None
-        if pad is not None and len(pad[1]) == len(head[1]):
-            start = i - 1
-            head = (head[0], tuple((a + c, b + d) for (a, b), (c, d) in zip(pad[1], head[1])))
-        # a Conv1D's ExpandDims after the blocks and Squeeze before them back
-        j = i + 2 if _is_reshape(out[i + 1][1]) and _keeps_channels(out[i + 1][1]) else i + 1
-        k = j + 2 if j + 2 < len(out) and _is_reshape(out[j + 1][1]) \
-            and _keeps_channels(out[j + 1][1]) else j + 1
-        if k >= len(out):
-            continue
-        tail = _block_geometry(out[k][1], "BatchToSpaceND")
-        bound, node = out[j]
-        cert = bound.certificate
-        if (tail is None or head[0] != tail[0] or not isinstance(cert, LayerCertificate)
-                or cert.spec is None or cert.channel_axis != -1):
-            continue
-        merged = _dilated_certificate(cert, head, tail, out[start][1].input_shapes[0],
-                                      out[k][1].output_shapes[0])
+    i = 0
+    while i < len(out) - 2:
+        merged = _dilated_triple(out, i)
         if merged is None:
+            i += 1
             continue
-        node = types.SimpleNamespace(name=node.name, operation=node.operation,
-                                     input_shapes=(merged.input_shape,),
-                                     output_shapes=(merged.output_shape,))
-        return _undo_space_to_batch(
-            [*out[:start], (dataclasses.replace(bound, certificate=merged), node),
-             *out[k + 1:]])
+        start, stop, replacement = merged
+        out[start:stop] = [replacement]
+        i = start + 1
     return out
+
+
+def _dilated_triple(out: Sequence[tuple[Any, Any]], i: int) -> tuple[int, int, Any] | None:
+    """For a ``SpaceToBatchND`` at ``out[i]`` that starts a dilated convolution (see
+    :func:`_undo_space_to_batch`): ``(start, stop, member)``, the member that replaces
+    ``out[start:stop]``; ``None`` for anything else."""
+    head = _block_geometry(out[i][1], "SpaceToBatchND")
+    if head is None:
+        return None
+    start = i  # a zero padding before the blocks (a causal Conv1D's) adds to theirs
+    pad = _block_geometry(out[i - 1][1], "Pad") if i > 0 else None
+    if pad is not None and len(pad[1]) == len(head[1]):
+        start = i - 1
+        head = (head[0], tuple((a + c, b + d) for (a, b), (c, d) in zip(pad[1], head[1])))
+    # a Conv1D's ExpandDims after the blocks and Squeeze before them back
+    j = i + 2 if _is_reshape(out[i + 1][1]) and _keeps_channels(out[i + 1][1]) else i + 1
+    k = j + 2 if j + 2 < len(out) and _is_reshape(out[j + 1][1]) \
+        and _keeps_channels(out[j + 1][1]) else j + 1
+    if k >= len(out):
+        return None
+    tail = _block_geometry(out[k][1], "BatchToSpaceND")
+    bound, node = out[j]
+    cert = bound.certificate
+    if (tail is None or head[0] != tail[0] or not isinstance(cert, LayerCertificate)
+            or cert.spec is None or cert.channel_axis != -1):
+        return None
+    merged = _dilated_certificate(cert, head, tail, out[start][1].input_shapes[0],
+                                  out[k][1].output_shapes[0])
+    if merged is None:
+        return None
+    node = types.SimpleNamespace(name=node.name, operation=node.operation,
+                                 input_shapes=(merged.input_shape,),
+                                 output_shapes=(merged.output_shape,))
+    return start, k + 1, (dataclasses.replace(bound, certificate=merged), node)
 
 
 def _dilated_certificate(cert: LayerCertificate, head: tuple, tail: tuple,

@@ -74,7 +74,7 @@ import tensorflow as tf
 from tensorflow.python.eager import execute
 from tensorflow.python.framework import function_def_to_graph, op_def_library, op_def_registry
 from tensorflow.python.framework import ops as tf_ops
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+from tensorflow.python.framework import convert_to_constants
 
 from tf_lipschitz import certify
 from tf_lipschitz.autolip import AutoLip, check_solver_arguments
@@ -239,18 +239,39 @@ def _inline_calls(graph_def, max_depth: int = 16):
     itself an ``IdentityN`` of the returned tensors, so that consumers of ``c:k`` read output
     ``k`` unchanged. Nested calls are inlined in turn, up to ``max_depth`` levels; control flow
     (``While``, ``If``) is left as it is.
+
+    Raises:
+        UnsupportedOpError: Calls are still left after ``max_depth`` levels (a function that
+            calls itself, directly or not).
     """
     library = {f.signature.name: f for f in graph_def.library.function}
     if not library:
         return graph_def
-    for _ in range(max_depth):
+    # the bodies are read in a graph that holds the library (a body calling a function needs it)
+    scope = tf.Graph()
+    with scope.as_default():
+        holder = type(graph_def)()
+        holder.library.CopyFrom(graph_def.library)
+        tf.graph_util.import_graph_def(holder, name="")
+        return _inline_levels(graph_def, library, max_depth)
+
+
+def _inline_levels(graph_def, library: dict, max_depth: int):
+    """The loop of :func:`_inline_calls`: one level of calls at a time."""
+    for level in range(max_depth + 1):
         calls = [n for n in graph_def.node
                  if n.op in _CALLS and n.attr["f"].func.name in library]
         if not calls:
             break
+        if level == max_depth:
+            raise UnsupportedOpError(
+                calls[0].op, calls[0].name, f"Its function "
+                f"'{calls[0].attr['f'].func.name}' still calls functions once {max_depth} "
+                "nested levels of calls are inlined (a recursive function?). Analyse a "
+                "function without recursion, or its layers from the .keras file.")
         result = type(graph_def)()
-        result.CopyFrom(graph_def)
-        del result.node[:]
+        result.versions.CopyFrom(graph_def.versions)
+        result.library.CopyFrom(graph_def.library)
         for node in graph_def.node:
             if node.op in _CALLS and node.attr["f"].func.name in library:
                 result.node.extend(_call_body(node, library[node.attr["f"].func.name]))
@@ -969,6 +990,45 @@ def _reduce_max(ctx: OpContext) -> Constant:
     return Constant(1.0, note=f"{ctx.op_type} over disjoint sets: 1-Lipschitz")
 
 
+def _average_pool(ctx: OpContext) -> Linear:
+    """``AvgPool``, ``AvgPool3D``: ``I ⊗ A_1 ⊗ … ⊗ A_D`` with 1-D averaging matrices, exact
+    norm ``Π_d ‖A_d‖₂`` as for the Keras layers (:func:`tf_lipschitz.certify.box_average_norm`;
+    the op divides by the number of entries inside the input, which factors over the axes).
+    A window or stride along the batch or channel axis (no CPU kernel has one) leaves the op
+    an estimate."""
+    ctx.single_dependent()
+    full = ctx.input_shapes[0]
+    rank = len(full) - 2
+    channels_last = not str(ctx.attr("data_format", "NHWC")).startswith("NC")
+    spatial = list(range(1, rank + 1) if channels_last else range(2, rank + 2))
+    ksize = [int(k) for k in ctx.attr("ksize", [])]
+    strides = [int(s) for s in ctx.attr("strides", [])]
+    others = [i for i in range(rank + 2) if i not in spatial]
+    if len(ksize) != rank + 2 or len(strides) != rank + 2 or any(
+            ksize[i] != 1 or strides[i] != 1 for i in others):
+        return ctx.linear(note=f"{ctx.op_type} (linear)")
+    matrices = certify.box_average_matrices([full[i] for i in spatial],
+                                            [ksize[i] for i in spatial],
+                                            [strides[i] for i in spatial],
+                                            str(ctx.attr("padding", "VALID")))
+    value = certify.box_average_norm(matrices)
+    bound = ctx.linear(note=f"average pooling ⊗_d A_d: {value:.4g}")
+    fn = bound.fn
+    if ctx.op_type == "AvgPool3D" and full[0] == 1:
+        # no float64 AvgPool3D kernel on CPU: the exact float64 route of certify (a chain such
+        # as Conv3D → AvgPool3D) applies the same map as the Kronecker product of the A_d
+        def kronecker_in_float64(x, op=bound.fn):
+            if x.dtype == tf.float64 and ctx.dtype != tf.float64:
+                return certify.apply_box_average(x, matrices, channels_last)
+            return op(x)
+
+        fn = kronecker_in_float64
+
+    certificate = value * (1.0 + certify.SAFETY_MARGIN)  # an SVD's rounding per axis
+    return dataclasses.replace(bound, fn=fn, norm=lambda: value,
+                               certificate=lambda: certificate)
+
+
 def _max_pool(ctx: OpContext) -> Constant:
     if ctx.single_dependent() != 0:
         raise UnsupportedOpError(ctx.op_type, ctx.name, "Its window depends on the input.")
@@ -1080,7 +1140,9 @@ def _register_builtin_rules():
         register_op_rule(op, _activation)
     register_op_rule("Abs", _abs)
     register_op_rule("Cast", _cast)
-    for op in ("AvgPool", "AvgPool3D", "MirrorPad", "Tile", "BroadcastTo", "GatherV2", "Gather",
+    for op in ("AvgPool", "AvgPool3D"):
+        register_op_rule(op, _average_pool)
+    for op in ("MirrorPad", "Tile", "BroadcastTo", "GatherV2", "Gather",
                "ResizeNearestNeighbor", "ResizeBilinear", "ResizeBicubic", "ResizeArea",
                "Cumsum"):
         register_op_rule(op, lambda ctx: ctx.linear())
@@ -1390,13 +1452,64 @@ def _resolve_shape(spec_shape: tf.TensorShape, given: Sequence[int] | None, name
     return tuple(full)
 
 
+@dataclasses.dataclass
+class _Frozen:
+    """A concrete function with its variables frozen into constants: the ``GraphDef``, and
+    the input and output tensors (names in the ``GraphDef``, dtypes, shapes)."""
+
+    graph_def: Any
+    inputs: list
+    outputs: list
+
+
+def _freeze(fn) -> _Frozen:
+    """Freezes the variables of concrete function ``fn`` into constants.
+
+    ``convert_variables_to_constants_v2`` builds the frozen ``GraphDef`` (Grappler's function
+    inlining, variables read into ``Const`` nodes), then wraps it into a new concrete function
+    (import, pruning, lifting): on VGG16, 2 s for the first step and 14 s for the second, which
+    the reader does not need. The first step is called on its own, the pruning done here (the
+    ancestors of the outputs, and the inputs), and the input and output tensors are those of
+    ``fn`` (the wrapped function takes their names and shapes). The public function is the
+    fallback if TensorFlow's private converter changes.
+    """
+    try:
+        data = convert_to_constants._FunctionConverterDataInEager(  # noqa: SLF001
+            func=fn, lower_control_flow=True, aggressive_inlining=False)
+        graph_def, converted = convert_to_constants._replace_variables_by_constants(  # noqa
+            converter_data=data)
+        captures = fn.graph.internal_captures
+        removed = {id(captures[i]) for i in converted}
+        inputs = [t for t in fn.inputs if id(t) not in removed]
+        outputs = list(fn.outputs)
+    except (AttributeError, TypeError, ImportError):  # the private API moved
+        frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
+        return _Frozen(frozen.graph.as_graph_def(), list(frozen.inputs), list(frozen.outputs))
+    nodes = {n.name: n for n in graph_def.node}
+    keep = {t.name.split(":")[0] for t in inputs}
+    stack = [t.name.split(":")[0] for t in outputs]
+    while stack:
+        name = stack.pop()
+        if name in keep or name not in nodes:
+            continue
+        keep.add(name)
+        stack.extend(ref.lstrip("^").split(":")[0] for ref in nodes[name].input)
+    if len(keep) < len(graph_def.node):
+        pruned = type(graph_def)()
+        pruned.versions.CopyFrom(graph_def.versions)
+        pruned.library.CopyFrom(graph_def.library)
+        pruned.node.extend(n for n in graph_def.node if n.name in keep)
+        graph_def = pruned
+    return _Frozen(graph_def, inputs, outputs)
+
+
 class _GraphReader:
     """Reads a frozen concrete function into a :class:`ModelGraph` of :class:`_OpNode` s."""
 
     def __init__(self, signature: _Signature, input_shapes, *, seed: int = 0, progress=None):
         fn = signature.function
         try:
-            frozen = convert_variables_to_constants_v2(fn)
+            frozen = _freeze(fn)
         except Exception as exc:  # noqa: BLE001 - re-raised with context
             raise LipschitzError(
                 f"Could not freeze the variables of '{signature.name}' into constants: {exc}"
@@ -1405,7 +1518,7 @@ class _GraphReader:
         self._const_cache: dict[str, tf.Tensor] = {}  # see _constant_feeds
         self.name = signature.name
         self.seed = seed
-        self.graph_def = _inline_calls(frozen.graph.as_graph_def())
+        self.graph_def = _inline_calls(frozen.graph_def)
         self.nodes = {n.name: n for n in self.graph_def.node}
         self.order = self._topological_order()
         self.progress = progress
@@ -2117,6 +2230,11 @@ def _as_specs(input_signature) -> list[tf.TensorSpec]:
 def _concrete(fn, input_signature) -> _Signature:
     """A :class:`_Signature` from a concrete function, a ``tf.function`` or a callable."""
     name = getattr(fn, "__name__", None) or getattr(fn, "name", None) or type(fn).__name__
+    if isinstance(fn, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"GraphEstimator takes a function, not a path ({os.fspath(fn)!r}); for a SavedModel "
+            "directory use tfl.GraphEstimator.from_saved_model(path) or "
+            "tfl.autolip_saved_model(path).")
     if isinstance(fn, tf.types.experimental.ConcreteFunction):
         if input_signature is not None:
             raise InvalidArgumentError(

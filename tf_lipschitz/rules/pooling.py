@@ -40,20 +40,6 @@ def _max_pool(layer, ctx: NodeContext) -> Constant:
     return Constant(value, note=f"max-pool √(Π⌈k/s⌉) = {value:.4g}")
 
 
-def _kronecker_average(x, matrices, data_format):
-    """``(I_channels ⊗ A_1 ⊗ … ⊗ A_D) x`` as one einsum over the spatial axes."""
-    letters = "defghijk"[:len(matrices)]
-    outs = "pqrstuvw"[:len(matrices)]
-    spatial_in, spatial_out = "".join(letters), "".join(outs)
-    if data_format == "channels_first":
-        equation = f"bc{spatial_in}," + ",".join(o + i for o, i in zip(outs, letters))
-        equation += f"->bc{spatial_out}"
-    else:
-        equation = f"b{spatial_in}c," + ",".join(o + i for o, i in zip(outs, letters))
-        equation += f"->b{spatial_out}c"
-    return ops.einsum(equation, x, *[ops.convert_to_tensor(m, x.dtype) for m in matrices])
-
-
 def _average_pool(layer, ctx: NodeContext) -> Linear:
     # TensorFlow has no float64 AvgPool3D kernel on CPU: for the exact float64 dense route of
     # certify (a chain such as Conv3D → AveragePooling3D), the same map is applied as the
@@ -64,7 +50,7 @@ def _average_pool(layer, ctx: NodeContext) -> Linear:
 
     def fn(x):  # the op itself (not layer(x), which would cast float64 inputs to float32)
         if matrices is not None and keras.backend.standardize_dtype(x.dtype) == "float64":
-            return _kronecker_average(x, matrices, layer.data_format)
+            return certify.apply_box_average(x, matrices, layer.data_format == "channels_last")
         return ops.average_pool(x, layer.pool_size, layer.strides, layer.padding,
                                 layer.data_format)
 
