@@ -460,6 +460,21 @@ def test_graph_average_pooling_is_certified_like_its_layer(name, monkeypatch):
     assert rep.upper == pytest.approx(keras_rep.upper, rel=1e-9)
 
 
+def test_chain_of_closed_forms_keeps_their_exact_product():
+    """A graph's batch normalisation is a ``Mul`` by per-channel constants then an ``Add``:
+    two closed forms whose product (``max|c|``) is the exact norm. The small chain went to the
+    dense route, whose certificate carries a rounding margin: 1e-6 above, on every BN of a
+    DenseNet121 SavedModel (its graph value 1.8e-5 above the .keras one). The chain now keeps
+    the smaller of the two."""
+    scale = np.array([0.3, -1.7, 0.9], "float32")
+    c, b = tf.constant(scale), tf.constant(np.array([0.1, 0.2, 0.3], "float32"))
+    rep = autolip_function(tf.function(lambda x: tf.nn.relu(x * c + b)),
+                           [tf.TensorSpec([None, 4, 4, 3])], certified=True)
+    (row,) = [r for r in rep.layers if r.kind == "linear"]
+    assert rep.certified
+    assert row.certificate == float(np.max(np.abs(scale)))
+
+
 def test_graph_average_pooling_3d_in_a_chain_is_exact():
     """TensorFlow has no float64 AvgPool3D kernel on CPU: a small graph Conv3D → AvgPool3D
     was certified by the product of the two norms (1.23 times the exact norm here). The op's

@@ -1474,7 +1474,9 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
 
     A single layer with a closed-form norm (average pooling, isometries, products with
     constants) keeps its closed form: it is exact already. Other small chains are materialised
-    in float64 and bounded exactly. Otherwise, or when a member cannot compute in float64 (a
+    in float64 and bounded exactly (a chain of closed forms, such as a graph's batch
+    normalisation ``Mul`` then ``Add``, by the smaller of that bound and their product, which
+    is exact without the dense route's rounding margin). Otherwise, or when a member cannot compute in float64 (a
     user layer adding a float32 variable, an op without a float64 kernel): a graph's
     ``SpaceToBatchND → conv → BatchToSpaceND`` becomes the dilated convolution it computes
     (:func:`_undo_space_to_batch`); a chain of pointwise maps is bounded by its per-position
@@ -1492,10 +1494,11 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
         when the dense route was skipped because the chain does not compute in float64).
     """
     first, last = members[0][1], members[-1][1]
-    if len(members) == 1:
-        bound = members[0][0]
-        if bound.norm is not None and bound.certificate is not None:
-            return float(bound.certificate())
+    closed = None  # every member in closed form: the product, exact for one scaling and offsets
+    if all(b.norm is not None and b.certificate is not None for b, _ in members):
+        closed = math.prod(float(b.certificate()) for b, _ in members)
+        if len(members) == 1:
+            return closed
     skipped = None
     if _small(first.input_shapes[0], last.output_shapes[0]):
         ops_ = [LinearOperator(b.fn, tuple(n.input_shapes[0]), name=n.name, dtype="float64")
@@ -1506,7 +1509,8 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
         except _Float64Unavailable as err:
             skipped = err
         else:
-            return max_singular_value(matrix[None], method="exact")
+            exact = max_singular_value(matrix[None], method="exact")
+            return exact if closed is None else min(exact, closed)
     members = _undo_space_to_batch(members)
     diags = [_diagonal_scale(b, n) for b, n in members]  # evaluated once for the routes below
     pointwise = _pointwise_matrix(members, diags)

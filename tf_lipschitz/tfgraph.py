@@ -5,7 +5,7 @@ TensorFlow graph. This module runs AutoLip (Scaman & Virmaux, NeurIPS 2018, Algo
 shared/ALGORITHMS.md §4) on that graph directly:
 
 1. the signature's concrete function is inlined and its variables frozen into a ``GraphDef``
-   (``convert_variables_to_constants_v2``); calls that freezing keeps (``_noinline``,
+   (TensorFlow's converter, :func:`_freeze`); calls that freezing keeps (``_noinline``,
    ``_XlaMustCompile``: a grouped ``Conv2D``) are replaced by their bodies (:func:`_inline_calls`);
 2. the ops are walked in topological order from the input placeholder(s); an op whose value does
    not depend on the input (weights, shape arithmetic) is a constant, evaluated once;
