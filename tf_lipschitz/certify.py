@@ -1133,10 +1133,16 @@ def average_pool_norm(layer, input_shape: Sequence[int]) -> float:
     return box_average_norm(average_pool_matrices(layer, input_shape))
 
 
+def box_average_certificate(matrices: Sequence[np.ndarray]) -> Callable[[], float]:
+    """Certified bound of ``I ⊗ A_1 ⊗ … ⊗ A_D``: :func:`box_average_norm` plus a margin for
+    the rounding of the per-axis SVDs."""
+    value = box_average_norm(matrices) * (1.0 + SAFETY_MARGIN)
+    return lambda: value
+
+
 def average_pool_certificate(layer, input_shape: Sequence[int]) -> Callable[[], float]:
     """Certified bound of an average-pooling layer: :func:`average_pool_norm` plus margin."""
-    value = average_pool_norm(layer, input_shape) * (1.0 + SAFETY_MARGIN)
-    return lambda: value
+    return box_average_certificate(average_pool_matrices(layer, input_shape))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ from typing import Any, Callable, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 from tensorflow.python.eager import execute
 from tensorflow.python.framework import function_def_to_graph, op_def_library, op_def_registry
 from tensorflow.python.framework import ops as tf_ops
@@ -266,9 +267,9 @@ def _inline_levels(graph_def, library: dict, max_depth: int):
         if level == max_depth:
             raise UnsupportedOpError(
                 calls[0].op, calls[0].name, f"Its function "
-                f"'{calls[0].attr['f'].func.name}' still calls functions once {max_depth} "
-                "nested levels of calls are inlined (a recursive function?). Analyse a "
-                "function without recursion, or its layers from the .keras file.")
+                f"'{calls[0].attr['f'].func.name}' still calls functions after "
+                f"{max_depth} nested level(s) of calls were inlined (a recursive function?). "
+                "Analyse a function without recursion, or its layers from the .keras file.")
         result = type(graph_def)()
         result.versions.CopyFrom(graph_def.versions)
         result.library.CopyFrom(graph_def.library)
@@ -1013,20 +1014,19 @@ def _average_pool(ctx: OpContext) -> Linear:
                                             str(ctx.attr("padding", "VALID")))
     value = certify.box_average_norm(matrices)
     bound = ctx.linear(note=f"average pooling ⊗_d A_d: {value:.4g}")
-    fn = bound.fn
-    if ctx.op_type == "AvgPool3D" and full[0] == 1:
-        # no float64 AvgPool3D kernel on CPU: the exact float64 route of certify (a chain such
-        # as Conv3D → AvgPool3D) applies the same map as the Kronecker product of the A_d
-        def kronecker_in_float64(x, op=bound.fn):
-            if x.dtype == tf.float64 and ctx.dtype != tf.float64:
-                return certify.apply_box_average(x, matrices, channels_last)
+    op, out_example = bound.fn, _example_shape(ctx.output_shape)
+
+    def fn(x):
+        if x.dtype != tf.float64:
             return op(x)
+        # CPU has no float64 kernel for AvgPool3D nor for channels-first pooling: the exact
+        # float64 route of certify (a small chain such as Conv3D → AvgPool3D) applies the same
+        # map as the Kronecker product of the A_d (on every image of a batch inside the op)
+        y = certify.apply_box_average(tf.reshape(x, (-1, *full[1:])), matrices, channels_last)
+        return tf.reshape(y, (-1, *out_example))
 
-        fn = kronecker_in_float64
-
-    certificate = value * (1.0 + certify.SAFETY_MARGIN)  # an SVD's rounding per axis
     return dataclasses.replace(bound, fn=fn, norm=lambda: value,
-                               certificate=lambda: certificate)
+                               certificate=certify.box_average_certificate(matrices))
 
 
 def _max_pool(ctx: OpContext) -> Constant:
@@ -1482,9 +1482,10 @@ def _freeze(fn) -> _Frozen:
         removed = {id(captures[i]) for i in converted}
         inputs = [t for t in fn.inputs if id(t) not in removed]
         outputs = list(fn.outputs)
-    except (AttributeError, TypeError, ImportError):  # the private API moved
+    except (AttributeError, TypeError):  # the private API moved
         frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
         return _Frozen(frozen.graph.as_graph_def(), list(frozen.inputs), list(frozen.outputs))
+    _check_no_stale_reads(graph_def)
     nodes = {n.name: n for n in graph_def.node}
     keep = {t.name.split(":")[0] for t in inputs}
     stack = [t.name.split(":")[0] for t in outputs]
@@ -1501,6 +1502,42 @@ def _freeze(fn) -> _Frozen:
         pruned.node.extend(n for n in graph_def.node if n.name in keep)
         graph_def = pruned
     return _Frozen(graph_def, inputs, outputs)
+
+
+def _check_no_stale_reads(graph_def) -> None:
+    """Raises if the function writes a variable that it also reads.
+
+    Freezing replaces each variable by a constant holding its value before the call, the
+    variable's writes (``AssignVariableOp``...) then write to that constant and its reads
+    become ``Identity`` nodes of it: a read after a write would see the old value, and the
+    bound would not be that of the function that runs (TensorFlow's public converter refuses
+    such graphs). Writes that nothing reads (a counter, a metric) change no output.
+    """
+    consts = {n.name for n in graph_def.node if n.op == "Const"}
+    written: dict[str, str] = {}
+    for node in graph_def.node:
+        op_def = op_def_registry.get(node.op)
+        if op_def is None or not op_def.input_arg:
+            continue
+        first = op_def.input_arg[0]
+        data = [i for i in node.input if not i.startswith("^")]
+        if first.type == types_pb2.DT_RESOURCE and data and data[0].split(":")[0] in consts:
+            written[data[0].split(":")[0]] = node.name
+    if not written:
+        return
+    writers = set(written.values())
+    for node in graph_def.node:
+        if node.name in writers:
+            continue
+        for ref in node.input:
+            source = ref.lstrip("^").split(":")[0]
+            if not ref.startswith("^") and source in written:
+                raise LipschitzError(
+                    f"The function writes a variable (node '{written[source]}') and reads it "
+                    f"(node '{node.name}'): frozen into a constant, the variable would keep its "
+                    "value from before the call, so the bound would not be that of the function "
+                    "that runs. Analyse a function that does not assign the variables it uses "
+                    "(a model called with training=False), or the .keras model.")
 
 
 class _GraphReader:
@@ -2232,7 +2269,8 @@ def _concrete(fn, input_signature) -> _Signature:
     name = getattr(fn, "__name__", None) or getattr(fn, "name", None) or type(fn).__name__
     if isinstance(fn, (str, os.PathLike)):
         raise InvalidArgumentError(
-            f"GraphEstimator takes a function, not a path ({os.fspath(fn)!r}); for a SavedModel "
+            f"Expected a function or a concrete function, not a path ({os.fspath(fn)!r}); for a "
+            "SavedModel "
             "directory use tfl.GraphEstimator.from_saved_model(path) or "
             "tfl.autolip_saved_model(path).")
     if isinstance(fn, tf.types.experimental.ConcreteFunction):
