@@ -1482,8 +1482,9 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
     constants) keeps its closed form: it is exact already. Other small chains are materialised
     in float64 and bounded exactly (a chain of closed forms, such as a graph's batch
     normalisation ``Mul`` then ``Add``, by the smaller of that bound and their product, which
-    is exact without the dense route's rounding margin). Otherwise, or when a member cannot compute in float64 (a
-    user layer adding a float32 variable, an op without a float64 kernel): a graph's
+    is exact without the dense route's rounding margin). Otherwise, or when a member cannot
+    compute in float64 (a user layer adding a float32 variable, an op without a float64
+    kernel): a graph's
     ``SpaceToBatchND → conv → BatchToSpaceND`` becomes the dilated convolution it computes
     (:func:`_undo_space_to_batch`); a chain of pointwise maps is bounded by its per-position
     matrix (:func:`_pointwise_matrix`); otherwise per-channel diagonal layers

@@ -1463,7 +1463,8 @@ class _Frozen:
 
 
 def _freeze(fn) -> _Frozen:
-    """Freezes the variables of concrete function ``fn`` into constants.
+    """Freezes the variables of concrete function ``fn`` into constants, inlines the calls that
+    freezing keeps (:func:`_inline_calls`) and keeps the ancestors of the outputs.
 
     ``convert_variables_to_constants_v2`` builds the frozen ``GraphDef`` (Grappler's function
     inlining, variables read into ``Const`` nodes), then wraps it into a new concrete function
@@ -1472,6 +1473,10 @@ def _freeze(fn) -> _Frozen:
     ancestors of the outputs, and the inputs), and the input and output tensors are those of
     ``fn`` (the wrapped function takes their names and shapes). The public function is the
     fallback if TensorFlow's private converter changes.
+
+    Raises:
+        LipschitzError: The function reads a variable that it writes
+            (:func:`_check_no_stale_reads`).
     """
     try:
         data = convert_to_constants._FunctionConverterDataInEager(  # noqa: SLF001
@@ -1484,7 +1489,9 @@ def _freeze(fn) -> _Frozen:
         outputs = list(fn.outputs)
     except (AttributeError, TypeError):  # the private API moved
         frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
-        return _Frozen(frozen.graph.as_graph_def(), list(frozen.inputs), list(frozen.outputs))
+        graph_def = frozen.graph.as_graph_def()
+        inputs, outputs = list(frozen.inputs), list(frozen.outputs)
+    graph_def = _inline_calls(graph_def)
     _check_no_stale_reads(graph_def)
     nodes = {n.name: n for n in graph_def.node}
     keep = {t.name.split(":")[0] for t in inputs}
@@ -1504,6 +1511,9 @@ def _freeze(fn) -> _Frozen:
     return _Frozen(graph_def, inputs, outputs)
 
 
+_FORWARDS = frozenset({"Identity", "IdentityN"})
+
+
 def _check_no_stale_reads(graph_def) -> None:
     """Raises if the function writes a variable that it also reads.
 
@@ -1511,33 +1521,50 @@ def _check_no_stale_reads(graph_def) -> None:
     variable's writes (``AssignVariableOp``...) then write to that constant and its reads
     become ``Identity`` nodes of it: a read after a write would see the old value, and the
     bound would not be that of the function that runs (TensorFlow's public converter refuses
-    such graphs). Writes that nothing reads (a counter, a metric) change no output.
+    such graphs). Writes that nothing reads (a counter, a metric) change no output. The
+    constant is followed through ``Identity`` nodes (an inlined call's arguments): a node that
+    takes it, or a forward of it, and is not a write is a read.
     """
-    consts = {n.name for n in graph_def.node if n.op == "Const"}
-    written: dict[str, str] = {}
+    nodes = {n.name: n for n in graph_def.node}
+    consumers: dict[str, list[str]] = {}
     for node in graph_def.node:
-        op_def = op_def_registry.get(node.op)
-        if op_def is None or not op_def.input_arg:
-            continue
-        first = op_def.input_arg[0]
-        data = [i for i in node.input if not i.startswith("^")]
-        if first.type == types_pb2.DT_RESOURCE and data and data[0].split(":")[0] in consts:
-            written[data[0].split(":")[0]] = node.name
-    if not written:
-        return
-    writers = set(written.values())
-    for node in graph_def.node:
-        if node.name in writers:
-            continue
         for ref in node.input:
-            source = ref.lstrip("^").split(":")[0]
-            if not ref.startswith("^") and source in written:
+            if not ref.startswith("^"):
+                consumers.setdefault(ref.split(":")[0], []).append(node.name)
+
+    def resource_of(node) -> str | None:
+        """The Const behind a write's resource operand, or None if ``node`` is no write."""
+        op_def = op_def_registry.get(node.op)
+        data = [i for i in node.input if not i.startswith("^")]
+        if op_def is None or not op_def.input_arg or not data \
+                or op_def.input_arg[0].type != types_pb2.DT_RESOURCE:
+            return None
+        name = data[0].split(":")[0]
+        while name in nodes and nodes[name].op in _FORWARDS:
+            forwarded = [i for i in nodes[name].input if not i.startswith("^")]
+            index = int(data[0].split(":")[1]) if ":" in data[0] else 0
+            data = [forwarded[index if nodes[name].op == "IdentityN" else 0]]
+            name = data[0].split(":")[0]
+        return name if name in nodes and nodes[name].op == "Const" else None
+
+    writes = {n.name: resource_of(n) for n in graph_def.node}
+    written = {const: writer for writer, const in writes.items() if const is not None}
+    for const, writer in written.items():
+        stack, seen = [const], set()
+        while stack:
+            for name in consumers.get(stack.pop(), []):
+                if name in seen or writes.get(name) is not None:
+                    continue
+                seen.add(name)
+                if nodes[name].op in _FORWARDS:
+                    stack.append(name)
+                    continue
                 raise LipschitzError(
-                    f"The function writes a variable (node '{written[source]}') and reads it "
-                    f"(node '{node.name}'): frozen into a constant, the variable would keep its "
-                    "value from before the call, so the bound would not be that of the function "
-                    "that runs. Analyse a function that does not assign the variables it uses "
-                    "(a model called with training=False), or the .keras model.")
+                    f"The function writes a variable (node '{writer}') and reads it (node "
+                    f"'{name}'): frozen into a constant, the variable would keep its value from "
+                    "before the call, so the bound would not be that of the function that runs. "
+                    "Analyse a function that does not assign the variables it uses (a model "
+                    "called with training=False), or the .keras model.")
 
 
 class _GraphReader:
@@ -1555,7 +1582,7 @@ class _GraphReader:
         self._const_cache: dict[str, tf.Tensor] = {}  # see _constant_feeds
         self.name = signature.name
         self.seed = seed
-        self.graph_def = _inline_calls(frozen.graph_def)
+        self.graph_def = frozen.graph_def
         self.nodes = {n.name: n for n in self.graph_def.node}
         self.order = self._topological_order()
         self.progress = progress
