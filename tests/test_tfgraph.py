@@ -485,38 +485,48 @@ def test_graph_average_pooling_without_float64_kernel_in_a_chain_is_exact(pool, 
     assert exact * (1 - 1e-9) <= rep.upper <= exact * 1.01
 
 
-def test_function_reading_a_variable_it_writes_is_refused():
+def test_function_reading_a_variable_it_writes_is_refused(tmp_path):
     """Freezing turns a variable into a constant holding its value before the call: a function
     that assigns a variable and then reads it was certified with the old value, 5 times too low
-    here (a review's reproducer; TensorFlow's public converter refuses such graphs). It raises
-    now; a write that nothing reads (a counter) changes no output and is accepted."""
+    here (reviews' reproducers; TensorFlow's public converter refuses such graphs). It raises
+    now, also when the write is inside a call that freezing keeps, inside a ``tf.cond``, or in
+    a SavedModel. A write that no output reads (a counter, ``c.assign(c + 1)``) changes no
+    output and is accepted."""
     v = tf.Variable(1.0)
     counter = tf.Variable(0)
-
-    @tf.function
-    def stale(x):
-        v.assign(5.0)
-        return x * v
-
-    @tf.function
-    def counting(x):
-        counter.assign_add(1)
-        return 3.0 * x
 
     @tf.function(experimental_attributes={"_noinline": True})
     def assign():
         v.assign(5.0)
 
-    @tf.function
+    def stale(x):
+        v.assign(5.0)
+        return x * v
+
     def stale_nested(x):  # the write in a call that freezing keeps, the read outside
         assign()
         return x * v
 
-    assert float(stale(tf.ones((1, 3)))[0, 0]) == 5.0
-    for fn in (stale, stale_nested):
-        with pytest.raises(tfl.LipschitzError, match="writes a variable.*reads it"):
-            autolip_function(fn, [tf.TensorSpec([None, 3])], certified=True)
-    rep = autolip_function(counting, [tf.TensorSpec([None, 3])], certified=True)
+    def stale_cond(x):
+        tf.cond(tf.reduce_sum(x) > -1e30, lambda: v.assign(5.0), lambda: v.assign(5.0))
+        return x * v
+
+    def counting(x):
+        counter.assign(counter + 1)
+        return 3.0 * x
+
+    spec = tf.TensorSpec([None, 3])
+    assert float(tf.function(stale)(tf.ones((1, 3)))[0, 0]) == 5.0
+    for fn in (stale, stale_nested, stale_cond):
+        with pytest.raises(tfl.LipschitzError, match="writes a variable.*read of it"):
+            autolip_function(tf.function(fn), [spec], certified=True)
+    module = tf.Module()
+    module.v = v
+    module.f = tf.function(stale, input_signature=[spec])
+    tf.saved_model.save(module, str(tmp_path / "stale"))
+    with pytest.raises(tfl.LipschitzError, match="writes a variable.*read of it"):
+        tfl.autolip_saved_model(str(tmp_path / "stale"))
+    rep = autolip_function(tf.function(counting), [spec], certified=True)
     assert rep.certified and rep.upper == pytest.approx(3.0)
 
 

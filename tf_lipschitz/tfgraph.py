@@ -1492,7 +1492,7 @@ def _freeze(fn) -> _Frozen:
         graph_def = frozen.graph.as_graph_def()
         inputs, outputs = list(frozen.inputs), list(frozen.outputs)
     graph_def = _inline_calls(graph_def)
-    _check_no_stale_reads(graph_def)
+    _check_no_stale_reads(graph_def, [t.name for t in outputs])
     nodes = {n.name: n for n in graph_def.node}
     keep = {t.name.split(":")[0] for t in inputs}
     stack = [t.name.split(":")[0] for t in outputs]
@@ -1511,19 +1511,31 @@ def _freeze(fn) -> _Frozen:
     return _Frozen(graph_def, inputs, outputs)
 
 
-_FORWARDS = frozenset({"Identity", "IdentityN"})
+# Ops that pass a tensor on unchanged (lowered control flow included), and variable writes.
+_FORWARDS = frozenset({"Identity", "IdentityN", "Snapshot", "Switch", "Merge", "Enter", "Exit",
+                       "NextIteration"})
+_WRITE_PREFIXES = ("Assign", "ResourceScatter", "ResourceApply", "ResourceSparseApply",
+                   "ResourceStridedSliceAssign")
 
 
-def _check_no_stale_reads(graph_def) -> None:
-    """Raises if the function writes a variable that it also reads.
+def _is_write(node) -> bool:
+    """Whether ``node`` writes the variable of its first operand."""
+    op_def = op_def_registry.get(node.op)
+    return (node.op.startswith(_WRITE_PREFIXES) and op_def is not None
+            and bool(op_def.input_arg) and op_def.input_arg[0].type == types_pb2.DT_RESOURCE)
+
+
+def _check_no_stale_reads(graph_def, outputs: Sequence[str]) -> None:
+    """Raises if the function writes a variable and the outputs use a read of it.
 
     Freezing replaces each variable by a constant holding its value before the call, the
     variable's writes (``AssignVariableOp``...) then write to that constant and its reads
     become ``Identity`` nodes of it: a read after a write would see the old value, and the
     bound would not be that of the function that runs (TensorFlow's public converter refuses
-    such graphs). Writes that nothing reads (a counter, a metric) change no output. The
-    constant is followed through ``Identity`` nodes (an inlined call's arguments): a node that
-    takes it, or a forward of it, and is not a write is a read.
+    such graphs). Each constant is followed through the ops that pass it on (an inlined
+    call's arguments, lowered ``tf.cond``); a write is an ``Assign*`` / ``Resource*`` update of
+    it, a read any other op that takes it and whose value reaches an output (``outputs``:
+    tensor names). Writes that no output reads (a counter, a metric) change no output.
     """
     nodes = {n.name: n for n in graph_def.node}
     consumers: dict[str, list[str]] = {}
@@ -1531,40 +1543,33 @@ def _check_no_stale_reads(graph_def) -> None:
         for ref in node.input:
             if not ref.startswith("^"):
                 consumers.setdefault(ref.split(":")[0], []).append(node.name)
-
-    def resource_of(node) -> str | None:
-        """The Const behind a write's resource operand, or None if ``node`` is no write."""
-        op_def = op_def_registry.get(node.op)
-        data = [i for i in node.input if not i.startswith("^")]
-        if op_def is None or not op_def.input_arg or not data \
-                or op_def.input_arg[0].type != types_pb2.DT_RESOURCE:
-            return None
-        name = data[0].split(":")[0]
-        while name in nodes and nodes[name].op in _FORWARDS:
-            forwarded = [i for i in nodes[name].input if not i.startswith("^")]
-            index = int(data[0].split(":")[1]) if ":" in data[0] else 0
-            data = [forwarded[index if nodes[name].op == "IdentityN" else 0]]
-            name = data[0].split(":")[0]
-        return name if name in nodes and nodes[name].op == "Const" else None
-
-    writes = {n.name: resource_of(n) for n in graph_def.node}
-    written = {const: writer for writer, const in writes.items() if const is not None}
-    for const, writer in written.items():
-        stack, seen = [const], set()
+    sinks = {ref.split(":")[0] for ref in outputs}
+    used, stack = set(), list(sinks)  # the data ancestors of the outputs
+    while stack:
+        name = stack.pop()
+        if name not in used and name in nodes:
+            used.add(name)
+            stack.extend(r.split(":")[0] for r in nodes[name].input if not r.startswith("^"))
+    for const in (n.name for n in graph_def.node if n.op == "Const"):
+        passed, stack, writer, reader = {const}, [const], None, None
         while stack:
             for name in consumers.get(stack.pop(), []):
-                if name in seen or writes.get(name) is not None:
-                    continue
-                seen.add(name)
-                if nodes[name].op in _FORWARDS:
-                    stack.append(name)
-                    continue
-                raise LipschitzError(
-                    f"The function writes a variable (node '{writer}') and reads it (node "
-                    f"'{name}'): frozen into a constant, the variable would keep its value from "
-                    "before the call, so the bound would not be that of the function that runs. "
-                    "Analyse a function that does not assign the variables it uses (a model "
-                    "called with training=False), or the .keras model.")
+                node = nodes[name]
+                if _is_write(node):
+                    writer = writer or name
+                elif node.op in _FORWARDS and name not in sinks:
+                    if name not in passed:
+                        passed.add(name)
+                        stack.append(name)
+                elif name in used:
+                    reader = reader or name
+        if writer is not None and reader is not None:
+            raise LipschitzError(
+                f"The function writes a variable (node '{writer}') and its outputs use a read of "
+                f"it (node '{reader}'): frozen into a constant, the variable would keep its value "
+                "from before the call, so the bound would not be that of the function that runs. "
+                "Analyse a function that does not assign the variables it uses (a model called "
+                "with training=False), or the .keras model.")
 
 
 class _GraphReader:
