@@ -530,6 +530,30 @@ def test_function_reading_a_variable_it_writes_is_refused(tmp_path):
     assert rep.certified and rep.upper == pytest.approx(3.0)
 
 
+def test_ops_with_attributes_left_at_their_default_are_rebuilt():
+    """A GraphDef leaves out attributes at their default value (GatherV2's ``batch_dims``,
+    GatherNd's ``bad_indices_policy``); rebuilding such an op from its NodeDef raised a raw
+    TypeError ("No argument found for attr batch_dims"), so any function gathering from a
+    variable failed (a review's reproducer). The defaults are now filled in from the OpDef."""
+    v = tf.Variable([1.0, -2.0, 3.0])
+    for gather in (lambda: tf.gather(v, [2, 1, 0]), lambda: tf.gather_nd(v, [[2], [1], [0]])):
+        rep = autolip_function(tf.function(lambda x: x * gather()), [tf.TensorSpec([None, 3])],
+                               certified=True)
+        assert rep.certified and rep.upper == pytest.approx(3.0)
+
+
+def test_loop_in_a_saved_model_is_named_with_what_to_do(tmp_path):
+    """A GRU's SavedModel runs a while loop, which the reader does not analyse: the error said
+    only "the frozen graph has a cycle (a while loop that was not lowered)", and concrete
+    functions' names showed as bytes (``b'__inference…'``). It now names the function and a
+    node of the loop, and points to the .keras file."""
+    model = keras.Sequential([keras.Input((5, 3)), L.GRU(4), L.Dense(2)])
+    model.export(str(tmp_path / "gru"), verbose=False)
+    with pytest.raises(tfl.LipschitzError, match="has a loop .*GRU or LSTM.*keras file") as info:
+        tfl.autolip_saved_model(str(tmp_path / "gru"))
+    assert "b'" not in str(info.value)
+
+
 def test_chain_of_closed_forms_keeps_their_exact_product():
     """A graph's batch normalisation is a ``Mul`` by per-channel constants then an ``Add``:
     two closed forms whose product (``max|c|``) is the exact norm. The small chain went to the

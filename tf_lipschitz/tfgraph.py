@@ -365,7 +365,13 @@ def _run_node(node_def, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
             inferred.add(arg.type_attr)
         pos += count
     for attr in op_def.attr:
-        if attr.name in inferred or attr.name not in node_def.attr:
+        if attr.name in inferred:
+            continue
+        if attr.name not in node_def.attr:
+            # a GraphDef leaves out attributes at their default (GatherV2's batch_dims), which
+            # the op builder needs (the generated wrappers fill them in)
+            if attr.HasField("default_value") and attr.type not in ("type", "list(type)"):
+                kwargs[attr.name] = _attr_value(attr.default_value)
             continue
         if attr.type in ("func", "list(func)"):
             raise UnsupportedOpError(
@@ -1667,8 +1673,12 @@ class _GraphReader:
                 if indegree[child] == 0:
                     heapq.heappush(heap, (index[child], child))
         if len(order) != len(self.graph_def.node):
-            raise LipschitzError("The frozen graph has a cycle (a while loop that was not "
-                                 "lowered).")
+            looped = sorted(name for name, d in indegree.items() if d > 0)
+            raise LipschitzError(
+                f"The frozen graph of '{self.name}' has a loop ({len(looped)} nodes, e.g. "
+                f"'{looped[0]}'): a tf.while_loop, such as a Keras GRU or LSTM layer runs. Loops "
+                "are not analysed in graphs; analyse the .keras file, whose recurrent layers "
+                "have rules, or a function without the loop.")
         return order
 
     def _dependence(self) -> dict[str, bool]:
@@ -2341,6 +2351,8 @@ def _concrete(fn, input_signature) -> _Signature:
     outputs = concrete.structured_outputs
     # Frozen functions keep the flattened output order, which sorts dictionary keys.
     output_names = sorted(outputs) if isinstance(outputs, dict) else []
+    if isinstance(name, bytes):  # a concrete function's name
+        name = name.decode()
     return _Signature(concrete, input_names, output_names, str(name))
 
 
