@@ -552,6 +552,19 @@ def test_loop_in_a_saved_model_is_named_with_what_to_do(tmp_path):
     with pytest.raises(tfl.LipschitzError, match="has a loop .*GRU or LSTM.*keras file") as info:
         tfl.autolip_saved_model(str(tmp_path / "gru"))
     assert "b'" not in str(info.value)
+    assert "/while/" in str(info.value)  # a node of the loop, not one after it
+
+
+def test_op_on_a_resource_is_named_with_what_to_do():
+    """A ``tf.random.Generator`` in the function reads and advances its state, a resource that
+    freezing turns into a constant: rebuilding its op raised a raw ``AssertionError:
+    Unreachable`` (a review's reproducer). It is now an UnsupportedOpError naming the op and
+    pointing to stateless random ops."""
+    generator = tf.random.Generator.from_seed(1)
+    w = tf.constant(np.eye(3, dtype="float32"))
+    with pytest.raises(UnsupportedOpError, match="RngReadAndSkip.*resource.*stateless"):
+        autolip_function(tf.function(lambda x: x @ w + generator.normal(tf.shape(x))),
+                         [tf.TensorSpec([None, 3])])
 
 
 def test_chain_of_closed_forms_keeps_their_exact_product():

@@ -347,6 +347,12 @@ def _run_node(node_def, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     if op_def is None:
         raise UnsupportedOpError(op_type, node_def.name, "The op is not registered in this "
                                  "TensorFlow build (a custom op whose library is not loaded).")
+    if any(arg.type == types_pb2.DT_RESOURCE for arg in op_def.input_arg):
+        raise UnsupportedOpError(
+            op_type, node_def.name, "It takes a resource (a variable or a random generator's "
+            "state), which freezing turned into a constant. Use stateless ops in the analysed "
+            "function (tf.random.stateless_normal with a seed instead of a tf.random.Generator), "
+            "or analyse the .keras model.")
     kwargs: dict[str, Any] = {}
     inferred: set[str] = set()
     pos = 0
@@ -1573,9 +1579,11 @@ def _check_no_stale_reads(graph_def, outputs: Sequence[str]) -> None:
             raise LipschitzError(
                 f"The function writes a variable (node '{writer}') and its outputs use a read of "
                 f"it (node '{reader}'): frozen into a constant, the variable would keep its value "
-                "from before the call, so the bound would not be that of the function that runs. "
-                "Analyse a function that does not assign the variables it uses (a model called "
-                "with training=False), or the .keras model.")
+                "from before the call, so the bound would not be that of the function that runs "
+                "(reads before the write are refused too: the frozen graph does not keep their "
+                "order). Analyse a function that does not assign the variables it uses (no "
+                "optimizer step or random-generator state; a model called with "
+                "training=False), or the .keras model.")
 
 
 class _GraphReader:
@@ -1673,12 +1681,13 @@ class _GraphReader:
                 if indegree[child] == 0:
                     heapq.heappush(heap, (index[child], child))
         if len(order) != len(self.graph_def.node):
-            looped = sorted(name for name, d in indegree.items() if d > 0)
+            left = [name for name, d in indegree.items() if d > 0]  # the loop and after it
+            frames = [n for n in left if self.nodes[n].op in ("Enter", "Merge", "NextIteration")]
             raise LipschitzError(
-                f"The frozen graph of '{self.name}' has a loop ({len(looped)} nodes, e.g. "
-                f"'{looped[0]}'): a tf.while_loop, such as a Keras GRU or LSTM layer runs. Loops "
-                "are not analysed in graphs; analyse the .keras file, whose recurrent layers "
-                "have rules, or a function without the loop.")
+                f"The frozen graph of '{self.name}' has a loop (node '{(frames or left)[0]}'): "
+                "a tf.while_loop, such as the one a Keras GRU or LSTM layer runs. Loops are not "
+                "analysed in graphs; analyse the .keras file, whose recurrent layers have rules, "
+                "or a function without the loop.")
         return order
 
     def _dependence(self) -> dict[str, bool]:
