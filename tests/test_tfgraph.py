@@ -491,9 +491,10 @@ def test_function_reading_a_variable_it_writes_is_refused(tmp_path):
     here (reviews' reproducers; TensorFlow's public converter refuses such graphs). It raises
     now, also when the write is inside a call that freezing keeps, inside a ``tf.cond``, or in
     a SavedModel. A write that no output reads (a counter, ``c.assign(c + 1)``) changes no
-    output and is accepted."""
+    output and is accepted, as is a variable that is read and copied into another one."""
     v = tf.Variable(1.0)
     counter = tf.Variable(0)
+    w, copy = tf.Variable(3.0), tf.Variable(0.0)
 
     @tf.function(experimental_attributes={"_noinline": True})
     def assign():
@@ -513,7 +514,8 @@ def test_function_reading_a_variable_it_writes_is_refused(tmp_path):
 
     def counting(x):
         counter.assign(counter + 1)
-        return 3.0 * x
+        copy.assign(w)  # w is written into another variable, not written
+        return x * w
 
     spec = tf.TensorSpec([None, 3])
     assert float(tf.function(stale)(tf.ones((1, 3)))[0, 0]) == 5.0

@@ -1565,9 +1565,11 @@ def _check_no_stale_reads(graph_def, outputs: Sequence[str]) -> None:
     for const in (n.name for n in graph_def.node if n.op == "Const"):
         passed, stack, writer, reader = {const}, [const], None, None
         while stack:
-            for name in consumers.get(stack.pop(), []):
+            current = stack.pop()
+            for name in consumers.get(current, []):
                 node = nodes[name]
-                if _is_write(node):
+                data = [r.split(":")[0] for r in node.input if not r.startswith("^")]
+                if _is_write(node) and data[0] == current:  # (not the value written)
                     writer = writer or name
                 elif node.op in _FORWARDS and name not in sinks:
                     if name not in passed:
