@@ -2474,6 +2474,9 @@ class GraphEstimator:
         signature = _concrete(fn, input_signature)
         self.name = name or signature.name
         self.signature = _signature_name
+        if _signature_name is not None:  # messages name the SavedModel and its signature, not
+            # the function TensorFlow wraps it in (__inference_signature_wrapper_…)
+            signature = dataclasses.replace(signature, name=f"{self.name}:{_signature_name}")
         reader = _GraphReader(signature, input_shape, seed=seed, progress=verbose)
         self.graph: ModelGraph = reader.build()
         self._reader = reader
