@@ -226,6 +226,31 @@ def _data_inputs(node_def) -> list[str]:
     return [_tensor_name(i) for i in node_def.input if not i.startswith("^")]
 
 
+def _ancestors(nodes: dict, names, control: bool = False) -> set[str]:
+    """The names of ``names`` and of the nodes they read, through data inputs (and control
+    inputs if ``control``); ``nodes`` maps names to ``NodeDef`` s."""
+    found: set[str] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name in found or name not in nodes:
+            continue
+        found.add(name)
+        refs = ([r.lstrip("^") for r in nodes[name].input] if control
+                else _data_inputs(nodes[name]))
+        stack.extend(_split(r)[0] for r in refs)
+    return found
+
+
+def _graph_def_with(graph_def, nodes):
+    """A ``GraphDef`` with the versions and function library of ``graph_def`` and ``nodes``."""
+    result = type(graph_def)()
+    result.versions.CopyFrom(graph_def.versions)
+    result.library.CopyFrom(graph_def.library)
+    result.node.extend(nodes)
+    return result
+
+
 _CALLS = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
 
 
@@ -270,15 +295,13 @@ def _inline_levels(graph_def, library: dict, max_depth: int):
                 f"'{calls[0].attr['f'].func.name}' still calls functions after "
                 f"{max_depth} nested level(s) of calls were inlined (a recursive function?). "
                 "Analyse a function without recursion, or its layers from the .keras file.")
-        result = type(graph_def)()
-        result.versions.CopyFrom(graph_def.versions)
-        result.library.CopyFrom(graph_def.library)
+        nodes = []
         for node in graph_def.node:
             if node.op in _CALLS and node.attr["f"].func.name in library:
-                result.node.extend(_call_body(node, library[node.attr["f"].func.name]))
+                nodes.extend(_call_body(node, library[node.attr["f"].func.name]))
             else:
-                result.node.add().CopyFrom(node)
-        graph_def = result
+                nodes.append(node)
+        graph_def = _graph_def_with(graph_def, nodes)
     return graph_def
 
 
@@ -1506,20 +1529,10 @@ def _freeze(fn) -> _Frozen:
     graph_def = _inline_calls(graph_def)
     _check_no_stale_reads(graph_def, [t.name for t in outputs])
     nodes = {n.name: n for n in graph_def.node}
-    keep = {t.name.split(":")[0] for t in inputs}
-    stack = [t.name.split(":")[0] for t in outputs]
-    while stack:
-        name = stack.pop()
-        if name in keep or name not in nodes:
-            continue
-        keep.add(name)
-        stack.extend(ref.lstrip("^").split(":")[0] for ref in nodes[name].input)
+    keep = _ancestors(nodes, [_split(t.name)[0] for t in outputs], control=True)
+    keep |= {_split(t.name)[0] for t in inputs}
     if len(keep) < len(graph_def.node):
-        pruned = type(graph_def)()
-        pruned.versions.CopyFrom(graph_def.versions)
-        pruned.library.CopyFrom(graph_def.library)
-        pruned.node.extend(n for n in graph_def.node if n.name in keep)
-        graph_def = pruned
+        graph_def = _graph_def_with(graph_def, (n for n in graph_def.node if n.name in keep))
     return _Frozen(graph_def, inputs, outputs)
 
 
@@ -1552,24 +1565,18 @@ def _check_no_stale_reads(graph_def, outputs: Sequence[str]) -> None:
     nodes = {n.name: n for n in graph_def.node}
     consumers: dict[str, list[str]] = {}
     for node in graph_def.node:
-        for ref in node.input:
-            if not ref.startswith("^"):
-                consumers.setdefault(ref.split(":")[0], []).append(node.name)
-    sinks = {ref.split(":")[0] for ref in outputs}
-    used, stack = set(), list(sinks)  # the data ancestors of the outputs
-    while stack:
-        name = stack.pop()
-        if name not in used and name in nodes:
-            used.add(name)
-            stack.extend(r.split(":")[0] for r in nodes[name].input if not r.startswith("^"))
+        for ref in _data_inputs(node):
+            consumers.setdefault(_split(ref)[0], []).append(node.name)
+    sinks = {_split(ref)[0] for ref in outputs}
+    used = _ancestors(nodes, sinks)
     for const in (n.name for n in graph_def.node if n.op == "Const"):
         passed, stack, writer, reader = {const}, [const], None, None
         while stack:
             current = stack.pop()
             for name in consumers.get(current, []):
                 node = nodes[name]
-                data = [r.split(":")[0] for r in node.input if not r.startswith("^")]
-                if _is_write(node) and data[0] == current:  # (not the value written)
+                if _is_write(node) and _split(_data_inputs(node)[0])[0] == current:
+                    # (the variable's own operand, not the value written)
                     writer = writer or name
                 elif node.op in _FORWARDS and name not in sinks:
                     if name not in passed:
@@ -1728,14 +1735,7 @@ class _GraphReader:
 
     def ancestors(self, refs: Sequence[str]) -> list[Any]:
         """``NodeDef``s needed to compute ``refs``, in topological order."""
-        need: set[str] = set()
-        stack = [_split(r)[0] for r in refs]
-        while stack:
-            name = stack.pop()
-            if name in need:
-                continue
-            need.add(name)
-            stack.extend(_split(r)[0] for r in _data_inputs(self.nodes[name]))
+        need = _ancestors(self.nodes, [_split(r)[0] for r in refs])
         return [self.nodes[n] for n in self.order if n in need]
 
     def evaluate(self, refs: Sequence[str], sample: dict[str, np.ndarray] | None = None
