@@ -259,8 +259,37 @@ def test_lanczos_ritz_is_below_and_close_to_the_top():
     np.testing.assert_allclose(ritz, top, rtol=1e-10)
 
 
+@pytest.mark.parametrize("scipy_blas", [True, False], ids=["lapack-in-place", "numpy"])
+@pytest.mark.parametrize("rows,side,bandwidth", [(1, 7, 0), (4, 6, 1), (5, 9, 2), (6, 5, 3),
+                                                 (3, 1, 2)])
+def test_block_cholesky_decides_definiteness(rows, side, bandwidth, scipy_blas, monkeypatch):
+    """Against ``eigvalsh`` of the assembled matrix: positive definite just above ``−λ_min``
+    and not just below, with blocks handed over as views, in float32 or Fortran order (the
+    in-place LAPACK/BLAS updates must land in the blocks, whatever their layout)."""
+    if not scipy_blas:
+        monkeypatch.setattr(linalg, "_blas", None)
+        monkeypatch.setattr(linalg, "_lapack", None)
+    rng = np.random.default_rng(rows * 100 + side * 10 + bandwidth)
+    n = rows * side
+    a = rng.standard_normal((n, n))
+    near = np.abs(np.arange(n)[:, None] // side - np.arange(n)[None] // side) <= bandwidth
+    h = np.where(near, a @ a.T, 0.0)
+    h -= (np.linalg.eigvalsh(h)[0] + 1.0) * np.eye(n)  # block-banded, smallest eigenvalue −1
+    layouts = [lambda b: b.copy(), lambda b: b, lambda b: np.asfortranarray(b),
+               lambda b: b.astype(np.float32)]
+    for k, layout in enumerate(layouts):
+        gap = 1e-3 if k == 3 else 1e-7  # float32 blocks round the matrix by about 1e-6
+        for shift, expected in ((1.0 + gap, True), (1.0 - gap, False)):
+            s = h + shift * np.eye(n)
+            got = linalg.banded_cholesky_succeeds(
+                lambda r, c: layout(s[r * side:(r + 1) * side, c * side:(c + 1) * side]),
+                rows, bandwidth)
+            assert got is expected, (k, shift)
+
+
 def test_block_cholesky_without_scipy(case, monkeypatch):
-    monkeypatch.setattr(linalg, "_scipy_solve_triangular", None)  # TensorFlow's triangular solve
+    monkeypatch.setattr(linalg, "_blas", None)  # NumPy and TensorFlow instead of SciPy
+    monkeypatch.setattr(linalg, "_lapack", None)
     op, exact = case["op"], case["exact"]
     for factor, expected in ((1 + 1e-3, True), (1 - 1e-3, False)):
         level = (exact * factor) ** 2

@@ -198,7 +198,7 @@ class LipCallback(keras.callbacks.Callback):
         input_shape: Per-example input shape, for models with unknown input dimensions.
         certified: Use certified per-layer norms where available (AutoLip). Certificates are
             recomputed at every estimate and cost more than the estimate itself (a 3×3×512
-            convolution on a 7×7 grid takes about 40 s, see :mod:`tf_lipschitz.gridconv`;
+            convolution on a 7×7 grid takes about 20 s, see :mod:`tf_lipschitz.gridconv`;
             ``tf_lipschitz.gridconv.BANDED_FLOP_LIMIT = 0`` trades tightness for speed).
         solver: ``"lanczos"`` (default) or ``"power"``.
         tol: Relative tolerance of the spectral solver.
