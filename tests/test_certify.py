@@ -20,6 +20,7 @@ import tensorflow as tf
 
 import tf_lipschitz as tfl
 from tf_lipschitz import certify
+from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.operators import LinearOperator
 from tf_lipschitz.power import SpectralSolver
 from tf_lipschitz.rules import NodeContext, get_rule
@@ -232,6 +233,28 @@ def test_cholesky_route_recovers_from_low_proposals(monkeypatch, rng):
     a = rng.standard_normal((5, 90, 80))
     exact = np.linalg.svd(a, compute_uv=False)[:, 0].max()
     assert exact <= certify.max_singular_value(a) <= exact * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("low", [False, True], ids=["proposal", "low-proposal"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rows,cols", [(400, 150), (140, 300)])
+def test_one_large_real_matrix(rows, cols, dtype, low, monkeypatch, rng):
+    """One real matrix with both sides above the exact-eigvalsh limit (a dense kernel): the
+    symmetric-update Gram on its smaller side and the in-place Cholesky test, proposals right
+    or too low (then every test fails and ``eigvalsh`` decides); the caller's array untouched."""
+    if low:
+        monkeypatch.setattr(certify, "_lanczos_ritz",
+                            lambda h, steps=32: 0.5 * np.linalg.eigvalsh(h)[:, -1])
+    a = (rng.standard_normal((rows, cols)) * 3.0).astype(dtype)
+    kept = a.copy()
+    exact = np.linalg.svd(a.astype(np.float64), compute_uv=False)[0]
+    bound = certify.max_singular_value(a)
+    assert exact <= bound <= exact * (1 + 2e-4)
+    np.testing.assert_array_equal(a, kept)
+    for bad in (np.nan, np.inf):
+        a[3, 2] = bad
+        with pytest.raises(InvalidArgumentError, match="NaN or inf"):
+            certify.max_singular_value(a)
 
 
 def test_gram_iteration_is_monotone_and_scale_safe(rng):

@@ -55,7 +55,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_lipschitz.gridconv import small_grid_bound
-from tf_lipschitz.linalg import lanczos_ritz, top_eigenvalue
+from tf_lipschitz.linalg import cholesky_in_place, lanczos_ritz, top_eigenvalue
 from tf_lipschitz.errors import InvalidArgumentError, LipschitzError
 from tf_lipschitz.operators import LinearOperator, compose
 from tf_lipschitz.power import check_choice, check_int, check_tol
@@ -126,6 +126,9 @@ def safety_margin(rows: int, cols: int) -> float:
 
 def _gram(a: np.ndarray) -> np.ndarray:
     """Gram matrices on the smaller side of a batch ``(B, m, n)``."""
+    if a.shape[0] == 1 and not np.iscomplexobj(a):  # one real matrix (a dense kernel): NumPy
+        m = a[0]                                     # computes ``mᵀm`` as a symmetric rank-k
+        return (m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T)[None]  # update, half the flops
     if a.shape[-2] >= a.shape[-1]:
         return np.matmul(np.conj(np.swapaxes(a, -1, -2)), a)
     return np.matmul(a, np.conj(np.swapaxes(a, -1, -2)))
@@ -151,6 +154,9 @@ def _cholesky_fails(shifted: np.ndarray) -> np.ndarray:
             pass
     failed = np.zeros(shifted.shape[0], bool)
     for b in range(shifted.shape[0]):
+        if np.isrealobj(shifted):  # the caller's fresh array: factorised in place, no copies
+            failed[b] = not cholesky_in_place(np.ascontiguousarray(shifted[b], dtype=np.float64))
+            continue
         try:
             np.linalg.cholesky(shifted[b])
         except np.linalg.LinAlgError:
@@ -190,7 +196,9 @@ def _max_eigenvalue(symbols: Callable[[np.ndarray], np.ndarray], count: int, chu
             level = float(np.max(_lanczos_ritz(lead[:4], steps=64))) * (1.0 + rtol) ** 2
             if level == 0.0:  # λ_max ≤ trace for PSD matrices
                 level = float(np.max(np.real(np.trace(h, axis1=-2, axis2=-1))))
-        failed = _cholesky_fails(level * (1.0 - margin) * np.eye(side, dtype=h.dtype) - h)
+        shifted = np.negative(h)  # level (1 − margin) I − H, built without an identity matrix
+        shifted[..., np.arange(side), np.arange(side)] += level * (1.0 - margin)
+        failed = _cholesky_fails(shifted)
         best = max(best, level)
         if failed.any():
             exact = top_eigenvalue(h[failed])
@@ -327,16 +335,20 @@ def max_singular_value(matrices: Any, *, method: str = "auto", rtol: float = 1e-
         iterations = check_int(iterations, "iterations", minimum=0)
     if a.size == 0:
         return 0.0
+    given = a
     a = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64, copy=False)
-    if not np.all(np.isfinite(a)):
+    big = float(np.max(np.abs(a)))  # NaN if any entry is NaN
+    if not math.isfinite(big):
         raise InvalidArgumentError(
             "The weights contain NaN or inf: no operator-norm bound exists. Check the layer's "
             "weights (a diverged training step) before certifying.")
-    big = float(np.max(np.abs(a)))
     if big == 0.0:
         return 0.0
     scale = 2.0 ** math.frexp(big)[1]  # a power of two: rescaling is exact
-    a = a / scale
+    if a is given:  # the caller's array: a scaled copy
+        a = a / scale
+    else:  # this function's float64 copy: scaled in place
+        a /= scale
     m, n = a.shape[-2:]
     margin = safety_margin(m, n)
     if method == "gram":

@@ -33,7 +33,8 @@ try:  # LAPACK and BLAS called in place (factorisation, solves, updates); option
 except ImportError:  # pragma: no cover - scipy is not a dependency
     _blas = _lapack = None
 
-__all__ = ["top_eigenvalue", "lanczos_ritz", "banded_cholesky_succeeds", "banded_cholesky_flops"]
+__all__ = ["top_eigenvalue", "lanczos_ritz", "cholesky_in_place", "banded_cholesky_succeeds",
+           "banded_cholesky_flops"]
 
 _BREAKDOWN = 1e-10
 """Lanczos breakdown: a residual below this fraction of ``‖H‖`` (estimated) ends the basis."""
@@ -111,12 +112,24 @@ def _written(dst: np.ndarray, out_fortran: np.ndarray) -> None:
         dst[...] = out_fortran.T
 
 
-def _factor_in_place(a: np.ndarray) -> bool:
-    """Overwrite the lower triangle of a C-ordered symmetric ``a`` by its Cholesky factor.
+def cholesky_in_place(a: np.ndarray) -> bool:
+    """Overwrite the lower triangle of a C-ordered float64 symmetric ``a`` by its Cholesky factor.
 
-    Returns ``False`` at a non-positive pivot. With SciPy, LAPACK's ``potrf`` works on the
-    array's own memory (``a.T`` is the same buffer in Fortran order, whose upper triangle is
-    ``a``'s lower one); the strict upper triangle of ``a`` is then left as it was.
+    Only that lower triangle is read. With SciPy, LAPACK's ``potrf`` works on the array's own
+    memory (``a.T`` is the same buffer in Fortran order, whose upper triangle is ``a``'s lower
+    one) and leaves the strict upper triangle as it was; without it, NumPy's factorisation
+    replaces the whole array.
+
+    Args:
+        a: A C-contiguous float64 ``(n, n)`` array, overwritten.
+
+    Returns:
+        ``False`` at a non-positive pivot (the matrix is not numerically positive definite).
+
+    Example:
+        >>> a = np.array([[4.0, 2.0], [2.0, 5.0]])
+        >>> cholesky_in_place(a), float(a[1, 1])  # L = [[2, 0], [1, 2]]
+        (True, 2.0)
     """
     if _lapack is not None:
         out, info = _lapack.dpotrf(a.T, lower=0, clean=0, overwrite_a=1)
@@ -199,7 +212,7 @@ def banded_cholesky_succeeds(block: Callable[[int, int], np.ndarray], rows: int,
 
     for i in range(rows):
         diag = take(i, i)
-        if not _factor_in_place(diag):
+        if not cholesky_in_place(diag):
             return False
         # block rows j = i+1 … i+w below: L_{j,i} = S_{j,i} L_ii⁻ᵀ
         below = [take(j, i) for j in range(i + 1, min(i + bandwidth, rows - 1) + 1)]
