@@ -22,8 +22,8 @@ as a TensorFlow graph (:class:`tf_lipschitz.GraphEstimator`), in the same run: t
 read the graph, the estimate and the certified run, their values against the Keras model's,
 and the process's peak resident memory after each part (``ru_maxrss``).
 
-NumPy's BLAS runs with its default threads unless ``OPENBLAS_NUM_THREADS`` is set; the setting
-is printed with the results.
+The BLAS libraries run with their default threads unless ``OPENBLAS_NUM_THREADS`` is set; the
+thread pools are printed with the results.
 
 Usage::
 
@@ -45,10 +45,21 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# NumPy's BLAS keeps its default threads (one per core), as users run it: the certificates'
-# float64 factorisations use them all. On a machine shared with other jobs, OpenBLAS' threads
-# busy-wait; OPENBLAS_NUM_THREADS=1 in the environment then measures more steadily.
-BLAS_THREADS = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+# The BLAS libraries (NumPy's and SciPy's OpenBLAS) keep their default threads, one per core,
+# as users run them: the certificates' float64 factorisations use them all. On a machine shared
+# with other jobs, OpenBLAS' threads busy-wait; OPENBLAS_NUM_THREADS=1 in the environment then
+# measures more steadily.
+
+
+def _blas_threads() -> str:
+    """The BLAS thread pools of this process (threadpoolctl when installed, else the variable)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
+    pools = [f"{p['internal_api']} {p['num_threads']}" for p in threadpool_info()
+             if p.get("user_api") == "blas"]
+    return ", ".join(pools) or "unknown"
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -261,7 +272,7 @@ def run(name: str, size: int, tol: float, max_products: int, graph: bool = False
                                    if r["estimate_error"] is not None), default=None),
         "estimate_products": sum(r["products"] or 0 for r in layers),
         "peak_gb": peak_keras,
-        "openblas_num_threads": BLAS_THREADS,
+        "blas_threads": _blas_threads(),
         "graph": run_graph(model, t_forward, tol, max_products) if graph else None,
         "layers": layers,
     }
@@ -286,7 +297,7 @@ def table(result: dict) -> str:
     lines += [
         "-" * len(head),
         (f"forward pass (batch 1): {r['forward_seconds']:.3f} s "
-         f"(NumPy BLAS threads: {r['openblas_num_threads']})"),
+         f"(BLAS threads: {r['blas_threads']})"),
         (f"AutoLip first call (tracing the solver): {r['first_call_seconds']:.1f} s = "
          f"{r['first_call_forward_passes']:.1f} forward passes"),
         (f"AutoLip estimate:  {r['estimate_seconds']:.1f} s = "

@@ -74,9 +74,9 @@ def _counting(monkeypatch):
     calls = []
     original = gridconv.banded_cholesky_succeeds
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(args[1:])
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(gridconv, "banded_cholesky_succeeds", counted)
     return calls
@@ -259,16 +259,37 @@ def test_lanczos_ritz_is_below_and_close_to_the_top():
     np.testing.assert_allclose(ritz, top, rtol=1e-10)
 
 
-@pytest.mark.parametrize("scipy_blas", [True, False], ids=["lapack-in-place", "numpy"])
+class _NeverInPlace:
+    """SciPy's LAPACK or BLAS module, whose routines work on copies of their array arguments
+    (as the wrappers do for buffers they cannot use in place): results must be copied back."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        routine = getattr(self._module, name)
+
+        def copied(*args, **kwargs):
+            fresh = lambda v: np.array(v, order="F") if isinstance(v, np.ndarray) else v
+            return routine(*map(fresh, args), **{k: fresh(v) for k, v in kwargs.items()})
+        return copied
+
+
+@pytest.mark.parametrize("routines", ["lapack-in-place", "lapack-copies", "numpy"])
 @pytest.mark.parametrize("rows,side,bandwidth", [(1, 7, 0), (4, 6, 1), (5, 9, 2), (6, 5, 3),
                                                  (3, 1, 2)])
-def test_block_cholesky_decides_definiteness(rows, side, bandwidth, scipy_blas, monkeypatch):
+def test_block_cholesky_decides_definiteness(rows, side, bandwidth, routines, monkeypatch):
     """Against ``eigvalsh`` of the assembled matrix: positive definite just above ``−λ_min``
-    and not just below, with blocks handed over as views, in float32 or Fortran order (the
-    in-place LAPACK/BLAS updates must land in the blocks, whatever their layout)."""
-    if not scipy_blas:
+    and not just below, whether the LAPACK/BLAS wrappers work in place or on copies (whose
+    results must be copied back) or NumPy and TensorFlow replace them, with blocks handed over
+    as copies, as views of the matrix (overwriting them would corrupt blocks fetched later),
+    in Fortran order or in float32."""
+    if routines == "numpy":
         monkeypatch.setattr(linalg, "_blas", None)
         monkeypatch.setattr(linalg, "_lapack", None)
+    elif routines == "lapack-copies":
+        monkeypatch.setattr(linalg, "_blas", _NeverInPlace(linalg._blas))
+        monkeypatch.setattr(linalg, "_lapack", _NeverInPlace(linalg._lapack))
     rng = np.random.default_rng(rows * 100 + side * 10 + bandwidth)
     n = rows * side
     a = rng.standard_normal((n, n))
@@ -285,6 +306,33 @@ def test_block_cholesky_decides_definiteness(rows, side, bandwidth, scipy_blas, 
                 lambda r, c: layout(s[r * side:(r + 1) * side, c * side:(c + 1) * side]),
                 rows, bandwidth)
             assert got is expected, (k, shift)
+
+
+def test_block_cholesky_copies_shared_and_read_only_blocks():
+    """Blocks that the caller keeps (a cache of equal blocks, read-only arrays) are not
+    factorised in place unless the caller says they are fresh."""
+    toeplitz = [np.array([[0.285]]), np.array([[0.352]])]  # eigenvalues 0.637 and −0.067
+    assert not linalg.banded_cholesky_succeeds(lambda r, c: toeplitz[r - c], 2, 1)
+    assert toeplitz[0][0, 0] == 0.285
+    frozen = np.diag([4.0, 9.0])
+    frozen.setflags(write=False)
+    assert linalg.banded_cholesky_succeeds(lambda r, c: frozen, 1, 0, fresh=True)
+    np.testing.assert_array_equal(frozen, np.diag([4.0, 9.0]))
+
+
+@pytest.mark.parametrize("scipy_blas", [True, False], ids=["lapack", "numpy"])
+@pytest.mark.parametrize("where", [(0, 0), (2, 1), (2, 2)])
+def test_block_cholesky_fails_on_nan_and_inf(where, scipy_blas, monkeypatch):
+    if not scipy_blas:
+        monkeypatch.setattr(linalg, "_blas", None)
+        monkeypatch.setattr(linalg, "_lapack", None)
+    for bad in (np.nan, np.inf):
+        def block(r, c):
+            out = 10.0 * np.eye(3) if r == c else 0.1 * np.ones((3, 3))
+            if (r, c) == where:
+                out[1, 0] = out[0, 1] = bad
+            return out
+        assert not linalg.banded_cholesky_succeeds(block, 3, 1, fresh=True), bad
 
 
 def test_block_cholesky_without_scipy(case, monkeypatch):

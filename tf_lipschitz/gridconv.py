@@ -281,14 +281,14 @@ def small_grid_bound(spec, grid_out: Sequence[int], rtol: float,
     level = float(ritz.max()) * (1.0 + rtol) ** 2
     for _ in range(2):
         if all(banded_cholesky_succeeds(_shifted(op, level * (1.0 - margin), g), op.rows,
-                                        op.bandwidth) for g in range(op.groups)):
+                                        op.bandwidth, fresh=True) for g in range(op.groups)):
             return min(loose, math.sqrt(level) * (1.0 + margin) * scale)
         level *= (1.0 + 4.0 * rtol) ** 2
     return None
 
 
 def _shifted(op: GridConv, level: float, group: int) -> Callable[[int, int], np.ndarray]:
-    """Blocks of ``level · I − AᵀA`` for one group."""
+    """Blocks of ``level · I − AᵀA`` for one group (a new array at every call)."""
     def block(r: int, c: int) -> np.ndarray:
         out = op.block(r, c, slice(group, group + 1))[0]  # a fresh array: negated in place
         np.negative(out, out=out)

@@ -102,11 +102,12 @@ def lanczos_ritz(matvec: Callable[[np.ndarray], np.ndarray], start: np.ndarray,
     return np.linalg.eigvalsh(tri)[:, -1]
 
 
-def _written(dst: np.ndarray, out_fortran: np.ndarray) -> None:
+def _copy_back_unless_in_place(dst: np.ndarray, out_fortran: np.ndarray) -> None:
     """Make sure a SciPy LAPACK/BLAS result, computed on ``dst.T``, lands in ``dst``.
 
-    The wrappers work in place on a Fortran-ordered float64 array when asked to overwrite it;
-    should one ever return a fresh array instead, it is copied back (never silently dropped).
+    The wrappers work in place on an aligned Fortran-ordered float64 array when asked to
+    overwrite it; when one returns a fresh array instead (an unaligned buffer), it is copied
+    back, never silently dropped.
     """
     if not np.may_share_memory(dst, out_fortran):
         dst[...] = out_fortran.T
@@ -115,7 +116,8 @@ def _written(dst: np.ndarray, out_fortran: np.ndarray) -> None:
 def cholesky_in_place(a: np.ndarray) -> bool:
     """Overwrite the lower triangle of a C-ordered float64 symmetric ``a`` by its Cholesky factor.
 
-    Only that lower triangle is read. With SciPy, LAPACK's ``potrf`` works on the array's own
+    Only that lower triangle is read. A NaN or infinite pivot counts as a failure (OpenBLAS'
+    ``potrf`` lets NaN through). With SciPy, LAPACK's ``potrf`` works on the array's own
     memory (``a.T`` is the same buffer in Fortran order, whose upper triangle is ``a``'s lower
     one) and leaves the strict upper triangle as it was; without it, NumPy's factorisation
     replaces the whole array.
@@ -133,34 +135,38 @@ def cholesky_in_place(a: np.ndarray) -> bool:
     """
     if _lapack is not None:
         out, info = _lapack.dpotrf(a.T, lower=0, clean=0, overwrite_a=1)
-        _written(a, out)
-        return info == 0
-    try:
-        a[...] = np.linalg.cholesky(a)
-    except np.linalg.LinAlgError:
-        return False
-    return True
+        _copy_back_unless_in_place(a, out)
+        if info != 0:
+            return False
+    else:
+        try:
+            a[...] = np.linalg.cholesky(a)
+        except np.linalg.LinAlgError:
+            return False
+    return bool(np.all(np.isfinite(np.diagonal(a))))
 
 
 def _solve_in_place(lower: np.ndarray, rhs: np.ndarray) -> None:
     """``rhs ← rhs L⁻ᵀ`` for the factor in the lower triangle of ``lower`` (C order)."""
     if _blas is not None:  # L Xᵀ = rhsᵀ on the buffers in Fortran order: no copies
-        _written(rhs, _blas.dtrsm(1.0, lower.T, rhs.T, side=0, lower=0, trans_a=1,
+        _copy_back_unless_in_place(rhs, _blas.dtrsm(1.0, lower.T, rhs.T, side=0, lower=0, trans_a=1,
                                   overwrite_b=1))
         return
     tri = tf.constant(np.tril(lower))
     rhs[...] = tf.linalg.triangular_solve(tri, tf.constant(rhs.T), lower=True).numpy().T
 
 
-def _subtract_product(target: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
-    """``target ← target − left rightᵀ``; only the lower triangle when ``left is right``."""
+def _subtract_product(target: np.ndarray, left: np.ndarray, right: np.ndarray,
+                      symmetric: bool) -> None:
+    """``target ← target − left rightᵀ``; with ``symmetric`` (``right`` is ``left``, a
+    diagonal block) only the lower triangle, which is all the factorisation reads."""
     if _blas is None:
         target -= left @ right.T
-    elif left is right:  # a diagonal block: symmetric rank-m update of its lower triangle
-        _written(target, _blas.dsyrk(-1.0, left.T, beta=1.0, c=target.T, trans=1, lower=0,
+    elif symmetric:  # a symmetric rank-m update of the lower triangle: half the flops
+        _copy_back_unless_in_place(target, _blas.dsyrk(-1.0, left.T, beta=1.0, c=target.T, trans=1, lower=0,
                                      overwrite_c=1))
     else:
-        _written(target, _blas.dgemm(-1.0, right.T, left.T, beta=1.0, c=target.T, trans_a=1,
+        _copy_back_unless_in_place(target, _blas.dgemm(-1.0, right.T, left.T, beta=1.0, c=target.T, trans_a=1,
                                      overwrite_c=1))
 
 
@@ -169,7 +175,9 @@ def banded_cholesky_flops(rows: int, block: int, bandwidth: int) -> float:
 
     Per block row: one ``m³/3`` factorisation, ``b`` triangular solves (``m³`` each) and
     ``b(b+1)/2`` block updates (``2m³`` each), for block side ``m``, where ``b`` is the
-    bandwidth ``w`` except in the last ``w`` block rows, which have fewer rows below them.
+    bandwidth ``w`` except in the last ``w`` block rows, which have fewer rows below them. This
+    is the limit's yardstick: with SciPy the ``b`` updates of diagonal blocks are symmetric
+    (``syrk``, ``m³`` each), so the work done is about a quarter smaller for ``w = 2``.
 
     Example:
         >>> banded_cholesky_flops(rows=1, block=3, bandwidth=2)  # one dense 3×3 factorisation
@@ -181,30 +189,38 @@ def banded_cholesky_flops(rows: int, block: int, bandwidth: int) -> float:
 
 
 def banded_cholesky_succeeds(block: Callable[[int, int], np.ndarray], rows: int,
-                             bandwidth: int) -> bool:
+                             bandwidth: int, *, fresh: bool = False) -> bool:
     """Whether a symmetric block-banded matrix passes a float64 block Cholesky factorisation.
 
     The matrix has ``rows × rows`` square blocks; block ``(r, c)`` is zero for
-    ``|r − c| > bandwidth``. Blocks are requested from ``block(r, c)`` (``r ≥ c``, a fresh
-    float64 array the factorisation may overwrite) only when the right-looking factorisation
-    first touches them, and dropped once factorised, so at most ``(w+1)(w+2)/2`` blocks are in
-    memory at a time. Success of the factorisation (no non-positive pivot) proves positive
+    ``|r − c| > bandwidth``. Blocks are requested from ``block(r, c)`` (``r ≥ c``) only when
+    the right-looking factorisation first touches them, and dropped once factorised, so at most
+    ``(w+1)(w+2)/2`` blocks are in memory at a time. The factorisation works in place on a
+    private copy of each block, or, with ``fresh=True``, on the arrays ``block`` returns (then
+    each call must return a new array that nothing else holds: not a view of a matrix the
+    caller keeps, not a cached block). A NaN or infinite entry fails. Success of the factorisation (no non-positive pivot) proves positive
     definiteness of the matrix up to the rounding error of the factorisation, which the caller
     covers with a shift (Rump's criterion); the blocked algorithm is a reordering of the
     Cholesky sums with substitution for the triangular solves, so the standard bound holds.
 
     Args:
-        block: ``block(r, c) -> (m, m)`` float64 array, for ``0 ≤ c ≤ r < rows``.
+        block: ``block(r, c) -> (m, m)`` array, for ``0 ≤ c ≤ r < rows``.
         rows: Number of block rows.
         bandwidth: Block bandwidth ``w``.
+        fresh: ``block`` returns a new array at every call, which the factorisation may
+            overwrite (saves one copy per block; C-ordered float64 ones are used as they are).
 
     Returns:
         ``True`` if the factorisation runs to completion.
     """
     pending: dict[tuple[int, int], np.ndarray] = {}
 
-    def fetch(r: int, c: int) -> np.ndarray:  # the in-place updates need C-ordered float64
-        return np.ascontiguousarray(block(r, c), dtype=np.float64)
+    def fetch(r: int, c: int) -> np.ndarray:  # a private C-ordered float64 array
+        given = block(r, c)
+        out = np.ascontiguousarray(given, dtype=np.float64)
+        if out is given and not (fresh and out.flags.writeable):
+            out = out.copy()
+        return out
 
     def take(r: int, c: int) -> np.ndarray:
         out = pending.pop((r, c), None)
@@ -223,5 +239,5 @@ def banded_cholesky_succeeds(block: Callable[[int, int], np.ndarray], rows: int,
                 key = (i + 1 + k, i + 1 + l)
                 if key not in pending:
                     pending[key] = fetch(*key)
-                _subtract_product(pending[key], left, right)
+                _subtract_product(pending[key], left, right, symmetric=l == k)
     return True
