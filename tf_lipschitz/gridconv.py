@@ -17,7 +17,7 @@ the exact operator proposes ``τ = σ_ritz (1 + rtol)``, and a block Cholesky fa
 boundary effect: the certificate is within ``rtol`` of the true norm. The cost, up to
 ``(w² + 2w + ⅓)·m³`` flops per block row, limits the route to small grids (:data:`SMALL_GRID`,
 :data:`BANDED_FLOP_LIMIT`): ResNet50's 7×7×512 convolutions take ``2.1·10¹²`` flops (about
-20 s on two CPU cores with NumPy's default BLAS threads, 37 s with one).
+20 s on two CPU cores with the BLAS libraries' default threads, 37 s with one).
 
 Example:
     >>> import numpy as np
