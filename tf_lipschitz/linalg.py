@@ -126,7 +126,8 @@ def cholesky_in_place(a: np.ndarray) -> bool:
         a: A C-contiguous float64 ``(n, n)`` array, overwritten.
 
     Returns:
-        ``False`` at a non-positive pivot (the matrix is not numerically positive definite).
+        ``False`` at a non-positive, NaN or infinite pivot (the matrix is not numerically
+        positive definite).
 
     Example:
         >>> a = np.array([[4.0, 2.0], [2.0, 5.0]])
@@ -149,8 +150,8 @@ def cholesky_in_place(a: np.ndarray) -> bool:
 def _solve_in_place(lower: np.ndarray, rhs: np.ndarray) -> None:
     """``rhs ← rhs L⁻ᵀ`` for the factor in the lower triangle of ``lower`` (C order)."""
     if _blas is not None:  # L Xᵀ = rhsᵀ on the buffers in Fortran order: no copies
-        _copy_back_unless_in_place(rhs, _blas.dtrsm(1.0, lower.T, rhs.T, side=0, lower=0, trans_a=1,
-                                  overwrite_b=1))
+        out = _blas.dtrsm(1.0, lower.T, rhs.T, side=0, lower=0, trans_a=1, overwrite_b=1)
+        _copy_back_unless_in_place(rhs, out)
         return
     tri = tf.constant(np.tril(lower))
     rhs[...] = tf.linalg.triangular_solve(tri, tf.constant(rhs.T), lower=True).numpy().T
@@ -163,11 +164,11 @@ def _subtract_product(target: np.ndarray, left: np.ndarray, right: np.ndarray,
     if _blas is None:
         target -= left @ right.T
     elif symmetric:  # a symmetric rank-m update of the lower triangle: half the flops
-        _copy_back_unless_in_place(target, _blas.dsyrk(-1.0, left.T, beta=1.0, c=target.T, trans=1, lower=0,
-                                     overwrite_c=1))
+        out = _blas.dsyrk(-1.0, left.T, beta=1.0, c=target.T, trans=1, lower=0, overwrite_c=1)
+        _copy_back_unless_in_place(target, out)
     else:
-        _copy_back_unless_in_place(target, _blas.dgemm(-1.0, right.T, left.T, beta=1.0, c=target.T, trans_a=1,
-                                     overwrite_c=1))
+        out = _blas.dgemm(-1.0, right.T, left.T, beta=1.0, c=target.T, trans_a=1, overwrite_c=1)
+        _copy_back_unless_in_place(target, out)
 
 
 def banded_cholesky_flops(rows: int, block: int, bandwidth: int) -> float:
@@ -198,10 +199,11 @@ def banded_cholesky_succeeds(block: Callable[[int, int], np.ndarray], rows: int,
     ``(w+1)(w+2)/2`` blocks are in memory at a time. The factorisation works in place on a
     private copy of each block, or, with ``fresh=True``, on the arrays ``block`` returns (then
     each call must return a new array that nothing else holds: not a view of a matrix the
-    caller keeps, not a cached block). A NaN or infinite entry fails. Success of the factorisation (no non-positive pivot) proves positive
-    definiteness of the matrix up to the rounding error of the factorisation, which the caller
-    covers with a shift (Rump's criterion); the blocked algorithm is a reordering of the
-    Cholesky sums with substitution for the triangular solves, so the standard bound holds.
+    caller keeps, not a cached block). A NaN or infinite entry fails. Success of the
+    factorisation (no non-positive pivot) proves positive definiteness of the matrix up to the
+    rounding error of the factorisation, which the caller covers with a shift (Rump's
+    criterion); the blocked algorithm is a reordering of the Cholesky sums with substitution for
+    the triangular solves, so the standard bound holds.
 
     Args:
         block: ``block(r, c) -> (m, m)`` array, for ``0 ≤ c ≤ r < rows``.
