@@ -145,18 +145,22 @@ def _lanczos_ritz(h: np.ndarray, steps: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def _cholesky_fails(shifted: np.ndarray) -> np.ndarray:
-    """Which matrices of a Hermitian batch fail a float64 Cholesky factorisation."""
+    """Which matrices of a Hermitian batch fail a float64 Cholesky factorisation.
+
+    A real batch of matrices of side 128 or more is factorised in place (``shifted`` is
+    overwritten: callers pass a fresh array); complex ones go through NumPy's copying routine.
+    """
     if shifted.shape[-1] < 128:  # one batched call, matrix by matrix only if one fails
         try:
             np.linalg.cholesky(shifted)
             return np.zeros(shifted.shape[0], bool)
         except np.linalg.LinAlgError:
             pass
+    if np.isrealobj(shifted):
+        shifted = np.ascontiguousarray(shifted, dtype=np.float64)
+        return np.array([not cholesky_in_place(matrix) for matrix in shifted], bool)
     failed = np.zeros(shifted.shape[0], bool)
     for b in range(shifted.shape[0]):
-        if np.isrealobj(shifted):  # the caller's fresh array: factorised in place, no copies
-            failed[b] = not cholesky_in_place(np.ascontiguousarray(shifted[b], dtype=np.float64))
-            continue
         try:
             np.linalg.cholesky(shifted[b])
         except np.linalg.LinAlgError:
