@@ -452,3 +452,19 @@ def test_x_of_the_wrong_size_is_a_named_error(shape):
     model = keras.Sequential([keras.Input((8, 8, 1)), L.Flatten(), L.Dense(2)])
     with pytest.raises(LowerBoundError, match=r"shape \(n, 8, 8, 1\).*" + re.escape(str(shape))):
         lower_bound(model, (8, 8, 1), np.zeros(shape, "float32"), n_random=4, steps=0)
+
+
+@pytest.mark.parametrize("layer, n", [
+    (L.Flatten, 5), (L.Flatten, 17), (L.GlobalAveragePooling1D, 11),
+    (L.GlobalAveragePooling1D, 64), (lambda: L.Dense(7), 17),
+])
+def test_lower_bound_stays_below_exact_certified_constants(layer, n):
+    # Linear layers whose certified AutoLip is exact (to float64 rounding): the lower bound
+    # attains their constant, and its float32 rounding no longer puts it above (it measured a
+    # Flatten at 1.0000001 and a 64-entry mean 8 units in the last place above 1/8).
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((n, 3)), layer()])
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    upper = est.autolip(certified=True).upper
+    lb = est.lower_bound()
+    assert upper * (1 - 1e-5) <= lb.value <= upper

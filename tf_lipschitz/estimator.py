@@ -250,7 +250,8 @@ class LipschitzEstimator:
                                         model_name=self.name, verbose=self.verbose, **options)
         low = self.lower_bound(x, **lower_bound_options)
         # At a point where f is not differentiable the kept Jacobian norm may exceed the
-        # constant by up to the secants' 1e-3 resolution; the secant ratio does not.
+        # constant by up to the secants' 1e-3 resolution; the secant ratio does not, up to the
+        # rounding of the outputs (a few 1e-4 in float32), where the norm is accurate.
         proven = min(low.value, low.secant) if math.isfinite(low.secant) else low.value
         if proven > seq.upper * (1 + 1e-5):
             warnings.warn(

@@ -241,13 +241,18 @@ class LowerBound:
     Attributes:
         value: The lower bound: the norm of the Jacobian-vector product at ``x``, or the best
             secant ratio there when autodiff's "Jacobian" is not confirmed by it to within
-            ``1e-3`` (at a kink, see ``docs/concepts.md``). Computed in the model's precision,
-            it carries the model's rounding (about ``1e-7`` relative in float32).
+            ``1e-3`` (at a kink, see ``docs/concepts.md``), rounded down by 64 machine
+            epsilons of the float32 (float64) norms, ``7.6e-6`` relative, so that the
+            measurement's own rounding does not put it above an exact upper bound. A
+            half-precision model is measured as it computes: its own rounding (about ``1e-3``
+            relative in float16) is part of the function measured.
         x: The input point (one example, no batch axis; for a model with several inputs, a
             list with one array per input).
         direction: The unit input direction ``v`` (a list like ``x`` for several inputs).
         secant: The best of the one-sided ratios ``‖f(x ± hv) − f(x)‖ / h`` for two small
-            steps ``h``: a lower bound that holds even where ``f`` is not differentiable.
+            steps ``h``: a lower bound that holds even where ``f`` is not differentiable, up to
+            the rounding of the outputs it divides by ``h`` (a few ``1e-4`` relative in float32:
+            it checks ``value`` to its ``1e-3`` resolution and is not rounded down).
         evaluations: Number of Jacobian products used.
         starts: Number of starting points.
     """
