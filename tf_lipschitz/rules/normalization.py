@@ -5,6 +5,8 @@ so they are :class:`~tf_lipschitz.rules.base.Linear` and fuse with a preceding c
 dense layer.
 LayerNormalization and GroupNormalization are Lipschitz only thanks to ``epsilon``: their bound
 ``max|γ| / √ε`` is valid but usually huge, so a warning is issued.
+RMSNormalization, ``x ↦ scale · x / √(mean(x²) + ε)``, is also Lipschitz only thanks to ``ε``;
+its constant ``max|scale| / √ε`` is exact (attained at ``x = 0``), and a warning is issued too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_lipschitz.errors import NotLipschitzError
+from tf_lipschitz.errors import NotLipschitzError, UnsupportedLayerError
 from tf_lipschitz.rules.base import (
     Constant,
     Linear,
@@ -162,6 +164,46 @@ def _eps_normalization(layer, ctx: NodeContext) -> Constant:
     return Constant(value, note="max|γ|/√ε (loose)")
 
 
+def _rms_normalization(layer, ctx: NodeContext) -> Constant:
+    """``y = (x / s(x)) ⊙ scale`` with ``s(x) = √(mean(x²) + ε)`` over each group (``axis``).
+
+    On one group of ``n`` entries the Jacobian of ``x ↦ x / s`` is
+    ``(1/s)(I − x xᵀ / (n s²))``: ``1/s`` on the vectors orthogonal to ``x`` and
+    ``ε / s³`` along ``x``, so its norm is ``1/s ≤ 1/√ε``; groups are disjoint, so the whole
+    map has the same bound, with equality at ``x = 0`` (the Jacobian is ``I / √ε`` there).
+    Keras multiplies by ``scale`` (shape: the sizes of ``axis``) with NumPy broadcasting, which
+    aligns it with the *trailing* axes whatever ``axis`` is, and can even copy the input
+    (axis 1 of a ``(3, 1)`` input gives a ``(3, 3)`` output); that product is a fixed linear
+    map ``C`` of norm ``max_j ‖scale‖₂`` over the copies of each entry ``j`` (``max|scale|``
+    without copies). So ``L = ‖C‖ / √ε`` exactly: ``‖C J‖ ≤ ‖C‖ ‖J‖``, with equality at 0.
+    """
+    ndim = len(ctx.input_shape) + 1
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    if 0 in [a % ndim for a in axes]:
+        raise UnsupportedLayerError(
+            layer, f"It normalises over the batch axis (axis={layer.axis!r}), so the output of "
+            "one example depends on the others; tf_lipschitz bounds per-example maps.",
+            suggest_rule=False)
+    epsilon = keras.backend.epsilon() if layer.epsilon is None else layer.epsilon
+    if not epsilon > 0:
+        raise NotLipschitzError(
+            layer, f"with epsilon={layer.epsilon!r}, x / √mean(x²) has an unbounded derivative "
+            "near 0 (it jumps at 0: x and −x map to opposite points at any small scale). Use "
+            "epsilon > 0.")
+    magnitude = np.abs(weight_values(layer, layer.scale))
+    norm = broadcast_product_norm(magnitude, ctx.input_shape, ctx.output_shapes[0])
+    value = certified_max(layer, lambda eps: norm / np.sqrt(eps), epsilon,
+                           _arithmetic_dtype(layer), [], operations=2)
+    warnings.warn(
+        f"Layer '{layer.name}' (RMSNormalization) is Lipschitz only thanks to "
+        f"epsilon={epsilon:g}: its constant max|scale|/sqrt(epsilon) = {value:.4g} is exact "
+        "(attained at x = 0) but far above its slope max|scale|/rms(x) on inputs whose "
+        "root mean square is much larger than sqrt(epsilon).",
+        stacklevel=2,
+    )
+    return Constant(value, note="max|scale|/√ε (exact, at x = 0)")
+
+
 def _unit_normalization(layer, ctx):
     raise NotLipschitzError(layer, "x/‖x‖ has an unbounded derivative near 0.")
 
@@ -180,6 +222,7 @@ register_rule(keras.layers.Rescaling, _rescaling)
 register_rule(keras.layers.Normalization, _normalization)
 register_rule(keras.layers.LayerNormalization, _eps_normalization)
 register_rule(keras.layers.GroupNormalization, _eps_normalization)
+register_rule(keras.layers.RMSNormalization, _rms_normalization)
 register_rule(keras.layers.UnitNormalization, _unit_normalization)
 if LayerScale is not None:
     register_rule(LayerScale, _layer_scale)

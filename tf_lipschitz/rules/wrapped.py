@@ -1,4 +1,6 @@
-"""Rule for ``keras.layers.TimeDistributed``: the wrapped layer applied to every time step.
+"""Rules for Keras wrappers: ``TimeDistributed`` and ``SpectralNormalization``.
+
+TimeDistributed applies the wrapped layer to every time step.
 
 ``TimeDistributed(f)`` maps ``(x_1, …, x_T)`` to ``(f(x_1), …, f(x_T))``. If ``f`` is
 ``L``-Lipschitz, ``Σ_t ‖f(x_t) − f(y_t)‖² ≤ L² Σ_t ‖x_t − y_t‖²``: the wrapper has the same
@@ -18,6 +20,17 @@ Example:
     >>> import numpy as np
     >>> bool(np.isclose(est.autolip().upper, np.linalg.norm(dense, 2), rtol=1e-4))
     True
+
+``SpectralNormalization(f)`` is ``f`` itself at inference: a training call divides ``f``'s
+kernel by an estimate of its spectral norm and stores the result in the kernel, and every call
+then returns ``f(x)``. Its rule is therefore ``f``'s own rule, on the same shapes: the linear
+part (with its certificate, closed form and adjoint) stays fusable with its neighbours and the
+activation is kept. The bound measures the operator the model computes, which is not 1 in
+general: Keras normalises the kernel reshaped to a ``(−1, filters)`` matrix, by a power
+iteration that advances one step per training call and estimates ``σ`` from below, and the
+optimizer moves the kernel after that. For a convolution, the norm of the reshaped kernel is not
+the convolution's operator norm (they differ by up to ``√(kh·kw)``), so a "spectrally
+normalised" Conv2D can be far above 1.
 """
 
 from __future__ import annotations
@@ -84,4 +97,16 @@ def _time_distributed(layer, ctx: NodeContext):
         layer, f"It wraps layer '{inner.name}', which merges several inputs.", suggest_rule=False)
 
 
+def _spectral_normalization(layer, ctx: NodeContext):
+    inner = layer.layer
+    bound = wrapped_bound(layer, inner, ctx)  # same input and output shapes as the wrapper
+    note = f"SpectralNormalization({type(inner).__name__})" + (
+        f": {bound.note}" if bound.note else "")
+    if isinstance(bound, (Constant, Linear)):
+        return dataclasses.replace(bound, note=note)
+    raise UnsupportedLayerError(
+        layer, f"It wraps layer '{inner.name}', which merges several inputs.", suggest_rule=False)
+
+
 register_rule(keras.layers.TimeDistributed, _time_distributed)
+register_rule(keras.layers.SpectralNormalization, _spectral_normalization)
