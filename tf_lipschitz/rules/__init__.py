@@ -1,11 +1,12 @@
 """Lipschitz rules for Keras layers, and the registry users extend with :func:`register_rule`.
 
 Importing this package registers the built-in rules (linear, activations, pooling,
-normalisation, shape and merge layers, TimeDistributed, SimpleRNN and Bidirectional).
+normalisation, shape and merge layers, image resampling, TimeDistributed, SimpleRNN and
+Bidirectional).
 """
 
 from tf_lipschitz.rules import (activations, linear, merge, normalization, pooling, recurrent,
-                                shape, wrapped)
+                                resampling, shape, wrapped)
 from tf_lipschitz.rules.activations import activation_info, register_activation, resolve_activation
 from tf_lipschitz.rules.base import (
     Activation,
