@@ -1,12 +1,13 @@
 """Lipschitz rules for Keras layers, and the registry users extend with :func:`register_rule`.
 
 Importing this package registers the built-in rules (linear, activations, pooling,
-normalisation, shape and merge layers, TimeDistributed, SpectralNormalization, SimpleRNN and
-Bidirectional, and the image augmentation layers, which are the identity at inference).
+normalisation, shape and merge layers, image resampling, TimeDistributed,
+SpectralNormalization, SimpleRNN and Bidirectional, and the image augmentation layers, which
+are the identity at inference).
 """
 
 from tf_lipschitz.rules import (activations, augmentation, linear, merge, normalization, pooling,
-                                recurrent, shape, wrapped)
+                                recurrent, resampling, shape, wrapped)
 from tf_lipschitz.rules.activations import activation_info, register_activation, resolve_activation
 from tf_lipschitz.rules.base import (
     Activation,

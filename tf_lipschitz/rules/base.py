@@ -45,6 +45,7 @@ __all__ = [
     "weight_values",
     "check_constant",
     "check_slopes",
+    "float32_reference",
 ]
 
 
@@ -485,6 +486,22 @@ def certified_max(layer: Any, closed_form: Callable[[float], Any], epsilon: floa
     values = [round_up(exact, operations)]
     values += [np.max(np.abs(keras.ops.convert_to_numpy(v))) for v in computed]
     return float(np.max(values))
+
+
+def float32_reference(layer: Any) -> Any:
+    """``layer``, or a float32 copy of it (same config) when it computes in half precision.
+
+    For rules that check their model of a layer against the layer itself on a random input:
+    under ``mixed_float16`` the layer's own rounding (``1e-3``) would hide a wrong window.
+
+    Example:
+        >>> layer = keras.layers.AdaptiveAveragePooling1D(2, dtype="mixed_float16")
+        >>> float32_reference(layer).compute_dtype
+        'float32'
+    """
+    if getattr(layer, "compute_dtype", "float32") in ("float32", "float64"):
+        return layer
+    return type(layer).from_config({**layer.get_config(), "dtype": "float32"})
 
 
 def affine() -> Rule:
