@@ -879,6 +879,7 @@ def lower_bound(
     bar = progress_bar(len(chunks), unit_name="batch", label="lower bound", verbose=verbose,
                        stateful_metrics=["lower"])
     best = (-1.0, None, None, None)
+    rounded_down = 1.0 - _ROUNDING_ULPS * dtype_eps(state)  # see _ROUNDING_ULPS
     for c, part in enumerate(chunks):
         xb = tf.convert_to_tensor(starts[keep[part]])
         xs, vs, ss, secants = _SEARCH(
@@ -892,7 +893,7 @@ def lower_bound(
         if ss[k] > best[0]:
             best = (float(ss[k]), xs.numpy()[k], vs.numpy()[k], float(secants.numpy()[k]))
         if bar is not None:
-            bar.update(c + 1, values=[("lower", best[0])])
+            bar.update(c + 1, values=[("lower", best[0] * rounded_down)])
     value, x_best, v_best, secant = best
     if value < 0:
         raise NonFiniteLowerBoundError(
@@ -902,7 +903,7 @@ def lower_bound(
             "from the data (half precision overflows at 65504), pass data points `x` and a "
             "smaller `noise`, or `n_random=0` to search near the data only."
         )
-    value *= 1.0 - _ROUNDING_ULPS * dtype_eps(state)
+    value *= rounded_down
     gradient = 2 if learning_rate > 0 else 0
     evaluations = (len(starts) * (2 * power_iters + 1)
                    + len(keep) * (2 * power_iters + 1 + 8 * power_iters + 1
