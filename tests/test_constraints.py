@@ -402,3 +402,82 @@ def test_conv_input_shape_accepts_shapes_of_any_kind(shape):
 def test_conv_input_shape_rejects_what_is_not_a_shape(shape):
     with pytest.raises(InvalidArgumentError, match="input_shape"):
         ConvOperatorNorm(1.0, shape)
+
+
+def _blown_up(layer, rng, attribute="kernel"):
+    variable = getattr(layer, attribute)
+    variable.assign(3.0 * rng.standard_normal(variable.shape).astype("float32"))
+
+
+@pytest.mark.parametrize("layer_kwargs, constraint_kwargs", [
+    # the layer's own settings
+    (dict(padding="same"), dict(padding="same")),
+    (dict(strides=2, padding="valid"), dict(strides=2, padding="valid")),
+    (dict(dilation_rate=2, padding="same"), dict(dilation_rate=2, padding="same")),
+    # stride 1, "same": contains every output of the layer, so a stricter cap
+    (dict(strides=2, padding="same"), dict(padding="same")),
+    (dict(strides=2, padding="valid"), dict(padding="same")),
+    (dict(padding="valid"), dict(padding="same")),
+])
+def test_apply_constraints_caps_the_layer_operator(layer_kwargs, constraint_kwargs, rng):
+    conv = keras.layers.Conv2D(3, 3, use_bias=False, name="conv", **layer_kwargs,
+                               kernel_constraint=ConvOperatorNorm(0.7, (7, 7, 2),
+                                                                  **constraint_kwargs))
+    keras.Sequential([keras.Input((7, 7, 2)), conv])
+    _blown_up(conv, rng)
+    tfl.apply_constraints(conv)
+    # the layer's own operator (dense SVD) is capped, whatever the constraint measured
+    assert exact_norm(conv, (7, 7, 2)) <= 0.7 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("layer_kwargs, constraint_kwargs, message", [
+    (dict(padding="same"), dict(), r"padding='valid' \(layer: 'same'\)"),
+    (dict(strides=2, padding="same"), dict(strides=2), r"padding='valid' \(layer: 'same'\)"),
+    (dict(padding="same"), dict(padding="same", strides=2),
+     r"strides=\(2, 2\) \(layer: \(1, 1\)\)"),
+    (dict(dilation_rate=2), dict(), r"dilation_rate=\(1, 1\) \(layer: \(2, 2\)\)"),
+    (dict(padding="same"), dict(padding="same", input_shape=(5, 5, 2)),
+     r"input_shape=\(5, 5, 2\) \(layer: \(7, 7, 2\)\)"),
+    (dict(), dict(kind="transposed"), r"kind='transposed' \(the layer needs kind='conv'\)"),
+])
+def test_apply_constraints_refuses_a_constraint_of_another_operator(
+        layer_kwargs, constraint_kwargs, message, rng):
+    # A helper's trial: ConvOperatorNorm's default padding="valid" on a padding="same" layer
+    # left it 9.6 % above its target after training, and apply_constraints reported the target.
+    options = dict(dict(input_shape=(7, 7, 2)), **constraint_kwargs)
+    conv = keras.layers.Conv2D(3, 3, use_bias=False, name="conv", **layer_kwargs,
+                               kernel_constraint=ConvOperatorNorm(0.7, **options))
+    model = keras.Sequential([keras.Input((7, 7, 2)), conv])
+    with pytest.raises(InvalidArgumentError, match=r"layer 'conv' \(Conv2D.kernel\).*" + message):
+        tfl.apply_constraints(model)
+
+
+def test_apply_constraints_checks_depthwise_transposed_and_causal_kernels(rng):
+    dw = keras.layers.DepthwiseConv2D(3, padding="same", name="dw", depthwise_constraint=(
+        ConvOperatorNorm(0.5, (6, 6, 2), padding="same", kind="depthwise")))
+    tr = keras.layers.Conv2DTranspose(2, 3, strides=2, name="tr", kernel_constraint=(
+        ConvOperatorNorm(0.5, (6, 6, 2), strides=2, kind="transposed")))
+    model = keras.Sequential([keras.Input((6, 6, 2)), dw, tr])
+    _blown_up(dw, rng)
+    _blown_up(tr, rng)
+    tfl.apply_constraints(model)
+    assert exact_norm(dw, (6, 6, 2)) <= 0.5 * (1 + 1e-5)
+    assert exact_norm(tr, (6, 6, 2)) <= 0.5 * (1 + 1e-5)
+    # a transposed convolution has no "safe" substitute: its own strides are needed
+    tr.kernel_constraint = ConvOperatorNorm(0.5, (6, 6, 2), padding="same", kind="transposed")
+    tr.kernel.constraint = tr.kernel_constraint
+    with pytest.raises(InvalidArgumentError, match=r"layer 'tr'.*strides=\(1, 1\)"):
+        tfl.apply_constraints(model)
+    causal = keras.layers.Conv1D(2, 3, padding="causal", name="causal",
+                                 kernel_constraint=ConvOperatorNorm(0.5, (9, 2), padding="same"))
+    keras.Sequential([keras.Input((9, 2)), causal])
+    with pytest.raises(InvalidArgumentError, match=r"padding='same' \(layer: 'causal'\).*"
+                                                   r"LipschitzWrapper"):
+        tfl.apply_constraints(causal)
+    separable = keras.layers.SeparableConv2D(
+        2, 3, padding="same", name="sep", depthwise_constraint=ConvOperatorNorm(
+            0.5, (6, 6, 2), kind="depthwise"))
+    keras.Sequential([keras.Input((6, 6, 2)), separable])
+    with pytest.raises(InvalidArgumentError, match=r"layer 'sep' \(SeparableConv2D.depthwise_"
+                                                   r"kernel\).*padding='valid' \(layer: 'same'\)"):
+        tfl.apply_constraints(separable)

@@ -53,7 +53,8 @@ from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.power import (as_shape, check_int, check_tol, compiled, example_norms,
                                 lanczos_loop, power_loop, prepare_operator)
 
-__all__ = ["SpectralNorm", "ConvOperatorNorm", "apply_constraints", "track_top_vector"]
+__all__ = ["SpectralNorm", "ConvOperatorNorm", "apply_constraints", "check_conv_constraint",
+           "track_top_vector"]
 
 _START_SEED = (1805, 10965)  # arXiv 1805.10965: any fixed seed makes the first start reproducible
 
@@ -315,11 +316,18 @@ def apply_constraints(model: keras.layers.Layer) -> dict[str, float]:
     model whose ``constraint`` is a :class:`SpectralNorm` or :class:`ConvOperatorNorm` is
     visited (nested models and wrappers included); other constraints are left alone.
 
+    A :class:`ConvOperatorNorm` is first checked against the layer that owns its kernel
+    (:func:`check_conv_constraint`): a constraint whose strides, padding, dilation, input shape
+    or kind measure another operator than the layer's raises instead of reporting its target.
+
     Args:
         model: A built model or layer.
 
     Returns:
         ``{variable path: operator norm estimate after the projection}``.
+
+    Raises:
+        InvalidArgumentError: A ``ConvOperatorNorm`` does not measure its layer's operator.
 
     Example:
         >>> import keras, tf_lipschitz as tfl
@@ -329,6 +337,7 @@ def apply_constraints(model: keras.layers.Layer) -> dict[str, float]:
         >>> {k: round(v, 6) for k, v in tfl.apply_constraints(model).items()}
         {'m/d/kernel': 0.5}
     """
+    owners = _variable_owners(model)
     norms: dict[str, float] = {}
     seen: set[int] = set()
     for variable in model.weights:
@@ -336,10 +345,125 @@ def apply_constraints(model: keras.layers.Layer) -> dict[str, float]:
         if not isinstance(constraint, _OperatorNormConstraint) or id(variable) in seen:
             continue
         seen.add(id(variable))
+        if isinstance(constraint, ConvOperatorNorm) and id(variable) in owners:
+            check_conv_constraint(constraint, *owners[id(variable)])
         projected, norm = constraint._project(variable, calibrate=True)  # noqa: SLF001
         variable.assign(projected)
         norms[variable.path] = float(norm)
     return norms
+
+
+def _variable_owners(model: keras.layers.Layer) -> dict[int, tuple[Any, str]]:
+    """``{id(variable): (layer, attribute)}`` for the kernels of the convolutions in ``model``
+    (nested models and wrappers included)."""
+    owners = {}
+    for layer in model._flatten_layers(include_self=True, recursive=True):  # noqa: SLF001
+        for attribute in ("kernel", "depthwise_kernel", "pointwise_kernel"):
+            variable = getattr(layer, attribute, None) if isinstance(
+                layer, keras.layers.Layer) and getattr(layer, "built", False) else None
+            if isinstance(variable, keras.Variable):
+                owners.setdefault(id(variable), (layer, attribute))
+    return owners
+
+
+def _expected_kind(layer, attribute: str) -> str | None:
+    """The ``kind`` a ConvOperatorNorm needs on ``layer.<attribute>``, or None when the
+    variable is not a convolution kernel whose settings can be checked."""
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+
+    if isinstance(layer, BaseConvTranspose) and attribute == "kernel":
+        return "transposed"
+    if isinstance(layer, BaseDepthwiseConv):
+        return "depthwise" if attribute == "kernel" else None
+    if isinstance(layer, BaseSeparableConv):
+        return "depthwise" if attribute == "depthwise_kernel" else None
+    if isinstance(layer, BaseConv) and attribute == "kernel":
+        return "conv"
+    return None
+
+
+def _layer_input_shape(layer) -> tuple[int, ...] | None:
+    try:
+        shape = tuple(layer.input.shape[1:])
+    except (AttributeError, ValueError, RuntimeError):  # shared or never called on a tensor
+        return None
+    return shape if all(isinstance(d, int) for d in shape) else None
+
+
+def check_conv_constraint(constraint: "ConvOperatorNorm", layer: Any,
+                          attribute: str = "kernel") -> None:
+    """Raises unless ``constraint`` caps an operator at least as large as ``layer``'s.
+
+    A :class:`ConvOperatorNorm` measures the convolution its own arguments describe; it cannot
+    see the layer. It caps the layer's operator when its settings are the layer's, or when it
+    uses ``strides=1`` and ``padding="same"`` with the layer's dilation and an input at least as
+    large: every output of the layer (strided, "valid" or "same") is then one of its outputs.
+    Anything else can leave the layer above ``max_value`` (``padding="valid"``, the default, on
+    a ``padding="same"`` layer ended 9.6 % above its target in training).
+
+    Args:
+        constraint: The constraint.
+        layer: The convolution layer whose ``attribute`` it constrains.
+        attribute: ``"kernel"``, ``"depthwise_kernel"`` or ``"pointwise_kernel"``.
+
+    Raises:
+        InvalidArgumentError: Naming the layer and the differing settings.
+
+    Example:
+        >>> import keras, tf_lipschitz as tfl
+        >>> from tf_lipschitz.constraints import check_conv_constraint
+        >>> conv = keras.layers.Conv2D(4, 3, padding="same", name="conv")
+        >>> _ = keras.Sequential([keras.Input((8, 8, 2)), conv])
+        >>> check_conv_constraint(tfl.ConvOperatorNorm(1.0, (8, 8, 2), padding="same"), conv)
+        >>> check_conv_constraint(tfl.ConvOperatorNorm(1.0, (8, 8, 2)), conv)
+        Traceback (most recent call last):
+        ...
+        tf_lipschitz.errors.InvalidArgumentError: ConvOperatorNorm on layer 'conv' ... padding='valid' (layer: 'same')....
+    """
+    kind = _expected_kind(layer, attribute)
+    if kind is None:
+        return
+    rank = len(constraint.input_shape) - 1
+    layer_padding = str(layer.padding).lower()
+    mine = {"strides": constraint.strides, "padding": constraint.padding,
+            "dilation_rate": constraint.dilation_rate}
+    theirs = {"strides": tuple(layer.strides), "padding": layer_padding,
+              "dilation_rate": tuple(layer.dilation_rate)}
+    problems = []
+    if constraint.kind != kind:
+        problems.append(f"kind={constraint.kind!r} (the layer needs kind={kind!r})")
+    if constraint.data_format != layer.data_format:
+        problems.append(f"data_format={constraint.data_format!r} (layer: {layer.data_format!r})")
+    shape = _layer_input_shape(layer)
+    safe = (constraint.padding == "same" and constraint.strides == (1,) * rank
+            and constraint.dilation_rate == theirs["dilation_rate"] and kind != "transposed"
+            and layer_padding in ("same", "valid"))
+    if not safe:
+        problems += [f"{key}={mine[key]!r} (layer: {theirs[key]!r})" for key in mine
+                     if mine[key] != theirs[key]]
+    if kind == "transposed" and constraint.output_padding is not None:
+        output_padding = layer.output_padding
+        if output_padding is None or tuple(output_padding) != constraint.output_padding:
+            problems.append(f"output_padding={constraint.output_padding!r} "
+                            f"(layer: {output_padding!r})")
+    if shape is not None and shape != constraint.input_shape:
+        larger = len(shape) == len(constraint.input_shape) and all(
+            a >= b for a, b in zip(constraint.input_shape, shape))
+        if not (safe and larger):
+            problems.append(f"input_shape={constraint.input_shape!r} (layer: {shape!r})")
+    if problems:
+        advice = ("Pass the layer's own settings" + (
+            ", or strides=1 with padding='same' (its outputs contain the layer's, so the cap "
+            "only gets stricter)" if kind != "transposed" and layer_padding != "causal" else "")
+            + (". A causal convolution has no ConvOperatorNorm setting: wrap the layer in "
+               "tfl.LipschitzWrapper instead" if layer_padding == "causal" else ""))
+        raise InvalidArgumentError(
+            f"ConvOperatorNorm on layer '{layer.name}' ({type(layer).__name__}.{attribute}) "
+            f"measures another operator than the layer's: {'; '.join(problems)}. The layer's "
+            f"operator norm can then exceed max_value={constraint.max_value:g}. {advice}.")
 
 
 @keras.saving.register_keras_serializable(package="tf_lipschitz")

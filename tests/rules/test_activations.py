@@ -192,3 +192,46 @@ def test_prelu_uses_its_weights():
     model = keras.Sequential([keras.Input((3,)), layer])
     layer.set_weights([np.array([0.1, -1.5, 0.3], dtype="float32")])
     assert tfl.LipschitzEstimator(model, verbose=0).autolip().upper == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("name, op_class", [
+    ("abs", "Absolute"), ("sin", "Sin"), ("cos", "Cos"), ("arctan", "Arctan"), ("clip", "Clip"),
+])
+def test_elementwise_op_rules_match_the_derivative_on_a_grid(name, op_class):
+    # The op's derivative range on a fine grid lies inside the rule's slope range and reaches
+    # its ends (|x|: -1 and 1; clip: 0 and 1), and the constant is the sup of |σ'|.
+    from keras.src.ops import numpy as knp
+
+    from tf_lipschitz.rules.base import get_rule
+
+    op = getattr(knp, op_class)(-2.0, 3.0) if name == "clip" else getattr(knp, op_class)()
+    bound = get_rule(op)(op, None)
+    lo, hi = bound.activation.slope_range
+    fn = {"clip": lambda x: keras.ops.clip(x, -2.0, 3.0)}.get(name, getattr(keras.ops, name))
+    slopes = _derivative(fn)
+    assert bound.value == pytest.approx(np.abs(slopes).max(), abs=1e-6)
+    assert lo - 1e-9 <= slopes.min() and slopes.max() <= hi + 1e-9
+    assert slopes.min() == pytest.approx(lo, abs=1e-6)
+    assert slopes.max() == pytest.approx(hi, abs=1e-6)
+
+
+def test_abs_op_in_a_functional_model_against_brute_force():
+    # x -> W1 x -> |.| -> W2: a.e. the Jacobian is W2 diag(s) W1 with s in {-1, 1}^4, and with
+    # 5 inputs every sign pattern occurs, so L = max_s ‖W2 diag(s) W1‖ exactly.
+    keras.utils.set_random_seed(3)
+    x = keras.Input((5,))
+    d1, d2 = keras.layers.Dense(4), keras.layers.Dense(3)
+    model = keras.Model(x, d2(keras.ops.abs(d1(x))))
+    w1, w2 = d1.kernel.numpy().T.astype("float64"), d2.kernel.numpy().T.astype("float64")
+    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * 4)).reshape(4, -1).T
+    true = max(np.linalg.norm(w2 @ np.diag(s) @ w1, 2) for s in signs)
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    certified = est.autolip(certified=True)
+    assert certified.certified
+    assert certified.upper >= true * (1 - 1e-7)
+    assert certified.upper == pytest.approx(np.linalg.norm(w1, 2) * np.linalg.norm(w2, 2),
+                                            rel=1e-5)
+    lower = est.lower_bound(n_random=64, steps=5)
+    assert true * (1 - 1e-4) <= lower.value <= true
+    rows = [row for row in certified.layers if row.kind not in ("input", "linear")]
+    assert any("abs" in row.method or "abs" in str(row) for row in rows)

@@ -333,6 +333,22 @@ def _register_ops():
             register_rule(cls, _op_rule(name, params))
     register_rule(knp.Tanh, _op_rule("tanh"))
     register_rule(knp.Exp, _op_rule("exponential"))
+    # Elementwise ops whose derivative lies in [lo, hi] (SeqLip leaves links with negative
+    # slopes to AutoLip): |x| and sin/cos in [-1, 1], clip in {0, 1}, arctan in (0, 1].
+    slopes = {knp.Absolute: ("abs", (-1.0, 1.0)), knp.Abs: ("abs", (-1.0, 1.0)),
+              knp.Sin: ("sin", (-1.0, 1.0)), knp.Cos: ("cos", (-1.0, 1.0)),
+              knp.Clip: ("clip", (0.0, 1.0)), knp.Arctan: ("arctan", (0.0, 1.0))}
+    for cls, (name, (lo, hi)) in slopes.items():
+        register_rule(cls, _elementwise_op(Activation(name, 1.0, (lo, hi))))
+
+
+def _elementwise_op(info: Activation):
+    """Rule for an elementwise op of constant ``info.lipschitz`` (``keras.ops.abs(x)``)."""
+
+    def rule(op, ctx: NodeContext) -> Constant:
+        return Constant(info.lipschitz, note=f"{info.name} (op)", activation=info)
+
+    return rule
 
 
 _register_ops()
