@@ -1,8 +1,11 @@
 """The graph walk: Sequential, Functional, nested, shared layers, several inputs/outputs, errors."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tf_lipschitz as tfl
 from tf_lipschitz.graph import build_graph
@@ -53,6 +56,19 @@ def test_input_shape_override_must_fit():
         build_graph(model, input_shape=(5,))
 
 
+def test_input_errors_name_the_input_layer():
+    # Messages named the input by its KerasTensor ('keras_tensor_3'), reports by its layer.
+    x = keras.Input((None, 3), name="pixels")
+    model = keras.Model(x, L.Dense(2)(x))
+    with pytest.raises(tfl.ModelNotBuiltError, match="Model input 'pixels' has shape"):
+        build_graph(model)
+    with pytest.raises(ValueError, match="does not fit model input 'pixels'"):
+        build_graph(model, input_shape=(4, 2))
+    ids = keras.Input((4,), dtype="int32", name="token_ids")
+    with pytest.raises(tfl.ModelNotBuiltError, match="Model input 'token_ids' has dtype int32"):
+        build_graph(keras.Model(ids, L.Embedding(10, 2)(ids)))
+
+
 def test_unbuilt_sequential_says_so():
     with pytest.raises(tfl.ModelNotBuiltError, match="keras.Input"):
         build_graph(keras.Sequential([L.Dense(2)]))
@@ -69,8 +85,13 @@ def test_subclassed_model_is_refused_with_a_way_out():
 
     net = Net()
     net(np.zeros((1, 3), "float32"))
-    with pytest.raises(tfl.ModelNotBuiltError, match="subclassed"):
+    with pytest.raises(tfl.ModelNotBuiltError, match="subclassed") as info:
         build_graph(net)
+    # the way out the message gives runs as written, and bounds the model
+    recipe = re.search(r"`est = (tfl\.GraphEstimator\(.*?\))`", str(info.value)).group(1)
+    est = eval(recipe, {"tfl": tfl, "tf": tf, "model": net, "input_shape": (3,)})
+    assert est.autolip().upper == pytest.approx(np.linalg.norm(net.d.kernel.numpy(), 2),
+                                                rel=1e-4)
 
 
 def test_integer_inputs_point_to_the_embedding_output():

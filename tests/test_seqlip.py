@@ -584,3 +584,27 @@ def test_warns_when_the_truncation_remainder_leaves_seqlip_at_autolip():
         full = est.seqlip(mode="greedy", top_k=40)
     assert full.upper < short.upper
     assert not any(p["capped_by_remainder"] for p in full.settings["pairs"])
+
+
+def test_table_says_when_a_pair_gained_nothing_over_autolip():
+    # A user trial read "certified seqlip-greedy" on a pair whose value was AutoLip's factor
+    # (the truncation's remainder, added back, lifted it there), and "certified" on a chain
+    # start with no certificate shown.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12, 12, 1)),
+                              L.Conv2D(4, 3, strides=2, activation="relu", padding="same"),
+                              L.Conv2D(6, 3, strides=2, activation="relu")])
+    norms = [np.linalg.norm(affine_map(model.layers[0], (12, 12, 1)), 2),
+             np.linalg.norm(affine_map(model.layers[1], (6, 6, 4)), 2)]
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    with pytest.warns(UserWarning, match="gained nothing over AutoLip"):
+        capped = est.seqlip(top_k=2)
+    start, pair = [r for r in capped.layers if r.kind == "linear"]
+    assert start.method == "seqlip-start (svd)"
+    assert start.certificate == pytest.approx(norms[0], rel=1e-9)
+    assert pair.method == "seqlip-greedy (= AutoLip factor)"
+    assert capped.upper == pytest.approx(norms[0] * norms[1], rel=1e-6)
+    # with the whole spectrum the greedy search gains, and keeps the plain label
+    full = est.seqlip(top_k=200)
+    assert [r.method for r in full.layers if r.kind == "linear"][1] == "seqlip-greedy"
+    assert full.upper < capped.upper * (1 - 1e-2)

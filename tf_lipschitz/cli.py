@@ -690,7 +690,8 @@ def _quiet_tensorflow(debug: bool):
     The Python loggers of TensorFlow and absl print errors only, and get their levels back on
     exit (``main()`` may run inside a process that goes on: a notebook, the tests). TensorFlow's
     C++ log is read from ``TF_CPP_MIN_LOG_LEVEL`` when the package imports TensorFlow, before
-    the command runs: set it to 3 in the environment to hide those lines too.
+    the command runs: set it to 3 in the environment to hide most of those lines too (TF 2.21
+    prints a few at import whatever the setting; docs/cli.md).
     """
     if debug:
         yield

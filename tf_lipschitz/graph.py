@@ -17,7 +17,7 @@ from keras.src import tree
 
 from tf_lipschitz.errors import InvalidArgumentError, LipschitzError, ModelNotBuiltError
 
-__all__ = ["GraphNode", "ModelGraph", "build_graph"]
+__all__ = ["GraphNode", "ModelGraph", "build_graph", "input_name"]
 
 
 @dataclasses.dataclass
@@ -95,8 +95,11 @@ def _functional_of(model, where: str):
         return model
     raise ModelNotBuiltError(
         f"Model '{getattr(model, 'name', model)}'{where} is a subclassed model, which has no "
-        "inspectable layer graph. Rebuild it as a Functional or Sequential model, or analyse its "
-        "TensorFlow graph with `tfl.autolip_function(fn, input_signature)`."
+        "inspectable layer graph. Rebuild it as a Functional or Sequential model, or analyse "
+        "the TensorFlow graph of its call (AutoLip, certified AutoLip and a lower bound, as "
+        "the tf-lipschitz command does for a subclassed .keras file): `est = tfl.GraphEstimator("
+        "lambda x: model(x, training=False), tf.TensorSpec((None, *input_shape)))`, then "
+        "`est.autolip()` or `est.lower_bound()`."
     )
 
 
@@ -217,6 +220,12 @@ class _Builder:
         return [(o, graph_node.index) for o in flat_out]
 
 
+def input_name(tensor) -> str:
+    """The name of a model input as reports show it: its InputLayer's (``input_layer_1``)."""
+    history = getattr(tensor, "_keras_history", None)
+    return history.operation.name if history is not None else tensor.name
+
+
 def _concrete_shape(tensor, override, index: int, n_inputs: int) -> tuple[int, ...]:
     shape = tuple(tensor.shape[1:])
     if override is not None:
@@ -230,13 +239,13 @@ def _concrete_shape(tensor, override, index: int, n_inputs: int) -> tuple[int, .
             expected = ("a list of shapes, one per model input" if n_inputs > 1
                         else "the shape of one example")
             raise InvalidArgumentError(
-                f"input_shape={override!r} does not fit model input '{tensor.name}' of shape "
-                f"{shape} (batch axis excluded); pass {expected}, without the batch axis."
+                f"input_shape={override!r} does not fit model input '{input_name(tensor)}' of "
+                f"shape {shape} (batch axis excluded); pass {expected}, without the batch axis."
             )
         return given
     if any(d is None for d in shape):
         raise ModelNotBuiltError(
-            f"Model input '{tensor.name}' has shape {shape} with unknown dimensions. The "
+            f"Model input '{input_name(tensor)}' has shape {shape} with unknown dimensions. The "
             "operator norm of a convolution depends on the input size: pass "
             "`input_shape=(...)` (without the batch axis) to LipschitzEstimator."
         )
@@ -274,15 +283,14 @@ def build_graph(model: keras.Model, input_shape: Sequence[int] | Sequence[Sequen
         dtype = keras.backend.standardize_dtype(tensor.dtype)
         if not dtype.startswith(("float", "bfloat")):
             raise ModelNotBuiltError(
-                f"Model input '{tensor.name}' has dtype {dtype}: integer inputs (token ids for an "
-                "Embedding) have no continuous perturbation. Analyse the model from the first "
+                f"Model input '{input_name(tensor)}' has dtype {dtype}: integer inputs (token ids "
+                "for an Embedding) have no continuous perturbation. Analyse the model from the first "
                 "floating-point tensor instead, e.g. `keras.Model(model.get_layer('embedding')"
                 ".output, model.output)`."
             )
         shape = _concrete_shape(tensor, input_shape, i, len(inputs))
         value = keras.ops.convert_to_tensor(rng.standard_normal((1, *shape)).astype(dtype))
-        history = getattr(tensor, "_keras_history", None)
-        name = history.operation.name if history is not None else tensor.name
+        name = input_name(tensor)
         node = builder.add(
             operation=None, name=name, parents=(), input_shapes=(shape,),
             output_shapes=(shape,), dependent=True, dtype=dtype,

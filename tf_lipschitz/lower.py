@@ -53,6 +53,7 @@ except ImportError:  # pragma: no cover - another TensorFlow layout
     _JVP_HOOK_AVAILABLE = False
 
 from tf_lipschitz.errors import LowerBoundError, NonFiniteLowerBoundError
+from tf_lipschitz.graph import input_name
 from tf_lipschitz.power import compiled, dtype_eps
 from tf_lipschitz.progress import progress_bar
 from tf_lipschitz.report import ExtremeValueEstimate, LowerBound
@@ -615,8 +616,8 @@ def _input_structure(model):
 def input_names(model) -> tuple[str, ...]:
     """Names of the inputs of ``model``, in the order of ``model.inputs``: the keys of a model
     built on a dict of inputs (``keras.Model({"a": a, "b": b}, ...)``, called with such dicts),
-    otherwise the names of the input tensors."""
-    names = {id(t): t.name for t in model.inputs}
+    otherwise the names of their InputLayers (``input_layer_1``, as in reports)."""
+    names = {id(t): input_name(t) for t in model.inputs}
     structure = _input_structure(model)
     if isinstance(structure, dict):
         names.update({id(t): str(k) for k, t in structure.items()})

@@ -812,6 +812,7 @@ class _Pair:
     dropped: float  # largest σ_{E+1} / σ_1 left out of the two decompositions
     note: str
     capped: bool = False  # the remainder of the truncation lifted the factor to AutoLip's
+    outcome: str = ""  # shown after the mode: "= AutoLip factor", "reaches its certificate"
 
 
 def _diagonal_pair(left: Spectrum, right: Spectrum, slopes: tuple[float, float], t_left,
@@ -952,11 +953,15 @@ class SeqLip:
             certificate = min(_block_norm(cert, *tails) if truncated else cert, autolip_factor)
         certified = (inner.certified and exact_svd and link.certified
                      and (remainder or not truncated))
+        outcome = ""
         if not certified and certificate is not None and value >= certificate:
             # A greedy (or truncated) value that reaches its certificate is proven: the
             # certificate is an upper bound, and the value is at least that (both are often
             # AutoLip's factor, which caps them).
             value, certified = certificate, True
+            outcome = "reaches its certificate"
+        if value >= autolip_factor * (1 - 1e-12):
+            outcome = "= AutoLip factor"  # the search gained nothing: say so in the table
         parts = [f"{'+'.join(a.name for a in link.activations) or 'identity'} slopes "
                  f"[{lo:.4g}, {hi:.4g}], {n} activations"]
         if inner.mode == "exact":
@@ -975,7 +980,7 @@ class SeqLip:
         if capped:
             parts.append("the remainder lifts it to the AutoLip factor: raise top_k")
         return _Pair(value, certified, certificate, inner.mode, n, inner.evaluated, truncated,
-                     dropped, "; ".join(parts), capped)
+                     dropped, "; ".join(parts), capped, outcome)
 
     def _chain_pairs(self, chain: Chain, spectra: list[Spectrum], split: str, verbose: int,
                      **options) -> tuple[list[_Pair], list[float]]:
@@ -1050,7 +1055,7 @@ class SeqLip:
             if k == 0:
                 cumulative = s1 * act_lip
                 rows[group.nodes[-1]] = LayerRow(
-                    **common, lipschitz=None, norm=s1,
+                    **common, lipschitz=None, norm=s1, certificate=s1 if spec.exact else None,
                     bound_kind=CERTIFIED if spec.exact else ESTIMATE,
                     method=f"seqlip-start ({spec.method})", cumulative=cumulative,
                     note=f"SeqLip chain start: ‖M‖ = {s1:.4g} enters the next pair's factor",
@@ -1065,7 +1070,8 @@ class SeqLip:
                     **common, lipschitz=pair.value * post, norm=pair.value,
                     certificate=pair.certificate,
                     bound_kind=CERTIFIED if pair.certified else ESTIMATE,
-                    method=f"seqlip-{pair.mode}", cumulative=cumulative,
+                    method=f"seqlip-{pair.mode}" + (f" ({pair.outcome})" if pair.outcome
+                                                     else ""), cumulative=cumulative,
                     note=f"pair factor; {pair.note}; ‖M‖ = {s1:.4g} ({spec.method})",
                 )
             if k < len(chain.links) and chain.links[k].nodes:
