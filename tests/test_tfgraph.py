@@ -1052,3 +1052,15 @@ def test_fused_batch_norm_bound_covers_the_float32_scale_the_op_multiplies_by():
         tf.function(f, input_signature=[tf.TensorSpec([None, 1, 1, 1], tf.float32)]),
         certified=True)
     assert report.certified and report.upper >= slope
+
+
+def test_graph_average_pooling_over_channels_is_refused_by_name():
+    # TensorFlow's CPU kernel returns an empty tensor for a channel window; the reader failed
+    # with a raw graph-execution error while checking its examples.
+    @tf.function
+    def pool(x):
+        return tf.nn.avg_pool(x, ksize=[1, 1, 1, 2], strides=[1, 1, 1, 2], padding="VALID")
+
+    with pytest.raises(UnsupportedOpError, match=r"'AvgPool'.*batch or channel axis "
+                                                  r"\(ksize=\[1, 1, 1, 2\]"):
+        tfl.autolip_function(pool, tf.TensorSpec((None, 4, 4, 4)))

@@ -1030,8 +1030,9 @@ def _average_pool(ctx: OpContext) -> Linear:
     """``AvgPool``, ``AvgPool3D``: ``I ⊗ A_1 ⊗ … ⊗ A_D`` with 1-D averaging matrices, exact
     norm ``Π_d ‖A_d‖₂`` as for the Keras layers (:func:`tf_lipschitz.certify.box_average_norm`;
     the op divides by the number of entries inside the input, which factors over the axes).
-    A window or stride along the batch or channel axis (no CPU kernel has one) leaves the op
-    an estimate."""
+    A window or stride along the batch or channel axis is refused: TensorFlow's CPU kernel
+    does not implement it (on a ``(1, 4, 4, 4)`` input with ``ksize=[1, 1, 1, 2]`` it returns
+    an empty ``(1, 0, 0, 2)`` tensor)."""
     ctx.single_dependent()
     full = ctx.input_shapes[0]
     rank = len(full) - 2
@@ -1042,7 +1043,11 @@ def _average_pool(ctx: OpContext) -> Linear:
     others = [i for i in range(rank + 2) if i not in spatial]
     if len(ksize) != rank + 2 or len(strides) != rank + 2 or any(
             ksize[i] != 1 or strides[i] != 1 for i in others):
-        return ctx.linear(note=f"{ctx.op_type} (linear)")
+        raise UnsupportedOpError(
+            ctx.op_type, ctx.name,
+            f"It averages along the batch or channel axis (ksize={ksize}, strides={strides}), "
+            "which TensorFlow's CPU kernel does not implement (it returns an empty tensor). "
+            "Average over channels with a reshape and tf.reduce_mean, or a 1×1 convolution.")
     matrices = certify.box_average_matrices([full[i] for i in spatial],
                                             [ksize[i] for i in spatial],
                                             [strides[i] for i in spatial],
