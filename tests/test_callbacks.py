@@ -344,17 +344,27 @@ def test_bad_arguments(kwargs, match):
         LipCallback(**kwargs)
 
 
-def test_seqlip_method(data):
+def test_seqlip_method(data, tmp_path):
     if not hasattr(LipschitzEstimator, "seqlip"):
         with pytest.raises(ValueError, match="seqlip"):
             LipCallback(methods=("autolip", "seqlip"))
         return
     x, y = data
     model = _model()
-    cb = LipCallback(methods=("autolip", "seqlip"), seqlip_kwargs={"mode": "greedy"})
+    log_dir = str(tmp_path / "logs")
+    cb = LipCallback(methods=("autolip", "seqlip"), seqlip_kwargs={"mode": "greedy"},
+                     log_dir=log_dir)
     history = _fit(model, x, y, [cb], epochs=1)
     seqlip = history.history["lipschitz_seqlip"][0]
     assert seqlip <= history.history["lipschitz_autolip"][0] * (1 + 1e-6)
+    # per-layer SeqLip values are pair factors, and their TensorBoard descriptions say so
+    # (a user trial read "the layer's own Lipschitz constant" on them)
+    events = _events(os.path.join(log_dir, "lipschitz"))
+    seqlip_tags = [t for t in events if t.startswith("epoch_lipschitz_seqlip/")]
+    autolip_tags = [t for t in events if t.startswith("epoch_lipschitz_autolip/")]
+    assert seqlip_tags and autolip_tags
+    assert all("factor of the pair" in events[t][0][2] for t in seqlip_tags)
+    assert all("own Lipschitz constant" in events[t][0][2] for t in autolip_tags)
     fresh = LipschitzEstimator(model, verbose=0).seqlip("greedy")
     assert seqlip == pytest.approx(fresh.upper, rel=1e-4)
     assert cb.records[-1].kinds["lipschitz_seqlip"] == fresh.kind

@@ -481,3 +481,29 @@ def test_apply_constraints_checks_depthwise_transposed_and_causal_kernels(rng):
     with pytest.raises(InvalidArgumentError, match=r"layer 'sep' \(SeparableConv2D.depthwise_"
                                                    r"kernel\).*padding='valid' \(layer: 'same'\)"):
         tfl.apply_constraints(separable)
+
+
+def test_apply_constraints_checks_every_call_of_a_shared_layer(rng):
+    # A review: a layer shared between a 4×4 and a 16×16 input was capped on 4×4 only (its
+    # 16×16 operator measured 1.23 against max_value 1) while apply_constraints reported 1.
+    conv = keras.layers.Conv2D(2, 3, padding="same", name="conv", kernel_constraint=(
+        ConvOperatorNorm(1.0, (4, 4, 2), padding="same")))
+    small, large = keras.Input((4, 4, 2)), keras.Input((16, 16, 2))
+    model = keras.Model([small, large], [conv(small), conv(large)])
+    with pytest.raises(InvalidArgumentError, match=r"layer 'conv'.*\(layer: \(16, 16, 2\)\)"):
+        tfl.apply_constraints(model)
+    # capped on the larger grid, the cap covers both calls ("same", stride 1)
+    conv.kernel_constraint = conv.kernel.constraint = ConvOperatorNorm(
+        1.0, (16, 16, 2), padding="same")
+    _blown_up(conv, rng)
+    tfl.apply_constraints(model)
+    assert exact_norm(conv, (16, 16, 2)) <= 1.0 + 1e-5
+    assert exact_norm(conv, (4, 4, 2)) <= 1.0 + 1e-5
+
+
+def test_apply_constraints_warns_on_inputs_of_unknown_size():
+    conv = keras.layers.Conv2D(2, 3, padding="same", name="conv", kernel_constraint=(
+        ConvOperatorNorm(1.0, (8, 8, 2), padding="same")))
+    keras.Sequential([keras.Input((None, None, 2)), conv])
+    with pytest.warns(UserWarning, match=r"layer 'conv'.*unknown size \(None, None, 2\)"):
+        tfl.apply_constraints(conv)

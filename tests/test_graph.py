@@ -158,3 +158,11 @@ def test_constant_with_a_unit_batch_axis_is_a_per_example_scaling():
     report = tfl.LipschitzEstimator(model, verbose=0).autolip()
     # Input entry j goes to two outputs scaled by c[0, j] and c[1, j]: norm max_j ‖c[:, j]‖₂.
     np.testing.assert_allclose(report.upper, np.sqrt(1.0**2 + 2.0**2), rtol=1e-6)
+
+
+def test_adaptive_max_pooling_of_output_size_one_is_refused_before_it_runs():
+    # Called eagerly, Keras 3.15's layer kills the process (SIGFPE in TensorFlow's max pool):
+    # it must be refused before the graph walk calls any layer.
+    model = keras.Sequential([keras.Input((5, 2)), L.Dense(3), L.AdaptiveMaxPooling1D(1)])
+    with pytest.raises(tfl.UnsupportedLayerError, match=r"output_size=\(1,\).*GlobalMaxPooling"):
+        build_graph(model)

@@ -1064,3 +1064,18 @@ def test_graph_average_pooling_over_channels_is_refused_by_name():
     with pytest.raises(UnsupportedOpError, match=r"'AvgPool'.*batch or channel axis "
                                                   r"\(ksize=\[1, 1, 1, 2\]"):
         tfl.autolip_function(pool, tf.TensorSpec((None, 4, 4, 4)))
+
+
+def test_graph_errors_from_a_user_trial_say_what_to_do():
+    spec = tf.TensorSpec((None, 4))
+    # a lowered tf.cond: control flow, not an op to register a rule for
+    with pytest.raises(UnsupportedOpError, match=r"'Switch'.*control flow"):
+        tfl.autolip_function(
+            lambda x: tf.cond(tf.constant(True), lambda: 2.0 * x, lambda: x), spec)
+    # a reshape that merges the examples of a batch fails at batch 1: named, not a raw error
+    with pytest.raises(tfl.LipschitzError, match=r"fails on a batch of one example.*"
+                                                 r"divisible by 8"):
+        tfl.autolip_function(lambda x: tf.reshape(x, [-1, 8]), spec)
+    # a cast to complex is exact, but complex values are not analysed
+    with pytest.raises(UnsupportedOpError, match=r"'Cast'.*complex64.*real-valued"):
+        tfl.autolip_function(lambda x: tf.math.real(tf.cast(x, tf.complex64)), spec)

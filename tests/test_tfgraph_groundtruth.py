@@ -143,3 +143,59 @@ def test_linear_op_without_gradient_is_an_unsupported_op():
     fn = tf.function(lambda x: tf.image.resize(x, (3, 2), method="area"))
     with pytest.raises(UnsupportedOpError, match="ResizeArea"):
         autolip_function(fn, tf.TensorSpec([None, 7, 5, 1], tf.float32))
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_dilated_convolution_with_explicit_padding_against_dense(depthwise):
+    # The CPU has no gradient for a dilated Conv2D with explicit paddings: the solver failed
+    # with a raw "do not yet support dilation rates larger than 1" error (a user trial).
+    pads = [[0, 0], [2, 1], [0, 3], [0, 0]]
+    if depthwise:
+        kernel = _const(3, 3, 2, 2)
+
+        def fn(x):
+            return tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], pads, dilations=[2, 1])
+    else:
+        kernel = _const(3, 3, 2, 3)
+
+        def fn(x):
+            return tf.nn.conv2d(x, kernel, 1, pads, dilations=[1, 2, 1, 1])
+
+    exact = _dense_norm(fn, (6, 7, 2))
+    spec = tf.TensorSpec((None, 6, 7, 2))
+    assert autolip_function(fn, spec, tol=1e-7).upper == pytest.approx(exact, rel=1e-5)
+    certified = autolip_function(fn, spec, certified=True)
+    assert certified.certified and exact * (1 - 1e-6) <= certified.upper <= exact * 1.01
+
+
+@pytest.mark.parametrize("case", ["one branch", "both branches", "broadcast", "none kept"])
+def test_where_with_a_constant_condition_against_dense(case):
+    mask = tf.constant(_RNG.random((3, 4)) < 0.5)
+    w, v = _const(4, 12), _const(4, 12)
+    fns = {
+        "one branch": lambda x: tf.where(mask, tf.reshape(x, (-1, 3, 4)), 0.0),
+        "both branches": lambda x: tf.where(mask, tf.reshape(x @ w, (-1, 3, 4)),
+                                            tf.reshape(x @ v, (-1, 3, 4)) * 2.0),
+        "broadcast": lambda x: tf.where(mask, tf.reshape(x @ w[:, :4], (-1, 1, 4)), 1.0),
+        "none kept": lambda x: tf.where(tf.zeros((3, 4), bool), tf.reshape(x, (-1, 3, 4)), 0.),
+    }
+    fn = fns[case]
+    shape = (12,) if case in ("one branch", "none kept") else (4,)
+    fn_flat = (lambda x: fn(tf.reshape(x, (-1, 4)))) if shape == (4,) else fn
+    exact = _dense_norm(fn_flat, shape)
+    spec = tf.TensorSpec((None, *shape))
+    certified = autolip_function(fn_flat, spec, certified=True)
+    assert certified.upper >= exact * (1 - 1e-6)
+    if case == "both branches":  # √(‖W‖² + ‖2V‖²) bounds the selection of their entries
+        bound = np.hypot(np.linalg.norm(w, 2), 2 * np.linalg.norm(v, 2))
+        assert certified.upper == pytest.approx(bound, rel=1e-5)
+    else:
+        assert autolip_function(fn_flat, spec, tol=1e-7).upper == pytest.approx(exact, abs=1e-6,
+                                                                              rel=1e-5)
+
+
+def test_where_with_an_input_dependent_condition_is_refused():
+    # the comparison that makes the condition is refused first, with the reason
+    with pytest.raises(UnsupportedOpError, match=r"'Greater'.*compares.*tf.nn.relu"):
+        autolip_function(lambda x: tf.where(x > 0, x, 2.0 * x), tf.TensorSpec((None, 4)))
+

@@ -42,6 +42,15 @@ from tf_lipschitz.report import json_ready
 
 __all__ = ["LipCallback", "LipschitzRecord"]
 
+# TensorBoard descriptions of the per-layer scalars. A SeqLip row carries the factor of the
+# pair that ends at it (its activation pattern maximised jointly with the previous layer), not
+# the layer's own constant; a chain's first layer has no factor of its own and no scalar.
+_LAYER_DESCRIPTIONS = {
+    "autolip": "the layer's own Lipschitz constant (AutoLip)",
+    "seqlip": "the SeqLip factor of the pair of linear layers ending at this layer (not the "
+              "layer's own constant; their product is the SeqLip bound)",
+}
+
 METHODS = ("autolip", "seqlip", "lower")
 LOWER_KIND = "lower bound"
 
@@ -57,7 +66,9 @@ class LipschitzRecord:
         step: Optimizer iterations done when the estimate was made.
         values: ``{"lipschitz_autolip": ..., ...}`` (NaN when an estimate failed).
         kinds: For each value, ``"certified upper bound"``, ``"estimate"`` or ``"lower bound"``.
-        layers: ``{method: {layer name: the layer's own constant}}`` when ``per_layer``.
+        layers: ``{method: {layer name: value}}`` when ``per_layer``: the layer's own
+            constant for AutoLip; for SeqLip the factor of the pair of linear layers that ends
+            at the layer (a chain's first layer has none).
         elapsed: Seconds spent computing this record.
     """
 
@@ -187,7 +198,8 @@ class LipCallback(keras.callbacks.Callback):
             batch callbacks every k steps only, so estimates come every ``k·⌈n/k⌉`` steps.
         log_dir: Directory for TensorBoard scalars (written to ``log_dir/lipschitz``); use the
             same directory as ``keras.callbacks.TensorBoard``.
-        per_layer: Also record and write each layer's own constant.
+        per_layer: Also record and write each layer's own constant (for SeqLip, the factor of
+            the pair ending at the layer; the TensorBoard descriptions say which).
         x: A small batch of inputs, shape ``(n, *input_shape)`` (e.g. 64 examples; an array,
             or a ``tf.data.Dataset`` whose first batch is used) to start the lower-bound search
             from; every example is a starting point. For a model with several inputs, a list of
@@ -513,9 +525,10 @@ class LipCallback(keras.callbacks.Callback):
                 tf.summary.scalar(f"{prefix}{key}", value,
                                   description=f"{key}: {record.kinds[key]}")
             for method, rows in record.layers.items():
+                what = _LAYER_DESCRIPTIONS.get(method, "the layer's own Lipschitz constant")
                 for name, value in rows.items():
                     tf.summary.scalar(f"{prefix}lipschitz_{method}/{name}", value,
-                                      description="the layer's own Lipschitz constant")
+                                      description=what)
         self._writer.flush()
 
     # ------------------------------------------------------------------ results

@@ -41,6 +41,7 @@ the convolution itself on its real input shape, strides and padding.
 from __future__ import annotations
 
 import numbers
+import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -385,12 +386,15 @@ def _expected_kind(layer, attribute: str) -> str | None:
     return None
 
 
-def _layer_input_shape(layer) -> tuple[int, ...] | None:
-    try:
-        shape = tuple(layer.input.shape[1:])
-    except (AttributeError, ValueError, RuntimeError):  # shared or never called on a tensor
-        return None
-    return shape if all(isinstance(d, int) for d in shape) else None
+def _layer_input_shapes(layer) -> list[tuple]:
+    """The per-example input shape of every call of ``layer`` in a Functional graph (a shared
+    layer has several; ``layer.input`` gives only the first), ``None`` for unknown sizes."""
+    shapes = []
+    for node in getattr(layer, "_inbound_nodes", None) or []:
+        tensors = getattr(node, "input_tensors", None) or []
+        if tensors:
+            shapes.append(tuple(tensors[0].shape[1:]))
+    return shapes
 
 
 def check_conv_constraint(constraint: "ConvOperatorNorm", layer: Any,
@@ -402,7 +406,9 @@ def check_conv_constraint(constraint: "ConvOperatorNorm", layer: Any,
     uses ``strides=1`` and ``padding="same"`` with the layer's dilation and an input at least as
     large: every output of the layer (strided, "valid" or "same") is then one of its outputs.
     Anything else can leave the layer above ``max_value`` (``padding="valid"``, the default, on
-    a ``padding="same"`` layer ended 9.6 % above its target in training).
+    a ``padding="same"`` layer ended 9.6 % above its target in training). Every call of a
+    shared layer is checked; a call on inputs of unknown size (``None`` dimensions) gives a
+    warning, since larger inputs can have a larger norm.
 
     Args:
         constraint: The constraint.
@@ -437,7 +443,7 @@ def check_conv_constraint(constraint: "ConvOperatorNorm", layer: Any,
         problems.append(f"kind={constraint.kind!r} (the layer needs kind={kind!r})")
     if constraint.data_format != layer.data_format:
         problems.append(f"data_format={constraint.data_format!r} (layer: {layer.data_format!r})")
-    shape = _layer_input_shape(layer)
+    shapes = _layer_input_shapes(layer)
     safe = (constraint.padding == "same" and constraint.strides == (1,) * rank
             and constraint.dilation_rate == theirs["dilation_rate"] and kind != "transposed"
             and layer_padding in ("same", "valid"))
@@ -449,11 +455,22 @@ def check_conv_constraint(constraint: "ConvOperatorNorm", layer: Any,
         if output_padding is None or tuple(output_padding) != constraint.output_padding:
             problems.append(f"output_padding={constraint.output_padding!r} "
                             f"(layer: {output_padding!r})")
-    if shape is not None and shape != constraint.input_shape:
+    for shape in dict.fromkeys(shapes):  # each distinct call once
+        if shape == constraint.input_shape or any(d is None for d in shape):
+            continue
         larger = len(shape) == len(constraint.input_shape) and all(
             a >= b for a, b in zip(constraint.input_shape, shape))
         if not (safe and larger):
             problems.append(f"input_shape={constraint.input_shape!r} (layer: {shape!r})")
+    unknown = [shape for shape in shapes if any(d is None for d in shape)]
+    if unknown and not problems:
+        warnings.warn(
+            f"ConvOperatorNorm on layer '{layer.name}' caps the operator on "
+            f"input_shape={constraint.input_shape!r}, but the layer is called on inputs of "
+            f"unknown size {unknown[0]!r}: on larger inputs its operator norm can exceed "
+            f"max_value={constraint.max_value:g} (a 'same' 3×3 convolution capped at 1 on 4×4 "
+            "measured 1.23 on 16×16). Give the constraint the largest input size it will see.",
+            stacklevel=3)
     if problems:
         advice = ("Pass the layer's own settings" + (
             ", or strides=1 with padding='same' (its outputs contain the layer's, so the cap "

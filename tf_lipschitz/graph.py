@@ -15,7 +15,8 @@ import keras
 import numpy as np
 from keras.src import tree
 
-from tf_lipschitz.errors import InvalidArgumentError, LipschitzError, ModelNotBuiltError
+from tf_lipschitz.errors import (InvalidArgumentError, LipschitzError, ModelNotBuiltError,
+                                 UnsupportedLayerError)
 
 __all__ = ["GraphNode", "ModelGraph", "build_graph", "input_name"]
 
@@ -252,6 +253,24 @@ def _concrete_shape(tensor, override, index: int, n_inputs: int) -> tuple[int, .
     return tuple(int(d) for d in shape)
 
 
+def _refuse_known_crashes(model: keras.Model) -> None:
+    """Refuses, before any layer runs, layers that kill the process when called eagerly.
+
+    Keras 3.15's AdaptiveMaxPooling with an output size of 1 on some axis pools with a window
+    larger than the axis, and TensorFlow's eager max pool then divides by zero (SIGFPE: the
+    Python process dies; ``model.predict`` raises a ``ValueError`` instead).
+    """
+    adaptive_max = tuple(getattr(keras.layers, f"AdaptiveMaxPooling{d}D", None) for d in (1, 2, 3))
+    adaptive_max = tuple(cls for cls in adaptive_max if cls is not None)
+    for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001
+        if adaptive_max and isinstance(layer, adaptive_max) and 1 in tuple(layer.output_size):
+            raise UnsupportedLayerError(
+                layer, f"Its output_size={tuple(layer.output_size)} has a size of 1: Keras "
+                "3.15 then pools with a window larger than the axis, which crashes TensorFlow's "
+                "eager max pool (the process dies) and makes model.predict fail. Use "
+                "GlobalMaxPooling, or a larger output size.", suggest_rule=False)
+
+
 def build_graph(model: keras.Model, input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
                 *, seed: int = 0) -> ModelGraph:
     """Flattens a built Sequential or Functional model (nested models expanded).
@@ -275,6 +294,7 @@ def build_graph(model: keras.Model, input_shape: Sequence[int] | Sequence[Sequen
             "Load a .keras file with keras.saving.load_model first; for a TensorFlow function "
             "or SavedModel use tfl.autolip_function or tfl.autolip_saved_model.")
     functional = _functional_of(model, "")
+    _refuse_known_crashes(functional)
     inputs = tree.flatten(functional.inputs)
     rng = np.random.default_rng(seed)
     builder = _Builder()

@@ -202,10 +202,43 @@ def _max_pool_jvp(op_name, attr_tuple, inputs, outputs, tangents):
     return [tf.reshape(tf.gather(tf.reshape(tangent, [-1]), index), tf.shape(y))]
 
 
+# Image resampling ops, linear in their image (input 0), and the attributes they take. Their
+# JVP is the op applied to the tangent. TensorFlow's own differentiates their gradient, which
+# has no gradient of its own (ResizeNearestNeighborGrad, ResizeBicubicGrad,
+# ScaleAndTranslateGrad: a raw LookupError from lower_bound on a Resizing layer), or comes out
+# None and was read as zero (ResizeBilinear: a lower bound of 0 through a bilinear Resizing).
+_RESAMPLING_ATTRS = {
+    "ResizeBilinear": ("align_corners", "half_pixel_centers"),
+    "ResizeNearestNeighbor": ("align_corners", "half_pixel_centers"),
+    "ResizeBicubic": ("align_corners", "half_pixel_centers"),
+    "ResizeArea": ("align_corners",),
+    "ScaleAndTranslate": ("kernel_type", "antialias"),
+}
+
+
+def _resampling_jvp(op_name, attr_tuple, inputs, tangents):
+    """The tangent of an image resampling op (:data:`_RESAMPLING_ATTRS`): the op itself applied
+    to the image's tangent, its other inputs (sizes, scales) unchanged."""
+    if tangents[0] is None:
+        return None
+    attrs = dict(zip(attr_tuple[::2], attr_tuple[1::2]))
+    kwargs = {name: _attr_text(attrs[name]) if name == "kernel_type" else attrs[name]
+              for name in _RESAMPLING_ATTRS[op_name] if name in attrs}
+    op = getattr(tf.raw_ops, op_name)
+    names = ("size", "scale", "translation")[:len(inputs) - 1]
+    out = op(images=tangents[0], **dict(zip(names, inputs[1:])), **kwargs)
+    return [out]
+
+
 def _dispatch_jvp(op_name, attr_tuple, inputs, outputs, tangents, use_batch=False):
-    """TensorFlow's per-op JVP, except :func:`_max_pool_jvp` for max pools that keep shape."""
+    """TensorFlow's per-op JVP, except :func:`_max_pool_jvp` for max pools that keep shape and
+    :func:`_resampling_jvp` for image resampling."""
     if op_name in ("MaxPool", "MaxPoolV2", "MaxPool3D") and not use_batch:
         out = _max_pool_jvp(op_name, attr_tuple, inputs, outputs, tangents)
+        if out is not None:
+            return out
+    if op_name in _RESAMPLING_ATTRS and not use_batch:
+        out = _resampling_jvp(op_name, attr_tuple, inputs, tangents)
         if out is not None:
             return out
     return forwardprop._jvp_dispatch(op_name, attr_tuple, inputs, outputs, tangents, use_batch)
@@ -863,6 +896,39 @@ def lower_bound(
     spread_t = tf.constant(spread, state)
     batch_size = _points_per_call(model, batch_size, state)
 
+    with _autodiff_errors(model):
+        best, keep = _screen_and_search(
+            f, starts, spread, spread_t, eps, in_dtype, state, batch_size, seed, power_iters,
+            population, proposals, steps, learning_rate, noise, verbose)
+    return _finish(model, best, starts, keep, layout, state, power_iters, steps, proposals,
+                   learning_rate)
+
+
+@contextlib.contextmanager
+def _autodiff_errors(model):
+    """Turns TensorFlow's failures to differentiate a model into a :class:`LowerBoundError`.
+
+    The search differentiates the model in reverse mode, forward mode and to second order.
+    TensorFlow lacks some of these: ``ResizeArea`` has no gradient, ``ScaleAndTranslateGrad``
+    rejects float64 images, and a layer may fail when traced inside the search's
+    ``tf.function`` (Keras 3.15's ``Resizing(pad_to_aspect_ratio=True)`` in channels_first).
+    """
+    try:
+        yield
+    except (LookupError, TypeError, AssertionError, NotImplementedError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LowerBoundError(
+            f"lower_bound of '{_model_name(model)}': TensorFlow could not differentiate the "
+            f"model ({type(exc).__name__}: {first}). The search needs its gradients, "
+            "forward-mode products and second derivatives; upper bounds do not. Replace the "
+            "op that has none (a Resizing(interpolation='area') by 'bilinear', for example), "
+            "or bound the model from above only.") from exc
+
+
+def _screen_and_search(f, starts, spread, spread_t, eps, in_dtype, state, batch_size, seed,
+                       power_iters, population, proposals, steps, learning_rate, noise, verbose):
+    """Steps 1-2 of :func:`lower_bound`: ``(best, keep)``, ``best`` the best point's
+    ``(value, x, v, secant)`` and ``keep`` the indices of the screened starts searched from."""
     # 1. screening
     scores, directions = [], []
     for c, part in enumerate(_chunks(len(starts), batch_size)):
@@ -895,6 +961,12 @@ def lower_bound(
             best = (float(ss[k]), xs.numpy()[k], vs.numpy()[k], float(secants.numpy()[k]))
         if bar is not None:
             bar.update(c + 1, values=[("lower", best[0] * rounded_down)])
+    return best, keep
+
+
+def _finish(model, best, starts, keep, layout, state, power_iters, steps, proposals,
+            learning_rate) -> LowerBound:
+    """Step 3 of :func:`lower_bound`: the best point's value, rounded down, as a result."""
     value, x_best, v_best, secant = best
     if value < 0:
         raise NonFiniteLowerBoundError(
@@ -904,7 +976,8 @@ def lower_bound(
             "from the data (half precision overflows at 65504), pass data points `x` and a "
             "smaller `noise`, or `n_random=0` to search near the data only."
         )
-    value *= rounded_down
+    value *= 1.0 - _ROUNDING_ULPS * dtype_eps(state)
+    per_point = proposals + (len(_GRADIENT_STEPS) if learning_rate > 0 else 0)
     gradient = 2 if learning_rate > 0 else 0
     evaluations = (len(starts) * (2 * power_iters + 1)
                    + len(keep) * (2 * power_iters + 1 + 8 * power_iters + 1

@@ -353,6 +353,33 @@ def _attr_value(value) -> Any:
     return getattr(value, kind) if kind else None
 
 
+def _dilated_explicit(node_def) -> bool:
+    """A ``Conv2D`` or ``DepthwiseConv2dNative`` with explicit paddings and a dilation: the
+    CPU has no gradient kernel for that form ("Current CPU implementations do not yet support
+    dilation rates larger than 1" in ``Conv2DBackpropInput``)."""
+    return (node_def.op in ("Conv2D", "DepthwiseConv2dNative")
+            and node_def.attr["padding"].s == b"EXPLICIT"
+            and any(d > 1 for d in node_def.attr["dilations"].list.i))
+
+
+def _padded_dilated_conv(node_def, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
+    """The op of :func:`_dilated_explicit` as the same padding (``tf.pad``) followed by the
+    ``VALID`` dilated convolution of ``tf.nn``, which has gradients on every device (it
+    moves the dilation into ``SpaceToBatchND`` blocks)."""
+    x, kernel = inputs
+    pairs = np.reshape(list(node_def.attr["explicit_paddings"].list.i), (-1, 2)).tolist()
+    data_format = node_def.attr["data_format"].s.decode() or "NHWC"
+    spatial = slice(1, 3) if data_format == "NHWC" else slice(2, 4)
+    strides = list(node_def.attr["strides"].list.i)
+    dilations = list(node_def.attr["dilations"].list.i)[spatial]
+    x = tf.pad(x, pairs)
+    if node_def.op == "DepthwiseConv2dNative":
+        return tf.nn.depthwise_conv2d(x, kernel, strides, "VALID", data_format=data_format,
+                                      dilations=dilations)
+    return tf.nn.convolution(x, kernel, strides[spatial], "VALID", data_format=data_format,
+                             dilations=dilations)
+
+
 def _run_node(node_def, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     """Creates the op of ``node_def`` on ``inputs`` in the current graph; returns its outputs.
 
@@ -364,6 +391,8 @@ def _run_node(node_def, inputs: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     op_type = node_def.op
     if op_type == "Const":
         return [tf.constant(tf.make_ndarray(node_def.attr["value"].tensor))]
+    if _dilated_explicit(node_def):
+        return [_padded_dilated_conv(node_def, inputs)]
     if op_type in _ALIASES:
         return [tf.identity(t) for t in (inputs if op_type == "IdentityN" else inputs[:1])]
     op_def = op_def_registry.get(op_type)
@@ -1014,6 +1043,40 @@ def _max_merge(ctx: OpContext) -> LayerBound:
     return Constant(factor, note=note)
 
 
+def _select(ctx: OpContext) -> LayerBound:
+    """Select, SelectV2 (``tf.where(c, a, b)``) with a constant condition ``c``: every output
+    entry is an entry of ``a`` or of ``b`` (after broadcasting). With both branches depending
+    on the input, ``‖Δy‖² = ‖MΔa‖² + ‖(I − M)Δb‖² ≤ ‖Δa‖² + ‖Δb‖²`` (``M`` the 0/1 diagonal of
+    ``c``): ``√(L_a² + L_b²)``, as for a concatenation. With one, the op is linear in it: its
+    entries masked by ``c``, norm 1 (0 when ``c`` keeps none of them) without broadcasting."""
+    slots = ctx.dependent_slots
+    if 0 in slots:
+        raise UnsupportedOpError(
+            ctx.op_type, ctx.name,
+            "Its condition depends on the input: the output switches between the branches, "
+            "which is continuous only where they agree, and a rule cannot see that. Write "
+            "tf.where(x > 0, x, 0) as tf.nn.relu(x), or use a constant condition.")
+    if len(slots) > 1:
+        return _broadcast_merge(ctx, Merge.l2("√(Σ L²) (entries picked from either branch)"))
+    slot = slots[0]
+    mask = ctx.constants[0]
+    norm = None
+    if mask is not None and _same_shape(ctx, slot):
+        kept = np.broadcast_to(np.asarray(mask, bool), ctx.output_shape)
+        norm = 1.0 if (kept if slot == 1 else ~kept).any() else 0.0
+    return ctx.linear(offsets=(3 - slot,), norm=norm, note="tf.where: masked entries",
+                      diagonal=_same_shape(ctx, slot))
+
+
+def _comparison(ctx: OpContext):
+    raise UnsupportedOpError(
+        ctx.op_type, ctx.name,
+        "It compares values that depend on the input: its boolean output is a step function, "
+        "and what uses it (a tf.where condition, a cast to numbers, a mask) switches or jumps "
+        "where the comparison flips, which a rule cannot bound. Write tf.where(x > 0, x, 0) as "
+        "tf.nn.relu(x) and tf.where(x > a, x, a) as tf.maximum(x, a), or use a constant mask.")
+
+
 def _clip(ctx: OpContext) -> Constant:
     if ctx.single_dependent() != 0:
         raise UnsupportedOpError(ctx.op_type, ctx.name, "Its bounds depend on the input.")
@@ -1112,8 +1175,13 @@ def _cast(ctx: OpContext) -> Linear:
     the consumers of a float16 tensor compute in the wider dtype (see :func:`_batched`).
     """
     target = tf.as_dtype(ctx.attr("DstT"))
+    if target.is_complex:
+        raise UnsupportedOpError(
+            ctx.op_type, ctx.name, f"It casts to {target.name}: complex values (an FFT, say) "
+            "are not analysed; tf_lipschitz bounds real-valued functions.")
     if target not in _FLOAT_DTYPES:
-        raise NotLipschitzError(_culprit(ctx), f"casting to {target.name} rounds, which jumps.")
+        raise NotLipschitzError(_culprit(ctx), f"casting to {target.name} rounds to integers "
+                                "(or booleans), a step function.")
     ctx.single_dependent()
     return Linear(_eager_safe(tf.identity), norm=lambda: 1.0, certificate=lambda: 1.0,
                   note=f"cast to {target.name}: norm 1")
@@ -1172,6 +1240,10 @@ def _register_builtin_rules():
     for op in ("Maximum", "Minimum"):
         register_op_rule(op, _max_merge)
     register_op_rule("ClipByValue", _clip)
+    for op in ("Select", "SelectV2"):
+        register_op_rule(op, _select)
+    for op in ("Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual"):
+        register_op_rule(op, _comparison)
     for op in ("Max", "Min"):
         register_op_rule(op, _reduce_max)
     for op in ("MaxPool", "MaxPoolV2", "MaxPool3D"):
@@ -1542,6 +1614,10 @@ def _freeze(fn) -> _Frozen:
 
 
 # Ops that pass a tensor on unchanged (lowered control flow included), and variable writes.
+# Control-flow ops left in a frozen graph (lowered or functional conditionals).
+_CONTROL_FLOW = frozenset({"Switch", "Merge", "RefSwitch", "RefMerge", "If", "StatelessIf",
+                           "Case", "StatelessCase", "While", "StatelessWhile"})
+
 _FORWARDS = frozenset({"Identity", "IdentityN", "Snapshot", "Switch", "Merge", "Enter", "Exit",
                        "NextIteration"})
 _WRITE_PREFIXES = ("Assign", "ResourceScatter", "ResourceApply", "ResourceSparseApply",
@@ -1792,7 +1868,18 @@ class _GraphReader:
             needed.add(f"{name}:0")
         for ref in self.outputs:
             needed.add(self.resolve(ref))
-        self.values = self.evaluate([r for r in needed if r not in self.input_full])
+        try:
+            self.values = self.evaluate([r for r in needed if r not in self.input_full])
+        except (ValueError, tf.errors.OpError) as exc:
+            shapes = ", ".join(str(tuple(self.sample[r].shape)) for r in self.inputs)
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LipschitzError(
+                f"The graph of '{self.name}' fails on a batch of one example (input shape "
+                f"{shapes}): {detail}. tf_lipschitz runs the function on batches of one and of "
+                "several examples; a function that only runs on a fixed batch size, such as a "
+                "reshape that merges the examples of a batch (tf.reshape(x, [-1, 8]) on 4 "
+                "features), cannot be analysed per example. Keep the batch axis first and "
+                "untouched.") from exc
         regions = self._find_regions(live)
         absorbed = {n for r in regions.values() for n in r[1]}
         display = _display_names(live)
@@ -2068,6 +2155,13 @@ class _GraphReader:
 
     def _rule(self, ctx: OpContext) -> LayerBound:
         rule = _OP_RULES.get(ctx.op_type)
+        if rule is None and ctx.op_type in _CONTROL_FLOW:
+            raise UnsupportedOpError(
+                ctx.op_type, ctx.name,
+                "It is control flow (a tf.cond, tf.case or Python `if` on a tensor that the "
+                "graph kept): branches are not analysed in graphs, and a rule for the op would "
+                "not describe them. Use tf.where with a constant mask or a function without "
+                "the branch, or analyse the .keras file.")
         if rule is None:
             raise UnsupportedOpError(ctx.op_type, ctx.name)
         bound = rule(ctx)

@@ -22,7 +22,7 @@ gelu (tanh form)   1.128994                    numerical
 silu / swish       1.099840                    max at x ≈ 2.3994
 mish               1.088500                    numerical
 softmax            1/2                         J = diag(p) − ppᵀ; uᵀJu = Var_p(u) ≤ 1/2
-log_softmax        min(1 + √n, √(2(n − 1)))    J = I − 1pᵀ
+log_softmax        √n                          J = I − 1pᵀ, idempotent: ‖J‖ = ‖1pᵀ‖ = √n‖p‖
 sparsemax          1                           the projection onto the simplex (refused where Keras' is not)
 sparse_sigmoid     1/2                         slope 1/2 on (−1, 1)
 others             1                           softplus, softsign, log_sigmoid, hard_tanh,
@@ -128,7 +128,12 @@ def register_activation(fn: Callable | str, lipschitz: float,
 
 
 def _log_softmax(n: int) -> Activation:
-    value = min(1.0 + math.sqrt(n), math.sqrt(max(2.0 * (n - 1), 1.0)))
+    """``√n`` over ``n`` entries. The Jacobian ``J = I − 1pᵀ`` (``p`` the softmax) is
+    idempotent (``pᵀ1 = 1``), and a projection other than 0 and ``I`` has the norm of its
+    complement: ``‖J‖ = ‖1pᵀ‖ = √n ‖p‖₂ < √n``, approached as ``p`` nears a vertex."""
+    value = math.sqrt(n)
+    if math.isqrt(n) ** 2 != n:  # round up: the constant must not fall below √n
+        value = math.nextafter(value, math.inf)
     return Activation("log_softmax", value, None)
 
 
