@@ -52,7 +52,7 @@ try:  # private TensorFlow API for the max-pool JVP work-around; without it, Ten
 except ImportError:  # pragma: no cover - another TensorFlow layout
     _JVP_HOOK_AVAILABLE = False
 
-from tf_lipschitz.errors import LowerBoundError, NonFiniteLowerBoundError
+from tf_lipschitz.errors import LipschitzError, LowerBoundError, NonFiniteLowerBoundError
 from tf_lipschitz.graph import input_name
 from tf_lipschitz.power import compiled, dtype_eps
 from tf_lipschitz.progress import progress_bar
@@ -915,6 +915,8 @@ def _autodiff_errors(model):
     """
     try:
         yield
+    except LipschitzError:
+        raise
     except (LookupError, TypeError, AssertionError, NotImplementedError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LowerBoundError(

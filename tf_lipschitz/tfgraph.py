@@ -1870,6 +1870,8 @@ class _GraphReader:
             needed.add(self.resolve(ref))
         try:
             self.values = self.evaluate([r for r in needed if r not in self.input_full])
+        except LipschitzError:
+            raise
         except (ValueError, tf.errors.OpError) as exc:
             shapes = ", ".join(str(tuple(self.sample[r].shape)) for r in self.inputs)
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
