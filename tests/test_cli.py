@@ -448,3 +448,18 @@ def test_certified_run_shows_certificate_progress_unless_quiet(saved, capsys, fm
     assert "\x1b" not in err and "\r" not in err  # stderr is not a terminal here
     code, _, err = _run(capsys, path, "--methods", "autolip", "--certified", "--quiet")
     assert code == 0 and "certified AutoLip" not in err
+
+
+def test_a_lower_bound_that_cannot_run_is_skipped_with_its_reason(tmp_path, capsys):
+    # TensorFlow has no gradient for ResizeArea: the upper bounds are reported, the lower bound
+    # is listed as skipped with the reason (it failed the whole command with a raw error).
+    model = keras.Sequential([keras.Input((6, 6, 1)),
+                              keras.layers.Resizing(3, 3, interpolation="area"),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    path = tmp_path / "area.keras"
+    model.save(str(path))
+    code, out, err = _run(capsys, path, "--methods", "autolip,lower", "--certified",
+                          "--lower-starts", "4", "--lower-steps", "1")
+    assert code == 0, err
+    assert "note: lower skipped: lower_bound of" in err and "ResizeArea" in err
+    assert "certified upper bound" in out

@@ -492,5 +492,11 @@ def test_lower_bound_names_an_op_without_gradient():
     model = keras.Sequential([keras.Input((6, 6, 1)), L.Resizing(3, 3, interpolation="area")])
     est = tfl.LipschitzEstimator(model, verbose=0)
     assert est.autolip(certified=True).certified  # the upper bound does not need gradients
-    with pytest.raises(LowerBoundError, match=r"could not differentiate.*ResizeArea"):
+    with pytest.raises(tfl.LowerBoundUnavailableError,
+                       match=r"could not differentiate.*ResizeArea"):
         est.lower_bound(n_random=4, steps=1)
+    # estimate() returns its upper bounds, with a warning instead of the lower bound
+    with pytest.warns(UserWarning, match=r"no lower bound.*ResizeArea"):
+        rep = est.estimate(lower_bound_options={"n_random": 4, "steps": 1})
+    assert rep.lower is None and rep.settings["lower_bound"] is None
+    assert rep.upper == pytest.approx(est.autolip().upper, rel=1e-4)

@@ -628,6 +628,7 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
                 analysis.reports["seqlip"] = est.seqlip(certified=args.certified,
                                                         verbose=0 if args.quiet else 1)
         elif method == "lower":
+            from tf_lipschitz.errors import LowerBoundUnavailableError
             from tf_lipschitz.estimator import LipschitzEstimator
 
             inputs = len(est.graph.inputs)
@@ -637,8 +638,13 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
                 continue
             progress(f"lower bound: search from {args.lower_starts} random point(s), "
                      f"{args.lower_steps} refinement step(s)")
-            analysis.lower = est.lower_bound(n_random=args.lower_starts, steps=args.lower_steps,
-                                             seed=args.seed, verbose=0 if args.quiet else 1)
+            try:
+                analysis.lower = est.lower_bound(
+                    n_random=args.lower_starts, steps=args.lower_steps, seed=args.seed,
+                    verbose=0 if args.quiet else 1)
+            except LowerBoundUnavailableError as exc:  # the upper bounds stand without it
+                analysis.skipped["lower"] = str(exc)
+                continue
             lower_value = analysis.lower.value
     for method, reason in analysis.skipped.items():
         print(f"note: {method} skipped: {reason}", file=err)

@@ -13,6 +13,7 @@ __all__ = [
     "InvalidArgumentError",
     "LipschitzError",
     "LowerBoundError",
+    "LowerBoundUnavailableError",
     "NonFiniteLowerBoundError",
     "UnsupportedLayerError",
     "NotLipschitzError",
@@ -45,6 +46,13 @@ class InvalidArgumentError(LipschitzError, ValueError, TypeError):
 class LowerBoundError(InvalidArgumentError):
     """A lower bound was asked of a model (several inputs) or with arguments that the search
     cannot handle."""
+
+
+class LowerBoundUnavailableError(LipschitzError):
+    """The lower-bound search cannot run on the model: TensorFlow cannot differentiate it as the
+    search needs (an op without a gradient, such as ``ResizeArea``, or a layer that fails inside
+    the search's ``tf.function``). Upper bounds do not need these derivatives:
+    :meth:`~tf_lipschitz.LipschitzEstimator.estimate` then returns them with a warning."""
 
 
 class NonFiniteLowerBoundError(LipschitzError, FloatingPointError):

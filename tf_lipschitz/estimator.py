@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import keras
 
 from tf_lipschitz.autolip import AutoLip, check_solver_arguments
+from tf_lipschitz.errors import LowerBoundUnavailableError
 from tf_lipschitz.graph import ModelGraph, build_graph
 from tf_lipschitz.lower import extreme_value_estimate, lower_bound
 from tf_lipschitz.power import check_keywords, keyword_names
@@ -227,6 +228,10 @@ class LipschitzEstimator:
 
         Returns:
             A :class:`~tf_lipschitz.report.LipschitzReport` (``method="seqlip"``, ``gap`` set).
+            When the lower-bound search cannot run on the model
+            (:class:`~tf_lipschitz.errors.LowerBoundUnavailableError`: TensorFlow cannot
+            differentiate it as the search needs), a warning says why and the report has the
+            upper bounds only (``lower`` is ``None``).
 
         Example:
             >>> import keras, tf_lipschitz as tfl
@@ -248,7 +253,19 @@ class LipschitzEstimator:
         auto = self._autolip.run(certified=certified, spectral=spectral, model_name=self.name)
         seq = self._seqlip_engine().run(mode, certified=certified, spectral=spectral,
                                         model_name=self.name, verbose=self.verbose, **options)
-        low = self.lower_bound(x, **lower_bound_options)
+        try:
+            low = self.lower_bound(x, **lower_bound_options)
+        except LowerBoundUnavailableError as err:  # the upper bounds stand without it
+            warnings.warn(f"estimate(): no lower bound, the report has the upper bounds only. "
+                          f"{err}", stacklevel=2)
+            low = None
+        settings = dict(seq.settings)
+        settings["autolip"] = {"upper": auto.upper, "certified": auto.certified, "kind": auto.kind}
+        if low is None:
+            settings["lower_bound"] = None
+            settings["gaps"] = {"autolip": None, "seqlip": None, "seqlip_over_autolip":
+                                seq.upper / auto.upper if auto.upper > 0 else None}
+            return dataclasses.replace(seq, settings=settings)
         # At a point where f is not differentiable the kept Jacobian norm may exceed the
         # constant by up to the secants' 1e-3 resolution; the secant ratio does not, up to the
         # rounding of the outputs (a few 1e-4 in float32), where the norm is accurate.
@@ -260,8 +277,6 @@ class LipschitzEstimator:
                 "Use mode='exact'/'certified' or remainder=True.",
                 stacklevel=2,
             )
-        settings = dict(seq.settings)
-        settings["autolip"] = {"upper": auto.upper, "certified": auto.certified, "kind": auto.kind}
         settings["lower_bound"] = low.to_dict()
         settings["gaps"] = {
             "autolip": auto.upper / low.value if low.value > 0 else None,

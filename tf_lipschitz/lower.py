@@ -52,7 +52,8 @@ try:  # private TensorFlow API for the max-pool JVP work-around; without it, Ten
 except ImportError:  # pragma: no cover - another TensorFlow layout
     _JVP_HOOK_AVAILABLE = False
 
-from tf_lipschitz.errors import LipschitzError, LowerBoundError, NonFiniteLowerBoundError
+from tf_lipschitz.errors import (LipschitzError, LowerBoundError, LowerBoundUnavailableError,
+                                 NonFiniteLowerBoundError)
 from tf_lipschitz.graph import input_name
 from tf_lipschitz.power import compiled, dtype_eps
 from tf_lipschitz.progress import progress_bar
@@ -906,7 +907,8 @@ def lower_bound(
 
 @contextlib.contextmanager
 def _autodiff_errors(model):
-    """Turns TensorFlow's failures to differentiate a model into a :class:`LowerBoundError`.
+    """Turns TensorFlow's failures to differentiate a model into a
+    :class:`~tf_lipschitz.errors.LowerBoundUnavailableError`.
 
     The search differentiates the model in reverse mode, forward mode and to second order.
     TensorFlow lacks some of these: ``ResizeArea`` has no gradient, ``ScaleAndTranslateGrad``
@@ -919,7 +921,7 @@ def _autodiff_errors(model):
         raise
     except (LookupError, TypeError, AssertionError, NotImplementedError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LowerBoundError(
+        raise LowerBoundUnavailableError(
             f"lower_bound of '{_model_name(model)}': TensorFlow could not differentiate the "
             f"model ({type(exc).__name__}: {first}). The search needs its gradients, "
             "forward-mode products and second derivatives; upper bounds do not. Replace the "
