@@ -315,7 +315,7 @@ def bad_models(tmp_path_factory):
         "root": root,
         "int": _save_module(str(root / "int_input"), lambda t: tf.cast(t, tf.float32) * 2.0,
                             tf.TensorSpec([None, 6], tf.int32)),
-        "sin": _save_module(str(root / "sin"), lambda x: tf.sin(x @ w),
+        "asinh": _save_module(str(root / "asinh"), lambda x: tf.asinh(x @ w),
                             tf.TensorSpec([None, 6], tf.float32)),
         "product": _save_module(str(root / "product"), lambda x: (x @ w) * x,
                                 tf.TensorSpec([None, 6], tf.float32)),
@@ -342,8 +342,8 @@ def bad_models(tmp_path_factory):
     (lambda b, s, c: [s["keras"], "--json", b["root"] / "no_dir" / "r.json"], 2,
      r"^error: --json .*does not exist"),
     (lambda b, s, c: [b["int"]], 3, r"^unsupported model: .*dtype int32"),
-    (lambda b, s, c: [b["sin"]], 3, r"^unsupported model: No Lipschitz rule for TensorFlow op "
-                                    r"'Sin' \(node '.*Sin.*'\)"),
+    (lambda b, s, c: [b["asinh"]], 3, r"^unsupported model: No Lipschitz rule for TensorFlow "
+                                      r"op 'Asinh' \(node '.*Asinh.*'\)"),
     (lambda b, s, c: [b["product"]], 3, r"^unsupported model: .*\(Mul\) is not globally "
                                         r"Lipschitz"),
     (lambda b, s, c: [s["keras"], "--methods", "lower", "--plot", b["root"] / "p.png"], 2,
@@ -384,7 +384,7 @@ def test_multi_input_model_gets_both_bounds(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(bad_models, capsys):
-    code, _, err = _run(capsys, bad_models["sin"], "--methods", "autolip", "--quiet", "--debug")
+    code, _, err = _run(capsys, bad_models["asinh"], "--methods", "autolip", "--quiet", "--debug")
     assert code == 3
     assert "Traceback" in err and "UnsupportedOpError" in err
 

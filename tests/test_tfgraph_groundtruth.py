@@ -199,3 +199,18 @@ def test_where_with_an_input_dependent_condition_is_refused():
     with pytest.raises(UnsupportedOpError, match=r"'Greater'.*compares.*tf.nn.relu"):
         autolip_function(lambda x: tf.where(x > 0, x, 2.0 * x), tf.TensorSpec((None, 4)))
 
+
+
+@pytest.mark.parametrize("op", [tf.sin, tf.cos, tf.atan])
+def test_sine_cosine_arctan_against_sampled_jacobians(op):
+    # A SIREN layer sin(x W): constant ‖W‖ (|sin'| ≤ 1, attained at 0 for sin and atan)
+    w = _const(4, 5)
+
+    def fn(x):
+        return op(x @ w)
+
+    upper = autolip_function(fn, tf.TensorSpec((None, 4)), tol=1e-7).upper
+    assert upper == pytest.approx(np.linalg.norm(w, 2), rel=1e-6)
+    assert _sampled_jacobian_norm(fn, (4,), points=60, scale=0.3) <= upper * (1 + 1e-6)
+    if op is not tf.cos:
+        assert _sampled_jacobian_norm(fn, (4,), points=3, scale=0.0) >= upper * (1 - 1e-5)

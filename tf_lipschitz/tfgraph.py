@@ -113,7 +113,7 @@ class UnsupportedOpError(LipschitzError, TypeError):
     """A TensorFlow op in the analysed graph has no Lipschitz rule.
 
     Attributes:
-        op_type: The op type, e.g. ``"Sin"``.
+        op_type: The op type, e.g. ``"Asinh"``.
         node: The node name in the frozen graph.
 
     Example:
@@ -720,7 +720,7 @@ def register_op_rule(op_type: str, rule: OpRule) -> OpRule:
     """Registers the Lipschitz rule of a TensorFlow op type for graph analysis.
 
     Args:
-        op_type: The op type as it appears in a ``GraphDef`` (``"Sin"``, ``"MyActivation"``).
+        op_type: The op type as it appears in a ``GraphDef`` (``"Asinh"``, ``"MyActivation"``).
         rule: ``rule(ctx: OpContext) -> Linear | Constant | Merge``. The helpers
             :func:`elementwise_rule` and :func:`linear_rule` build the common ones.
 
@@ -1251,6 +1251,8 @@ def _register_builtin_rules():
     for op in _ACTIVATIONS:
         register_op_rule(op, _activation)
     register_op_rule("Abs", _abs)
+    for op in ("Sin", "Cos", "Atan"):  # sup |f'| = 1 (a SIREN's sine activations)
+        register_op_rule(op, elementwise_rule(1.0, note=f"{op.lower()}: sup |f'| = 1"))
     register_op_rule("Cast", _cast)
     for op in ("AvgPool", "AvgPool3D"):
         register_op_rule(op, _average_pool)
