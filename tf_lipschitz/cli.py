@@ -28,13 +28,14 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 import time
 import traceback
 import warnings
 import zipfile
 from typing import Any, Sequence, TextIO
+
+from tf_lipschitz.errors import first_line
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -398,11 +399,6 @@ def _custom_objects(modules: Sequence[str]) -> dict[str, Any]:
     return objects
 
 
-def _first_line(exc: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # Keras bolds names in messages
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _format_of(path: str) -> str:
     if os.path.isdir(path):
         if any(os.path.exists(os.path.join(path, f))
@@ -488,7 +484,7 @@ def _keras_target(args, fmt: str, progress: _Progress):
         text = str(exc)
         if any(k in text for k in ("Could not locate", "Unknown", "custom", "deserialize")):
             hint = " (if the model uses custom layers or functions, pass --custom-objects MODULE)"
-        raise UsageError(f"cannot load '{args.path}': {_first_line(exc)}{hint}") from exc
+        raise UsageError(f"cannot load '{args.path}': {first_line(exc)}{hint}") from exc
     if not isinstance(model, keras.Model):
         raise UsageError(f"'{args.path}' does not contain a Keras model")
     inputs = getattr(model, "inputs", None) or []
@@ -541,7 +537,7 @@ def _graph_from_keras(model, shapes, args, fmt, progress):
     except Exception as exc:  # noqa: BLE001 - the model's own call failed on this shape
         raise UsageError(
             f"subclassed model '{model.name}' fails on inputs of shape "
-            f"{(None, *shapes[0])}: {_first_line(exc)}; check --input-shape") from exc
+            f"{(None, *shapes[0])}: {first_line(exc)}; check --input-shape") from exc
     return est, "tf-graph", None, tuple(est.input_shape)
 
 
@@ -555,7 +551,7 @@ def _savedmodel_target(args, progress: _Progress):
         raise UsageError(str(exc.args[0]) + (" (use --signature NAME)" if args.signature is None
                                              else "")) from exc
     except OSError as exc:
-        raise UsageError(_first_line(exc)) from exc
+        raise UsageError(first_line(exc)) from exc
     flat = _flat_input_specs(fn)
     specs = [(getattr(spec, "name", None) or f"input_{i}",
               spec.shape.as_list() if spec.shape.rank is not None else None)

@@ -9,6 +9,8 @@ library cannot bound raises one of the other subclasses.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "InvalidArgumentError",
     "LipschitzError",
@@ -107,3 +109,11 @@ class NotLipschitzError(LipschitzError, ValueError):
 
 class ModelNotBuiltError(LipschitzError, ValueError):
     """The model has no graph or no known input shape to analyse."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without the terminal colour codes Keras puts
+    around names (the exception's type name when the message is empty): the detail quoted in
+    tf_lipschitz's own messages about a failure of TensorFlow or Keras."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

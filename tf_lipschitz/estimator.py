@@ -259,28 +259,26 @@ class LipschitzEstimator:
             warnings.warn(f"estimate(): no lower bound, the report has the upper bounds only. "
                           f"{err}", stacklevel=2)
             low = None
-        settings = dict(seq.settings)
-        settings["autolip"] = {"upper": auto.upper, "certified": auto.certified, "kind": auto.kind}
-        if low is None:
-            settings["lower_bound"] = None
-            settings["gaps"] = {"autolip": None, "seqlip": None, "seqlip_over_autolip":
-                                seq.upper / auto.upper if auto.upper > 0 else None}
-            return dataclasses.replace(seq, settings=settings)
         # At a point where f is not differentiable the kept Jacobian norm may exceed the
         # constant by up to the secants' 1e-3 resolution; the secant ratio does not, up to the
         # rounding of the outputs (a few 1e-4 in float32), where the norm is accurate.
-        proven = min(low.value, low.secant) if math.isfinite(low.secant) else low.value
-        if proven > seq.upper * (1 + 1e-5):
-            warnings.warn(
-                f"The SeqLip {seq.kind} {seq.upper:.6g} is below the proven lower bound "
-                f"{low.value:.6g}: it is not an upper bound here (greedy or truncated factors). "
-                "Use mode='exact'/'certified' or remainder=True.",
-                stacklevel=2,
-            )
-        settings["lower_bound"] = low.to_dict()
+        if low is not None:
+            proven = min(low.value, low.secant) if math.isfinite(low.secant) else low.value
+            if proven > seq.upper * (1 + 1e-5):
+                warnings.warn(
+                    f"The SeqLip {seq.kind} {seq.upper:.6g} is below the proven lower bound "
+                    f"{low.value:.6g}: it is not an upper bound here (greedy or truncated "
+                    "factors). Use mode='exact'/'certified' or remainder=True.",
+                    stacklevel=2,
+                )
+        value = None if low is None else low.value
+        positive = value is not None and value > 0
+        settings = dict(seq.settings)
+        settings["autolip"] = {"upper": auto.upper, "certified": auto.certified, "kind": auto.kind}
+        settings["lower_bound"] = None if low is None else low.to_dict()
         settings["gaps"] = {
-            "autolip": auto.upper / low.value if low.value > 0 else None,
-            "seqlip": seq.upper / low.value if low.value > 0 else None,
+            "autolip": auto.upper / value if positive else None,
+            "seqlip": seq.upper / value if positive else None,
             "seqlip_over_autolip": seq.upper / auto.upper if auto.upper > 0 else None,
         }
-        return dataclasses.replace(seq, lower=low.value, settings=settings)
+        return dataclasses.replace(seq, lower=value, settings=settings)

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - another TensorFlow layout
     _JVP_HOOK_AVAILABLE = False
 
 from tf_lipschitz.errors import (LipschitzError, LowerBoundError, LowerBoundUnavailableError,
-                                 NonFiniteLowerBoundError)
+                                 NonFiniteLowerBoundError, first_line)
 from tf_lipschitz.graph import input_name
 from tf_lipschitz.power import compiled, dtype_eps
 from tf_lipschitz.progress import progress_bar
@@ -920,10 +920,9 @@ def _autodiff_errors(model):
     except LipschitzError:
         raise
     except (LookupError, TypeError, AssertionError, NotImplementedError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LowerBoundUnavailableError(
             f"lower_bound of '{_model_name(model)}': TensorFlow could not differentiate the "
-            f"model ({type(exc).__name__}: {first}). The search needs its gradients, "
+            f"model ({type(exc).__name__}: {first_line(exc)}). The search needs its gradients, "
             "forward-mode products and second derivatives; upper bounds do not. Replace the "
             "op that has none (a Resizing(interpolation='area') by 'bilinear', for example), "
             "or bound the model from above only.") from exc

@@ -80,7 +80,7 @@ from tensorflow.python.framework import convert_to_constants
 from tf_lipschitz import certify
 from tf_lipschitz.autolip import AutoLip, check_solver_arguments
 from tf_lipschitz.errors import (InvalidArgumentError, LipschitzError, LowerBoundError,
-                                 ModelNotBuiltError, NotLipschitzError)
+                                 ModelNotBuiltError, NotLipschitzError, first_line)
 from tf_lipschitz.graph import GraphNode, ModelGraph
 from tf_lipschitz.lower import lower_bound as _lower_bound
 from tf_lipschitz.power import check_keywords, keyword_names
@@ -1876,10 +1876,9 @@ class _GraphReader:
             raise
         except (ValueError, tf.errors.OpError) as exc:
             shapes = ", ".join(str(tuple(self.sample[r].shape)) for r in self.inputs)
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LipschitzError(
                 f"The graph of '{self.name}' fails on a batch of one example (input shape "
-                f"{shapes}): {detail}. tf_lipschitz runs the function on batches of one and of "
+                f"{shapes}): {first_line(exc)}. tf_lipschitz runs the function on batches of one and of "
                 "several examples; a function that only runs on a fixed batch size, such as a "
                 "reshape that merges the examples of a batch (tf.reshape(x, [-1, 8]) on 4 "
                 "features), cannot be analysed per example. Keep the batch axis first and "
@@ -2513,8 +2512,8 @@ def load_signature(path: str, signature: str | None = None) -> tuple[Any, str, A
     try:
         loaded = tf.saved_model.load(path)
     except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable model
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SavedModelReadError(f"Could not read the SavedModel '{path}': {detail}") from exc
+        raise SavedModelReadError(
+            f"Could not read the SavedModel '{path}': {first_line(exc)}") from exc
     signatures = dict(getattr(loaded, "signatures", {}) or {})
     if signature is None:
         if "serving_default" in signatures:
