@@ -393,6 +393,13 @@ def test_uncertified_member_makes_report_an_estimate(monkeypatch):
     assert not report.certified
     (row,) = [r for r in report.layers if r.kind == "linear"]
     assert row.certificate is None and row.bound_kind == "estimate"
+    # Within a few times the dense limit the chain is materialised: certified exactly.
+    monkeypatch.setattr(certify, "DENSE_LIMIT", 72)  # 72 inputs × 2 outputs: 2× above it
+    report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
+    (row,) = [r for r in report.layers if r.kind == "linear"]
+    assert report.certified and row.bound_kind == "certified"
+    exact = _fused_exact(model, (6, 6, 2))
+    assert exact <= row.certificate <= exact * (1 + 1e-5)
 
 
 def test_certified_autolip_shows_progress(capsys):
