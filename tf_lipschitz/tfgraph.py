@@ -14,10 +14,10 @@ shared/ALGORITHMS.md §4) on that graph directly:
    - ops *linear* (or affine) in their one input-dependent operand (``MatMul``, ``Conv2D``,
      ``DepthwiseConv2dNative``, ``Conv2DBackpropInput``, ``BiasAdd``, ``AddV2`` with a constant,
      ``Mul`` by a constant, ``AvgPool``, ``Mean``, ``Reshape``, ``Transpose``, ``Pad``,
-     ``ConcatV2``, ``StridedSlice``, ``FusedBatchNormV3`` at inference...) are re-executed on their
-     own, as a function of that operand, with their additive constants (biases, offsets, batch-norm
-     means) set to zero. Consecutive linear ops are fused into one operator and the operator norms
-     of all of them are measured together by the core
+     ``GatherNd``, ``ConcatV2``, ``StridedSlice``, ``FusedBatchNormV3`` at inference...) are
+     re-executed on their own, as a function of that operand, with their additive constants
+     (biases, offsets, batch-norm means) set to zero. Consecutive linear ops are fused into one
+     operator and the operator norms of all of them are measured together by the core
      :class:`~tf_lipschitz.power.SpectralSolver` on their real input shapes;
    - elementwise activations (``Relu``, ``Relu6``, ``Elu``, ``Selu``, ``LeakyRelu``, ``Sigmoid``,
      ``Tanh``, ``Softplus``, ``Softsign``, ``Softmax``, ``LogSoftmax``) get the constants of
@@ -25,6 +25,9 @@ shared/ALGORITHMS.md §4) on that graph directly:
      several ops (gelu as ``0.5·x·erfc(−x/√2)``, silu/swish as ``x·σ(βx)``, mish, hard-silu) are
      recognised by the exact structure of the elementwise sub-graph (ops and constants), never
      by its values; other products of elementwise functions raise :class:`UnsupportedOpError`;
+     on their own, ``Erf`` and ``Erfc`` get ``2/√π``, and ops whose slope is unbounded
+     (``Exp``, ``Log``, ``Sqrt``, ``Square``, ``Reciprocal``, ``Pow`` with an exponent other
+     than 0 or 1...) raise :class:`~tf_lipschitz.errors.NotLipschitzError` with the reason;
    - ``MaxPool`` gets the overlap constant :func:`~tf_lipschitz.rules.pooling.max_pool_constant`;
    - ops of two input-dependent tensors: sums (``AddV2``, ``Sub``, ``AddN``) add their parents'
      constants, concatenation and ``Maximum``/``Minimum`` take ``√(Σ L²)``; an operand that an
@@ -1147,7 +1150,7 @@ def _max_pool(ctx: OpContext) -> Constant:
 _ACTIVATIONS = {
     "Relu": "relu", "Relu6": "relu6", "Elu": "elu", "Selu": "selu", "Sigmoid": "sigmoid",
     "Tanh": "tanh", "Softplus": "softplus", "Softsign": "softsign", "Softmax": "softmax",
-    "LogSoftmax": "log_softmax", "LeakyRelu": "leaky_relu", "Exp": "exponential",
+    "LogSoftmax": "log_softmax", "LeakyRelu": "leaky_relu",
 }
 
 
@@ -1165,6 +1168,82 @@ def _activation(ctx: OpContext) -> Constant:
 def _abs(ctx: OpContext) -> Constant:
     ctx.single_dependent()
     return Constant(1.0, note="abs: 1-Lipschitz")
+
+
+# |erf'(x)| = |erfc'(x)| = (2/√π)·exp(−x²): its sup, at x = 0, rounded up one unit.
+_ERF_SLOPE = math.nextafter(2.0 / math.sqrt(math.pi), math.inf)
+
+# Unary ops whose derivative is unbounded on their domain: the reason, shown in the error.
+_UNBOUNDED_SLOPES = {
+    "Exp": "exp (the 'exponential' activation): d/dx eˣ = eˣ is unbounded as x → ∞",
+    "Expm1": "expm1: d/dx (eˣ − 1) = eˣ is unbounded as x → ∞",
+    "Log": "log: d/dx log x = 1/x is unbounded as x → 0⁺",
+    "Log1p": "log1p: d/dx log(1 + x) = 1/(1 + x) is unbounded as x → −1⁺",
+    "Sqrt": "sqrt: d/dx √x = 1/(2√x) is unbounded as x → 0⁺",
+    "Rsqrt": "rsqrt: d/dx x^(−1/2) = −x^(−3/2)/2 is unbounded as x → 0⁺",
+    "Square": "square: d/dx x² = 2x is unbounded",
+    "Reciprocal": "reciprocal: d/dx 1/x = −1/x² is unbounded as x → 0",
+    "SquaredDifference": "squared difference: d/dx (x − y)² = 2(x − y) is unbounded",
+}
+
+
+def _refuse_unbounded(ctx: OpContext, reason: str):
+    """Raises :class:`NotLipschitzError` for an op whose slope is unbounded, with what to do."""
+    raise NotLipschitzError(
+        _culprit(ctx),
+        f"{reason}, so no constant holds for all inputs. Clip its input to an interval [a, b] "
+        "(tf.clip_by_value) and register the constant sup |f'| on [a, b] with "
+        f"`tfl.tfgraph.register_op_rule('{ctx.op_type}', tfl.tfgraph.elementwise_rule(c))` "
+        f"(valid only if every '{ctx.op_type}' op of the function reads values in [a, b]), or "
+        "use a bounded activation (tanh, sigmoid, softplus). The graph is bounded op by op: a "
+        "function Lipschitz only as a whole (log(1 + exp(x))) is refused at this op too; write "
+        "a known activation with tf.nn or keras.activations (tf.nn.softplus).")
+
+
+def _unbounded_slope(ctx: OpContext):
+    """``Exp``, ``Log``, ``Sqrt``, ``Square``... (:data:`_UNBOUNDED_SLOPES`): not Lipschitz."""
+    if ctx.op_type == "SquaredDifference" and len(set(ctx.inputs)) == 1:
+        raise UnsupportedOpError(ctx.op_type, ctx.name, "It computes (x − x)² = 0 of one "
+                                 "tensor: a constant; remove it from the function.")
+    _refuse_unbounded(ctx, _UNBOUNDED_SLOPES[ctx.op_type])
+
+
+def _pow(ctx: OpContext) -> Constant:
+    """``Pow`` (``x ** p``, ``tf.pow``): Lipschitz only where it is constant or the identity.
+
+    ``d/dx x^p = p·x^(p−1)`` is unbounded as ``x → ∞`` for ``p > 1`` and as ``x → 0`` for
+    ``p < 1``, ``p ∉ {0, 1}``; ``x^0 = 1`` and ``x^1 = x`` (exponents all in ``{0, 1}``) have
+    slopes 0 and 1, and the input broadcast to ``copies`` times its size gives ``√copies``.
+    ``d/dx cˣ = ln(c)·cˣ`` is unbounded unless ``c = 1`` (``1ˣ = 1``).
+    """
+    slots = ctx.dependent_slots
+    if slots == [0]:
+        power = np.asarray(ctx.constants[1], np.float64)
+        if np.all((power == 0) | (power == 1)):
+            value = _broadcast_factor(ctx, 0) if np.any(power == 1) else 0.0
+            return Constant(value, note=f"x^p with p ∈ {{0, 1}}: {value:.4g}")
+        shown = ", ".join(f"{p:g}" for p in np.unique(power[(power != 0) & (power != 1)])[:3])
+        _refuse_unbounded(ctx, f"pow: d/dx x^p = p·x^(p−1) is unbounded for the exponent p = "
+                          f"{shown} (as x → ∞ for p > 1, as x → 0 for p < 1)")
+    if slots == [1]:
+        base = np.asarray(ctx.constants[0], np.float64)
+        if np.all(base == 1):
+            return Constant(0.0, note="1^x = 1: constant")
+        shown = ", ".join(f"{c:g}" for c in np.unique(base[base != 1])[:3])
+        _refuse_unbounded(ctx, f"pow: d/dx cˣ = ln(c)·cˣ is unbounded for the base c = {shown}")
+    _refuse_unbounded(ctx, "pow of two tensors that both depend on the input: d/dx xʸ = "
+                      "y·x^(y−1) is unbounded")
+
+
+def _gather_nd(ctx: OpContext) -> Linear:
+    """``GatherNd`` (``tf.gather_nd``) with constant indices: a selection of slices of ``x``,
+    with repeats, hence linear (measured, as ``GatherV2``). Its indices depend on the input:
+    refused (a selection that moves with ``x`` jumps)."""
+    if ctx.single_dependent() != 0:
+        raise UnsupportedOpError(ctx.op_type, ctx.name, "Its indices depend on the input: the "
+                                 "selected entries change with it, a step function. Use "
+                                 "constant indices.")
+    return ctx.linear(note="gather_nd: selection (linear)")
 
 
 def _cast(ctx: OpContext) -> Linear:
@@ -1253,6 +1332,12 @@ def _register_builtin_rules():
     register_op_rule("Abs", _abs)
     for op in ("Sin", "Cos", "Atan"):  # sup |f'| = 1 (a SIREN's sine activations)
         register_op_rule(op, elementwise_rule(1.0, note=f"{op.lower()}: sup |f'| = 1"))
+    for op in ("Erf", "Erfc"):  # sup |f'| = 2/√π, at 0
+        register_op_rule(op, elementwise_rule(_ERF_SLOPE, note=f"{op.lower()}: sup |f'| = 2/√π"))
+    for op in _UNBOUNDED_SLOPES:
+        register_op_rule(op, _unbounded_slope)
+    register_op_rule("Pow", _pow)
+    register_op_rule("GatherNd", _gather_nd)
     register_op_rule("Cast", _cast)
     for op in ("AvgPool", "AvgPool3D"):
         register_op_rule(op, _average_pool)
