@@ -2,12 +2,12 @@
 
 Importing this package registers the built-in rules (linear, activations, pooling,
 normalisation, shape and merge layers, image resampling, TimeDistributed,
-SpectralNormalization, SimpleRNN and Bidirectional, and the image augmentation layers, which
-are the identity at inference).
+SpectralNormalization, SimpleRNN and Bidirectional, the audio front ends STFTSpectrogram and
+MelSpectrogram, and the image augmentation layers, which are the identity at inference).
 """
 
 from tf_lipschitz.rules import (activations, augmentation, linear, merge, normalization, pooling,
-                                recurrent, resampling, shape, wrapped)
+                                recurrent, resampling, shape, spectrogram, wrapped)
 from tf_lipschitz.rules.activations import activation_info, register_activation, resolve_activation
 from tf_lipschitz.rules.base import (
     Activation,
