@@ -49,6 +49,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+# The convolution base classes (not exported by Keras) tell which kernel a ConvOperatorNorm
+# must describe, for user subclasses of them too.
+from keras.src.layers.convolutional.base_conv import BaseConv
+from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
+from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
 
 from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.power import (as_shape, check_int, check_tol, compiled, example_norms,
@@ -370,11 +376,6 @@ def _variable_owners(model: keras.layers.Layer) -> dict[int, tuple[Any, str]]:
 def _expected_kind(layer, attribute: str) -> str | None:
     """The ``kind`` a ConvOperatorNorm needs on ``layer.<attribute>``, or None when the
     variable is not a convolution kernel whose settings can be checked."""
-    from keras.src.layers.convolutional.base_conv import BaseConv
-    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
-
     if isinstance(layer, BaseConvTranspose) and attribute == "kernel":
         return "transposed"
     if isinstance(layer, BaseDepthwiseConv):

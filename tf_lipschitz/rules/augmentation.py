@@ -39,7 +39,7 @@ import keras
 
 from tf_lipschitz.errors import NotLipschitzError, UnsupportedLayerError
 from tf_lipschitz.rules.base import Linear, NodeContext, register_rule
-from tf_lipschitz.rules.shape import _identity, _known
+from tf_lipschitz.rules.shape import identity, known_norm
 from tf_lipschitz.rules.wrapped import wrapped_bound
 
 __all__: list[str] = []
@@ -60,7 +60,7 @@ IDENTITY_AT_INFERENCE = (
 _TRANSFORM_METHODS = ("__call__", "call", "transform_images", "transform_single_image",
                       "get_random_transformation", "_transform_images")
 
-_identity_rule = _known(1.0, "identity at inference", fn=_identity)
+_identity_rule = known_norm(1.0, "identity at inference", fn=identity)
 
 
 def _owner(cls: type, name: str) -> type | None:
@@ -110,7 +110,7 @@ def _pipeline(layer, ctx: NodeContext) -> Linear:
     """The identity when every layer of the pipeline is (each is called with ``training``)."""
     for inner in layer.layers:
         bound = wrapped_bound(layer, inner, ctx)  # the input is unchanged by the previous layers
-        if not (isinstance(bound, Linear) and bound.fn is _identity):
+        if not (isinstance(bound, Linear) and bound.fn is identity):
             raise UnsupportedLayerError(
                 layer, f"Its layer '{inner.name}' ({type(inner).__name__}) is not the identity "
                 "at inference, and tf_lipschitz bounds a Pipeline only when all of its layers "

@@ -23,16 +23,26 @@ from tf_lipschitz.rules.base import Linear, NodeContext, register_rule
 __all__: list[str] = []
 
 
-def _known(value: float, note: str, fn=None, diagonal: bool = False):
+def known_norm(value: float, note: str, fn=None, diagonal: bool = False):
+    """A rule for a linear layer of known, exact norm ``value`` (also its certificate).
+
+    Args:
+        value: The operator norm.
+        note: The report's note.
+        fn: The linear map (default: the layer's call); :func:`identity` marks the layer as
+            the identity at inference (a diagonal map, fused into its neighbours' weights).
+        diagonal: Whether the map is elementwise (a negation).
+    """
     def rule(layer, ctx: NodeContext) -> Linear:
         f = fn if fn is not None else (lambda x: layer(x))
         return Linear(f, norm=lambda: value, certificate=lambda: value, note=note,
-                      diagonal=diagonal or fn is _identity)
+                      diagonal=diagonal or fn is identity)
 
     return rule
 
 
-def _identity(x):
+def identity(x):
+    """The identity map (the ``fn`` of layers that do nothing at inference)."""
     return x
 
 
@@ -80,13 +90,13 @@ def _masking(layer, ctx: NodeContext):
 
 L = keras.layers
 for _cls in (L.Flatten, L.Reshape, L.Permute, L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D):
-    register_rule(_cls, _known(1.0, "isometry"))
+    register_rule(_cls, known_norm(1.0, "isometry"))
 for _cls in (L.Cropping1D, L.Cropping2D, L.Cropping3D):
-    register_rule(_cls, _known(1.0, "restriction"))
+    register_rule(_cls, known_norm(1.0, "restriction"))
 for _cls in (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
              L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization,
              L.Identity):
-    register_rule(_cls, _known(1.0, "identity at inference", fn=_identity))
+    register_rule(_cls, known_norm(1.0, "identity at inference", fn=identity))
 for _cls in (L.UpSampling1D, L.UpSampling2D, L.UpSampling3D):
     register_rule(_cls, _upsampling)
 register_rule(L.RepeatVector, _repeat_vector)
@@ -98,8 +108,8 @@ def _register_ops():
     from keras.src.ops import numpy as knp
 
     for cls in (knp.Reshape, knp.Transpose, knp.Squeeze, knp.ExpandDims):
-        register_rule(cls, _known(1.0, "isometry (op)"))
-    register_rule(knp.Negative, _known(1.0, "negation (op)", diagonal=True))
+        register_rule(cls, known_norm(1.0, "isometry (op)"))
+    register_rule(knp.Negative, known_norm(1.0, "negation (op)", diagonal=True))
 
 
 _register_ops()
