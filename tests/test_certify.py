@@ -313,6 +313,7 @@ def test_chain_of_pointwise_convolutions_is_certified_exactly(second, pointwise,
     here), it was the product of the two norms: 2.5126 for an exact 2.2019 in a review.
     Flatten → Dense → BN → Dense likewise (5.21 for an exact 2.86)."""
     monkeypatch.setattr(certify, "DENSE_LIMIT", 0)
+    monkeypatch.setattr(certify, "CHAIN_GRAM_LIMIT", 0)  # nor through its Gram matrix
     shape = (5, 4, 6)
     bn1, bn2 = L.BatchNormalization(), L.BatchNormalization()
     first = [L.Flatten(), L.Dense(4)] if isinstance(second(), L.Dense) else [L.Conv2D(4, 1)]
@@ -386,6 +387,7 @@ def test_certified_autolip_end_to_end(rng):
 
 def test_uncertified_member_makes_report_an_estimate(monkeypatch):
     monkeypatch.setattr(certify, "DENSE_LIMIT", 0)
+    monkeypatch.setattr(certify, "CHAIN_GRAM_LIMIT", 0)
     model = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(3, 3, padding="same"),
                               L.UpSampling2D(2, interpolation="bilinear"), L.Flatten(),
                               L.Dense(2)])
@@ -393,13 +395,17 @@ def test_uncertified_member_makes_report_an_estimate(monkeypatch):
     assert not report.certified
     (row,) = [r for r in report.layers if r.kind == "linear"]
     assert row.certificate is None and row.bound_kind == "estimate"
-    # Within a few times the dense limit the chain is materialised: certified exactly.
-    monkeypatch.setattr(certify, "DENSE_LIMIT", 72)  # 72 inputs × 2 outputs: 2× above it
-    report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
-    (row,) = [r for r in report.layers if r.kind == "linear"]
-    assert report.certified and row.bound_kind == "certified"
+    # Within a few times the dense limit the chain is materialised, and beyond it, with few
+    # inputs, bounded through its Gram matrix: certified exactly either way.
     exact = _fused_exact(model, (6, 6, 2))
-    assert exact <= row.certificate <= exact * (1 + 1e-5)
+    for dense_limit, gram_limit, route in ((72, 0, "matrix"), (0, 1 << 31, "gram")):
+        monkeypatch.setattr(certify, "DENSE_LIMIT", dense_limit)  # 72 inputs × 2 outputs
+        monkeypatch.setattr(certify, "CHAIN_GRAM_LIMIT", gram_limit)
+        assert certify._chain_route((6, 6, 2), (2,)) == route
+        report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
+        (row,) = [r for r in report.layers if r.kind == "linear"]
+        assert report.certified and row.bound_kind == "certified"
+        assert exact <= row.certificate <= exact * (1 + 1e-4)
 
 
 def test_certified_autolip_shows_progress(capsys):

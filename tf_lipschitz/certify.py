@@ -91,6 +91,11 @@ CHAIN_DENSE_FACTOR = 4
 """A fused chain whose layers' certificates would otherwise be multiplied is materialised up
 to ``CHAIN_DENSE_FACTOR · DENSE_LIMIT`` entries (256 MB in float64) for its exact norm."""
 
+CHAIN_GRAM_LIMIT = 1 << 31
+"""Beyond that, a chain with at most :data:`DENSE_SIDE_LIMIT` inputs and ``n_in · n_out`` up
+to this limit is bounded through its ``n_in × n_in`` Gram matrix, built by ``n_in`` products
+``JᵀJ e_j`` in float64 (the cost of ``n_in`` forward and backward passes of the chain)."""
+
 GRAM_SIDE_LIMIT = 8192
 """Largest Gram matrix side formed for a dense matrix; beyond it a loose closed form is used."""
 
@@ -447,12 +452,16 @@ def _small(input_shape, output_shape) -> bool:
     return n_in * n_out <= DENSE_LIMIT and min(n_in, n_out) <= DENSE_SIDE_LIMIT
 
 
-def _chain_sized(input_shape, output_shape) -> bool:
-    """Whether a fused chain may be materialised rather than bounded by a product of its
-    layers' certificates (see :data:`CHAIN_DENSE_FACTOR`)."""
+def _chain_route(input_shape, output_shape) -> str | None:
+    """How a fused chain may be bounded exactly rather than by a product of its layers'
+    certificates: ``"matrix"`` (materialised, :data:`CHAIN_DENSE_FACTOR`), ``"gram"`` (its
+    Gram matrix from products, :data:`CHAIN_GRAM_LIMIT`) or ``None``."""
     n_in, n_out = math.prod(input_shape), math.prod(output_shape)
-    return (n_in * n_out <= CHAIN_DENSE_FACTOR * DENSE_LIMIT
-            and min(n_in, n_out) <= DENSE_SIDE_LIMIT)
+    if n_in * n_out <= CHAIN_DENSE_FACTOR * DENSE_LIMIT and min(n_in, n_out) <= DENSE_SIDE_LIMIT:
+        return "matrix"
+    if n_in <= DENSE_SIDE_LIMIT and n_in * n_out <= CHAIN_GRAM_LIMIT:
+        return "gram"
+    return None
 
 
 def _channel_broadcast(scale: np.ndarray, ndim: int, axis: int) -> np.ndarray:
@@ -585,6 +594,54 @@ def _materialise_rows(fn, input_shape, n_in, n_out, batch) -> np.ndarray:
             energy = tf.reduce_sum(y * tf.constant(basis.reshape(y.shape), tf.float64))
         rows.append(np.asarray(tape.gradient(energy, x)).reshape(count, n_in))
     return np.concatenate(rows)
+
+
+def _float64_gram_bound(fn, input_shape, output_shape, layers=()) -> float:
+    """Certified ``σ_max`` of a linear map with few inputs, from its Gram matrix ``JᵀJ``.
+
+    Column block by column block, ``JᵀJ E`` for one-hot ``E`` (one forward and one backward
+    pass in float64), without forming ``J`` (``n_out`` may be large); then the certified top
+    eigenvalue of the symmetrised Gram matrix (:func:`_top_eigenvalue_bound`) with the
+    rounding margin of an ``n_out × n_in`` matrix (:func:`safety_margin`), which covers the
+    sums of the products as it covers those of a Gram product.
+
+    Raises:
+        _Float64Unavailable: As :func:`_float64_matrix`.
+    """
+    input_shape = tuple(input_shape)
+    n_in, n_out = math.prod(input_shape), math.prod(output_shape)
+    batch = max(1, _CHUNK_BYTES // (8 * n_out))
+    gram = np.empty((n_in, n_in))
+    try:
+        with _no_autocast(layers):
+            for start in range(0, n_in, batch):
+                count = min(n_in, start + batch) - start
+                basis = np.zeros((count, n_in))
+                basis[np.arange(count), np.arange(start, start + count)] = 1.0
+                x = tf.constant(basis.reshape(count, *input_shape))
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = fn(x)
+                    _check_float64(y.dtype)
+                    energy = 0.5 * tf.reduce_sum(tf.square(y))
+                gram[start:start + count] = np.asarray(tape.gradient(energy, x)).reshape(count,
+                                                                                         n_in)
+    except _FLOAT64_ERRORS as err:
+        if not _runs_in_float32(fn, input_shape):
+            raise
+        raise _Float64Unavailable(f"it fails in float64 ({_error_summary(err)})") from err
+    gram = 0.5 * (gram + gram.T)
+    big = float(np.max(np.abs(gram)))
+    if not math.isfinite(big):
+        raise InvalidArgumentError(
+            "The weights contain NaN or inf: no operator-norm bound exists. Check the layers' "
+            "weights (a diverged training step) before certifying.")
+    if big == 0.0:
+        return 0.0
+    scale = 2.0 ** math.frexp(big)[1]  # a power of two: exact
+    margin = safety_margin(n_out, n_in)
+    lam = _top_eigenvalue_bound((gram / scale)[None], 1e-4, margin)
+    return math.sqrt(lam * scale) * (1.0 + margin)
 
 
 def _dense_exact(fn, input_shape, output_shape) -> float | None:
@@ -1505,7 +1562,9 @@ def fold_diagonals(members: Sequence[tuple[Any, Any]],
 
 def _chain_exact(members: Sequence[tuple[Any, Any]], input_shape: tuple[int, ...],
                  output_shape: tuple[int, ...]) -> float:
-    """Exact float64 bound of a fused chain, materialised from its smaller side.
+    """Exact float64 bound of a fused chain: materialised from its smaller side, or, beyond
+    :data:`CHAIN_DENSE_FACTOR` times the dense limit, from its Gram matrix
+    (:func:`_float64_gram_bound`).
 
     Raises:
         _Float64Unavailable: A member does not compute in float64 (see
@@ -1513,8 +1572,10 @@ def _chain_exact(members: Sequence[tuple[Any, Any]], input_shape: tuple[int, ...
     """
     ops_ = [LinearOperator(b.fn, tuple(n.input_shapes[0]), name=n.name, dtype="float64")
             for b, n in members]
-    matrix = _float64_matrix(compose(ops_).fn, input_shape, output_shape,
-                             [n.operation for _, n in members])
+    fn, layers = compose(ops_).fn, [n.operation for _, n in members]
+    if _chain_route(input_shape, output_shape) == "gram":
+        return _float64_gram_bound(fn, input_shape, output_shape, layers)
+    matrix = _float64_matrix(fn, input_shape, output_shape, layers)
     return max_singular_value(matrix[None], method="exact")
 
 
@@ -1538,7 +1599,8 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
     multiply two factors or more (a Resizing then a convolution: 22-56 % above the chain's
     norm), or a member has no certificate, a chain whose smaller side is at most
     :data:`DENSE_SIDE_LIMIT` is still materialised, up to :data:`CHAIN_DENSE_FACTOR` times
-    the dense limit, and bounded exactly.
+    the dense limit, and bounded exactly; beyond that a chain with few inputs is bounded
+    through its Gram matrix (:data:`CHAIN_GRAM_LIMIT`).
 
     Args:
         members: ``(Linear bound, graph node)`` pairs of the chain, in order.
@@ -1574,7 +1636,7 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
     # The chain itself, materialised up to a few times the dense limit, when the alternative
     # is a product of two factors or more (a Resizing then a convolution: 22-56 % above the
     # chain's norm) or a member has no certificate.
-    whole = skipped is None and _chain_sized(*shapes)
+    whole = skipped is None and _chain_route(*shapes) is not None
     if missing is None:
         factors = [members[i][0].certificate.scaled(a, b) for i, a, b in folds]
         factors += [float(b.certificate()) for (b, _), u in zip(members, used) if not u]

@@ -150,20 +150,26 @@ def test_fused_chain_certificate_covers_the_dense_norm(make, shape, rng):
 def test_resize_then_conv_above_the_dense_limit_is_certified_exactly(seed, monkeypatch):
     """A Resizing fused with the convolution after it, too large for the dense route (forced
     here; 28×28 → 32×32 → 16 filters is, at 784 × 16384): the product of the two norms was
-    22-56 % above the chain's norm. The chain is materialised from its small side instead."""
+    22-56 % above the chain's norm. The chain is materialised from its small side instead
+    (within 4× the dense limit), or bounded through its Gram matrix (beyond)."""
     keras.utils.set_random_seed(seed)
-    shape = (6, 6, 1)
+    shape, out = (6, 6, 1), (8, 8, 4)
     resize, conv = L.Resizing(8, 8), L.Conv2D(4, 3, padding="same")
     model = keras.Sequential([keras.Input(shape), resize, conv])
     exact = exact_norm([resize, conv], shape)
     n = 36 * 8 * 8 * 4
-    monkeypatch.setattr(certify, "DENSE_LIMIT", n // 2)  # above it, within 4×
-    (row,) = _linear_rows(tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True))
-    assert row.name == f"{resize.name}+{conv.name}"
-    assert exact <= row.certificate <= exact * (1 + 1e-5)
-    monkeypatch.setattr(certify, "CHAIN_DENSE_FACTOR", 1)  # the product of the two factors
-    (row,) = _linear_rows(tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True))
-    assert row.certificate > exact * 1.02
+    monkeypatch.setattr(certify, "_CHUNK_BYTES", 8 * 256 * 20)  # blocks of 20 of the 36 inputs
+    for dense_limit, gram_limit, route in ((n // 2, 1 << 31, "matrix"), (n // 8, 1 << 31, "gram"),
+                                           (n // 8, 0, None)):
+        monkeypatch.setattr(certify, "DENSE_LIMIT", dense_limit)
+        monkeypatch.setattr(certify, "CHAIN_GRAM_LIMIT", gram_limit)
+        assert certify._chain_route(shape, out) == route
+        (row,) = _linear_rows(tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True))
+        assert row.name == f"{resize.name}+{conv.name}"
+        if route is None:  # the product of the two factors
+            assert row.certificate > exact * 1.02
+        else:
+            assert exact <= row.certificate <= exact * (1 + 1e-4)
 
 
 def _linear_rows(report):
