@@ -29,6 +29,10 @@ shared/ALGORITHMS.md §4) on that graph directly:
      (``Exp``, ``Log``, ``Sqrt``, ``Square``, ``Reciprocal``, ``Pow`` with an exponent other
      than 0 or 1...) raise :class:`~tf_lipschitz.errors.NotLipschitzError` with the reason;
    - ``MaxPool`` gets the overlap constant :func:`~tf_lipschitz.rules.pooling.max_pool_constant`;
+   - image resampling (``ResizeBilinear``, ``ResizeBicubic``, ``ResizeNearestNeighbor``,
+     ``ResizeArea``, ``ScaleAndTranslate``) with constant sizes is ``R_h ⊗ R_w ⊗ I``, its
+     per-axis matrices read off the op as the Keras ``Resizing`` rule reads them, with the
+     exact norm ``‖R_h‖‖R_w‖`` and a certificate (:func:`_resampling`);
    - ops of two input-dependent tensors: sums (``AddV2``, ``Sub``, ``AddN``) add their parents'
      constants, concatenation and ``Maximum``/``Minimum`` take ``√(Σ L²)``; an operand that an
      elementwise op broadcasts (``x + reduce_sum(x, -1, keepdims=True)``) is copied, and its
@@ -94,6 +98,7 @@ from tf_lipschitz.rules.base import (Activation, Constant, LayerBound, Linear, M
                                      broadcast_factor, certified_max, check_constant,
                                      register_rule)
 from tf_lipschitz.rules.pooling import max_pool_constant
+from tf_lipschitz.rules.resampling import axis_matrix, separable_mismatch
 
 __all__ = [
     "BatchMixingError",
@@ -1135,6 +1140,99 @@ def _average_pool(ctx: OpContext) -> Linear:
                                certificate=certify.box_average_certificate(matrices))
 
 
+# Image resampling ops (NHWC, linear in their images) and the operands after the images.
+_RESAMPLING_OPERANDS = {
+    "ResizeBilinear": ("size",), "ResizeBicubic": ("size",),
+    "ResizeNearestNeighbor": ("size",), "ResizeArea": ("size",),
+    "ScaleAndTranslate": ("size", "scale", "translation"),
+}
+
+
+def _output_on(node_def, inputs: Sequence[np.ndarray]) -> np.ndarray:
+    """Output 0 of the op of ``node_def`` on the arrays ``inputs``, as a float64 array."""
+    specs = [tf.TensorSpec(np.shape(v), tf.as_dtype(np.asarray(v).dtype)) for v in inputs]
+    out = _once(lambda *xs: _run_node(node_def, xs)[0], specs)(
+        *[tf.constant(v) for v in inputs])
+    return np.asarray(out, np.float64)
+
+
+def _resampling(ctx: OpContext) -> Linear:
+    """Image resampling with constant sizes (and scales, translations): ``R_h ⊗ R_w ⊗ I``.
+
+    ``ResizeBilinear``, ``ResizeBicubic``, ``ResizeNearestNeighbor``, ``ResizeArea`` and
+    ``ScaleAndTranslate`` (``tf.image.resize``'s ``lanczos3``, ``lanczos5``, ``gaussian``,
+    ``mitchellcubic`` and antialiased methods) compute their weights per spatial axis, from
+    the axis's input and output sizes (scale and translation) and the op's attributes
+    (``align_corners``, ``half_pixel_centers``, ``kernel_type``, ``antialias``), and apply them
+    to every image of the batch and every channel alike. Each ``R_d`` is read off the op
+    itself in float64 (:func:`tf_lipschitz.rules.resampling.axis_matrix`: the op on the unit
+    vectors of the axis, the other axis of size 1 kept, with scale 1 and translation 0), as
+    the Keras ``Resizing`` rule reads it. The operator norm is ``‖R_h‖₂‖R_w‖₂`` exactly, and
+    the certificate is that norm times ``1 + 1e-6``
+    (:func:`tf_lipschitz.certify.box_average_certificate`).
+    The bound's map applies the matrices as one einsum, in the dtype of its input (float64
+    for exact certificates of fused chains; the ops return float32 even on float64 images),
+    with gradients (``ResizeArea`` has none of its own).
+
+    Before returning, the op is run on a random float64 input of its real shape and compared
+    with ``(R_h ⊗ R_w ⊗ I) x``; a difference beyond float32 rounding raises
+    :class:`UnsupportedOpError`, as does a size, scale or translation that depends on the
+    input.
+    """
+    if any(ctx.dependent[1:]):  # not a product: the weights move with the input
+        raise UnsupportedOpError(
+            ctx.op_type, ctx.name, "Its size, scale or translation depends on the input: the "
+            "rule reads the resampling weights for constant ones. Resize to a fixed size "
+            "(tf.image.resize(x, (h, w)) with Python integers).")
+    full_in, node_def = tuple(ctx.input_shapes[0]), ctx.node_def
+    operands = [np.asarray(c) for c in ctx.constants[1:]]
+    if len(full_in) != 4 or len(operands) != len(_RESAMPLING_OPERANDS[ctx.op_type]) or any(
+            c.shape != (2,) for c in operands):
+        raise UnsupportedOpError(ctx.op_type, ctx.name, f"The rule reads images of rank 4 "
+                                 f"(NHWC) with 2-vector operands; received images of shape "
+                                 f"{full_in} and operands of shapes "
+                                 f"{[c.shape for c in operands]}.")
+
+    def one_axis(d):  # the op along axis d; the other: size 1 → 1, scale 1, translation 0
+        kept = [(np.zeros if name == "translation" else np.ones)(2, c.dtype)
+                for name, c in zip(_RESAMPLING_OPERANDS[ctx.op_type], operands)]
+        for c, k in zip(operands, kept):
+            k[d] = c[d]
+        return lambda basis: _output_on(node_def, [basis.numpy(), *kept])
+
+    matrices = [axis_matrix(one_axis(d), full_in[1 + d], d) for d in (0, 1)]
+    x = np.random.default_rng(0).standard_normal(full_in)
+    try:
+        got = _output_on(node_def, [x, *operands])
+    except Exception as err:  # noqa: BLE001 - reported as the reason for the refusal
+        got = err
+    reason = separable_mismatch(got, x, matrices)
+    attrs = ", ".join(f"{k}={ctx.attr(k)}" for k in ("align_corners", "half_pixel_centers",
+                                                       "kernel_type", "antialias")
+                      if k in node_def.attr)
+    spatial = (tuple(full_in[1:3]), tuple(m.shape[0] for m in matrices))
+    description = f"{ctx.op_type} {spatial[0]} → {spatial[1]}" + (f" ({attrs})" if attrs else "")
+    if reason is not None:
+        raise UnsupportedOpError(
+            ctx.op_type, ctx.name, f"The rule models it as {description}, a separable linear "
+            f"map R_h ⊗ R_w ⊗ I with each R_d read off the op, but {reason}: this TensorFlow "
+            "version does not resample per axis as expected, and no bound is given rather "
+            "than a wrong one. Register a measured rule for it "
+            f"(`tfl.tfgraph.register_op_rule('{ctx.op_type}', tfl.tfgraph.linear_rule())`), "
+            "or analyse the model's .keras file.")
+    ctx.offsets = ()  # the batch-mixing witnesses run the op itself on them
+    value = certify.box_average_norm(matrices)
+    out_example = _example_shape(ctx.output_shape)
+
+    def fn(x):
+        y = certify.apply_box_average(tf.reshape(x, (-1, *full_in[1:])), matrices)
+        return tf.reshape(y, (-1, *out_example))
+
+    return Linear(_eager_safe(fn), norm=lambda: value,
+                  certificate=certify.box_average_certificate(matrices),
+                  note=f"{description}: ‖R_h‖‖R_w‖ = {value:.4g}")
+
+
 def _max_pool(ctx: OpContext) -> Constant:
     if ctx.single_dependent() != 0:
         raise UnsupportedOpError(ctx.op_type, ctx.name, "Its window depends on the input.")
@@ -1341,12 +1439,12 @@ def _register_builtin_rules():
     register_op_rule("Cast", _cast)
     for op in ("AvgPool", "AvgPool3D"):
         register_op_rule(op, _average_pool)
-    for op in ("MirrorPad", "Tile", "BroadcastTo", "GatherV2", "Gather",
-               "ResizeNearestNeighbor", "ResizeBilinear", "ResizeBicubic", "ResizeArea",
-               "Cumsum"):
+    for op in ("MirrorPad", "Tile", "BroadcastTo", "GatherV2", "Gather", "Cumsum"):
         register_op_rule(op, lambda ctx: ctx.linear())
     for op in ("SpaceToBatchND", "BatchToSpaceND"):
         register_op_rule(op, _block_move)
+    for op in _RESAMPLING_OPERANDS:
+        register_op_rule(op, _resampling)
 
 
 _register_builtin_rules()

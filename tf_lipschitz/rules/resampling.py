@@ -16,7 +16,9 @@ Where the matrices come from:
   the ``n`` unit vectors of one axis (the other axis of size 1). TensorFlow computes its weights
   in float32 (bicubic from a 1024-entry table), so these are the weights the model multiplies
   by, not a textbook kernel that would differ from them (bicubic's exact Keys weights differ
-  by up to ``6e-4``);
+  by up to ``6e-4``). :func:`axis_matrix` reads them off any such op; the graph reader
+  (:mod:`tf_lipschitz.tfgraph`) uses it and :func:`separable_mismatch` for the resize ops of
+  an exported model;
 - ``W_d`` follows Keras's own arithmetic: the float32 aspect-ratio crop and pad of its
   TensorFlow ``resize``, the float64 crop of ``smart_resize`` (CenterCrop and RandomCrop on
   images smaller than the target), the center crop of CenterCrop.
@@ -52,7 +54,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -62,7 +64,7 @@ from tf_lipschitz import certify
 from tf_lipschitz.errors import UnsupportedLayerError
 from tf_lipschitz.rules.base import Linear, NodeContext, float32_reference, register_rule
 
-__all__ = ["resize_matrix", "window_matrix"]
+__all__ = ["axis_matrix", "resize_matrix", "separable_mismatch", "window_matrix"]
 
 _CHECK_RTOL = 1e-4
 """Tolerance of the check against the layer, relative to ``max|x| · Π_d ‖R_d‖_∞``: float32
@@ -70,11 +72,41 @@ sums of ``k`` products are within ``k · 6e-8`` of that scale (``k`` in the hund
 antialiased downsampling), while a window off by one pixel moves the output by a whole weight."""
 
 
+def axis_matrix(resample: Callable[[tf.Tensor], tf.Tensor], n: int, axis: int = 0) -> np.ndarray:
+    """The matrix of an image resampling op along one spatial axis, read off the op itself.
+
+    ``resample`` is the op on a batch of ``n`` float64 images in NHWC layout, one channel, of
+    size ``n`` along ``axis`` (0 for the height, 1 for the width) and 1 along the other spatial
+    axis, which it must keep as it is (size 1 to 1). Image ``j`` is the unit vector ``e_j``, so
+    column ``j`` of the result is the op applied to ``e_j``: the weights the op multiplies by,
+    as it computes them (TensorFlow's resize kernels compute them in float32 and return float32
+    even on float64 images: each output entry of ``e_j`` is one weight times 1, exact).
+
+    Args:
+        resample: The op, ``(n, *spatial, 1) -> (n, *spatial_out, 1)``.
+        n: Input size of the axis.
+        axis: The spatial axis (0 or 1).
+
+    Returns:
+        A float64 array of shape ``(m, n)``, ``m`` the output size of the axis.
+
+    Example:
+        >>> import tensorflow as tf
+        >>> axis_matrix(lambda b: tf.image.resize(b, (1, 3), method="nearest"), 2, axis=1)
+        array([[1., 0.],
+               [0., 1.],
+               [0., 1.]])
+    """
+    spatial = (n, 1) if axis == 0 else (1, n)
+    basis = tf.reshape(tf.eye(n, dtype=tf.float64), (n, *spatial, 1))
+    return np.asarray(resample(basis), np.float64).reshape(n, -1).T.copy()
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_resize_matrix(n: int, m: int, interpolation: str, antialias: bool) -> np.ndarray:
-    basis = tf.reshape(tf.eye(n, dtype=tf.float64), (n, n, 1, 1))
-    out = tf.image.resize(basis, (m, 1), method=interpolation, antialias=antialias)
-    matrix = np.asarray(out, np.float64).reshape(n, m).T.copy()
+    matrix = axis_matrix(
+        lambda basis: tf.image.resize(basis, (m, 1), method=interpolation, antialias=antialias),
+        n)
     matrix.setflags(write=False)
     return matrix
 
@@ -161,6 +193,46 @@ def _resampling(spatial: tuple[int, int], windows, target: tuple[int, int],
     return matrices
 
 
+def separable_mismatch(got, x: np.ndarray, matrices: Sequence[np.ndarray],
+                       channels_last: bool = True) -> str | None:
+    """Why ``got`` is not ``(R_h ⊗ R_w ⊗ I) x``, or ``None`` when it is (to rounding).
+
+    The check of every rule that reads per-axis matrices off an op: ``got`` is the op's linear
+    part on the batch ``x`` (or the exception that computing it raised), and the tolerance is
+    float32 rounding, relative to ``max|x| · Π_d ‖R_d‖_∞`` (:data:`_CHECK_RTOL`).
+
+    Args:
+        got: The op's output on ``x`` minus its output on zeros, or an exception.
+        x: A float64 batch (random, so that no entry of a wrong matrix goes unseen).
+        matrices: The ``R_d``, one per spatial axis.
+        channels_last: Layout of ``x``.
+
+    Returns:
+        ``None`` if they agree, else the reason, for the error message.
+
+    Example:
+        >>> x = np.ones((1, 2, 1, 1))
+        >>> separable_mismatch(x, x, [np.eye(2), np.eye(1)]) is None
+        True
+        >>> separable_mismatch(2 * x, x, [np.eye(2), np.eye(1)])
+        'on a random input its output differs from that map by 1 (tolerance 0.0001)'
+    """
+    if isinstance(got, Exception):
+        return f"calling it failed ({type(got).__name__}: {got})"
+    got = np.asarray(got, np.float64)
+    expected = np.asarray(certify.apply_box_average(np.asarray(x, np.float64), matrices,
+                                                    channels_last))
+    if got.shape != expected.shape:
+        return f"it returned shape {got.shape[1:]}, not {expected.shape[1:]}"
+    scale = float(np.max(np.abs(x))) * float(np.prod([np.max(np.sum(np.abs(m), axis=1))
+                                                      for m in matrices if m.size] or [0.0]))
+    error = float(np.max(np.abs(got - expected), initial=0.0))
+    if error <= _CHECK_RTOL * scale:
+        return None
+    return (f"on a random input its output differs from that map by {error:.3g} "
+            f"(tolerance {_CHECK_RTOL * scale:.3g})")
+
+
 def _check(layer, ctx: NodeContext, matrices: Sequence[np.ndarray], channels_last: bool,
            description: str) -> None:
     """Raises unless ``(R_h ⊗ R_w ⊗ I) x`` is the layer's ``layer(x) − layer(0)``."""
@@ -172,20 +244,9 @@ def _check(layer, ctx: NodeContext, matrices: Sequence[np.ndarray], channels_las
                - np.asarray(reference(np.zeros_like(x), training=False), np.float64))
     except Exception as err:  # noqa: BLE001 - reported as the reason for the refusal
         got = err
-    expected = np.asarray(certify.apply_box_average(x.astype(np.float64), matrices,
-                                                    channels_last))
-    scale = float(np.max(np.abs(x))) * float(np.prod([np.max(np.sum(np.abs(m), axis=1))
-                                                      for m in matrices if m.size] or [0.0]))
-    if isinstance(got, Exception):
-        reason = f"calling it failed ({type(got).__name__}: {got})"
-    elif got.shape != expected.shape:
-        reason = f"it returned shape {got.shape[1:]}, not {expected.shape[1:]}"
-    else:
-        error = float(np.max(np.abs(got - expected), initial=0.0))
-        if error <= _CHECK_RTOL * scale:
-            return
-        reason = (f"on a random input its output differs from that map by {error:.3g} "
-                  f"(tolerance {_CHECK_RTOL * scale:.3g})")
+    reason = separable_mismatch(got, x, matrices, channels_last)
+    if reason is None:
+        return
     raise UnsupportedLayerError(
         layer,
         f"The rule models it as {description}, a separable linear map R_h ⊗ R_w ⊗ I on input "
