@@ -169,14 +169,47 @@ GATHERS = {
 _W = _RNG.standard_normal((5, 3)).astype("float32")
 
 
+GATHERS.update({  # tf.gather (GatherV2): the same selections along one axis
+    "gather_features": (lambda x: tf.gather(x, [0, 0, 0, 1, 2], axis=1), [None, 4],
+                        math.sqrt(3.0)),
+    "gather_2d_indices": (lambda x: tf.gather(x, [[2, 0], [2, 2], [1, 2]], axis=2),
+                          [None, 2, 3], 2.0),
+    "gather_one_index": (lambda x: tf.gather(x, 1, axis=1), [None, 3, 2], 1.0),
+    "gather_rows_of_fixed": (lambda x: tf.gather(x, [1, 1]), [3, 2], math.sqrt(2.0)),
+})
+
+
 @pytest.mark.parametrize("fn, shape, closed_form", GATHERS.values(), ids=GATHERS.keys())
-def test_gather_nd_with_constant_indices_is_its_jacobians_norm(fn, shape, closed_form):
-    rep = autolip_function(fn, tf.TensorSpec(shape, tf.float32))
+def test_gathers_with_constant_indices_are_their_jacobians_norm(fn, shape, closed_form):
+    """A gather is a selection with repeats: norm √(largest number of times one index is
+    selected), exact and certified; the matmul before one makes a fused chain."""
+    rep = autolip_function(fn, tf.TensorSpec(shape, tf.float32), certified=True)
     example = [1 if d is None else d for d in shape]
     exact = _jacobian_norm(fn, _RNG.standard_normal(example))
+    assert rep.certified
     if closed_form is not None:  # √(largest number of times one entry is selected)
         assert exact == pytest.approx(closed_form, rel=1e-12)
+        assert exact <= rep.upper <= exact * (1 + 1e-12)
     assert rep.upper == pytest.approx(exact, rel=1e-5)
+
+
+def test_gather_closed_form_without_the_dense_route(monkeypatch):
+    """Too large to materialise (forced), the gather's closed form certifies it alone."""
+    from tf_lipschitz import certify
+
+    monkeypatch.setattr(certify, "DENSE_LIMIT", 0)
+    monkeypatch.setattr(certify, "CHAIN_GRAM_LIMIT", 0)
+    fn = lambda x: tf.gather(x, [3, 3, 1, 3, 0, 0], axis=1)  # noqa: E731
+    rep = autolip_function(fn, tf.TensorSpec([None, 5], tf.float32), certified=True)
+    assert rep.certified and rep.upper == pytest.approx(math.sqrt(3.0), rel=1e-15)
+    assert rep.upper >= math.sqrt(3.0)
+
+
+def test_gather_with_batch_dims_is_measured():
+    fn = lambda x: tf.gather(x, tf.constant([[1, 1], [0, 2]]), axis=2, batch_dims=1)  # noqa: E731
+    rep = autolip_function(fn, tf.TensorSpec([2, 2, 3], tf.float32))
+    assert rep.upper == pytest.approx(_jacobian_norm(fn, _RNG.standard_normal((2, 2, 3))),
+                                      rel=1e-5)
 
 
 def test_gather_nd_along_the_batch_axis_is_refused():

@@ -1333,15 +1333,36 @@ def _pow(ctx: OpContext) -> Constant:
                       "y·x^(y−1) is unbounded")
 
 
-def _gather_nd(ctx: OpContext) -> Linear:
-    """``GatherNd`` (``tf.gather_nd``) with constant indices: a selection of slices of ``x``,
-    with repeats, hence linear (measured, as ``GatherV2``). Its indices depend on the input:
-    refused (a selection that moves with ``x`` jumps)."""
+def _selection_norm(rows: np.ndarray) -> float:
+    """``√(largest number of times one row of ``rows`` occurs)``, rounded up: the exact norm
+    of the selection (with repeats) of the slices those rows index (``SᵀS`` is the diagonal of
+    the counts)."""
+    if rows.size == 0:
+        return 0.0
+    top = int(np.max(np.unique(rows, axis=0, return_counts=True)[1]))
+    root = math.sqrt(top)
+    return root if math.isqrt(top) ** 2 == top else math.nextafter(root, math.inf)
+
+
+def _gather(ctx: OpContext) -> Linear:
+    """``GatherV2``/``Gather`` (``tf.gather``) and ``GatherNd`` (``tf.gather_nd``) with
+    constant indices: a selection of slices of ``x`` with repeats, hence linear, of norm
+    ``√(largest number of times one index is selected)`` (:func:`_selection_norm`; exact and
+    certified). ``tf.gather`` with ``batch_dims > 0`` selects per row: measured. Indices that
+    depend on the input are refused (a selection that moves with ``x`` jumps)."""
     if ctx.single_dependent() != 0:
         raise UnsupportedOpError(ctx.op_type, ctx.name, "Its indices depend on the input: the "
                                  "selected entries change with it, a step function. Use "
                                  "constant indices.")
-    return ctx.linear(note="gather_nd: selection (linear)")
+    indices = np.asarray(ctx.constants[1])
+    if ctx.op_type == "GatherNd":
+        rows, what = indices.reshape(-1, indices.shape[-1] if indices.ndim else 1), "gather_nd"
+    elif int(ctx.attr("batch_dims", 0) or 0) == 0:
+        rows, what = indices.reshape(-1, 1), "gather"
+    else:
+        return ctx.linear(note="gather with batch_dims: selection per row (linear)")
+    value = _selection_norm(rows)
+    return ctx.linear(norm=value, note=f"{what}: selection, √(max repeats) = {value:.4g}")
 
 
 def _cast(ctx: OpContext) -> Linear:
@@ -1435,11 +1456,12 @@ def _register_builtin_rules():
     for op in _UNBOUNDED_SLOPES:
         register_op_rule(op, _unbounded_slope)
     register_op_rule("Pow", _pow)
-    register_op_rule("GatherNd", _gather_nd)
+    for op in ("GatherV2", "Gather", "GatherNd"):
+        register_op_rule(op, _gather)
     register_op_rule("Cast", _cast)
     for op in ("AvgPool", "AvgPool3D"):
         register_op_rule(op, _average_pool)
-    for op in ("MirrorPad", "Tile", "BroadcastTo", "GatherV2", "Gather", "Cumsum"):
+    for op in ("MirrorPad", "Tile", "BroadcastTo", "Cumsum"):
         register_op_rule(op, lambda ctx: ctx.linear())
     for op in ("SpaceToBatchND", "BatchToSpaceND"):
         register_op_rule(op, _block_move)
