@@ -144,6 +144,28 @@ def test_magnitude_is_exact(name, kwargs, shape):
         assert _secant(model, x, y) <= report.upper
 
 
+@pytest.mark.parametrize("mode", ["stft", "magnitude"])
+def test_mixed_precision_stft(mode):
+    """Under mixed_float16 the outputs are rounded to float16 (relative 1e-3): the check against
+    the layer allows for it (it refused the layer) and the bound stays above sampled
+    Jacobian norms."""
+    kwargs, shape = STFT_CASES[1][1:]
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        layer = L.STFTSpectrogram(mode=mode, **kwargs)
+        model = _model(layer, shape)
+        report = tfl.LipschitzEstimator(model, verbose=0).autolip(certified=True)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    # the exact norm of the kernels the layer multiplies by (rounded to float16)
+    reference = _model(_stft("stft", kwargs, "float64"), shape, "float64")
+    reference.layers[0].set_weights([w.astype("float16").astype("float64")
+                                     for w in layer.get_weights()])
+    exact = jacobian_norm(reference, np.zeros(shape))
+    assert report.certified and exact <= report.upper <= exact * (1 + 1e-4)
+
+
 def test_log_mode_bound_and_warning():
     kwargs, shape = STFT_CASES[0][1:]
     norm = _stacked_norm(kwargs, shape)
@@ -259,6 +281,26 @@ def test_mel_factors_exact_and_reflection_route(monkeypatch):
     spectrogram._cached_bound.cache_clear()
     assert exact <= loose <= math.sqrt(2.0) * exact * 1.01
     assert model.layers[0] is layer
+
+
+@pytest.mark.parametrize("length,fft_length,stride", [(5, 8, 1), (9, 16, 1), (17, 32, 1),
+                                                       (40, 32, 2)])
+def test_mel_reflection_route_on_short_signals(monkeypatch, length, fft_length, stride):
+    """On a signal of at most fft_length + 1 samples both mirrors of the reflect padding copy
+    the middle samples (3 copies, ‖R‖ = √3): the route's ‖STFT‖ factor stays above the exact
+    one (with √2 it was 8 % below on 5 samples, fft_length 8, no window)."""
+    layer = _mel(dict(fft_length=fft_length, sequence_stride=stride, window=None,
+                      num_mel_bins=8, sampling_rate=8000), dtype="float64")
+    _model(layer, (length,), "float64")
+    mel = np.linalg.norm(spectrogram.mel_matrix(layer), 2)
+    stft = tfl.LinearOperator(lambda x: spectrogram._mel_stft(layer, x), (length,),
+                              dtype="float64").to_dense()
+    exact = np.linalg.norm(stft, 2)
+    monkeypatch.setattr(certify, "DENSE_LIMIT", 0)
+    spectrogram._cached_bound.cache_clear()
+    factor = get_rule(layer)(layer, NodeContext(((length,),), ((),))).value / mel
+    spectrogram._cached_bound.cache_clear()
+    assert exact <= factor <= math.sqrt(3.0) * exact * 1.01, (factor, exact)
 
 
 def test_mel_mag_exp_zero_is_constant():

@@ -35,9 +35,11 @@ all covered.
 filterbank ``M``, then optionally decibels. With ``mag_exp=1`` and ``power_to_db=False`` the
 per-frame map ``x ↦ Mᵀ|Bx|`` (``B`` the stacked real/imag STFT, reflection included) is
 ``‖M‖₂·‖B‖``-Lipschitz: ``|·|`` is 1-Lipschitz per bin and ``Mᵀ`` linear on the magnitudes.
-``‖B‖`` is certified exactly (dense) on small signals and by ``√2 · ‖B_valid‖`` otherwise
-(reflection copies each sample at most twice, a map of norm ``√2``, followed by the
-valid-framed convolution with the windowed DFT kernels): at most ``√2`` loose. Every other
+``‖B‖`` is certified exactly (dense) on small signals and by ``√c · ‖B_valid‖`` otherwise
+(reflection copies each sample at most ``c`` times, a map of norm ``√c``, followed by the
+valid-framed convolution with the windowed DFT kernels): ``c = 2``, at most ``√2`` loose, unless
+the signal has at most ``fft_length + 1`` samples, where both mirrors can copy one sample
+(``c = 3``; :func:`reflection_copies`). Every other
 setting is refused: ``mag_exp ≠ 1`` is not Lipschitz (``|z|^p`` has an infinite slope at 0
 for ``p < 1`` and grows faster than linearly for ``p > 1``), and ``power_to_db=True`` floors
 the decibels at ``max(log_spec) − top_db``, the max taken over the **whole batch**, so an
@@ -78,7 +80,7 @@ from tf_lipschitz.report import round_up
 from tf_lipschitz.rules.base import (Constant, Linear, NodeContext, constant_like,
                                      register_rule, weight_as_used, weight_values)
 
-__all__ = ["mel_matrix", "mel_stft_kernel", "stft_operator_bound"]
+__all__ = ["mel_matrix", "mel_stft_kernel", "reflection_copies", "stft_operator_bound"]
 
 _CHECK_RTOL = 1e-4
 """Tolerance of the checks against the layer, relative to ``max|x| · max_k Σ_n |kernel[n, k]|``
@@ -223,7 +225,9 @@ def _check_stft(layer, ctx: NodeContext, frame_step: int) -> None:
     else:
         error = float(np.max(np.abs(np.sort(got.reshape(2, -1), axis=1)
                                     - np.sort(expected.reshape(2, -1), axis=1)), initial=0.0))
-        if error <= _CHECK_RTOL * max(scale, 1.0):
+        # a float16 layer (mixed precision) rounds its outputs: relative 2⁻¹¹ each
+        rtol = max(_CHECK_RTOL, 8.0 * float(np.finfo(layer.compute_dtype).eps))
+        if error <= rtol * max(scale, 1.0):
             return
         reason = f"on a random input its values differ from that map's by {error:.3g}"
     what = "" if mode in ("real", "imag", "stft") else "the magnitude of "
@@ -330,6 +334,21 @@ def mel_stft_kernel(layer) -> np.ndarray:
     return kernel[:, None, :]
 
 
+def reflection_copies(length: int, pad: int) -> int:
+    """Largest number of times a sample occurs in the signal reflect-padded by ``pad`` on both
+    sides: the reflection ``R`` has ``RᵀR = diag(copies)``, so ``‖R‖ = √max copies``.
+
+    The left mirror copies samples ``1..pad``, the right one ``length − 1 − pad..length − 2``:
+    a sample is in both (3 copies) when ``length ≤ 2·pad + 1``.
+
+    Example:
+        >>> reflection_copies(100, 4), reflection_copies(5, 4), reflection_copies(5, 0)
+        (2, 3, 1)
+    """
+    index = np.pad(np.arange(length), pad, mode="reflect") if pad else np.arange(length)
+    return int(np.max(np.bincount(index, minlength=length)))
+
+
 def _mel_stft(layer, x):
     """``(…, frames, 2·bins)``: the real and imaginary STFT the layer computes."""
     real, imag = ops.stft(x, sequence_length=layer.sequence_length,
@@ -413,9 +432,10 @@ def _mel_spectrogram(layer, ctx: NodeContext) -> Constant:
         stft = certify.max_singular_value(dense.to_dense()[None], method="exact")
         how = "exact"
     else:
-        stft = round_up(math.sqrt(2.0) * stft_operator_bound(
+        copies = reflection_copies(length, layer.fft_length // 2)
+        stft = round_up(math.sqrt(copies) * stft_operator_bound(
             kernel, layer.sequence_stride, "valid", length + 2 * (layer.fft_length // 2)), 2)
-        how = "√2·‖framing‖, reflection bounded by √2"
+        how = f"√{copies}·‖framing‖, reflection bounded by √{copies}"
     value = round_up(mel * stft, 2)
     return Constant(value, note=f"MelSpectrogram (mag_exp=1, no dB): ‖M‖₂·‖STFT‖ = "
                                 f"{mel:.4g}·{stft:.4g} ({how})")
