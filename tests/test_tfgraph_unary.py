@@ -124,6 +124,29 @@ def test_unbounded_op_after_a_linear_map_is_named_by_its_node():
         autolip_function(lambda x: tf.square(x @ w, name="energy") + 1.0, SPEC)
 
 
+@pytest.mark.parametrize("fn, op", [
+    (keras.activations.celu, "Expm1"),
+    (keras.activations.squareplus, "Square"),
+    (lambda x: tf.math.log(1.0 + tf.exp(x)), "Exp"),  # softplus written by hand
+    (lambda x: tf.sqrt(tf.square(x) + 1.0), "Square"),
+], ids=["celu", "squareplus", "log_1_plus_exp", "sqrt_of_square"])
+def test_unbounded_op_inside_an_unrecognised_function_is_not_called_non_lipschitz(fn, op):
+    """These functions are Lipschitz as a whole (constant 1), but the reader bounds them op by
+    op: the op with an unbounded slope is unsupported, not declared 'not Lipschitz'."""
+    x = tf.constant(np.linspace(-30, 30, 600)[:, None], tf.float64)  # (0, a kink, left out)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    assert float(tf.reduce_max(tf.abs(tape.gradient(y, x)))) <= 1.0 + 1e-9  # Lipschitz
+    with pytest.raises(UnsupportedOpError, match=rf"'{op}'.*may be Lipschitz as a whole"):
+        autolip_function(fn, SPEC)
+
+
+def test_unbounded_op_after_affine_maps_stays_not_lipschitz():
+    with pytest.raises(NotLipschitzError, match=r"\(Exp\)"):
+        autolip_function(lambda x: 3.0 * tf.exp(x) - 2.0, SPEC)
+
+
 def test_exp_refusal_still_names_the_exponential_activation():
     with pytest.raises(NotLipschitzError, match="'exponential' activation"):
         autolip_function(keras.activations.exponential, SPEC)

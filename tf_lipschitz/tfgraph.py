@@ -573,6 +573,9 @@ class OpContext:
         dtype: Dtype of the first dependent input.
         elementwise_of: For a product of two elementwise functions of one tensor that is not a
             recognised activation, the name of that tensor.
+        feeds: For an op whose slope is unbounded (``Exp``, ``Square``...), the ``(name, op
+            type)`` of the elementwise ops that read its output: it is then part of a larger
+            elementwise function, which may be Lipschitz as a whole.
         offsets: Set by :meth:`linear`: the constant slots it set to zero (``None`` until then).
         block_move: Set by the ``SpaceToBatchND`` / ``BatchToSpaceND`` rule when the blocks
             leave the last axis alone: the block shape and the paddings (or crops),
@@ -593,6 +596,7 @@ class OpContext:
     elementwise_of: str | None = None
     offsets: tuple[int, ...] | None = None
     block_move: tuple | None = None
+    feeds: tuple[tuple[str, str], ...] = ()
 
     @property
     def op_type(self) -> str:
@@ -1286,16 +1290,34 @@ _UNBOUNDED_SLOPES = {
 
 
 def _refuse_unbounded(ctx: OpContext, reason: str):
-    """Raises :class:`NotLipschitzError` for an op whose slope is unbounded, with what to do."""
+    """Raises :class:`NotLipschitzError` for an op whose slope is unbounded, with what to do;
+    :class:`UnsupportedOpError` when its output feeds other elementwise ops (``ctx.feeds``):
+    the function they compute together may be Lipschitz (celu's ``Expm1``, squareplus'
+    ``Square``), and the graph reader does not recognise it."""
+    if ctx.feeds:
+        name, op = ctx.feeds[0]
+        raise UnsupportedOpError(
+            ctx.op_type, ctx.name,
+            f"On its own it has no Lipschitz constant ({reason}), and here it feeds "
+            f"'{name}' ({op}): it is part of an elementwise function that is not a recognised "
+            "activation, and that function may be Lipschitz as a whole (Keras' celu and "
+            "squareplus are). The graph reader recognises gelu, silu/swish, mish and "
+            "hard_silu by their structure and bounds other ops one by one. Analyse the "
+            ".keras file instead (its activations have exact rules), or clip the op's input "
+            f"and register sup |f'| on that interval with `tfl.tfgraph.register_op_rule("
+            f"'{ctx.op_type}', tfl.tfgraph.elementwise_rule(c))`.")
     raise NotLipschitzError(
         _culprit(ctx),
         f"{reason}, so no constant holds for all inputs. Clip its input to an interval [a, b] "
         "(tf.clip_by_value) and register the constant sup |f'| on [a, b] with "
         f"`tfl.tfgraph.register_op_rule('{ctx.op_type}', tfl.tfgraph.elementwise_rule(c))` "
         f"(valid only if every '{ctx.op_type}' op of the function reads values in [a, b]), or "
-        "use a bounded activation (tanh, sigmoid, softplus). The graph is bounded op by op: a "
-        "function Lipschitz only as a whole (log(1 + exp(x))) is refused at this op too; write "
-        "a known activation with tf.nn or keras.activations (tf.nn.softplus).")
+        "use a bounded activation (tanh, sigmoid, softplus).")
+
+
+_UNBOUNDED_OPS = frozenset(_UNBOUNDED_SLOPES) | {"Pow"}
+# Elementwise ops that are affine maps (by nonzero constants) of their one dependent operand.
+_AFFINE_BY_CONSTANT = frozenset({"AddV2", "Add", "Sub", "Mul", "RealDiv", "Div", "Neg"})
 
 
 def _unbounded_slope(ctx: OpContext):
@@ -2359,7 +2381,31 @@ class _GraphReader:
             constants=constants, input_shapes=tuple(self._shape(r) for r in inputs),
             output_shape=self._shape(f"{node_def.name}:0"), dtype=dep_dtypes[0],
             elementwise_of=self.unmatched.get(node_def.name),
+            feeds=self._elementwise_readers(node_def.name) if node_def.op in _UNBOUNDED_OPS
+            else (),
         )
+
+    def _elementwise_readers(self, name: str) -> tuple[tuple[str, str], ...]:
+        """``(name, op)`` of the elementwise ops downstream of node ``name`` that may make the
+        function they compute with it Lipschitz (celu's ``Expm1`` feeds a ``Minimum``, a
+        ``Square`` under a ``Sqrt``). Affine maps by nonzero constants (``+ 1``, ``· 2``)
+        keep an unbounded slope unbounded: they are looked through."""
+        found, todo, seen = [], [name], {name}
+        while todo:
+            current = todo.pop()
+            for node in self.graph_def.node:
+                if node.name in seen or node.op not in _ENTRYWISE or not any(
+                        _split(self.resolve(r))[0] == current for r in _data_inputs(node)):
+                    continue
+                seen.add(node.name)
+                refs = [self.resolve(r) for r in _data_inputs(node)]
+                consts = [self.values.get(r) for r in refs if not self.is_dependent(r)]
+                if (node.op in _AFFINE_BY_CONSTANT and len(consts) == len(refs) - 1
+                        and all(c is not None and np.all(np.asarray(c) != 0) for c in consts)):
+                    todo.append(node.name)
+                else:
+                    found.append((node.name, node.op))
+        return tuple(found)
 
     def _rule(self, ctx: OpContext) -> LayerBound:
         rule = _OP_RULES.get(ctx.op_type)
