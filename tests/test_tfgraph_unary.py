@@ -112,7 +112,7 @@ def test_ops_with_unbounded_slopes_are_refused_with_the_reason(op, fn, reason, p
     with pytest.raises(NotLipschitzError) as info:
         autolip_function(fn, SPEC)
     message = str(info.value)
-    assert f"'{op}' ({op}) is not globally Lipschitz" in message  # the node and the op type
+    assert f"Op '{op}' ({op}) is not globally Lipschitz" in message  # the node and the op type
     assert reason in message
     assert f"register_op_rule('{op}', tfl.tfgraph.elementwise_rule(c))" in message
     assert "tf.clip_by_value" in message and "bounded activation" in message

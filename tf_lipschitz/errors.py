@@ -100,8 +100,9 @@ class NotLipschitzError(LipschitzError, ValueError):
     def __init__(self, layer, reason: str):
         name = getattr(layer, "name", None) or getattr(layer, "__name__", None) or repr(layer)
         cls = type(layer).__qualname__
+        noun = getattr(layer, "error_noun", "Layer")  # "Op" for a TensorFlow graph's ops
         super().__init__(
-            f"Layer '{name}' ({cls}) is not globally Lipschitz: {reason} No finite upper bound "
+            f"{noun} '{name}' ({cls}) is not globally Lipschitz: {reason} No finite upper bound "
             "exists on an unbounded input domain."
         )
         self.layer = layer

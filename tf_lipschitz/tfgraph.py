@@ -1711,6 +1711,8 @@ class _OpNode:
     registry returns the bound computed when the graph was read.
     """
 
+    error_noun = "Op"  # errors say "Op 'name' (MatMul)", not "Layer"
+
     def __init__(self, name: str, bound: LayerBound, block_move: tuple | None = None):
         self.name = name
         self.bound = bound

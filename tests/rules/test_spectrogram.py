@@ -347,3 +347,13 @@ def test_mel_check_against_layer():
     model = _model(DoubledMel(**kwargs, power_to_db=False, mag_exp=1.0), (length,))
     with pytest.raises(tfl.UnsupportedLayerError, match="computes something else"):
         tfl.LipschitzEstimator(model, verbose=0)
+
+
+def test_non_finite_kernels_are_refused_with_the_reason():
+    """Keras builds NaN kernels for fft_length=1; the check against the layer said the values
+    "differ by nan: this subclass or Keras version computes something else" (review hI)."""
+    model = keras.Sequential([keras.Input((16, 1)),
+                              keras.layers.STFTSpectrogram(mode="stft", frame_length=1,
+                                                           frame_step=1)])
+    with pytest.raises(tfl.UnsupportedLayerError, match="contain NaN or inf.*fft_length=1"):
+        tfl.LipschitzEstimator(model, verbose=0).autolip()

@@ -255,6 +255,13 @@ def _stft_spectrogram(layer, ctx: NodeContext):
         raise UnsupportedLayerError(layer, f"Unknown mode={mode!r}.", suggest_rule=False)
     length, channels, step = _stft_geometry(layer, ctx)
     names = _kernel_names(mode)
+    if not np.all(np.isfinite(_stft_kernel(layer, names))):
+        raise UnsupportedLayerError(
+            layer, f"Its {' and '.join(names)} contain NaN or inf, so its output is not finite "
+            f"and has no bound. Keras computes NaN kernels for fft_length=1 (this layer: "
+            f"frame_length={layer.frame_length}, fft_length={layer.fft_length}): use "
+            "fft_length >= 2. Kernels that training made non-finite must be reset.",
+            suggest_rule=False)
     _check_stft(layer, ctx, step)
 
     def bound() -> float:  # the one-channel operator: the layer's is I_C ⊗ A
