@@ -92,9 +92,13 @@ CHAIN_DENSE_FACTOR = 4
 to ``CHAIN_DENSE_FACTOR · DENSE_LIMIT`` entries (256 MB in float64) for its exact norm."""
 
 CHAIN_GRAM_LIMIT = 1 << 31
-"""Beyond that, a chain with at most :data:`DENSE_SIDE_LIMIT` inputs and ``n_in · n_out`` up
+"""Beyond that, a chain with at most :data:`CHAIN_GRAM_SIDE` inputs and ``n_in · n_out`` up
 to this limit is bounded through its ``n_in × n_in`` Gram matrix, built by ``n_in`` products
 ``JᵀJ e_j`` in float64 (the cost of ``n_in`` forward and backward passes of the chain)."""
+
+CHAIN_GRAM_SIDE = 4096
+"""Largest number of inputs of a chain bounded through its Gram matrix (134 MB in float64:
+a CIFAR image, or a 64×64 grey one)."""
 
 GRAM_SIDE_LIMIT = 8192
 """Largest Gram matrix side formed for a dense matrix; beyond it a loose closed form is used."""
@@ -459,7 +463,7 @@ def _chain_route(input_shape, output_shape) -> str | None:
     n_in, n_out = math.prod(input_shape), math.prod(output_shape)
     if n_in * n_out <= CHAIN_DENSE_FACTOR * DENSE_LIMIT and min(n_in, n_out) <= DENSE_SIDE_LIMIT:
         return "matrix"
-    if n_in <= DENSE_SIDE_LIMIT and n_in * n_out <= CHAIN_GRAM_LIMIT:
+    if n_in <= CHAIN_GRAM_SIDE and n_in * n_out <= CHAIN_GRAM_LIMIT:
         return "gram"
     return None
 
@@ -1600,7 +1604,7 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
     norm), or a member has no certificate, a chain whose smaller side is at most
     :data:`DENSE_SIDE_LIMIT` is still materialised, up to :data:`CHAIN_DENSE_FACTOR` times
     the dense limit, and bounded exactly; beyond that a chain with few inputs is bounded
-    through its Gram matrix (:data:`CHAIN_GRAM_LIMIT`).
+    through its Gram matrix (:data:`CHAIN_GRAM_SIDE`, :data:`CHAIN_GRAM_LIMIT`).
 
     Args:
         members: ``(Linear bound, graph node)`` pairs of the chain, in order.
