@@ -315,6 +315,20 @@ def gram_iteration(matrices: Any, iterations: int = 8) -> np.ndarray:
     return _gram_iteration_tf(g, tf.constant(int(iterations))).numpy()
 
 
+def _binary_scale(a: np.ndarray) -> float:
+    """The power of two just above ``max|a|`` (dividing by it is exact), or 0 for zeros.
+
+    Raises:
+        InvalidArgumentError: On NaN or inf (no bound exists).
+    """
+    big = float(np.max(np.abs(a)))  # NaN if any entry is NaN
+    if not math.isfinite(big):
+        raise InvalidArgumentError(
+            "The weights contain NaN or inf: no operator-norm bound exists. Check the layer's "
+            "weights (a diverged training step) before certifying.")
+    return 0.0 if big == 0.0 else 2.0 ** math.frexp(big)[1]
+
+
 def max_singular_value(matrices: Any, *, method: str = "auto", rtol: float = 1e-4,
                        iterations: int = 10) -> float:
     """Certified upper bound on the largest singular value over a batch of matrices.
@@ -354,14 +368,9 @@ def max_singular_value(matrices: Any, *, method: str = "auto", rtol: float = 1e-
         return 0.0
     given = a
     a = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64, copy=False)
-    big = float(np.max(np.abs(a)))  # NaN if any entry is NaN
-    if not math.isfinite(big):
-        raise InvalidArgumentError(
-            "The weights contain NaN or inf: no operator-norm bound exists. Check the layer's "
-            "weights (a diverged training step) before certifying.")
-    if big == 0.0:
+    scale = _binary_scale(a)
+    if scale == 0.0:
         return 0.0
-    scale = 2.0 ** math.frexp(big)[1]  # a power of two: rescaling is exact
     if a is given:  # the caller's array: a scaled copy
         a = a / scale
     else:  # this function's float64 copy: scaled in place
@@ -635,14 +644,9 @@ def _float64_gram_bound(fn, input_shape, output_shape, layers=()) -> float:
             raise
         raise _Float64Unavailable(f"it fails in float64 ({_error_summary(err)})") from err
     gram = 0.5 * (gram + gram.T)
-    big = float(np.max(np.abs(gram)))
-    if not math.isfinite(big):
-        raise InvalidArgumentError(
-            "The weights contain NaN or inf: no operator-norm bound exists. Check the layers' "
-            "weights (a diverged training step) before certifying.")
-    if big == 0.0:
+    scale = _binary_scale(gram)
+    if scale == 0.0:
         return 0.0
-    scale = 2.0 ** math.frexp(big)[1]  # a power of two: exact
     margin = safety_margin(n_out, n_in)
     lam = _top_eigenvalue_bound((gram / scale)[None], 1e-4, margin)
     return math.sqrt(lam * scale) * (1.0 + margin)
