@@ -1587,6 +1587,15 @@ def _chain_exact(members: Sequence[tuple[Any, Any]], input_shape: tuple[int, ...
     return max_singular_value(matrix[None], method="exact")
 
 
+def _chain_exact_or_why(members, shapes) -> tuple[float | None, "_Float64Unavailable | None"]:
+    """``(_chain_exact(...), None)``, or ``(None, the reason)`` when the chain does not
+    compute in float64."""
+    try:
+        return _chain_exact(members, *shapes), None
+    except _Float64Unavailable as err:
+        return None, err
+
+
 def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
     """Certified bound on the norm of a fused chain of affine layers.
 
@@ -1626,11 +1635,8 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
     shapes = (tuple(first.input_shapes[0]), tuple(last.output_shapes[0]))
     skipped = None
     if _small(*shapes):
-        try:
-            exact = _chain_exact(members, *shapes)
-        except _Float64Unavailable as err:
-            skipped = err
-        else:
+        exact, skipped = _chain_exact_or_why(members, shapes)
+        if exact is not None:
             return exact if closed is None else min(exact, closed)
     chain, members = members, _undo_space_to_batch(members)
     diags = [_diagonal_scale(b, n) for b, n in members]  # evaluated once for the routes below
@@ -1653,11 +1659,8 @@ def fused_certificate(members: Sequence[tuple[Any, Any]]) -> float | None:
     else:
         factors, bound = [], combined
     if whole and (missing is not None or (len(factors) >= 2 and any(f != 1.0 for f in factors))):
-        try:
-            exact = _chain_exact(chain, *shapes)
-        except _Float64Unavailable as err:
-            skipped = err
-        else:
+        exact, skipped = _chain_exact_or_why(chain, shapes)
+        if exact is not None:
             return exact if bound is None else min(exact, bound)
     if bound is None and skipped is not None:
         warnings.warn(
