@@ -283,9 +283,12 @@ def test_truncated_singular_triplets_are_estimates():
     assert dense.certified and dense.upper >= floor * (1 - 1e-6)
 
 
-def test_unsettled_subspace_iteration_warns():
+def test_unsettled_subspace_iteration_warns(monkeypatch):
     # The iterative triplets stopped at subspace_max_iter without a word; their values come
     # from below, so the user is told.
+    from tf_lipschitz import seqlip
+
+    monkeypatch.setattr(seqlip, "GRAM_SIDE", 0)  # the block iteration, not the Gram route
     model = mlp((10, 8, 7, 3), seed=6)
     est = tfl.LipschitzEstimator(model, verbose=0)
     with pytest.warns(RuntimeWarning, match="did not settle.*subspace_max_iter=1"):
@@ -361,10 +364,16 @@ def test_progress_output_when_verbose(capsys):
 
 
 @pytest.mark.filterwarnings("ignore:SeqLip.*did not settle:RuntimeWarning")  # float16 noise
-def test_mixed_float16_chain_through_the_block_iteration():
+@pytest.mark.parametrize("route", ["subspace", "gram"])
+def test_mixed_float16_chain_through_the_block_iteration(route, monkeypatch):
     # With dense_limit=0 the spectra come from the block subspace iteration, which iterated the
     # float16 operators of a mixed_float16 model in float16 and raised (eigh has no float16
     # kernel). It now runs on the solver's preparation: applied in float16, iterated in float32.
+    # The Gram route applies them in float16 and decomposes in float64.
+    from tf_lipschitz import seqlip
+
+    if route == "subspace":
+        monkeypatch.setattr(seqlip, "GRAM_SIDE", 0)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
     try:
@@ -375,7 +384,7 @@ def test_mixed_float16_chain_through_the_block_iteration():
         truth = brute_pattern_max(w2, w1)  # of the float16-cast kernels
         rep = tfl.LipschitzEstimator(model, verbose=0).seqlip(mode="exact", dense_limit=0)
         assert [r.method for r in rep.layers if r.kind == "linear"] == \
-            ["seqlip-start (subspace)", "seqlip-exact"]
+            [f"seqlip-start ({route})", "seqlip-exact"]
         assert rep.upper == pytest.approx(truth, rel=2.0 ** -10)
     finally:
         keras.config.set_dtype_policy(previous)
@@ -608,3 +617,27 @@ def test_table_says_when_a_pair_gained_nothing_over_autolip():
     full = est.seqlip(top_k=200)
     assert [r.method for r in full.layers if r.kind == "linear"][1] == "seqlip-greedy"
     assert full.upper < capped.upper * (1 - 1e-2)
+
+
+@pytest.mark.parametrize("strides, filters", [(1, 5), (2, 2)], ids=["inputs", "outputs"])
+def test_gram_route_spectrum_against_the_dense_svd(strides, filters):
+    """Beyond the dense route, an operator with a small side is decomposed through its Gram
+    matrix on that side (here the 6×6×3 inputs, or the 3×3×2 outputs of a stride-2 conv):
+    the top singular triplets and the remainder of a dense SVD."""
+    import tensorflow as tf
+
+    from tf_lipschitz import seqlip
+    from tf_lipschitz.operators import LinearOperator
+
+    rng = np.random.default_rng(3)
+    kernel = tf.constant(rng.standard_normal((3, 3, 3, filters)).astype("float32"))
+    op = LinearOperator(lambda x: tf.nn.conv2d(x, kernel, strides, "SAME"), (6, 6, 3))
+    matrix = op.to_dense().astype(np.float64)
+    exact = np.linalg.svd(matrix, compute_uv=False)
+    spec = seqlip.operator_spectrum(op, matrix.shape[0], top_k=4, dense_limit=0)
+    assert spec.method == "gram" and not spec.exact
+    np.testing.assert_allclose(spec.s, exact[:4], rtol=1e-5)
+    assert spec.rest == pytest.approx(exact[4], rel=1e-5)
+    np.testing.assert_allclose(matrix @ spec.v, spec.u * spec.s, atol=1e-5 * exact[0])
+    np.testing.assert_allclose(spec.u.T @ spec.u, np.eye(4), atol=1e-5)
+    np.testing.assert_allclose(spec.v.T @ spec.v, np.eye(4), atol=1e-5)
