@@ -57,7 +57,7 @@ import tensorflow as tf
 from tf_lipschitz.gridconv import small_grid_bound
 from tf_lipschitz.linalg import cholesky_in_place, lanczos_ritz, top_eigenvalue
 from tf_lipschitz.errors import InvalidArgumentError, LipschitzError
-from tf_lipschitz.operators import LinearOperator, compose
+from tf_lipschitz.operators import LinearOperator, basis_blocks, compose
 from tf_lipschitz.power import check_choice, check_int, check_tol
 from tf_lipschitz.rules.base import weight_values
 
@@ -595,11 +595,9 @@ def _materialise(fn, input_shape, output_shape) -> np.ndarray:
 def _materialise_rows(fn, input_shape, n_in, n_out, batch) -> np.ndarray:
     """The matrix row block by row block, by reverse-mode products on the output basis."""
     rows = []
-    for start in range(0, n_out, batch):
-        count = min(n_out, start + batch) - start
+    for _, basis in basis_blocks(n_out, batch):
+        count = len(basis)
         x = tf.zeros((count, *input_shape), tf.float64)
-        basis = np.zeros((count, n_out))
-        basis[np.arange(count), np.arange(start, start + count)] = 1.0
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = fn(x)
@@ -627,10 +625,8 @@ def _float64_gram_bound(fn, input_shape, output_shape, layers=()) -> float:
     gram = np.empty((n_in, n_in))
     try:
         with _no_autocast(layers):
-            for start in range(0, n_in, batch):
-                count = min(n_in, start + batch) - start
-                basis = np.zeros((count, n_in))
-                basis[np.arange(count), np.arange(start, start + count)] = 1.0
+            for start, basis in basis_blocks(n_in, batch):
+                count = len(basis)
                 x = tf.constant(basis.reshape(count, *input_shape))
                 with tf.GradientTape() as tape:
                     tape.watch(x)

@@ -14,7 +14,25 @@ import tensorflow as tf
 
 from tf_lipschitz.errors import InvalidArgumentError
 
-__all__ = ["Adjoint", "LinearOperator", "bind_adjoint", "compose"]
+__all__ = ["Adjoint", "LinearOperator", "basis_blocks", "bind_adjoint", "compose"]
+
+
+def basis_blocks(n: int, batch: int, dtype: Any = np.float64):
+    """The standard basis of ``R^n`` in blocks of at most ``batch`` vectors.
+
+    Yields ``(start, block)``: ``block`` is ``(count, n)`` with ones at ``(i, start + i)``, the
+    unit vectors ``e_start … e_{start+count−1}`` (what materialising an operator, or its Gram
+    matrix, applies it to).
+
+    Example:
+        >>> [(s, b.tolist()) for s, b in basis_blocks(3, 2)]
+        [(0, [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), (2, [[0.0, 0.0, 1.0]])]
+    """
+    for start in range(0, n, batch):
+        count = min(n, start + batch) - start
+        block = np.zeros((count, n), dtype)
+        block[np.arange(count), np.arange(start, start + count)] = 1.0
+        yield start, block
 
 
 class Adjoint:
@@ -102,14 +120,10 @@ class LinearOperator:
         Applies the operator to the standard basis, ``batch_size`` vectors at a time. Meant for
         small operators (tests, exact SVD certificates).
         """
-        n = self.size
         cols = []
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            basis = np.zeros((stop - start, n), dtype=self.dtype)
-            basis[np.arange(stop - start), np.arange(start, stop)] = 1.0
-            out = self.fn(tf.convert_to_tensor(basis.reshape((stop - start, *self.input_shape))))
-            cols.append(np.asarray(out).reshape(stop - start, -1))
+        for _, basis in basis_blocks(self.size, batch_size, self.dtype):
+            out = self.fn(tf.convert_to_tensor(basis.reshape((-1, *self.input_shape))))
+            cols.append(np.asarray(out).reshape(len(basis), -1))
         return np.concatenate(cols, axis=0).T
 
 

@@ -50,7 +50,7 @@ from tf_lipschitz.autolip import (AutoLip, Group, Segment, evaluate_rules,
                                   group_activations)
 from tf_lipschitz.errors import InvalidArgumentError
 from tf_lipschitz.graph import ModelGraph
-from tf_lipschitz.operators import LinearOperator, bind_adjoint
+from tf_lipschitz.operators import LinearOperator, basis_blocks, bind_adjoint
 from tf_lipschitz.power import (SpectralResult, check_choice, check_int, check_tol,
                                  dtype_eps, prepare_operator, top_singular_triplets)
 from tf_lipschitz.progress import progress_bar
@@ -668,13 +668,10 @@ def _gram_spectrum(op: LinearOperator, out_size: int, top_k: int) -> Spectrum:
         return tf.reshape(tf.cast(y, dtype), (x.shape[0], -1))
 
     gram = np.empty((side, side))
-    for first in range(0, side, batch):
-        count = min(side, first + batch) - first
-        basis = np.zeros((count, side), dtype.as_numpy_dtype)
-        basis[np.arange(count), np.arange(first, first + count)] = 1.0
+    for first, basis in basis_blocks(side, batch, dtype.as_numpy_dtype):
         e = tf.constant(basis)
         block = adjoint(forward(e)) if side == n_in else forward(adjoint(e))
-        gram[first:first + count] = np.asarray(block, np.float64)
+        gram[first:first + len(basis)] = np.asarray(block, np.float64)
     lam, vecs = np.linalg.eigh(0.5 * (gram + gram.T))  # ascending
     lam, vecs = lam[::-1], vecs[:, ::-1]
     keep = min(top_k, side)

@@ -63,7 +63,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import warnings
 from typing import Sequence
@@ -102,8 +101,8 @@ def _frames(x, kernel, frame_step: int, padding: str):
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_bound(digest: str, kernel_bytes: bytes, kernel_shape: tuple[int, ...],
-                  frame_step: int, padding: str, length: int) -> float:
+def _cached_bound(kernel_bytes: bytes, kernel_shape: tuple[int, ...], frame_step: int,
+                  padding: str, length: int) -> float:
     kernel = np.frombuffer(kernel_bytes, np.float64).reshape(kernel_shape)
     frame_length = kernel_shape[0]
     n_out = _output_length(length, frame_length, frame_step, padding)
@@ -153,9 +152,8 @@ def stft_operator_bound(kernel: np.ndarray, frame_step: int, padding: str,
         True
     """
     kernel = np.ascontiguousarray(kernel, np.float64)
-    data = kernel.tobytes()
-    return _cached_bound(hashlib.sha256(data).hexdigest(), data, kernel.shape, int(frame_step),
-                         str(padding), int(length))
+    return _cached_bound(kernel.tobytes(), kernel.shape, int(frame_step), str(padding),
+                         int(length))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,9 +428,7 @@ def _mel_spectrogram(layer, ctx: NodeContext) -> Constant:
     length = int(shape[-1])
     frames = _output_length(length + 2 * (layer.fft_length // 2), layer.fft_length,
                             layer.sequence_stride, "valid")
-    out = (frames, kernel.shape[-1])
-    n_in, n_out = length, math.prod(out)
-    if n_in * n_out <= certify.DENSE_LIMIT and min(n_in, n_out) <= certify.DENSE_SIDE_LIMIT:
+    if certify._small((length,), (frames, kernel.shape[-1])):
         # exact, the reflection included: the float64 matrix of the map (window computed in
         # float64, within 1e-7 of the layer's float32 one: inside the certificate's margin)
         dense = LinearOperator(lambda x: _mel_stft(layer, x), (length,), dtype="float64")
