@@ -19,13 +19,20 @@ meaningless values far below the true constant.
   (the shape of a user trial's model: Conv 3×3×16 → BN → max-pooling → Conv 3×3×32 stride 2 →
   Dense 32 → Dense 10), its BN statistics drawn at random (a fresh BN scales every channel by
   ~1, which hides what the scaling does), SeqLip at its defaults. AutoLip measures the BN with
-  the convolution across the ReLU (``‖diag(s) W‖``), which SeqLip then starts from.
+  the convolution across the ReLU (``‖diag(s) W‖``), which SeqLip then starts from;
+- ``cifar_cnn``: 32×32×3 → Conv2D(32, 3) → Conv2D(16, 3, strides=2) → Dense(10), SeqLip at its
+  defaults, run twice in the same process: with the singular decompositions of operators of at
+  most :data:`tf_lipschitz.seqlip.GRAM_SIDE` inputs or outputs taken from their Gram matrix
+  (the default), then by the block subspace iteration (``GRAM_SIDE = 0``, the route before
+  session 20). The row of the second run is ``cifar_cnn (subspace)``, and the JSON gives the
+  time ratio of the two and the relative difference of the bounds.
 
 Usage::
 
     python benchmarks/seqlip.py            # full run
     python benchmarks/seqlip.py --quick    # smaller E, fewer iterations
     python benchmarks/seqlip.py --json benchmarks/seqlip.json
+    python benchmarks/seqlip.py --only cifar_cnn   # Gram route against subspace iteration
 """
 
 from __future__ import annotations
@@ -76,6 +83,15 @@ def mnist_bn() -> keras.Model:
     return model
 
 
+def cifar_cnn() -> keras.Model:
+    return keras.Sequential([
+        keras.Input((32, 32, 3)),
+        L.Conv2D(32, 3, padding="same", activation="relu"),
+        L.Conv2D(16, 3, strides=2, padding="same", activation="relu"), L.Flatten(),
+        L.Dense(10),
+    ], name="cifar_cnn")
+
+
 def measure(name: str, model: keras.Model, options: dict) -> dict:
     est = tfl.LipschitzEstimator(model, verbose=0)
     start = time.perf_counter()
@@ -108,13 +124,35 @@ def measure(name: str, model: keras.Model, options: dict) -> dict:
     return row
 
 
+def compare_routes(model: keras.Model, gram_row: dict, options: dict) -> dict:
+    """Re-runs :func:`measure` with the Gram route off (``seqlip.GRAM_SIDE = 0``)."""
+    from tf_lipschitz import seqlip
+
+    saved = seqlip.GRAM_SIDE
+    seqlip.GRAM_SIDE = 0
+    try:
+        row = measure(f"{gram_row['model']} (subspace)", model, options)
+    finally:
+        seqlip.GRAM_SIDE = saved
+    return {
+        "model": gram_row["model"],
+        "gram_seconds": gram_row["seqlip_seconds"],
+        "subspace_seconds": row["seqlip_seconds"],
+        "time_ratio_subspace_over_gram": row["seqlip_seconds"] / gram_row["seqlip_seconds"],
+        "gram_bound": gram_row["seqlip"],
+        "subspace_bound": row["seqlip"],
+        "bound_relative_difference": abs(row["seqlip"] - gram_row["seqlip"]) / gram_row["seqlip"],
+        "row": row,
+    }
+
+
 def table(rows: list[dict]) -> str:
-    head = (f"{'model':<12}{'params':>11}{'pairs':>6}{'widest':>8}{'AutoLip s':>11}"
+    head = (f"{'model':<22}{'params':>11}{'pairs':>6}{'widest':>8}{'AutoLip s':>11}"
             f"{'SeqLip s':>10}{'(SVD s':>9}{'search s)':>11}{'time ×':>8}{'Seq/Auto':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['model']:<12}{r['parameters']:>11,}{r['pairs']:>6}{r['widest_link']:>8}"
+            f"{r['model']:<22}{r['parameters']:>11,}{r['pairs']:>6}{r['widest_link']:>8}"
             f"{r['autolip_seconds']:>11.1f}{r['seqlip_seconds']:>10.1f}"
             f"{r['seqlip_spectra_seconds']:>9.1f}{r['seqlip_pairs_seconds']:>11.1f}"
             f"{r['time_ratio_seqlip_over_autolip']:>8.1f}"
@@ -126,7 +164,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller E and iteration caps")
-    parser.add_argument("--only", choices=("mnist_cnn4", "vgg16_32", "mnist_bn"))
+    parser.add_argument("--only", choices=("mnist_cnn4", "vgg16_32", "mnist_bn", "cifar_cnn"))
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     keras.utils.set_random_seed(0)
@@ -137,15 +175,25 @@ def main(argv=None) -> int:
                                 "subspace_max_iter": 10 if args.quick else 30,
                                 "max_sweeps": 1 if args.quick else 2}),
         "mnist_bn": (mnist_bn, {}),
+        "cifar_cnn": (cifar_cnn, {}),
     }
-    rows = []
+    rows, comparisons = [], []
     for name, (build, options) in configs.items():
         if args.only in (None, name):
-            rows.append(measure(name, build(), options))
+            model = build()
+            rows.append(measure(name, model, options))
+            if name == "cifar_cnn":
+                comparisons.append(compare_routes(model, rows[-1], options))
+                rows.append(comparisons[-1].pop("row"))
     print()
     print(table(rows))
+    for c in comparisons:
+        print(f"{c['model']}: Gram route {c['gram_seconds']:.1f} s, subspace iteration "
+              f"{c['subspace_seconds']:.1f} s ({c['time_ratio_subspace_over_gram']:.1f}×); "
+              f"bounds {c['gram_bound']:.6g} and {c['subspace_bound']:.6g}")
     result = {"benchmark": "seqlip", "quick": args.quick, "machine": platform.machine(),
-              "cpus": os.cpu_count(), "keras": keras.__version__, "rows": rows}
+              "cpus": os.cpu_count(), "keras": keras.__version__, "rows": rows,
+              "gram_route": comparisons}
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -628,8 +628,8 @@ GRAM_SIDE = 4096
 """Largest smaller side of an operator, beyond the dense route, decomposed through its Gram
 matrix (``JᵀJ`` or ``JJᵀ`` from that many products, then one symmetric eigendecomposition)
 instead of the block subspace iteration: on a CIFAR CNN whose first convolution has 3072 inputs
-and second (stride 2) 4096 outputs, SeqLip took 198 s by the iteration, 37 s this way (2
-cores, top_k=200)."""
+and second (stride 2) 4096 outputs, SeqLip takes 32.7 s this way and 168.7 s by the iteration
+(2 cores, top_k=200; ``python benchmarks/seqlip.py --only cifar_cnn`` runs both)."""
 
 _GRAM_CHUNK_BYTES = 48 << 20
 
