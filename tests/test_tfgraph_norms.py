@@ -111,7 +111,8 @@ NEAR_MISSES = {
     "negative_constant": lambda x: tf.sqrt(tf.square(x) + tf.square(2.0 * x) + (-1.0)),
     "negative_constant_sub": lambda x: tf.sqrt(tf.square(x) + tf.square(2.0 * x) - 1.0),
     "negative_floor": lambda x: tf.sqrt(tf.maximum(tf.square(x), -1.0)),
-    "square_read_elsewhere": lambda x: tf.sqrt(tf.square(x) + 1.0) + tf.square(x),
+    "square_read_elsewhere": lambda x: (lambda s: tf.sqrt(s + 1.0) + s)(tf.square(x)),
+    "sum_read_elsewhere": lambda x: (lambda s: tf.sqrt(s) + s)(tf.square(x) + tf.square(x[:, ::-1])),
     "rsqrt": lambda x: tf.math.rsqrt(tf.square(x) + 1.0),
     "scaled_square": lambda x: tf.sqrt(2.0 * tf.square(x) + 1.0),
     "broadcast_term": lambda x: tf.sqrt(tf.square(x) + tf.square(x[:, :1])),
@@ -205,10 +206,12 @@ def test_near_misses_of_celu_and_squareplus_are_refused(fn):
         autolip_function(fn, SPEC)
 
 
-def test_squareplus_without_the_half_is_bounded_by_its_parts():
+@pytest.mark.parametrize("fn", [lambda x: x + tf.sqrt(tf.square(x) + 4.0),
+                                lambda x: (x + tf.sqrt(tf.square(x) + 4.0)) / 1.0],
+                         ids=["no_division", "divided_by_one"])
+def test_squareplus_without_the_half_is_bounded_by_its_parts(fn):
     """``x + √(x² + b)`` is not squareplus (slope up to 2): not recognised as it, its parts
     (the identity and a norm) give 2, which the sampled slope approaches."""
-    fn = lambda x: x + tf.sqrt(tf.square(x) + 4.0)  # noqa: E731
     rep = autolip_function(fn, SPEC)
     assert rep.upper == pytest.approx(2.0, rel=1e-9)
     assert not any("squareplus" in row.note for row in rep.layers)
