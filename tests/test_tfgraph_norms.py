@@ -112,7 +112,8 @@ NEAR_MISSES = {
     "negative_constant_sub": lambda x: tf.sqrt(tf.square(x) + tf.square(2.0 * x) - 1.0),
     "negative_floor": lambda x: tf.sqrt(tf.maximum(tf.square(x), -1.0)),
     "square_read_elsewhere": lambda x: (lambda s: tf.sqrt(s + 1.0) + s)(tf.square(x)),
-    "sum_read_elsewhere": lambda x: (lambda s: tf.sqrt(s) + s)(tf.square(x) + tf.square(x[:, ::-1])),
+    "sum_read_elsewhere": lambda x: (lambda s: tf.sqrt(s) + s)(
+        tf.square(x) + tf.square(x[:, ::-1])),
     "rsqrt": lambda x: tf.math.rsqrt(tf.square(x) + 1.0),
     "scaled_square": lambda x: tf.sqrt(2.0 * tf.square(x) + 1.0),
     "broadcast_term": lambda x: tf.sqrt(tf.square(x) + tf.square(x[:, :1])),

@@ -2647,7 +2647,7 @@ class _GraphReader:
         return [self.resolve(r) for r in _data_inputs(node)]
 
     def _prelu(self, name: str) -> "_Region | None":
-        """The region of the sum ``name`` when the sum ``name`` is ``relu(s) + c·relu(−s)``.
+        """The region of the sum ``name`` when it is ``relu(s) + c·relu(−s)``.
 
         That is Keras' PReLU (``relu(x) − α·relu(−x)``, ``c = −α`` a constant broadcast over
         ``s``): slope 1 where ``s > 0`` and ``α`` where ``s < 0``, entry by entry, so its
@@ -2795,8 +2795,9 @@ class _GraphReader:
         :class:`~tf_lipschitz.rules.Linear` rules, :meth:`_stacked_terms`) of one tensor
         ``s`` (the real and imaginary parts of an STFT): a node stacking them, ``Bs``, whose
         norm is measured, then the bound 1, so the region is ``‖B‖``-Lipschitz in ``s``.
-        Otherwise ``√(Σ_j L_j²)`` from the terms' constants (:meth:`~tf_lipschitz.rules.Merge.l2`), valid when
-        they depend on one input too, since ``Σ_j ‖Δa_j‖² ≤ Σ_j L_j² ‖Δx‖²``.
+        Otherwise ``√(Σ_j L_j²)`` from the terms' constants
+        (:meth:`~tf_lipschitz.rules.Merge.l2`), valid when they depend on one input too, since
+        ``Σ_j ‖Δa_j‖² ≤ Σ_j L_j² ‖Δx‖²``.
 
         ``√(a² − b²)``, a negative ``c``, ``Rsqrt``, a square read elsewhere (which keeps its
         own rule) are not recognised, and are refused as before.
