@@ -125,14 +125,17 @@ def test_unbounded_op_after_a_linear_map_is_named_by_its_node():
 
 
 @pytest.mark.parametrize("fn, op", [
-    (keras.activations.celu, "Expm1"),
-    (keras.activations.squareplus, "Square"),
+    # celu, squareplus and √(x² + 1) are recognised (test_tfgraph_norms.py): these near misses
+    # of theirs are not
+    (lambda x: tf.maximum(x, 0.0) + 0.5 * tf.math.expm1(tf.minimum(x, 0.0) / 1.0), "Expm1"),
+    (lambda x: (x + tf.sqrt(2.0 * tf.square(x) + 4.0)) / 3.0, "Square"),
     (lambda x: tf.math.log(1.0 + tf.exp(x)), "Exp"),  # softplus written by hand
-    (lambda x: tf.sqrt(tf.square(x) + 1.0), "Square"),
-], ids=["celu", "squareplus", "log_1_plus_exp", "sqrt_of_square"])
+    (lambda x: tf.sqrt(0.5 * tf.square(x) + 1.0), "Square"),
+], ids=["celu_like", "squareplus_like", "log_1_plus_exp", "sqrt_of_scaled_square"])
 def test_unbounded_op_inside_an_unrecognised_function_is_not_called_non_lipschitz(fn, op):
-    """These functions are Lipschitz as a whole (constant 1), but the reader bounds them op by
-    op: the op with an unbounded slope is unsupported, not declared 'not Lipschitz'."""
+    """These functions are Lipschitz as a whole (constant at most 1), but the reader bounds
+    them op by op: the op with an unbounded slope is unsupported, not declared 'not
+    Lipschitz'."""
     x = tf.constant(np.linspace(-30, 30, 600)[:, None], tf.float64)  # (0, a kink, left out)
     with tf.GradientTape() as tape:
         tape.watch(x)

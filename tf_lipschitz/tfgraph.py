@@ -22,12 +22,22 @@ shared/ALGORITHMS.md §4) on that graph directly:
    - elementwise activations (``Relu``, ``Relu6``, ``Elu``, ``Selu``, ``LeakyRelu``, ``Sigmoid``,
      ``Tanh``, ``Softplus``, ``Softsign``, ``Softmax``, ``LogSoftmax``) get the constants of
      :func:`tf_lipschitz.rules.activations.activation_info`; activations that TensorFlow builds from
-     several ops (gelu as ``0.5·x·erfc(−x/√2)``, silu/swish as ``x·σ(βx)``, mish, hard-silu) are
-     recognised by the exact structure of the elementwise sub-graph (ops and constants), never
-     by its values; other products of elementwise functions raise :class:`UnsupportedOpError`;
+     several ops (gelu as ``0.5·x·erfc(−x/√2)``, silu/swish as ``x·σ(βx)``, mish, hard-silu,
+     Keras' celu ``max(x, 0) + α·expm1(min(x, 0)/α)`` with ``α > 0`` and squareplus
+     ``(x + √(x² + b))/2`` with ``b ≥ 0``) are recognised by the exact structure of the
+     elementwise sub-graph (ops and constants, or the parameter read where it must be),
+     never by its values; other products of elementwise functions raise
+     :class:`UnsupportedOpError`;
      on their own, ``Erf`` and ``Erfc`` get ``2/√π``, and ops whose slope is unbounded
      (``Exp``, ``Log``, ``Sqrt``, ``Square``, ``Reciprocal``, ``Pow`` with an exponent other
      than 0 or 1...) raise :class:`~tf_lipschitz.errors.NotLipschitzError` with the reason;
+   - Euclidean norms ``√(Σ_j a_j² + c)`` and ``√max(Σ_j a_j², c)`` (``Square`` or ``x·x``,
+     sums without broadcasting, ``Sum`` over axes, a constant ``c ≥ 0``: ``tf.norm``, the
+     magnitude of an STFT from its real and imaginary parts, ``|tf.complex(re, im)|``) are
+     1-Lipschitz in the stacked terms ``(a_1, …, a_k)``; terms that are linear maps of one
+     tensor ``s`` are stacked into one linear operator of ``s`` whose norm is measured (the
+     STFT's ``‖[A_re; A_im]‖``, as for the Keras layer), others combine as ``√(Σ L_j²)``
+     (:meth:`_GraphReader._euclidean_norm`);
    - ``MaxPool`` gets the overlap constant :func:`~tf_lipschitz.rules.pooling.max_pool_constant`;
    - image resampling (``ResizeBilinear``, ``ResizeBicubic``, ``ResizeNearestNeighbor``,
      ``ResizeArea``, ``ScaleAndTranslate``) with constant sizes is ``R_h ⊗ R_w ⊗ I``, its
@@ -1292,17 +1302,18 @@ _UNBOUNDED_SLOPES = {
 def _refuse_unbounded(ctx: OpContext, reason: str):
     """Raises :class:`NotLipschitzError` for an op whose slope is unbounded, with what to do;
     :class:`UnsupportedOpError` when its output feeds other elementwise ops (``ctx.feeds``):
-    the function they compute together may be Lipschitz (celu's ``Expm1``, squareplus'
-    ``Square``), and the graph reader does not recognise it."""
+    the function they compute together may be Lipschitz (``log(1 + exp(x))``), and the graph
+    reader does not recognise it."""
     if ctx.feeds:
         name, op = ctx.feeds[0]
         raise UnsupportedOpError(
             ctx.op_type, ctx.name,
             f"On its own it has no Lipschitz constant ({reason}), and here it feeds "
             f"'{name}' ({op}): it is part of an elementwise function that is not a recognised "
-            "activation, and that function may be Lipschitz as a whole (Keras' celu and "
-            "squareplus are). The graph reader recognises gelu, silu/swish, mish and "
-            "hard_silu by their structure and bounds other ops one by one. Analyse the "
+            "activation, and that function may be Lipschitz as a whole (softplus written as "
+            "log(1 + exp(x)) is). The graph reader recognises gelu, silu/swish, mish, "
+            "hard_silu, celu, squareplus and Euclidean norms √(Σ a² + c) by their structure "
+            "and bounds other ops one by one. Analyse the "
             ".keras file instead (its activations have exact rules), or clip the op's input "
             f"and register sup |f'| on that interval with `tfl.tfgraph.register_op_rule("
             f"'{ctx.op_type}', tfl.tfgraph.elementwise_rule(c))`.")
@@ -1907,6 +1918,25 @@ def _check_no_stale_reads(graph_def, outputs: Sequence[str]) -> None:
                 "training=False), or the .keras model.")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Region:
+    """Ops of the graph bounded as one node (an activation built from several ops, a norm).
+
+    Attributes:
+        sources: The tensors the region reads (its parents).
+        members: The ops it absorbs, its output op aside.
+        bound: The bound of the output in its parents, or in ``stack`` when there is one.
+        stack: ``(linear, shape)`` when the region reads linear functions of one source, a
+            :class:`~tf_lipschitz.rules.Linear` stacking them (flattened, in order) into a
+            vector of ``shape``: a node of its own between the source and the output.
+    """
+
+    sources: tuple[str, ...]
+    members: set[str]
+    bound: LayerBound
+    stack: tuple[Linear, tuple[int, ...]] | None = None
+
+
 class _GraphReader:
     """Reads a frozen concrete function into a :class:`ModelGraph` of :class:`_OpNode` s."""
 
@@ -2112,9 +2142,10 @@ class _GraphReader:
                 "reshape that merges the examples of a batch (tf.reshape(x, [-1, 8]) on 4 "
                 "features), cannot be analysed per example. Keep the batch axis first and "
                 "untouched.") from exc
-        regions = self._find_regions(live)
-        absorbed = {n for r in regions.values() for n in r[1]}
         display = _display_names(live)
+        self.offsets: dict[str, tuple[int, ...] | None] = {}  # of ops with Linear rules
+        regions = self._find_regions(live, display)
+        absorbed = {n for r in regions.values() for n in r.members}
         other_outputs = {
             _split(self.resolve(ref))[0]
             for name in live for ref in _data_inputs(self.nodes[name])
@@ -2132,15 +2163,14 @@ class _GraphReader:
             nodes.append(node)
 
         todo = [n for n in live if n not in absorbed]
-        self.offsets: dict[str, tuple[int, ...] | None] = {}  # of ops with Linear rules
         bar = progress_bar(len(todo), unit_name="op", label="reading the graph",
                            verbose=int(self.progress and len(todo) > 50))
         for count, name in enumerate(todo):
             node_def = self.nodes[name]
             block_move = None
             if name in regions:
-                source, _, bound = regions[name]
-                dep_refs = [source]
+                region = regions[name]
+                bound, dep_refs = region.bound, list(region.sources)
             else:
                 ctx = self._context(node_def, display[name])
                 bound = self._rule(ctx)
@@ -2155,6 +2185,20 @@ class _GraphReader:
             shapes = tuple(_example_shape(self._shape(r)) for r in dep_refs)
             out_shape = _example_shape(self._shape(f"{name}:0"))
             dtype = self._dtype(dep_refs[0])
+            if name in regions and regions[name].stack is not None:
+                # the terms as one linear map of the region's source, before the norm
+                stack, stack_shape = regions[name].stack
+                node = GraphNode(
+                    index=len(nodes),
+                    operation=_op_class("StackedTerms")(f"{display[name]}/terms", stack),
+                    name=f"{display[name]}/terms", parents=parents, input_shapes=shapes,
+                    output_shapes=(stack_shape,), dependent=True,
+                    input_dependent=tuple(True for _ in parents), dtype=_work_dtype(dtype).name,
+                )
+                for p in set(parents):
+                    nodes[p].consumers.append(node.index)
+                nodes.append(node)
+                parents, shapes = (node.index,), (stack_shape,)
             node = GraphNode(
                 index=len(nodes),
                 operation=_op_class(node_def.op)(display[name], bound, block_move),
@@ -2430,15 +2474,24 @@ class _GraphReader:
 
     # -- activations built from several ops (gelu, silu, mish...) -----------------------------
 
-    def _find_regions(self, live: Sequence[str]) -> dict[str, tuple[str, set[str], Constant]]:
-        """Products ``a·b`` whose operands are elementwise functions of one tensor.
+    def _find_regions(self, live: Sequence[str], display: dict[str, str]
+                      ) -> dict[str, "_Region"]:
+        """Elementwise functions built from several ops, bounded as a whole.
 
-        For each such product ``m`` (outermost first), the nearest tensor ``s`` through which
-        every dependent path into ``m`` passes is found by expanding, through elementwise ops,
-        the open tensor latest in topological order until one remains. The sub-graph from ``s``
-        to ``m`` computes ``φ(s)`` for a scalar function φ (all its constants are scalars);
-        φ is recognised by its structure (:meth:`_match`), never by its values: a function
-        equal to silu within 1e-4 on a grid can have twice silu's slope between the points.
+        - Products ``a·b`` whose operands are elementwise functions of one tensor. For each
+          such product ``m`` (outermost first), the nearest tensor ``s`` through which every
+          dependent path into ``m`` passes is found by expanding, through elementwise ops, the
+          open tensor latest in topological order until one remains. The sub-graph from ``s``
+          to ``m`` computes ``φ(s)`` for a scalar function φ (all its constants are scalars);
+          φ is recognised by its structure (:meth:`_match`), never by its values: a function
+          equal to silu within 1e-4 on a grid can have twice silu's slope between the points.
+        - Sums and quotients that are PReLU (:meth:`_prelu`), celu (:meth:`_celu`) or
+          squareplus (:meth:`_squareplus`), read op by op with their parameters.
+        - Square roots of sums of squares, Euclidean norms (:meth:`_euclidean_norm`), and
+          magnitudes of complex numbers made from real tensors (:meth:`_complex_magnitude`).
+
+        A member whose value is also read outside the region stays a node of its own (with its
+        own rule), and so do the members it reads.
         """
         position = {n: i for i, n in enumerate(self.order)}
         consumers: dict[str, set[str]] = {}
@@ -2447,29 +2500,45 @@ class _GraphReader:
                 consumers.setdefault(_split(self.resolve(ref))[0], set()).add(name)
         for ref in self.outputs:
             consumers.setdefault(_split(self.resolve(ref))[0], set()).add("<output>")
-        regions: dict[str, tuple[str, set[str], Constant]] = {}
+
+        def inside(name: str, members: set[str]) -> set[str]:
+            keep = set(members)
+            while True:
+                drop = {m for m in keep if not consumers.get(m, set()) <= keep | {name}}
+                if not drop:
+                    return keep
+                keep -= drop
+
+        regions: dict[str, _Region] = {}
         self.unmatched: dict[str, str] = {}
         absorbed: set[str] = set()
         for name in reversed(live):
             node = self.nodes[name]
             if name in absorbed:
                 continue
-            prelu = self._prelu(name) if node.op in ("AddV2", "Add") else None
-            if prelu is not None:
-                source, members, bound = prelu
-                keep = {m for m in members if consumers.get(m, set()) <= (members | {name})}
-                regions[name] = (source, keep, bound)
-                absorbed |= keep
+            found = None
+            if node.op in ("AddV2", "Add"):
+                found = self._prelu(name) or self._celu(name)
+            elif node.op in ("RealDiv", "Mul"):
+                found = self._squareplus(name)
+            elif node.op == "Sqrt":
+                found = self._euclidean_norm(name, display)
+            elif node.op == "ComplexAbs":
+                found = self._complex_magnitude(name, display)
+            if found is not None:
+                region = dataclasses.replace(found, members=inside(name, found.members))
+                regions[name] = region
+                absorbed |= region.members
                 continue
             if node.op != "Mul":
                 continue
             refs = [self.resolve(r) for r in _data_inputs(node)]
             if sum(self.is_dependent(r) for r in refs) < 2:
                 continue
-            found = self._expand(refs, position)
-            if found is None:
+            expanded = self._expand(refs, position)
+            if expanded is None:
                 continue
-            source, members = found
+            source, members = expanded
             if self._shape(source) != self._shape(f"{name}:0"):
                 continue
             match = self._match(source, members | {name}, f"{name}:0")
@@ -2481,9 +2550,8 @@ class _GraphReader:
             bound = Constant(info.lipschitz, certified=info.certified,
                              note=f"{label} (recognised from {len(members) + 1} ops)",
                              activation=info)
-            keep = {m for m in members if consumers.get(m, set()) <= (members | {name})}
-            regions[name] = (source, keep, bound)
-            absorbed |= keep
+            regions[name] = _Region((source,), inside(name, members), bound)
+            absorbed |= regions[name].members
         return regions
 
     def _expand(self, refs, position):
@@ -2578,8 +2646,8 @@ class _GraphReader:
         """The resolved data inputs of ``node``."""
         return [self.resolve(r) for r in _data_inputs(node)]
 
-    def _prelu(self, name: str) -> tuple[str, set[str], Constant] | None:
-        """``(source, members, bound)`` when the sum ``name`` is ``relu(s) + c·relu(−s)``.
+    def _prelu(self, name: str) -> "_Region | None":
+        """The region of the sum ``name`` when it is ``relu(s) + c·relu(−s)``.
 
         That is Keras' PReLU (``relu(x) − α·relu(−x)``, ``c = −α`` a constant broadcast over
         ``s``): slope 1 where ``s > 0`` and ``α`` where ``s < 0``, entry by entry, so its
@@ -2614,8 +2682,259 @@ class _GraphReader:
             bound = Constant(value, note="prelu: relu(x) − α·relu(−x), max(1, |α|) (recognised "
                                          "from 5 ops)",
                              activation=Activation("prelu", value, slopes))
-            return source, {relu.name, product.name, inner.name, negation.name}, bound
+            return _Region((source,), {relu.name, product.name, inner.name, negation.name},
+                           bound)
         return None
+
+    def _scalar(self, ref: str) -> float | None:
+        """The value of ``ref`` when it is a constant of one entry, else ``None``."""
+        if self.is_dependent(ref) or np.size(self.values[ref]) != 1:
+            return None
+        return float(np.asarray(self.values[ref], dtype="float64").ravel()[0])
+
+    def _with_scalar(self, node, ordered: bool = False) -> tuple[str, float] | None:
+        """``(x, c)`` when ``node`` reads an input-dependent tensor ``x`` and a constant ``c``
+        of one entry (in that order when ``ordered``: ``x / c``, not ``c / x``)."""
+        pair = self._operands(node)
+        if len(pair) != 2:
+            return None
+        for x, c in (pair,) if ordered else (pair, pair[::-1]):
+            value = self._scalar(c)
+            if self.is_dependent(x) and value is not None:
+                return x, value
+        return None
+
+    def _celu(self, name: str) -> "_Region | None":
+        """The region of the sum ``name`` when it is Keras' celu of a tensor ``s``.
+
+        Keras (TensorFlow backend) computes ``celu(s) = max(s, 0) + α·expm1(min(s, 0)/α)``: the
+        same constant ``α`` in the product and the division, and ``α > 0``. Its slope is 1
+        where ``s > 0`` and ``e^(s/α) ∈ (0, 1)`` where ``s < 0``: 1-Lipschitz, slopes in
+        ``[0, 1]``, as for the Keras activation. Near misses are not recognised: with
+        ``c·expm1(min(s, 0)/α)`` the slope reaches ``c/α``, and with ``α < 0`` it is unbounded.
+        """
+        node_of, operands = self._node_of, self._operands
+        refs = operands(self.nodes[name])
+        if len(refs) != 2:
+            return None
+        for first, second in (refs, refs[::-1]):
+            top, scaled = node_of(first), node_of(second)
+            if top is None or scaled is None or top.op != "Maximum" or scaled.op != "Mul":
+                continue
+            hinge, outer = self._with_scalar(top), self._with_scalar(scaled)
+            if hinge is None or outer is None or hinge[1] != 0.0:
+                continue
+            source, alpha = hinge[0], outer[1]
+            expm1 = node_of(outer[0])
+            division = node_of(operands(expm1)[0]) if expm1 is not None \
+                and expm1.op == "Expm1" else None
+            inner = self._with_scalar(division, ordered=True) if division is not None \
+                and division.op == "RealDiv" else None
+            low = node_of(inner[0]) if inner is not None else None
+            if low is None or low.op != "Minimum" or self._with_scalar(low) != (source, 0.0) \
+                    or inner[1] != alpha or not (math.isfinite(alpha) and alpha > 0) \
+                    or self._shape(source) != self._shape(f"{name}:0"):
+                continue
+            info = activation_info("celu")
+            bound = Constant(info.lipschitz, certified=info.certified, activation=info,
+                             note=f"celu max(x, 0) + α·expm1(min(x, 0)/α), α = {alpha:.6g}: "
+                                  f"{info.lipschitz:g} (recognised from 6 ops)")
+            return _Region((source,), {top.name, scaled.name, expm1.name, division.name,
+                                       low.name}, bound)
+        return None
+
+    def _squareplus(self, name: str) -> "_Region | None":
+        """The region of ``name`` when it is Keras' squareplus of a tensor ``s``.
+
+        Keras computes ``squareplus(s) = (s + √(s² + b)) / 2`` (the division may also be a
+        product by 0.5) with a constant ``b ≥ 0``. Its slope ``(1 + s/√(s² + b))/2`` lies in
+        ``[0, 1]`` (``b = 0`` is relu): 1-Lipschitz, as for the Keras activation. A negative
+        ``b`` (undefined near 0) or another factor is not recognised.
+        """
+        node_of, operands = self._node_of, self._operands
+        node = self.nodes[name]
+        half = self._with_scalar(node, ordered=node.op == "RealDiv")
+        if half is None or half[1] != (2.0 if node.op == "RealDiv" else 0.5):
+            return None
+        total = node_of(half[0])
+        if total is None or total.op not in ("AddV2", "Add") or len(operands(total)) != 2:
+            return None
+        pair = operands(total)
+        for source, other in (pair, pair[::-1]):
+            root = node_of(other)
+            inner = node_of(operands(root)[0]) if root is not None and root.op == "Sqrt" \
+                else None
+            shifted = self._with_scalar(inner) if inner is not None \
+                and inner.op in ("AddV2", "Add") else None
+            square = node_of(shifted[0]) if shifted is not None else None
+            if square is None or square.op != "Square" or operands(square) != [source] \
+                    or not (math.isfinite(shifted[1]) and shifted[1] >= 0) \
+                    or self._shape(source) != self._shape(f"{name}:0"):
+                continue
+            info = activation_info("squareplus")
+            bound = Constant(info.lipschitz, certified=info.certified, activation=info,
+                             note=f"squareplus (x + √(x² + b))/2, b = {shifted[1]:.6g}: "
+                                  f"{info.lipschitz:g} (recognised from 5 ops)")
+            return _Region((source,), {total.name, root.name, inner.name, square.name}, bound)
+        return None
+
+    def _euclidean_norm(self, name: str, display: dict[str, str]) -> "_Region | None":
+        """The region of the square root ``name`` when it is a Euclidean norm of its terms.
+
+        Recognised: ``√S``, ``√(S + c)`` and ``√max(S, c)`` with a constant ``c ≥ 0`` that
+        does not broadcast ``S``, where ``S`` is a sum of squares (:meth:`_squares`): the
+        squares ``a²`` (``Square``, or ``Mul`` of a tensor by itself) of terms ``a₁ … a_k``,
+        added without broadcasting (``AddV2``, ``AddN``) and summed over axes (``Sum``).
+        Each output entry ``y_o`` is then ``‖v_o‖`` lifted by ``c_o`` (``√(‖v‖² + c)`` or
+        ``max(‖v‖, √c)``, both 1-Lipschitz in ``v``), where ``v_o`` gathers the entries of the
+        terms that the sums send to ``o``, and each entry of each term goes to one ``o``. So
+        ``‖Δy‖² ≤ Σ_o ‖Δv_o‖² = Σ_j ‖Δa_j‖²``: ``y`` is 1-Lipschitz in the stacked terms
+        (a term squared twice counts twice).
+
+        One term: the bound 1. Several that are linear functions (ops with
+        :class:`~tf_lipschitz.rules.Linear` rules, :meth:`_stacked_terms`) of one tensor
+        ``s`` (the real and imaginary parts of an STFT): a node stacking them, ``Bs``, whose
+        norm is measured, then the bound 1, so the region is ``‖B‖``-Lipschitz in ``s``.
+        Otherwise ``√(Σ_j L_j²)`` from the terms' constants
+        (:meth:`~tf_lipschitz.rules.Merge.l2`), valid when they depend on one input too, since
+        ``Σ_j ‖Δa_j‖² ≤ Σ_j L_j² ‖Δx‖²``.
+
+        ``√(a² − b²)``, a negative ``c``, ``Rsqrt``, a square read elsewhere (which keeps its
+        own rule) are not recognised, and are refused as before.
+        """
+        (inner,) = self._operands(self.nodes[name])
+        members: set[str] = set()
+        node = self._node_of(inner)
+        lift = ""
+        if node is not None and node.op in ("Maximum", "AddV2", "Add"):
+            refs = self._operands(node)
+            dependent = [r for r in refs if self.is_dependent(r)]
+            if len(refs) == 2 and len(dependent) == 1:
+                floor = np.asarray(self.values[refs[1 - refs.index(dependent[0])]], np.float64)
+                if not (floor.size and np.all(np.isfinite(floor)) and np.all(floor >= 0)) \
+                        or self._shape(dependent[0]) != self._shape(inner):
+                    return None
+                members.add(node.name)
+                inner = dependent[0]
+                lift = " + c" if node.op != "Maximum" else ", max with c"
+        terms = self._squares(inner, members)
+        if terms is None:
+            return None
+        return self._norm_region(terms, members, f"√(Σ squares{lift})", display)
+
+    def _complex_magnitude(self, name: str, display: dict[str, str]) -> "_Region | None":
+        """The region of ``ComplexAbs`` ``name`` when it reads ``Complex(re, im)``: ``|re + i·im|
+        = √(re² + im²)``, a Euclidean norm of the input-dependent parts (a constant part ``c``
+        lifts it as ``√(· + c²)``), as in :meth:`_euclidean_norm`."""
+        (inner,) = self._operands(self.nodes[name])
+        node = self._node_of(inner)
+        if node is None or node.op != "Complex":
+            return None
+        terms = [r for r in self._operands(node) if self.is_dependent(r)]
+        if not terms or any(self._shape(t) != self._shape(inner) for t in terms):
+            return None
+        return self._norm_region(terms, {node.name}, "|re + i·im|", display)
+
+    def _norm_region(self, terms: list[str], members: set[str], form: str,
+                     display: dict[str, str]) -> "_Region":
+        """The region of a Euclidean norm of ``terms`` (see :meth:`_euclidean_norm`)."""
+        note = (f"Euclidean norm {form} of {len(terms)} term(s): 1-Lipschitz in the stacked "
+                f"terms (recognised from {len(members) + 1} ops)")
+        if len(terms) == 1:
+            return _Region((terms[0],), members, Constant(1.0, note=note))
+        stacked = self._stacked_terms(terms, display)
+        if stacked is not None:
+            source, path, linear, shape = stacked
+            return _Region((source,), members | path, Constant(1.0, note=note), (linear, shape))
+        return _Region(tuple(terms), members, Merge.l2(f"{note}; √(Σ L²) over the terms"))
+
+    def _squares(self, ref: str, members: set[str]) -> list[str] | None:
+        """The terms ``a_j`` when ``ref`` is a sum of their squares, else ``None``; the ops
+        are added to ``members``. The grammar: ``Square(a)``, ``Mul(a, a)``, ``AddV2``/``AddN``
+        of sums of squares of the output's shape (no broadcasting), ``Sum`` of a sum of
+        squares over constant axes."""
+        node = self._node_of(ref)
+        if node is None or not self.is_dependent(ref):
+            return None
+        refs = self._operands(node)
+        if node.op == "Square" or (node.op == "Mul" and len(refs) == 2 and refs[0] == refs[1]):
+            terms = [refs[0]]
+        elif node.op in ("AddV2", "Add", "AddN"):
+            if not all(self.is_dependent(r) and self._shape(r) == self._shape(ref)
+                       for r in refs):
+                return None
+            terms = []
+            for r in refs:
+                more = self._squares(r, members)
+                if more is None:
+                    return None
+                terms += more
+        elif node.op == "Sum" and len(refs) == 2 and not self.is_dependent(refs[1]):
+            terms = self._squares(refs[0], members)
+            if terms is None:
+                return None
+        else:
+            return None
+        members.add(node.name)
+        return terms
+
+    def _stacked_terms(self, terms: Sequence[str], display: dict[str, str]
+                       ) -> tuple[str, set[str], Linear, tuple[int, ...]] | None:
+        """The terms as one linear map of a tensor ``s``: ``(s, ops, linear, shape)``.
+
+        Each term is followed down its chain of ops with one input-dependent operand to the
+        nearest tensor ``s`` on every chain; every op between must have a
+        :class:`~tf_lipschitz.rules.Linear` rule (run here, as in the walk). ``linear`` maps
+        ``s`` to the terms (their linear parts: biases and offsets set to zero), flattened and
+        concatenated in the order of ``terms`` (repeats included), a vector of ``shape``.
+        ``None`` when no such ``s`` or op is found.
+        """
+        chains = []
+        for term in dict.fromkeys(terms):
+            chain = [term]
+            while len(chain) <= 64:
+                node = self._node_of(chain[-1])
+                dependent = [] if node is None else [r for r in self._operands(node)
+                                                     if self.is_dependent(r)]
+                if len(dependent) != 1:
+                    break
+                chain.append(dependent[0])
+            chains.append(chain)
+        source = next((r for r in chains[0] if all(r in c for c in chains[1:])), None)
+        if source is None:
+            return None
+        maps: dict[str, list[Callable]] = {}
+        path: set[str] = set()
+        for chain in chains:
+            fns = []
+            for ref in reversed(chain[:chain.index(source)]):
+                node_def = self.nodes[_split(ref)[0]]
+                try:
+                    ctx = self._context(node_def, display[node_def.name])
+                    bound = self._rule(ctx)
+                except LipschitzError:
+                    return None
+                if not isinstance(bound, Linear) or bound.activation is not None:
+                    return None
+                self.offsets[node_def.name] = ctx.offsets
+                fns.append(bound.fn)
+                path.add(node_def.name)
+            maps[chain[0]] = fns
+        sizes = [math.prod(_example_shape(self._shape(t))) for t in terms]
+        sequence = [maps[t] for t in terms]
+
+        def fn(x):
+            parts = []
+            for fns, size in zip(sequence, sizes):
+                y = x
+                for f in fns:
+                    y = f(y)
+                parts.append(tf.cast(tf.reshape(y, (-1, size)), x.dtype))
+            return tf.concat(parts, axis=1)
+
+        linear = Linear(_eager_safe(fn), note=f"{len(terms)} terms, linear in one tensor, "
+                                              "stacked")
+        return source, path, linear, (sum(sizes),)
 
     def _swish_beta(self, output: str, source: str) -> float | None:
         """β when ``output`` is ``x·σ(x)``, ``x·σ(c·x)`` or ``x·σ(x/c)`` of ``x = source``.
