@@ -577,6 +577,16 @@ def test_dense_route_takes_thin_operators_and_leaves_square_ones_to_the_subspace
     assert not dense_route(3, 4, 0) and dense_route(3, 4, 12)
 
 
+def test_spectrum_route_takes_the_gram_route_when_one_side_is_small(monkeypatch):
+    from tf_lipschitz import seqlip
+
+    monkeypatch.setattr(seqlip, "GRAM_SIDE", 40)
+    assert seqlip.spectrum_route(64, 48, 3072) == "svd"
+    assert seqlip.spectrum_route(64, 48, 3071) == "subspace"  # both sides above GRAM_SIDE
+    assert seqlip.spectrum_route(1000, 40, 0) == "gram"
+    assert seqlip.spectrum_route(40, 1000, 0) == "gram"
+
+
 def test_warns_when_the_truncation_remainder_leaves_seqlip_at_autolip():
     # top_k=2 of 40 exact triplets: the bounded remainder lifts every pair factor to AutoLip's.
     rng = np.random.default_rng(2)
@@ -647,12 +657,13 @@ def test_gram_route_spectrum_against_the_dense_svd(strides, filters):
 
 
 def _conv_stack():
-    """Conv(2→3) → Conv(3→4) → Conv(4→1) → Dense(3) on 4×4 images, ReLU between: operators of
-    32→48, 48→64 (the middle one, 3072 entries), 64→16 and 16→3 entries."""
+    """Conv(2→3) → Conv(3→4) → Conv(4→1) → Dense(3) on 4×4 images, ReLU between (a leaky one,
+    as a layer, after the middle one): operators of 32→48, 48→64 (the middle one, 3072
+    entries), 64→16 and 16→3 entries."""
     keras.utils.set_random_seed(3)
     return keras.Sequential([
         keras.Input((4, 4, 2)), L.Conv2D(3, 3, padding="same", activation="relu", name="first"),
-        L.Conv2D(4, 3, padding="same", activation="relu", name="mid"),
+        L.Conv2D(4, 3, padding="same", name="mid"), L.LeakyReLU(negative_slope=0.2),
         L.Conv2D(1, 3, padding="same", activation="relu"), L.Flatten(), L.Dense(3)])
 
 
@@ -679,9 +690,10 @@ def _no_subspace_iteration(monkeypatch):
 
 def test_large_operator_keeps_its_autolip_factor(large_middle, monkeypatch):
     model, est, limits = large_middle
-    shapes = [(4, 4, 2), (4, 4, 3), (4, 4, 4)]
-    w1, w2, w3 = (affine_map(model.layers[k], shapes[k]) for k in range(3))
-    w4 = affine_map(model.layers[3:], (4, 4, 1))
+    shapes = [(4, 4, 2), (4, 4, 3)]
+    w1, w2 = (affine_map(model.layers[k], shapes[k]) for k in range(2))
+    w3 = affine_map(model.layers[3], (4, 4, 4))
+    w4 = affine_map(model.layers[4:], (4, 4, 1))
     subspace = est.seqlip(large_operators="subspace", **limits)  # iterates on 'mid'
     auto = est.autolip().upper
     _no_subspace_iteration(monkeypatch)
@@ -690,7 +702,8 @@ def test_large_operator_keeps_its_autolip_factor(large_middle, monkeypatch):
                                          r"subspace_max_iter=300"):
         rep = est.seqlip(large_operators="autolip", **limits)
     # The chain is cut at 'mid': the first convolution is alone (its norm), 'mid' gives its
-    # norm, and conv2d_2 → dense stays a SeqLip pair (16 activations, exact).
+    # norm, the leaky ReLU its slope 1, and conv2d_2 → dense stays a SeqLip pair (16 ReLU
+    # activations, exact).
     norm = [np.linalg.norm(w, 2) for w in (w1, w2)]
     assert rep.upper == pytest.approx(norm[0] * norm[1] * brute_pattern_max(w4, w3), rel=1e-5)
     assert [p["width"] for p in rep.settings["pairs"]] == [16]
