@@ -463,3 +463,50 @@ def test_a_lower_bound_that_cannot_run_is_skipped_with_its_reason(tmp_path, caps
     assert code == 0, err
     assert "note: lower skipped: lower_bound of" in err and "ResizeArea" in err
     assert "certified upper bound" in out
+
+
+def test_seqlip_large_flag_reaches_seqlip(tmp_path, capsys, monkeypatch):
+    # The middle convolution (48 → 64 entries) made 'large': beyond the dense route (its SVD
+    # would cost 3072 × 48 > 1e5 flops) and both sides above GRAM_SIDE=40. By default the CLI
+    # keeps its AutoLip factor (no block subspace iteration) and says so; --seqlip-large
+    # subspace runs the paper's SeqLip on it.
+    from tf_lipschitz import seqlip
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([
+        keras.Input((4, 4, 2)), L.Conv2D(3, 3, padding="same", activation="relu"),
+        L.Conv2D(4, 3, padding="same", activation="relu", name="mid"),
+        L.Conv2D(1, 3, padding="same", activation="relu"), L.Flatten(), L.Dense(3)])
+    path = tmp_path / "stack.keras"
+    model.save(str(path))
+    monkeypatch.setattr(seqlip, "GRAM_SIDE", 40)
+    monkeypatch.setattr(seqlip, "DENSE_SVD_FLOPS", 100_000)
+    iterate = seqlip.top_singular_triplets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("top_singular_triplets called")
+
+    monkeypatch.setattr(seqlip, "top_singular_triplets", refuse)
+    out_json = tmp_path / "default.json"
+    code, out, err = _run(capsys, path, "--methods", "seqlip", "--json", out_json)
+    assert code == 0, err
+    settings = json.loads(out_json.read_text())["reports"]["seqlip"]["settings"]
+    assert settings["large_operators"] == "autolip"
+    assert [d["name"] for d in settings["autolip_operators"]] == ["mid"]
+    assert "AutoLip factor kept for 1 large operator(s): mid (--seqlip-large subspace" in out
+    assert "(AutoLip factor: large)" in out  # the table's row
+    assert "warning: SeqLip kept the AutoLip factor of 1 operator(s)" in err
+    cut = json.loads(out_json.read_text())["reports"]["seqlip"]["upper"]
+
+    monkeypatch.setattr(seqlip, "top_singular_triplets", iterate)
+    code, out, err = _run(capsys, path, "--methods", "seqlip", "--json", out_json,
+                          "--seqlip-large", "subspace", "--quiet")
+    assert code == 0, err
+    report = json.loads(out_json.read_text())["reports"]["seqlip"]
+    assert report["settings"]["large_operators"] == "subspace"
+    assert report["settings"]["autolip_operators"] == []
+    assert "AutoLip factor kept" not in out and "AutoLip factor of" not in err
+    assert report["upper"] != pytest.approx(cut, rel=1e-3)  # 'mid' went into two pairs
+
+    code, _, err = _run(capsys, path, "--seqlip-large", "dense")
+    assert code == 2 and "--seqlip-large" in err and "invalid choice" in err

@@ -577,6 +577,16 @@ def test_dense_route_takes_thin_operators_and_leaves_square_ones_to_the_subspace
     assert not dense_route(3, 4, 0) and dense_route(3, 4, 12)
 
 
+def test_spectrum_route_takes_the_gram_route_when_one_side_is_small(monkeypatch):
+    from tf_lipschitz import seqlip
+
+    monkeypatch.setattr(seqlip, "GRAM_SIDE", 40)
+    assert seqlip.spectrum_route(64, 48, 3072) == "svd"
+    assert seqlip.spectrum_route(64, 48, 3071) == "subspace"  # both sides above GRAM_SIDE
+    assert seqlip.spectrum_route(1000, 40, 0) == "gram"
+    assert seqlip.spectrum_route(40, 1000, 0) == "gram"
+
+
 def test_warns_when_the_truncation_remainder_leaves_seqlip_at_autolip():
     # top_k=2 of 40 exact triplets: the bounded remainder lifts every pair factor to AutoLip's.
     rng = np.random.default_rng(2)
@@ -641,3 +651,149 @@ def test_gram_route_spectrum_against_the_dense_svd(strides, filters):
     np.testing.assert_allclose(matrix @ spec.v, spec.u * spec.s, atol=1e-5 * exact[0])
     np.testing.assert_allclose(spec.u.T @ spec.u, np.eye(4), atol=1e-5)
     np.testing.assert_allclose(spec.v.T @ spec.v, np.eye(4), atol=1e-5)
+
+
+# ------------------------------------------------- large operators: large_operators="autolip"
+
+
+def _conv_stack():
+    """Conv(2→3) → Conv(3→4) → Conv(4→1) → Dense(3) on 4×4 images, ReLU between (a leaky one,
+    as a layer, after the middle one): operators of 32→48, 48→64 (the middle one, 3072
+    entries), 64→16 and 16→3 entries."""
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((4, 4, 2)), L.Conv2D(3, 3, padding="same", activation="relu", name="first"),
+        L.Conv2D(4, 3, padding="same", name="mid"), L.LeakyReLU(negative_slope=0.2),
+        L.Conv2D(1, 3, padding="same", activation="relu"), L.Flatten(), L.Dense(3)])
+
+
+@pytest.fixture
+def large_middle(monkeypatch):
+    """The conv stack with its middle convolution 'large': above dense_limit=3071 entries and
+    both sides (48, 64) above GRAM_SIDE=40, so only the block subspace iteration decomposes
+    it; the other operators take the dense SVD."""
+    from tf_lipschitz import seqlip
+
+    monkeypatch.setattr(seqlip, "GRAM_SIDE", 40)
+    model = _conv_stack()
+    return model, tfl.LipschitzEstimator(model, verbose=0), {"dense_limit": 3071}
+
+
+def _no_subspace_iteration(monkeypatch):
+    from tf_lipschitz import seqlip
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("top_singular_triplets called")
+
+    monkeypatch.setattr(seqlip, "top_singular_triplets", refuse)
+
+
+def test_large_operator_keeps_its_autolip_factor(large_middle, monkeypatch):
+    model, est, limits = large_middle
+    shapes = [(4, 4, 2), (4, 4, 3)]
+    w1, w2 = (affine_map(model.layers[k], shapes[k]) for k in range(2))
+    w3 = affine_map(model.layers[3], (4, 4, 4))
+    w4 = affine_map(model.layers[4:], (4, 4, 1))
+    subspace = est.seqlip(large_operators="subspace", **limits)  # iterates on 'mid'
+    auto = est.autolip().upper
+    _no_subspace_iteration(monkeypatch)
+    with pytest.warns(UserWarning, match=r"AutoLip factor of 1 operator.*'mid' \(48 → 64 "
+                                         r"entries\).*large_operators='subspace'.*"
+                                         r"subspace_max_iter=300"):
+        rep = est.seqlip(large_operators="autolip", **limits)
+    # The chain is cut at 'mid': the first convolution is alone (its norm), 'mid' gives its
+    # norm, the leaky ReLU its slope 1, and conv2d_2 → dense stays a SeqLip pair (16 ReLU
+    # activations, exact).
+    norm = [np.linalg.norm(w, 2) for w in (w1, w2)]
+    assert rep.upper == pytest.approx(norm[0] * norm[1] * brute_pattern_max(w4, w3), rel=1e-5)
+    assert [p["width"] for p in rep.settings["pairs"]] == [16]
+    assert rep.settings["large_operators"] == "autolip"
+    assert rep.settings["autolip_operators"] == [{
+        "name": "mid", "input_shape": [4, 4, 3], "output_shape": [4, 4, 4], "input_size": 48,
+        "output_size": 64}]
+    rows = {r.name: r.method for r in rep.layers if r.kind == "linear"}
+    assert rows["mid"].endswith("(AutoLip factor: large)")
+    assert "large" not in rows["first"]  # alone, but not large
+    assert "AutoLip factor" in rep.to_json()
+    # here, between the paper's SeqLip and AutoLip (not a theorem: the cut is another split)
+    assert subspace.upper <= rep.upper <= auto * (1 + 1e-6)
+    assert subspace.settings["autolip_operators"] == []
+    # certified=True: the cut-out operator takes its certificate, as AutoLip would
+    with pytest.warns(UserWarning, match="'mid'"):
+        cert = est.seqlip(large_operators="autolip", certified=True, **limits)
+    assert cert.certified and cert.upper >= rep.upper * (1 - 1e-6)
+    assert cert.upper <= est.autolip(certified=True).upper * (1 + 1e-9)
+    rng = np.random.default_rng(0)
+    sampled = max(_jacobian_norm(model, x) for x in rng.standard_normal((8, 4, 4, 2)))
+    assert sampled <= rep.upper
+
+
+def _jacobian_norm(model, x) -> float:
+    import tensorflow as tf
+
+    x = tf.constant(x[None], tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = model(x)
+    jac = tape.jacobian(y, x).numpy().reshape(int(np.prod(y.shape)), -1).astype(np.float64)
+    return float(np.linalg.svd(jac, compute_uv=False)[0])
+
+
+def test_large_operator_cut_against_brute_force(monkeypatch):
+    # Dense 6→5→7→4→2, ReLU between: the 5→7 map (35 entries) is 'large' with dense_limit=34
+    # and GRAM_SIDE=4. The cut bound stays above the largest product over all activation
+    # patterns of the whole chain (itself at least the true constant) and below AutoLip.
+    from tf_lipschitz import seqlip
+
+    monkeypatch.setattr(seqlip, "GRAM_SIDE", 4)
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((6,)), L.Dense(5, "relu"),
+                              L.Dense(7, "relu", name="wide"), L.Dense(4, "relu"), L.Dense(2)])
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    mats = dense_matrices(model)
+    _no_subspace_iteration(monkeypatch)
+    with pytest.warns(UserWarning, match="'wide' "):
+        rep = est.seqlip(mode="exact", dense_limit=34, large_operators="autolip")
+    assert rep.settings["autolip_operators"][0]["name"] == "wide"
+    assert rep.upper >= brute_chain_max(mats) * (1 - 1e-6)
+    assert rep.upper <= est.autolip().upper * (1 + 1e-6)
+    norm = [np.linalg.norm(m, 2) for m in mats]
+    assert rep.upper == pytest.approx(norm[0] * norm[1] * brute_pattern_max(mats[3], mats[2]),
+                                      rel=1e-5)
+
+
+def test_large_operator_at_a_chain_end_equals_a_seqlip_without_gain(monkeypatch):
+    # Conv(3→4) on 4×4 (48→64, large) → ReLU → Dense(2): cutting there leaves no pair, so
+    # the bound is AutoLip's; the paper's SeqLip with top_k=2 of 48 triplets gains nothing
+    # either (the remainder added back lifts the pair to its AutoLip factor): the same bound.
+    from tf_lipschitz import seqlip
+
+    monkeypatch.setattr(seqlip, "GRAM_SIDE", 40)
+    keras.utils.set_random_seed(8)
+    model = keras.Sequential([keras.Input((4, 4, 3)),
+                              L.Conv2D(4, 3, padding="same", activation="relu", name="big"),
+                              L.Flatten(), L.Dense(2)])
+    est = tfl.LipschitzEstimator(model, verbose=0)
+    with pytest.warns(UserWarning, match="gained nothing over AutoLip"):
+        paper = est.seqlip(top_k=2, dense_limit=3071, large_operators="subspace")
+    _no_subspace_iteration(monkeypatch)
+    with pytest.warns(UserWarning, match="'big'"):
+        cut = est.seqlip(top_k=2, dense_limit=3071, large_operators="autolip")
+    assert cut.settings["pairs"] == []
+    assert cut.upper == pytest.approx(est.autolip().upper, rel=1e-6)
+    assert cut.upper == pytest.approx(paper.upper, rel=1e-5)
+
+
+def test_large_operators_argument_is_checked():
+    from tf_lipschitz.errors import InvalidArgumentError
+
+    est = tfl.LipschitzEstimator(mlp((4, 5, 2)), verbose=0)
+    for call in (est.seqlip, est.estimate):
+        with pytest.raises(InvalidArgumentError,
+                           match="large_operators must be one of 'subspace', 'autolip'; "
+                                 "received large_operators='dense'"):
+            call(large_operators="dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing large: no warning, nothing cut
+        rep = est.seqlip(large_operators="autolip")
+    assert rep.settings["autolip_operators"] == [] and len(rep.settings["pairs"]) == 1

@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--certified", action="store_true",
                    help="use certified per-layer norms wherever they exist (AutoLip is reported "
                         "as certified only when every factor is)")
+    p.add_argument("--seqlip-large", choices=("autolip", "subspace"), default="autolip",
+                   help="SeqLip on an operator too large for a dense SVD or its Gram route "
+                        "(both sides above 4096 entries, e.g. a VGG convolution): 'autolip' "
+                        "(default) keeps its AutoLip factor and cuts the SeqLip chain there; "
+                        "'subspace' decomposes it by block subspace iteration, the paper's "
+                        "SeqLip, which can take hours per convolution")
     p.add_argument("--solver", choices=("lanczos", "power"), default="lanczos",
                    help="spectral-norm method for linear layers (default: lanczos)")
     p.add_argument("--tol", type=_tolerance, default=1e-6, metavar="TOL",
@@ -262,6 +268,11 @@ class Analysis:
                          f"({rep.kind})")
             if rep.certification_note:
                 lines.append(f"  {'':<22}{rep.certification_note}")
+            large = rep.settings.get("autolip_operators") if method == "seqlip" else None
+            if large:
+                names = ", ".join(d["name"] for d in large)
+                lines.append(f"  {'':<22}AutoLip factor kept for {len(large)} large "
+                             f"operator(s): {names} (--seqlip-large subspace decomposes them)")
         if self.lower is not None:
             line = (f"  {'lower bound':<22}{self.lower.value:<14.6g}(lower bound; secant check "
                     f"{self.lower.secant:.6g})")
@@ -622,6 +633,7 @@ def analyze(args, out: TextIO, err: TextIO) -> Analysis:
             else:
                 progress("SeqLip: maximising over activation patterns")
                 analysis.reports["seqlip"] = est.seqlip(certified=args.certified,
+                                                        large_operators=args.seqlip_large,
                                                         verbose=0 if args.quiet else 1)
         elif method == "lower":
             from tf_lipschitz.errors import LowerBoundUnavailableError

@@ -183,7 +183,10 @@ class LipschitzEstimator:
                 singular values; False: the paper's truncation, an estimate), ``dense_limit``
                 (2**25 matrix entries for an exact dense SVD, when it is cheap enough),
                 ``max_sweeps`` (10, greedy), ``split`` ("sqrt", the paper's; "optimize"
-                searches the split exponents), ``subspace_tol``, ``subspace_max_iter``; see :meth:`tf_lipschitz.seqlip.SeqLip.run`.
+                searches the split exponents), ``subspace_tol``, ``subspace_max_iter``,
+                ``large_operators`` ("subspace", the paper's; "autolip" keeps the AutoLip
+                factor of operators that would need the block subspace iteration, which takes
+                hours on large convolutions); see :meth:`tf_lipschitz.seqlip.SeqLip.run`.
 
         Returns:
             A :class:`~tf_lipschitz.report.LipschitzReport` with ``method="seqlip"``;

@@ -68,10 +68,12 @@ __all__ = [
     "find_chains",
     "SeqLip",
     "check_options",
+    "spectrum_route",
 ]
 
 MODES = ("auto", "exact", "greedy", "certified")
 SPLITS = ("sqrt", "optimize")
+LARGE_OPERATORS = ("subspace", "autolip")  # see SeqLip.run's large_operators
 SPLIT_GRID = (0.25, 0.375, 0.5, 0.625, 0.75)  # exponents tried by split="optimize"
 EXACT_WIDTH_LIMIT = 30
 _BLOCK_BITS = 13  # 2^13 vertices evaluated per compiled call in exact enumeration
@@ -96,6 +98,11 @@ _OPTION_CHECKS = {
     "split": lambda v: check_choice(v, "split", SPLITS),
     "subspace_tol": lambda v: check_tol(v, "subspace_tol", default=1e-5),
     "subspace_max_iter": lambda v: check_int(v, "subspace_max_iter", minimum=1),
+    "large_operators": lambda v: check_choice(
+        v, "large_operators", LARGE_OPERATORS,
+        hint="'subspace' decomposes every operator (the paper's SeqLip; hours on large "
+             "convolutions), 'autolip' keeps the AutoLip factor of the operators that would "
+             "need the block subspace iteration."),
 }
 
 
@@ -695,6 +702,23 @@ def dense_route(out_size: int, in_size: int, dense_limit: int) -> bool:
     return entries <= dense_limit and entries * min(out_size, in_size) <= DENSE_SVD_FLOPS
 
 
+def spectrum_route(out_size: int, in_size: int, dense_limit: int) -> str:
+    """How :func:`operator_spectrum` decomposes an ``out_size × in_size`` operator.
+
+    ``"svd"`` (dense, :func:`dense_route`), ``"gram"`` (smaller side at most
+    :data:`GRAM_SIDE`) or ``"subspace"``: the block subspace iteration for the top
+    ``top_k + 1`` triplets, ``top_k + 9`` operator products per iteration for up to
+    ``subspace_max_iter`` iterations, hours on a 224×224 VGG convolution.
+
+    Example:
+        >>> spectrum_route(10, 20, DENSE_LIMIT), spectrum_route(10 ** 5, 10 ** 5, DENSE_LIMIT)
+        ('svd', 'subspace')
+    """
+    if dense_route(out_size, in_size, dense_limit):
+        return "svd"
+    return "gram" if min(out_size, in_size) <= GRAM_SIDE else "subspace"
+
+
 def operator_spectrum(
     op: LinearOperator,
     out_size: int,
@@ -722,11 +746,12 @@ def operator_spectrum(
     """
     tol = check_tol(tol, default=1e-5)
     top_k = check_int(top_k, "top_k", minimum=1)
-    if dense_route(out_size, op.size, dense_limit):
+    route = spectrum_route(out_size, op.size, dense_limit)
+    if route == "svd":
         m = tf.constant(op.to_dense().astype(np.float64))
         s, u, v = tf.linalg.svd(m, full_matrices=False)  # m = u diag(s) vᵀ
         return Spectrum(s.numpy(), u.numpy(), v.numpy(), 0.0, True, "svd")
-    if min(op.size, out_size) <= GRAM_SIDE:
+    if route == "gram":
         return _gram_spectrum(op, out_size, top_k)
     k = int(min(top_k + 1, op.size, out_size))
     trip = top_singular_triplets(op, k, tol=tol, max_iter=max_iter)
@@ -938,18 +963,54 @@ class SeqLip:
     def _group_name(self, group: Group) -> str:
         return "+".join(self.graph.nodes[i].name for i in group.nodes)
 
+    def _out_size(self, group: Group) -> int:
+        return int(np.prod(self.graph.nodes[group.nodes[-1]].output_shapes[0]))
+
+    def _diagonal(self, group: Group, op: LinearOperator) -> np.ndarray | None:
+        """The diagonal of a group of per-channel scalings (:func:`_diagonal_of`), else None."""
+        if all(self.bounds[i].diagonal for i in group.nodes):
+            return _diagonal_of(op)
+        return None
+
+    def _needs_subspace(self, group: Group, dense_limit: int) -> bool:
+        """Whether the group's spectrum would come from the block subspace iteration."""
+        op = self.autolip.operator(group, self.bounds)
+        return (spectrum_route(self._out_size(group), op.size, dense_limit) == "subspace"
+                and self._diagonal(group, op) is None)
+
+    def _cut_large(self, dense_limit: int) -> tuple[list[Chain], list[Group]]:
+        """The chains cut at every group that would need the block subspace iteration.
+
+        A chain ``C_2 ∘ σ_2 ∘ M ∘ σ_1 ∘ C_1`` cut at the operator ``M`` is bounded by
+        ``L(C_2) · L(σ_2) · ‖M‖ · L(σ_1) · L(C_1)``, since ``L(f ∘ g) ≤ L(f) L(g)``: SeqLip on
+        the parts ``C_1, C_2`` that keep a pair, AutoLip on the rest (``M``, the activations,
+        a lone group). Every pair factor is capped by its AutoLip factor and these telescope,
+        so the result is at most AutoLip's.
+
+        Returns:
+            The chains (parts of at least two groups) and the groups cut out.
+        """
+        chains, large = [], []
+        for chain in self.chains:
+            cuts = [k for k, g in enumerate(chain.groups) if self._needs_subspace(g, dense_limit)]
+            large += [chain.groups[k] for k in cuts]
+            ends = [-1, *cuts, len(chain.groups)]
+            for a, b in zip(ends, ends[1:]):  # groups a+1 … b-1 and the links between them
+                if b - a > 2:
+                    chains.append(Chain(chain.groups[a + 1:b], chain.links[a + 1:b - 1]))
+        return chains, large
+
     def _spectrum(self, group: Group, top_k, dense_limit, tol, max_iter) -> Spectrum:
         op = self.autolip.operator(group, self.bounds)
-        out_size = int(np.prod(self.graph.nodes[group.nodes[-1]].output_shapes[0]))
-        if all(self.bounds[i].diagonal for i in group.nodes):
-            diag = _diagonal_of(op)
-            if diag is not None:  # BatchNormalization → ReLU at a chain start...
-                # The scales were computed in the model's precision (γ·rsqrt(var + ε) is up to
-                # ~2 units below its exact value in float32); widened so that they bound it.
-                diag = diag * (1.0 + 8 * dtype_eps(op.dtype))
-                # Its pairs read the whole diagonal (_diagonal_pair); the triplets kept only
-                # serve the report, so top_k of them suffice (n × n unit vectors would not)
-                return diagonal_spectrum(diag, top_k)
+        out_size = self._out_size(group)
+        diag = self._diagonal(group, op)
+        if diag is not None:  # BatchNormalization → ReLU at a chain start...
+            # The scales were computed in the model's precision (γ·rsqrt(var + ε) is up to
+            # ~2 units below its exact value in float32); widened so that they bound it.
+            diag = diag * (1.0 + 8 * dtype_eps(op.dtype))
+            # Its pairs read the whole diagonal (_diagonal_pair); the triplets kept only
+            # serve the report, so top_k of them suffice (n × n unit vectors would not)
+            return diagonal_spectrum(diag, top_k)
         return operator_spectrum(op, out_size, top_k=top_k, dense_limit=dense_limit,
                                  tol=tol, max_iter=max_iter)
 
@@ -1173,6 +1234,7 @@ class SeqLip:
         split: str = "sqrt",
         subspace_tol: float = 1e-5,
         subspace_max_iter: int = 300,
+        large_operators: str = "subspace",
         certified: bool = False,
         init="warm",
         spectral: dict[Group, SpectralResult] | None = None,
@@ -1198,6 +1260,15 @@ class SeqLip:
                 over splits is an estimate like each of them.
             subspace_tol: Tolerance of the iterative triplets of large operators.
             subspace_max_iter: Cap on their block iterations.
+            large_operators: What to do with an operator that only the block subspace
+                iteration can decompose (beyond ``dense_limit`` and both sides above
+                :data:`GRAM_SIDE`; each iteration costs ``top_k + 9`` products, hours on a
+                224×224 VGG convolution). ``"subspace"`` (the paper's truncated SVD) runs it;
+                ``"autolip"`` cuts the chain there: the parts before and after stay SeqLip
+                chains when they keep a pair, and the operator contributes its AutoLip factor
+                (an estimate, or certified with ``certified=True``), a valid bound since
+                ``L(f ∘ g) ≤ L(f) L(g)``, at most AutoLip's. Such operators are listed in
+                ``settings["autolip_operators"]`` and named in a warning.
             certified: Use certified per-layer norms in the AutoLip parts.
             init: Starting vectors of the AutoLip spectral solver.
             spectral: Precomputed AutoLip solver results.
@@ -1209,18 +1280,23 @@ class SeqLip:
         """
         check_options(mode, top_k=top_k, max_exact_width=max_exact_width, remainder=remainder,
                       dense_limit=dense_limit, max_sweeps=max_sweeps, split=split,
-                      subspace_tol=subspace_tol, subspace_max_iter=subspace_max_iter)
+                      subspace_tol=subspace_tol, subspace_max_iter=subspace_max_iter,
+                      large_operators=large_operators)
         start = time.perf_counter()
-        n_steps = sum(2 * len(c.groups) - 1 for c in self.chains)
+        chains, large = (self._cut_large(dense_limit) if large_operators == "autolip"
+                         else (self.chains, []))
+        if large:
+            self._warn_large(large, top_k, subspace_max_iter)
+        n_steps = sum(2 * len(c.groups) - 1 for c in chains)
         bar = progress_bar(n_steps, unit_name="step", label="SeqLip",
                            verbose=verbose if n_steps else 0)
         if verbose:
-            print(f"tf_lipschitz: SeqLip on '{model_name}': {len(self.chains)} chain(s), "
-                  f"{sum(len(c.links) for c in self.chains)} pair factor(s), mode={mode!r}.", flush=True)
+            print(f"tf_lipschitz: SeqLip on '{model_name}': {len(chains)} chain(s), "
+                  f"{sum(len(c.links) for c in chains)} pair factor(s), mode={mode!r}.", flush=True)
         done = 0
         segments, summary = [], []
         seconds = {"spectra": 0.0, "pairs": 0.0}
-        for chain in self.chains:
+        for chain in chains:
             spectra = []
             for group in chain.groups:
                 tick = time.perf_counter()
@@ -1268,7 +1344,7 @@ class SeqLip:
                 f"{worst['dropped_sigma_ratio']:.0%} of σ_1, in {worst['pair']}) are bounded "
                 "and added back: raise top_k for a tighter bound.", stacklevel=3)
         if spectral is None:  # the solver is only needed for groups outside every chain
-            covered = {g for chain in self.chains for g in chain.groups}
+            covered = {g for chain in chains for g in chain.groups}
             outside = [g for g in self.autolip.iterative if g not in covered]
             spectral = self.autolip.spectral(init=init) if outside else {}
         report = self.autolip.run(certified=certified, spectral=spectral, segments=segments,
@@ -1276,9 +1352,36 @@ class SeqLip:
         settings = {
             "mode": mode, "top_k": top_k, "max_exact_width": max_exact_width,
             "remainder": remainder, "dense_limit": dense_limit, "max_sweeps": max_sweeps,
-            "split": split, "certified_mode": certified,
+            "split": split, "large_operators": large_operators,
+            "autolip_operators": [self._sizes(g) for g in large], "certified_mode": certified,
             "autolip_parts": report.settings, "pairs": summary, "fallbacks": list(self.fallbacks),
             "seconds": seconds,
         }
-        return dataclasses.replace(report, method="seqlip", settings=settings,
+        names = {self._group_name(g) for g in large}
+        layers = tuple(dataclasses.replace(row, method=f"{row.method} (AutoLip factor: large)")
+                       if row.kind == "linear" and row.name in names else row
+                       for row in report.layers)
+        return dataclasses.replace(report, method="seqlip", settings=settings, layers=layers,
                                    elapsed=time.perf_counter() - start)
+
+    def _sizes(self, group: Group) -> dict:
+        first, last = self.graph.nodes[group.nodes[0]], self.graph.nodes[group.nodes[-1]]
+        return {"name": self._group_name(group),
+                "input_shape": list(first.input_shapes[0]),
+                "output_shape": list(last.output_shapes[0]),
+                "input_size": int(np.prod(first.input_shapes[0])),
+                "output_size": self._out_size(group)}
+
+    def _warn_large(self, large: list[Group], top_k: int, max_iter: int) -> None:
+        shown = ", ".join(f"'{d['name']}' ({d['input_size']} → {d['output_size']} entries)"
+                          for d in map(self._sizes, large[:5]))
+        more = f" and {len(large) - 5} more" if len(large) > 5 else ""
+        warnings.warn(
+            f"SeqLip kept the AutoLip factor of {len(large)} operator(s) too large for a dense "
+            f"SVD or the Gram route (both sides above GRAM_SIDE={GRAM_SIDE}): {shown}{more}; "
+            "their chains are cut there (large_operators='autolip'; a valid bound, at most "
+            "AutoLip's). For the full SeqLip use large_operators='subspace' (--seqlip-large "
+            f"subspace on the command line): the top {top_k + 1} singular triplets of each by "
+            f"block subspace iteration, {top_k + 9} operator products per iteration for up to "
+            f"subspace_max_iter={max_iter} iterations, hours on a 224×224 VGG convolution.",
+            stacklevel=4)
