@@ -243,3 +243,79 @@ def test_abs_op_in_a_functional_model_against_brute_force():
     assert true * (1 - 1e-4) <= lower.value <= true
     rows = [row for row in certified.layers if row.kind not in ("input", "linear")]
     assert any("abs" in row.method or "abs" in str(row) for row in rows)
+
+
+# Parameters reach the rules through the ops (keras.ops.celu(x, alpha=...)) and the layers
+# (ReLU, LeakyReLU, ELU); an Activation layer only names its function (default parameters).
+VALID_OP_PARAMETERS = [
+    ("Celu", {"alpha": 0.3}), ("Celu", {"alpha": 2.0}), ("Squareplus", {"b": 0.0}),
+    ("Squareplus", {"b": 0.5}), ("Squareplus", {"b": 9.0}), ("SoftShrink", {"threshold": 0.0}),
+    ("SoftShrink", {"threshold": 1.5}), ("LeakyRelu", {"negative_slope": 3.0}),
+    ("LeakyRelu", {"negative_slope": -2.0}), ("Elu", {"alpha": -1.5}), ("Elu", {"alpha": 3.0}),
+]
+
+
+def _op(op_class, kwargs):
+    from keras.src.ops import nn as knn
+
+    from tf_lipschitz.rules.base import get_rule
+
+    op = getattr(knn, op_class)(**kwargs)
+    return op, (lambda: get_rule(op)(op, None))
+
+
+@pytest.mark.parametrize("op_class, kwargs", VALID_OP_PARAMETERS, ids=str)
+def test_parameterised_op_rules_bound_the_derivative(op_class, kwargs):
+    op, rule = _op(op_class, kwargs)
+    bound = rule()
+    d = _derivative(op)
+    assert np.all(np.isfinite(d))
+    assert np.max(np.abs(d)) - 1e-9 <= bound.value <= np.max(np.abs(d)) * (1 + 2e-4) + 1e-6
+    lo, hi = bound.activation.slope_range
+    assert lo <= d.min() + 1e-9 and hi >= d.max() - 1e-9
+
+
+def _steepest_secant(fn):
+    """The largest |f(x) − f(y)| / |x − y| over neighbouring grid points (NaN if f is NaN)."""
+    y = fn(GRID).numpy()
+    x = GRID.numpy()
+    return np.max(np.abs(np.diff(y)) / np.diff(x)) if np.all(np.isfinite(y)) else np.nan
+
+
+INVALID_OP_PARAMETERS = [
+    ("Celu", {"alpha": -1.0}), ("Celu", {"alpha": 0.0}), ("Celu", {"alpha": np.inf}),
+    ("Squareplus", {"b": -1.0}), ("Squareplus", {"b": -1e-3}), ("Squareplus", {"b": np.inf}),
+    ("SoftShrink", {"threshold": -0.5}), ("Elu", {"alpha": np.nan}), ("Elu", {"alpha": np.inf}),
+    ("LeakyRelu", {"negative_slope": np.nan}), ("LeakyRelu", {"negative_slope": -np.inf}),
+]
+
+
+@pytest.mark.parametrize("op_class, kwargs", INVALID_OP_PARAMETERS, ids=str)
+def test_parameters_that_break_lipschitz_continuity_are_refused(op_class, kwargs):
+    op, rule = _op(op_class, kwargs)
+    # the function really has no constant near 1: a NaN/infinite value or a steep secant
+    steepest = _steepest_secant(op)
+    assert not steepest < 100, steepest
+    (param, value), = kwargs.items()
+    with pytest.raises(NotLipschitzError, match=f"'{op.name}'.*{param}={value:g}.*Use "):
+        rule()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.layers.ELU(alpha=float("nan")),
+    lambda: keras.layers.LeakyReLU(negative_slope=float("nan")),
+    lambda: keras.layers.ReLU(negative_slope=float("nan")),
+    lambda: keras.layers.ReLU(max_value=float("nan")),
+], ids=["ELU", "LeakyReLU", "ReLU-slope", "ReLU-max_value"])
+def test_layers_with_nan_parameters_are_refused(make):
+    # Keras accepts NaN (NaN < 0 is False); max(1, nan) would have read as 1.
+    layer = make()
+    model = keras.Sequential([keras.Input((3,)), layer])
+    with pytest.raises(NotLipschitzError, match=f"{layer.name}.*=nan"):
+        tfl.LipschitzEstimator(model, verbose=0)
+
+
+def test_relu_layer_infinite_max_value_is_no_clip():
+    layer = keras.layers.ReLU(max_value=float("inf"), negative_slope=0.5)
+    model = keras.Sequential([keras.Input((3,)), layer])
+    assert tfl.LipschitzEstimator(model, verbose=0).autolip().upper == pytest.approx(1.0)

@@ -10,8 +10,8 @@ activation         sup |σ'|                    derivation
 =================  ==========================  ==========================================
 relu, relu6        1                           piecewise linear
 leaky_relu(α)      max(1, |α|)                 piecewise linear
-elu(α)             max(1, α)                   α·eˣ for x < 0
-celu(α)            1                           e^(x/α) ≤ 1 for x < 0
+elu(α)             max(1, |α|)                 α·eˣ for x < 0
+celu(α), α > 0     1                           e^(x/α) ≤ 1 for x < 0
 selu               scale·α ≈ 1.7581            scale·α·eˣ for x < 0
 sigmoid            1/4                         σ(1 − σ) ≤ 1/4
 tanh               1                           1 − tanh² ≤ 1
@@ -26,12 +26,20 @@ log_softmax        √n                          J = I − 1pᵀ, idempotent: �
 sparsemax          1                           the projection onto the simplex (refused where Keras' is not)
 sparse_sigmoid     1/2                         slope 1/2 on (−1, 1)
 others             1                           softplus, softsign, log_sigmoid, hard_tanh,
-                                               soft_shrink, tanh_shrink, squareplus, sparse_plus
+                                               soft_shrink (threshold ≥ 0), tanh_shrink,
+                                               squareplus (b ≥ 0), sparse_plus
 =================  ==========================  ==========================================
 
 ``exponential`` (unbounded slope), ``hard_shrink`` and ``threshold`` (jumps), ``glu`` (product of
 two halves of the input) and ``relu`` with a non-zero ``threshold`` (a jump) are not Lipschitz:
-they raise :class:`~tf_lipschitz.errors.NotLipschitzError`.
+they raise :class:`~tf_lipschitz.errors.NotLipschitzError`. So do parameters outside the
+ranges above (they reach the rules through the layers ``ReLU``, ``LeakyReLU``, ``ELU`` and the
+ops ``keras.ops.celu(x, alpha)``, ``squareplus(x, b)``, ``soft_shrink(x, threshold)``...):
+``celu`` with ``alpha ≤ 0`` (slope ``e^(x/α)`` unbounded as x → −∞; α = 0 divides by zero),
+``squareplus`` with ``b < 0`` (NaN near 0, unbounded slope next to it), ``soft_shrink`` with
+``threshold < 0`` (a jump at the threshold) and any NaN or infinite parameter. An
+``Activation`` layer only names its function, so it always has the default parameters
+(a ``functools.partial`` or a lambda is an unknown function: register it).
 """
 
 from __future__ import annotations
@@ -147,6 +155,51 @@ def _sparsemax_is_projection() -> bool:
     return bool(np.allclose(got, projection, atol=1e-9))
 
 
+# (activation, parameter) -> (valid finite values, the requirement, what goes wrong outside it).
+# Every NaN or infinite value is refused as well (``max(1, nan)`` would read as 1), except an
+# infinite ``max_value`` (no clipping) and ``threshold = +inf`` of soft_shrink (output 0).
+_DOMAINS: dict[tuple[str, str], tuple[Callable[[float], bool], str, str]] = {
+    ("celu", "alpha"): (
+        lambda v: v > 0, "alpha > 0 (constant 1)",
+        "for x < 0 its slope is e^(x/alpha), unbounded as x → −∞ when alpha < 0, and alpha = 0 "
+        "divides by zero (NaN)."),
+    ("squareplus", "b"): (
+        lambda v: v >= 0, "b ≥ 0 (constant 1)",
+        "(x + √(x² + b))/2 is NaN for |x| < √(−b) when b < 0, and its slope is unbounded next to "
+        "that interval."),
+    ("soft_shrink", "threshold"): (
+        lambda v: v >= 0, "threshold ≥ 0 (constant 1)",
+        "for threshold < 0 it jumps by 2·|threshold| at x = threshold."),
+    ("elu", "alpha"): (math.isfinite, "a finite alpha (constant max(1, |alpha|))", ""),
+    ("leaky_relu", "negative_slope"): (
+        math.isfinite, "a finite negative_slope (constant max(1, |negative_slope|))", ""),
+    ("relu", "negative_slope"): (
+        math.isfinite, "a finite negative_slope (constant max(1, |negative_slope|))", ""),
+    ("relu", "max_value"): (lambda v: True, "a max_value that is a number, or None", ""),
+}
+_INFINITE_OK = {("relu", "max_value"), ("soft_shrink", "threshold")}
+
+
+def _check_parameters(name: str, owner: Any, params: dict) -> None:
+    """Refuses parameter values for which the activation ``name`` is not Lipschitz.
+
+    Raises:
+        NotLipschitzError: Naming the owner, the parameter, its value and the valid range.
+    """
+    for (act, param), (valid, requirement, reason) in _DOMAINS.items():
+        if act != name or params.get(param) is None:
+            continue
+        value = float(params[param])
+        finite = math.isfinite(value) or (value == math.inf and (act, param) in _INFINITE_OK)
+        if finite and valid(value):
+            continue
+        if not finite:
+            kind = "NaN" if math.isnan(value) else "infinite"
+            reason = f"a {kind} {param} makes its output or its slope NaN or infinite."
+        raise NotLipschitzError(
+            owner, f"activation '{name}' with {param}={value:g}: {reason} Use {requirement}.")
+
+
 def activation_info(name: str, owner: Any = None, *, size: int | None = None, **params) -> Activation:
     """The :class:`Activation` of a named Keras activation with parameters.
 
@@ -154,13 +207,26 @@ def activation_info(name: str, owner: Any = None, *, size: int | None = None, **
         name: Keras activation name (``"relu"``, ``"leaky_relu"``...).
         owner: The layer using it, named in errors.
         size: Size of the softmax axis (for ``log_softmax``).
-        **params: ``negative_slope``, ``alpha``, ``max_value``, ``threshold``, ``approximate``.
+        **params: ``negative_slope``, ``alpha``, ``max_value``, ``threshold``, ``approximate``,
+            ``b``.
 
     Raises:
-        NotLipschitzError: For activations without a global constant.
+        NotLipschitzError: For activations without a global constant, and for parameters that
+            make one non-Lipschitz: celu's ``alpha ≤ 0``, squareplus' ``b < 0``, soft_shrink's
+            ``threshold < 0``, relu's ``threshold ≠ 0``, any NaN or infinite parameter.
+
+    Example:
+        >>> activation_info("leaky_relu", negative_slope=-3.0).lipschitz
+        3.0
+        >>> try:
+        ...     activation_info("celu", alpha=-1.0)
+        ... except NotLipschitzError as error:
+        ...     print("Use alpha > 0" in str(error))
+        True
     """
     name = _ALIASES.get(name, name)
     owner = owner if owner is not None else name
+    _check_parameters(name, owner, params)
     if name in _NOT_LIPSCHITZ:
         raise NotLipschitzError(owner, f"activation '{name}': {_NOT_LIPSCHITZ[name]}")
     if name == "sparsemax" and not _sparsemax_is_projection():
@@ -323,12 +389,12 @@ def _register_ops():
         "Relu": ("relu", ()), "Relu6": ("relu6", ()), "Sigmoid": ("sigmoid", ()),
         "Softplus": ("softplus", ()), "Softsign": ("softsign", ()), "Silu": ("silu", ()),
         "Gelu": ("gelu", ("approximate",)), "Elu": ("elu", ("alpha",)), "Selu": ("selu", ()),
-        "Celu": ("celu", ()), "LeakyRelu": ("leaky_relu", ("negative_slope",)),
+        "Celu": ("celu", ("alpha",)), "LeakyRelu": ("leaky_relu", ("negative_slope",)),
         "HardSigmoid": ("hard_sigmoid", ()), "HardSilu": ("hard_silu", ()),
         "HardTanh": ("hard_tanh", ()), "LogSigmoid": ("log_sigmoid", ()),
-        "SoftShrink": ("soft_shrink", ()), "TanhShrink": ("tanh_shrink", ()),
+        "SoftShrink": ("soft_shrink", ("threshold",)), "TanhShrink": ("tanh_shrink", ()),
         "SparsePlus": ("sparse_plus", ()), "SparseSigmoid": ("sparse_sigmoid", ()),
-        "Squareplus": ("squareplus", ()), "Softmax": ("softmax", ()),
+        "Squareplus": ("squareplus", ("b",)), "Softmax": ("softmax", ()),
         "LogSoftmax": ("log_softmax", ()), "Sparsemax": ("sparsemax", ()),
         "HardShrink": ("hard_shrink", ()), "Glu": ("glu", ()), "Threshold": ("threshold", ()),
     }
