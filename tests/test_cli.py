@@ -510,3 +510,13 @@ def test_seqlip_large_flag_reaches_seqlip(tmp_path, capsys, monkeypatch):
 
     code, _, err = _run(capsys, path, "--seqlip-large", "dense")
     assert code == 2 and "--seqlip-large" in err and "invalid choice" in err
+
+    # SeqLip before AutoLip: the summary names the kept operators, then AutoLip's line follows
+    # (the list of names once replaced the table of method names: AttributeError)
+    monkeypatch.setattr(seqlip, "top_singular_triplets", refuse)
+    code, out, err = _run(capsys, path, "--methods", "seqlip,autolip", "--quiet")
+    assert code == 0, err
+    lines = out.splitlines()
+    kept = next(i for i, line in enumerate(lines) if "AutoLip factor kept for 1" in line)
+    assert lines[kept - 1].lstrip().startswith("SeqLip upper bound")
+    assert lines[kept + 1].lstrip().startswith("AutoLip upper bound")

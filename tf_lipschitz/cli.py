@@ -270,9 +270,9 @@ class Analysis:
                 lines.append(f"  {'':<22}{rep.certification_note}")
             large = rep.settings.get("autolip_operators") if method == "seqlip" else None
             if large:
-                names = ", ".join(d["name"] for d in large)
+                kept = ", ".join(d["name"] for d in large)
                 lines.append(f"  {'':<22}AutoLip factor kept for {len(large)} large "
-                             f"operator(s): {names} (--seqlip-large subspace decomposes them)")
+                             f"operator(s): {kept} (--seqlip-large subspace decomposes them)")
         if self.lower is not None:
             line = (f"  {'lower bound':<22}{self.lower.value:<14.6g}(lower bound; secant check "
                     f"{self.lower.secant:.6g})")
