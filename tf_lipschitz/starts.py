@@ -16,7 +16,10 @@ grid of frequencies are ranked (exact eigenvalues, or a batched Lanczos run for 
 whose products go through the taps as one real GEMM above 256 channels instead of forming the
 Gram matrices), gradient ascent on ``σ_max(Â(θ))`` refines the best separated peaks, and the
 waves of all refined peaks within 0.5 % of the best are summed. The wave itself is a few real
-GEMMs (a spatial field times a channel vector per term and polyphase component).
+GEMMs (a spatial field times a channel vector per term and polyphase component). For a plain
+stride-1 convolution, the envelope is then found exactly on the channel subspace of the waves
+(:func:`_channel_subspace_refine`): a compiled Lanczos run on the convolution restricted to
+inputs whose channel vectors lie in that subspace, at a fraction of the operator's cost.
 This only chooses where the solver starts: the result is still the solver's converged value, so
 a poor start costs products, never accuracy.
 
@@ -36,10 +39,12 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+import tensorflow as tf
 
 from tf_lipschitz.certify import ConvSpec, LayerCertificate, _frequencies, _lanczos_ritz, \
     _small, _Symbols, fold_diagonals
 from tf_lipschitz.linalg import lanczos_ritz
+from tf_lipschitz.power import compiled, lanczos_loop
 
 __all__ = ["conv_start", "group_start", "MIN_SPATIAL"]
 
@@ -201,13 +206,16 @@ def _tilt(taps_g: np.ndarray, shifts: np.ndarray, theta: np.ndarray,
     return tilt if np.all(np.isfinite(tilt)) else None
 
 
-def conv_start(spec: ConvSpec, channels_last: bool = True) -> np.ndarray | None:
+def conv_start(spec: ConvSpec, channels_last: bool = True,
+               grid_out: Sequence[int] | None = None) -> np.ndarray | None:
     """A starting vector close to the top right singular vector of a convolution.
 
     Args:
         spec: The convolution (see :class:`tf_lipschitz.certify.ConvSpec`), already scaled by
             any folded per-channel diagonals.
         channels_last: Layout of the returned vector.
+        grid_out: Spatial output size; when given, a plain stride-1 convolution's start is
+            refined on the channel subspace of its waves (:func:`_channel_subspace_refine`).
 
     Returns:
         An array shaped like one input example, or ``None`` when no start is built (transposed
@@ -240,12 +248,105 @@ def conv_start(spec: ConvSpec, channels_last: bool = True) -> np.ndarray | None:
     # Near-ties: on a finite grid the boundary lowers sharp peaks more than flat ones, so the
     # symbol's best peak need not carry the operator's top vector. A sum of the nearly
     # orthogonal waves lets the Krylov space contain each of them.
-    waves = [_plane_wave(spec, theta, v, group, channels_last,
-                         _tilt(taps[:, group], shifts, theta, v))
-             for sigma, theta, v, group in peaks if sigma >= _KEEP * top]
-    x = sum(waves)
+    kept = [(theta, v, group, _tilt(taps[:, group], shifts, theta, v))
+            for sigma, theta, v, group in peaks if sigma >= _KEEP * top]
+    x = sum(_plane_wave(spec, theta, v, group, True, tilt) for theta, v, group, tilt in kept)
     norm = float(np.linalg.norm(x))
-    return x / norm if norm > 0 else None
+    if norm == 0:
+        return None
+    x = x / norm
+    if grid_out is not None and _reducible(spec):
+        vectors = [w for _, v, _, tilt in kept for w in [v, *(() if tilt is None else tilt)]]
+        x = _channel_subspace_refine(spec, tuple(grid_out), x, vectors)
+    return x if channels_last else np.moveaxis(x, -1, 0)
+
+
+_REDUCED_RATIO = 0.25
+"""Largest ``subspace dimension / input channels`` for which :func:`_channel_subspace_refine`
+runs: its products cost about that fraction of the operator's."""
+_REDUCED_TOL = 1e-4  # relative residual at which the reduced Lanczos stops
+_REDUCED_PRODUCTS = 120  # and its cap on products
+
+
+def _reducible(spec: ConvSpec) -> bool:
+    """Whether the channel-subspace refinement applies: a plain stride-1 convolution (one
+    group, not separable, not transposed) with a known left padding."""
+    return (not spec.adjoint and spec.pointwise is None and spec.offset is not None
+            and all(s == 1 for s in spec.strides) and spec.kernel.shape[spec.rank] == 1)
+
+
+def _channel_basis(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """Orthonormal real basis ``(a, m)`` of the span of the real and imaginary parts."""
+    stacked = np.stack(vectors, 1)
+    real = np.concatenate([stacked.real, stacked.imag], 1)
+    u, s, _ = np.linalg.svd(real, full_matrices=False)
+    return u[:, s > 1e-8 * s[0]]
+
+
+def _channel_subspace_refine(spec: ConvSpec, grid_out: tuple[int, ...], x0: np.ndarray,
+                             vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """The top right singular vector of the convolution restricted to the inputs whose channel
+    vector lies, at every position, in the real span ``S`` of the peaks' channel vectors and
+    their tilts (Rayleigh–Ritz on that subspace), from ``x0`` (channels last).
+
+    The waves of :func:`conv_start` lie in ``S`` but carry a guessed envelope (the box's lowest
+    mode); the operator's top vector also lies in ``S`` up to second order in the packet's
+    spread of frequencies, with an envelope set by the zero padding. Restricted to ``S``
+    (``x[n] = Q g[n]``, ``Q`` an orthonormal ``a × m`` basis), the convolution is the
+    convolution of ``m``-channel fields ``g`` with the taps ``Qᵀ K_t``: its products cost about
+    ``m / a`` of the operator's, and Lanczos on it finds the envelope exactly. On VGG16's
+    block3_conv1 (56×56×128) the full solver then needs 10 products instead of 58, for 56
+    products at 16 % of the cost. Returns ``x0`` when ``S`` is too large for that to pay
+    (:data:`_REDUCED_RATIO`).
+    """
+    q = _channel_basis(vectors)
+    if q.shape[1] > _REDUCED_RATIO * spec.kernel.shape[spec.rank + 1]:
+        return x0
+    pads = subspace_pads(spec, grid_out)
+    if pads is None:
+        return x0
+    kernel = subspace_kernel(spec, q)
+    kernel = kernel / max(float(np.max(np.abs(kernel))), 1e-300)
+    g0 = np.tensordot(x0, q, axes=1)[None].astype(np.float32)
+    g = _reduced_top(tf.constant(g0), tf.constant(kernel.astype(np.float32)), pads,
+                     tuple(spec.dilation))
+    x = np.tensordot(np.asarray(g)[0].astype(np.float64), q.T, axes=1)
+    norm = float(np.linalg.norm(x))
+    return x / norm if np.isfinite(norm) and norm > 0 else x0
+
+
+def subspace_kernel(spec: ConvSpec, q: np.ndarray) -> np.ndarray:
+    """Taps ``Qᵀ K_t`` ``(k…, m, b)`` of a plain convolution restricted to inputs
+    ``x[n] = Q g[n]`` (``q``: ``(a, m)``)."""
+    return np.einsum("am,...ab->...mb", q, spec.kernel[..., 0, :, :])
+
+
+def subspace_pads(spec: ConvSpec, grid_out: Sequence[int]) -> tuple | None:
+    """``((left, right), …)`` zero padding per spatial axis after which a VALID convolution
+    (dilation ``spec.dilation``) gives the layer's ``grid_out`` outputs, or ``None`` when some
+    output would need inputs cropped away (not a convolution of this form)."""
+    extent = [d * (k - 1) for k, d in zip(spec.kernel.shape[:spec.rank], spec.dilation)]
+    pads = tuple((p, m + e - p - n)
+                 for p, m, e, n in zip(spec.offset, grid_out, extent, spec.spatial))
+    return None if any(right < 0 for _, right in pads) else pads
+
+
+def subspace_conv(g: tf.Tensor, kernel: tf.Tensor, pads: Sequence[Sequence[int]],
+                  dilation: Sequence[int]) -> tf.Tensor:
+    """The restricted convolution of :func:`subspace_kernel` on a batch of fields ``g``
+    (channels last)."""
+    pad = [[0, 0], *[list(p) for p in pads], [0, 0]]
+    return tf.nn.convolution(tf.pad(g, pad), kernel, padding="VALID", dilations=list(dilation))
+
+
+def _reduced_top_fn(g0, kernel, pads, dilation):
+    v, _, _ = lanczos_loop(lambda g: subspace_conv(g, kernel, pads, dilation), g0,
+                           tf.constant(_REDUCED_TOL, tf.float64),
+                           tf.constant(_REDUCED_PRODUCTS), 16)
+    return v
+
+
+_reduced_top = compiled(_reduced_top_fn, reduce_retracing=True)
 
 
 def _plane_wave(spec: ConvSpec, theta: np.ndarray, v: np.ndarray, group: int,
@@ -332,7 +433,9 @@ def group_start(members: Sequence[tuple[Any, Any]]) -> np.ndarray | None:
     if shape != tuple(first.input_shapes[0]):
         return None
     spec = cert.spec(in_scale, out_scale)
-    start = conv_start(spec, channels_last=cert.channel_axis == -1)
+    out = tuple(cert.output_shape)
+    grid_out = out[-spec.rank - 1:-1] if cert.channel_axis == -1 else out[-spec.rank:]
+    start = conv_start(spec, channels_last=cert.channel_axis == -1, grid_out=grid_out)
     if start is not None and len(shape) == spec.rank + 2:
         # a graph convolution on a batch of B images (I_B ⊗ A): the same start in each image
         start = np.broadcast_to(start, shape) / math.sqrt(shape[0])
