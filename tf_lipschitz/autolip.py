@@ -338,11 +338,12 @@ class AutoLip:
         random Gaussian vector.
         """
         bounds = evaluate_rules(self.graph)
-        vectors = self.solver.initial_vectors(seed)
+        vectors = []
         for k, group in enumerate(self.iterative):
             start = group_start([(bounds[i], self.graph.nodes[i]) for i in group.nodes])
-            if start is not None:
-                vectors[k] = np.reshape(start, vectors[k].shape).astype(vectors[k].dtype)
+            op = self.solver.operators[k]
+            vectors.append(self.solver.random_vector(k, seed) if start is None else
+                           np.reshape(start, (1, *op.input_shape)).astype(op.dtype))
         return vectors
 
     def spectral(self, init="warm") -> dict[Group, SpectralResult]:

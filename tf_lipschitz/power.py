@@ -761,16 +761,18 @@ class SpectralSolver:
         """
         if self.start_noise <= 0:
             return vectors
-        noise = self.initial_vectors(seed + 1)
         out = []
-        for v, r in zip(vectors, noise):
-            v = np.asarray(v, np.float64)
-            norm = np.linalg.norm(v)
+        for k, v in enumerate(vectors):
+            r = self.random_vector(k, seed + 1)
+            work = np.float64 if r.dtype == np.float64 else np.float32  # half: norms overflow
+            v, noise = np.asarray(v, work), r.astype(work, copy=False)
+            norm = float(np.linalg.norm(v))
             if not (np.isfinite(norm) and norm > 0):
                 out.append(r)
                 continue
-            dtype, r = r.dtype, r.astype(np.float64)
-            out.append((v / norm + self.start_noise * r / np.linalg.norm(r)).astype(dtype))
+            blended = v / work(norm) + noise * work(
+                self.start_noise / float(np.linalg.norm(noise)))
+            out.append(blended.astype(r.dtype, copy=False))
         return out
 
     def _start_arrays(self, init: Any) -> list[np.ndarray]:
@@ -802,12 +804,18 @@ class SpectralSolver:
         """Whether a previous run left vectors for ``init="warm"``."""
         return self._last is not None
 
+    def random_vector(self, k: int, seed: int = 0) -> np.ndarray:
+        """A random Gaussian starting vector for operator ``k`` (batch axis of size 1), drawn
+        in its dtype (float32 for half precision) from a generator seeded by ``(seed, k)``, so
+        that each operator's vector is drawn only when it is needed."""
+        op = self.operators[k]
+        dtype = np.float64 if np.dtype(op.dtype) == np.float64 else np.float32
+        rng = np.random.default_rng([seed, k])
+        return rng.standard_normal((1, *op.input_shape), dtype=dtype).astype(op.dtype, copy=False)
+
     def initial_vectors(self, seed: int = 0) -> list[np.ndarray]:
         """Random Gaussian starting vectors, one per operator (batch axis of size 1)."""
-        rng = np.random.default_rng(seed)
-        return [
-            rng.standard_normal((1, *op.input_shape)).astype(op.dtype) for op in self.operators
-        ]
+        return [self.random_vector(k, seed) for k in range(len(self.operators))]
 
     def run(
         self,
