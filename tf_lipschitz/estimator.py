@@ -186,7 +186,8 @@ class LipschitzEstimator:
                 searches the split exponents), ``subspace_tol``, ``subspace_max_iter``,
                 ``large_operators`` ("subspace", the paper's; "autolip" keeps the AutoLip
                 factor of operators that would need the block subspace iteration, which takes
-                hours on large convolutions); see :meth:`tf_lipschitz.seqlip.SeqLip.run`.
+                up to half an hour per large convolution); see
+                :meth:`tf_lipschitz.seqlip.SeqLip.run`.
 
         Returns:
             A :class:`~tf_lipschitz.report.LipschitzReport` with ``method="seqlip"``;
