@@ -1937,6 +1937,16 @@ class _Region:
     stack: tuple[Linear, tuple[int, ...]] | None = None
 
 
+def _keras_activation_region(activation: str, formula: str, source: str,
+                             members: set[str]) -> _Region:
+    """The region of a Keras activation recognised from the ``members`` ops (plus its output
+    op) reading ``source``, bounded by that activation's rule."""
+    info = activation_info(activation)
+    note = f"{formula}: {info.lipschitz:g} (recognised from {len(members) + 1} ops)"
+    return _Region((source,), members, Constant(info.lipschitz, certified=info.certified,
+                                                activation=info, note=note))
+
+
 class _GraphReader:
     """Reads a frozen concrete function into a :class:`ModelGraph` of :class:`_OpNode` s."""
 
@@ -2735,12 +2745,9 @@ class _GraphReader:
                     or inner[1] != alpha or not (math.isfinite(alpha) and alpha > 0) \
                     or self._shape(source) != self._shape(f"{name}:0"):
                 continue
-            info = activation_info("celu")
-            bound = Constant(info.lipschitz, certified=info.certified, activation=info,
-                             note=f"celu max(x, 0) + α·expm1(min(x, 0)/α), α = {alpha:.6g}: "
-                                  f"{info.lipschitz:g} (recognised from 6 ops)")
-            return _Region((source,), {top.name, scaled.name, expm1.name, division.name,
-                                       low.name}, bound)
+            return _keras_activation_region(
+                "celu", f"celu max(x, 0) + α·expm1(min(x, 0)/α), α = {alpha:.6g}", source,
+                {top.name, scaled.name, expm1.name, division.name, low.name})
         return None
 
     def _squareplus(self, name: str) -> "_Region | None":
@@ -2771,11 +2778,9 @@ class _GraphReader:
                     or not (math.isfinite(shifted[1]) and shifted[1] >= 0) \
                     or self._shape(source) != self._shape(f"{name}:0"):
                 continue
-            info = activation_info("squareplus")
-            bound = Constant(info.lipschitz, certified=info.certified, activation=info,
-                             note=f"squareplus (x + √(x² + b))/2, b = {shifted[1]:.6g}: "
-                                  f"{info.lipschitz:g} (recognised from 5 ops)")
-            return _Region((source,), {total.name, root.name, inner.name, square.name}, bound)
+            return _keras_activation_region(
+                "squareplus", f"squareplus (x + √(x² + b))/2, b = {shifted[1]:.6g}", source,
+                {total.name, root.name, inner.name, square.name})
         return None
 
     def _euclidean_norm(self, name: str, display: dict[str, str]) -> "_Region | None":
