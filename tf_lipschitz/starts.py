@@ -250,7 +250,7 @@ def conv_start(spec: ConvSpec, channels_last: bool = True,
     # orthogonal waves lets the Krylov space contain each of them.
     kept = [(theta, v, group, _tilt(taps[:, group], shifts, theta, v))
             for sigma, theta, v, group in peaks if sigma >= _KEEP * top]
-    x = sum(_plane_wave(spec, theta, v, group, True, tilt) for theta, v, group, tilt in kept)
+    x = sum(_plane_wave(spec, theta, v, group, tilt) for theta, v, group, tilt in kept)
     norm = float(np.linalg.norm(x))
     if norm == 0:
         return None
@@ -350,11 +350,11 @@ _reduced_top = compiled(_reduced_top_fn, reduce_retracing=True)
 
 
 def _plane_wave(spec: ConvSpec, theta: np.ndarray, v: np.ndarray, group: int,
-                channels_last: bool, tilt: np.ndarray | None = None) -> np.ndarray:
+                tilt: np.ndarray | None = None) -> np.ndarray:
     """``x[n, channel] = Re((V φ(n) − i Σ_d ∂_dV ∂_dφ(n))[r(n), channel] e^{iθ·m(n)})`` on the
     input grid, with ``n + offset = s·m + r`` the polyphase decomposition of position ``n``,
     ``φ`` the lowest mode of the box and ``∂_dV`` the ``tilt`` of :func:`_tilt` (derivatives in
-    ``m``: ``∂φ/∂m_d = s_d ∂φ/∂n_d``)."""
+    ``m``: ``∂φ/∂m_d = s_d ∂φ/∂n_d``), channels last, of unit norm."""
     rank = spec.rank
     groups, a = spec.kernel.shape[rank], spec.kernel.shape[rank + 1]
     phases = math.prod(spec.strides)
@@ -406,8 +406,7 @@ def _plane_wave(spec: ConvSpec, theta: np.ndarray, v: np.ndarray, group: int,
     if tilt is not None and np.linalg.norm(extra) <= 0.5 * np.linalg.norm(x):
         x = x + extra
     x = x.reshape(*spec.spatial, groups * a)
-    x = x / max(float(np.linalg.norm(x)), 1e-300)
-    return x if channels_last else np.moveaxis(x, -1, 0)
+    return x / max(float(np.linalg.norm(x)), 1e-300)
 
 
 def group_start(members: Sequence[tuple[Any, Any]]) -> np.ndarray | None:
