@@ -276,3 +276,61 @@ def test_no_refinement_for_strided_and_grouped_convolutions():
         spec, grid_out = _spec_and_grid(layer, shape)
         np.testing.assert_array_equal(starts.conv_start(spec, grid_out=grid_out),
                                       starts.conv_start(spec))
+
+
+def _symbol(taps, shifts, theta):
+    return np.tensordot(np.exp(1j * (shifts @ theta)), taps, axes=1)
+
+
+def _sigma(taps, shifts, theta):
+    return float(np.linalg.svd(_symbol(taps, shifts, theta), compute_uv=False)[0])
+
+
+@pytest.mark.parametrize("shape", [(9, 12, 10, 2), (5, 6, 6, 1), (27, 5, 7, 3), (9, 160, 150, 2)])
+def test_ascent_ends_on_a_local_maximum_of_the_symbol(shape):
+    """``_refine`` (quasi-Newton ascent) stops where no nearby frequency has a larger top
+    singular value, above its start, with the symbol's top right singular vector. The last
+    shape (150 columns) runs the power-step branch of ``_top_pair``."""
+    q, rows, cols, dims = shape
+    rng = np.random.default_rng(sum(shape))
+    taps = rng.standard_normal((q, rows, cols))
+    shifts = rng.integers(0, 3, (q, dims))
+    theta0 = rng.uniform(-np.pi, np.pi, dims)
+    sigma, theta, v = starts._refine(taps, shifts, theta0)
+    exact = _sigma(taps, shifts, theta)
+    # σ comes from a few power steps warm-started from the previous step's vector (from below);
+    # an SVD starts the ascent on small symbols, power steps on larger ones.
+    rtol = 1e-6 if cols <= starts._SVD_SIDE else 1e-4
+    assert exact * (1 - rtol) <= sigma <= exact * (1 + 1e-9)
+    assert sigma >= _sigma(taps, shifts, theta0) * (1 - rtol)
+    assert np.isclose(np.linalg.norm(_symbol(taps, shifts, theta) @ v), sigma, rtol=1e-9)
+    for d in range(dims):
+        for step in (-3e-2, 3e-2):
+            probe = theta.copy()
+            probe[d] += step
+            assert _sigma(taps, shifts, probe) <= exact * (1 + 1e-7), (d, step)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_tilt_is_the_derivative_of_the_top_singular_vector(dims):
+    """``_tilt`` against central differences of the phase-aligned top right singular vector
+    (the gauge ``vᴴ∂v = 0``)."""
+    rng = np.random.default_rng(dims)
+    taps = rng.standard_normal((9, 7, 5))
+    shifts = rng.integers(0, 3, (9, dims))
+    theta = rng.uniform(-np.pi, np.pi, dims)
+
+    def top(th):
+        return np.conj(np.linalg.svd(_symbol(taps, shifts, th))[2][0])
+
+    v = top(theta)
+    tilt = starts._tilt(taps, shifts, theta, v)
+    h = 1e-5
+    for d in range(dims):
+        step = np.eye(dims)[d] * h
+        ends = []
+        for th in (theta + step, theta - step):
+            w = top(th)
+            ends.append(w * np.exp(-1j * np.angle(np.vdot(v, w))))  # vᴴw real: the gauge
+        fd = (ends[0] - ends[1]) / (2 * h)
+        np.testing.assert_allclose(tilt[d], fd, atol=1e-6 * max(1.0, np.abs(fd).max()))

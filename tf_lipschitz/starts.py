@@ -135,7 +135,7 @@ def _top_pair(a: np.ndarray, v: np.ndarray | None):
         v = rng.standard_normal(a.shape[1]) + 1j * rng.standard_normal(a.shape[1])
         steps = _COLD_STEPS
     for _ in range(steps):
-        w = np.conj(a.T) @ (a @ v)
+        w = np.conj(np.conj(a @ v) @ a)  # aᴴ(av), without forming a conjugated copy of a
         v = w / np.linalg.norm(w)
     av = a @ v
     sigma = float(np.linalg.norm(av))
@@ -146,15 +146,21 @@ def _refine(taps_g: np.ndarray, shifts: np.ndarray, theta: np.ndarray, iteration
     """Gradient ascent on ``σ_max(Â(θ))`` from ``theta``; returns ``(σ, θ, v)``.
 
     ``dσ/dθ_d = Re(uᴴ (Σ_q i q_d A_q e^{iθ·q}) v)`` for the top singular pair ``(u, v)``.
+    Steps double while ``σ`` rises and shrink fourfold when it does not, so that each step's
+    top pair is warm-started from a nearby one (a quasi-Newton ascent, with its longer steps,
+    stopped early on large random symbols, whose warm-started power steps were then less
+    accurate than the differences it compared).
     """
 
     flat = taps_g.reshape(len(taps_g), -1)  # real (Q, R·C): real products, complex phases
 
     def evaluate(th, v):
         phase = np.exp(1j * (shifts @ th))
-        a = (phase.real @ flat + 1j * (phase.imag @ flat)).reshape(taps_g.shape[1:])
+        parts = np.stack([phase.real, phase.imag]) @ flat  # one pass over the taps
+        a = (parts[0] + 1j * parts[1]).reshape(taps_g.shape[1:])
         sigma, u, v = _top_pair(a, v)
-        tv = np.matmul(taps_g, v.real) + 1j * np.matmul(taps_g, v.imag)  # A_q v: (Q, R)
+        parts = np.matmul(taps_g, np.stack([v.real, v.imag], -1))  # A_q v: (Q, R, 2)
+        tv = parts[..., 0] + 1j * parts[..., 1]
         coupling = (tv @ np.conj(u)) * phase  # uᴴ A_q v e^{iθ·q}
         grad = np.real(1j * coupling) @ shifts
         return sigma, v, grad
@@ -189,20 +195,23 @@ def _tilt(taps_g: np.ndarray, shifts: np.ndarray, theta: np.ndarray,
     """
     phase = np.exp(1j * (shifts @ theta))
     a = np.tensordot(phase, taps_g, axes=1)
-    h = np.conj(a.T) @ a
-    lam = float(np.real(np.conj(v) @ h @ v))
+    av = a @ v
+    lam = float(np.real(np.vdot(av, av)))
     # (λ − H + λ vvᴴ) is invertible when λ is simple: v is mapped to λv, its complement kept.
-    system = lam * np.eye(len(v)) - h + lam * np.outer(v, np.conj(v))
-    out = []
-    for d in range(shifts.shape[1]):
-        da = np.tensordot(1j * shifts[:, d] * phase, taps_g, axes=1)
-        dh_v = np.conj(da.T) @ (a @ v) + np.conj(a.T) @ (da @ v)
-        rhs = dh_v - v * (np.conj(v) @ dh_v)
-        try:
-            out.append(np.linalg.solve(system, rhs))
-        except np.linalg.LinAlgError:
-            return None
-    tilt = np.stack(out)
+    system = lam * np.eye(len(v)) - np.conj(a.T) @ a + lam * np.outer(v, np.conj(v))
+    # ∂_dH v = ∂_dAᴴ (Av) + Aᴴ (∂_dA v), with ∂_dA = Σ_q w_dq A_q, w_dq = i q_d e^{iθ·q}: two
+    # passes over the taps for every d at once, no ∂_dA formed.
+    weights = 1j * shifts.T * phase  # (D, Q)
+    taps_v = np.matmul(taps_g, np.stack([v.real, v.imag], -1))  # A_q v: (Q, R, 2)
+    da_v = weights @ (taps_v[..., 0] + 1j * taps_v[..., 1])  # (D, R)
+    taps_av = np.einsum("qrc,rk->qck", taps_g, np.stack([av.real, av.imag], -1))
+    dh_v = np.conj(weights) @ (taps_av[..., 0] + 1j * taps_av[..., 1])  # ∂_dAᴴ (Av): (D, C)
+    dh_v = dh_v + np.conj(np.conj(da_v) @ a)
+    rhs = dh_v - np.outer(dh_v @ np.conj(v), v)  # rows: (1 − vvᴴ) ∂_dH v
+    try:
+        tilt = np.linalg.solve(system, rhs.T).T
+    except np.linalg.LinAlgError:
+        return None
     return tilt if np.all(np.isfinite(tilt)) else None
 
 
