@@ -2861,8 +2861,9 @@ class _GraphReader:
 
         Raises:
             UnsupportedOpError: The axes depend on the input, or ``x`` is complex (the norm
-                is then complex-typed). Integer tensors that depend on the input are refused
-                where they are made (a cast to integers).
+                is then complex-typed).
+            NotLipschitzError: ``x`` has an integer dtype (the norm is rounded); the cast
+                to integers that made it would be refused too, later in the walk.
         """
         node = self.nodes[name]
         data, axis = self._operands(node)
@@ -2881,8 +2882,11 @@ class _GraphReader:
                 "norm of the real parts it is made from: over an axis a ≥ 0 of "
                 "tf.complex(re, im), tf.math.reduce_euclidean_norm(tf.stack([re, im], -1), "
                 "[a, -1]); entrywise, tf.abs(tf.complex(re, im)).")
-        if dtype not in _FLOAT_DTYPES:
-            return None
+        if dtype not in _FLOAT_DTYPES:  # made by a cast to integers (refused too)
+            raise NotLipschitzError(
+                _op_class(node.op)(display[name], None),
+                f"the norm of an integer tensor ({dtype.name}) is rounded to an integer, a "
+                "step function. Take the norm of the floating-point tensor before the cast.")
         rank = len(self._shape(data))
         axes = sorted({int(a) % rank for a in np.ravel(self.values[axis])})
         form = (f"over axes {axes}" if axes else "over no axes (|x|)") \
