@@ -2,8 +2,9 @@
 
 Ground truths: the exact norm (SVD) of the stacked matrix of the terms of a norm, the largest
 dense float64 Jacobian norm over sampled points (a lower bound every upper bound must exceed),
-and the .keras analysis of the same model (``STFTSpectrogram(mode="magnitude")``, Dense → celu
-or squareplus). Near misses of each structure must stay refused.
+the .keras analysis of the same model (``STFTSpectrogram(mode="magnitude")``, Dense → celu
+or squareplus), and for the fused ``EuclideanNorm`` (``tf.math.reduce_euclidean_norm``) the
+same norm written as √(Σ squares). Near misses of each structure must stay refused.
 """
 
 import math
@@ -16,7 +17,7 @@ import tensorflow as tf
 import tf_lipschitz as tfl
 from tf_lipschitz.errors import NotLipschitzError
 from tf_lipschitz.rules.base import Merge
-from tf_lipschitz.tfgraph import UnsupportedOpError, autolip_function
+from tf_lipschitz.tfgraph import BatchMixingError, UnsupportedOpError, autolip_function
 
 from groundtruth import top_singular_value
 
@@ -73,6 +74,29 @@ NORMS = {
     "complex_abs_constant_part": (
         lambda x: tf.abs(tf.complex(x @ _w(_W1, x), tf.ones((1, 4), x.dtype))),
         top_singular_value(_W1)),
+    # the fused op of tf.math.reduce_euclidean_norm: the norm of its one term, 1 (‖W‖ after x @ W)
+    "reduce_euclidean_norm": (lambda x: tf.math.reduce_euclidean_norm(x @ _w(_W1, x), -1),
+                              top_singular_value(_W1)),
+    "reduce_euclidean_norm_keepdims": (
+        lambda x: tf.math.reduce_euclidean_norm(x @ _w(_W1, x), 1, keepdims=True),
+        top_singular_value(_W1)),
+    "reduce_euclidean_norm_alone": (lambda x: tf.math.reduce_euclidean_norm(x, [1]), 1.0),
+    "reduce_euclidean_norm_rows": (  # groups of 4 entries, as norm_of_rows
+        lambda x: tf.math.reduce_euclidean_norm(
+            tf.reshape(x @ _w(np.hstack([_W1, _W2, _W1, _W2]), x), (-1, 4, 4)), 1),
+        None),
+    "reduce_euclidean_norm_all_axes": (  # every axis of an example: ‖x M‖, M the 5 × 16 map
+        lambda x: tf.math.reduce_euclidean_norm(
+            tf.reshape(x @ _w(np.hstack([_W1, _W2, _W1, _W2]), x), (-1, 4, 4)), [-2, -1]),
+        top_singular_value(np.hstack([_W1, _W2, _W1, _W2]))),
+    # no axes, or an axis of size 1: TensorFlow returns |x W1| (entrywise), Lipschitz ‖W1‖
+    "reduce_euclidean_norm_no_axes": (
+        lambda x: tf.math.reduce_euclidean_norm(x @ _w(_W1, x), tf.constant([], tf.int32)),
+        top_singular_value(_W1)),
+    "reduce_euclidean_norm_size_one_axis": (
+        lambda x: tf.math.reduce_euclidean_norm(tf.reshape(x @ _w(_W1, x), (-1, 4, 1)), -1,
+                                                keepdims=True),
+        top_singular_value(_W1)),
 }
 
 
@@ -88,6 +112,71 @@ def test_euclidean_norms_are_bounded_by_their_stacked_terms(fn, exact):
     assert certified.certified and certified.upper >= rep.upper * (1 - 1e-9)
     if exact is not None:  # a certificate is the exact norm rounded up (SAFETY_MARGIN)
         assert exact * (1 - 1e-12) <= certified.upper <= exact * (1 + 1e-5)
+
+
+_MAP = np.hstack([_W1, _W2, _W1, _W2])
+_SHAPED = SPEC, (lambda x: tf.reshape(x @ _w(_MAP, x), (-1, 2, 4, 2)))
+
+
+@pytest.mark.parametrize("axis, keepdims, axes", [
+    ((1,), False, [1]), ((-1,), True, [3]), ((-3, 3), False, [1, 3]), ((1, 2, 3), True, [1, 2, 3]),
+    ((), False, None), ((-2, 1), True, [1, 2]),
+], ids=["1", "-1_keepdims", "-3_3", "all_keepdims", "none", "-2_1_keepdims"])
+def test_reduce_euclidean_norm_is_bounded_as_its_sum_of_squares(axis, keepdims, axes):
+    """The fused op and the same norm from primitive ops, √(Σ x²) over the same axes, get the
+    same bound (both the norm of the linear map before them); the note names the axes read."""
+    spec, shaped = _SHAPED
+    fused = lambda x: tf.math.reduce_euclidean_norm(  # noqa: E731
+        shaped(x), tf.constant(axis, tf.int32), keepdims=keepdims)
+    rep = autolip_function(fused, spec, tol=1e-9)
+    primitive = autolip_function(lambda x: tf.sqrt(tf.reduce_sum(
+        tf.square(shaped(x)), tf.constant(axis, tf.int32), keepdims=keepdims)), spec, tol=1e-9)
+    assert rep.upper == pytest.approx(primitive.upper, rel=1e-9)
+    assert rep.upper == pytest.approx(top_singular_value(_MAP), rel=1e-6)
+    assert _sampled_jacobian_norm(fused, (5,)) <= rep.upper * (1 + 1e-6)
+    (note,) = [row.note for row in rep.layers if row.class_name == "EuclideanNorm"]
+    assert (f"over axes {axes}" if axes else "over no axes") in note
+    assert ("keep_dims" in note) == keepdims
+    assert rep.layers[-1].output_shape == fused(tf.zeros((1, 5))).shape[1:]
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: tf.math.reduce_euclidean_norm(x),
+    lambda x: tf.math.reduce_euclidean_norm(x, 0, keepdims=True),
+    lambda x: tf.math.reduce_euclidean_norm(x @ _w(_W1, x), [-2, -1], keepdims=True),
+], ids=["axis_none", "batch_axis_keepdims", "all_axes_negative"])
+def test_reduce_euclidean_norm_over_the_batch_axis_mixes_examples(fn):
+    with pytest.raises(BatchMixingError, match="EuclideanNorm"):
+        autolip_function(fn, SPEC)
+
+
+def test_reduce_euclidean_norm_refusals():
+    # axes that depend on the input (1 at every input of this scale, but not a constant)
+    moving = lambda x: tf.math.reduce_euclidean_norm(  # noqa: E731
+        x, tf.cast(x[0, 0] > 1e30, tf.int32) + 1)
+    with pytest.raises(UnsupportedOpError, match="'EuclideanNorm'.*axes depend on the input"):
+        autolip_function(moving, SPEC)
+    # a complex input: its norm is complex-typed
+    complex_norm = lambda x: tf.abs(tf.math.reduce_euclidean_norm(  # noqa: E731
+        tf.complex(x @ _w(_W1, x), x @ _w(_W2, x)), -1))
+    with pytest.raises(UnsupportedOpError, match="'EuclideanNorm'.*complex64"):
+        autolip_function(complex_norm, SPEC)
+    # integers: the norm is rounded (the cast that made them is not Lipschitz either)
+    integers = lambda x: tf.cast(tf.math.reduce_euclidean_norm(  # noqa: E731
+        tf.cast(x, tf.int32), -1), tf.float32)
+    with pytest.raises(NotLipschitzError, match="'EuclideanNorm'.*int32"):
+        autolip_function(integers, SPEC)
+
+
+def test_exported_dense_then_reduce_euclidean_norm(tmp_path):
+    model = _dense_then(keras.layers.Lambda(
+        lambda h: tf.math.reduce_euclidean_norm(h, -1, keepdims=True)))
+    model.export(str(tmp_path / "saved"), verbose=False)
+    rep = tfl.autolip_saved_model(str(tmp_path / "saved"), certified=True)
+    kernel = model.layers[1].kernel.numpy().astype(np.float64)
+    exact = top_singular_value(kernel)
+    assert rep.certified and exact * (1 - 1e-6) <= rep.upper <= exact * (1 + 1e-5)
+    assert any("EuclideanNorm" in row.note for row in rep.layers)
 
 
 def test_norm_of_terms_not_linear_in_one_tensor_takes_root_sum_of_squares():

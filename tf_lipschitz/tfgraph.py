@@ -33,7 +33,8 @@ shared/ALGORITHMS.md §4) on that graph directly:
      than 0 or 1...) raise :class:`~tf_lipschitz.errors.NotLipschitzError` with the reason;
    - Euclidean norms ``√(Σ_j a_j² + c)`` and ``√max(Σ_j a_j², c)`` (``Square`` or ``x·x``,
      sums without broadcasting, ``Sum`` over axes, a constant ``c ≥ 0``: ``tf.norm``, the
-     magnitude of an STFT from its real and imaginary parts, ``|tf.complex(re, im)|``) are
+     magnitude of an STFT from its real and imaginary parts, ``|tf.complex(re, im)|``; the
+     fused ``EuclideanNorm`` of ``tf.math.reduce_euclidean_norm`` over constant axes) are
      1-Lipschitz in the stacked terms ``(a_1, …, a_k)``; terms that are linear maps of one
      tensor ``s`` are stacked into one linear operator of ``s`` whose norm is measured (the
      STFT's ``‖[A_re; A_im]‖``, as for the Keras layer), others combine as ``√(Σ L_j²)``
@@ -1590,7 +1591,8 @@ def _witness(node_def, inputs: list[tf.Tensor], slots: list[int],
     - entrywise ops (activations, ``Maximum``, the products inside gelu or silu...):
       ``Σₖ r ⊙ broadcast(wₖ)``;
     - ``Softmax`` and ``LogSoftmax`` (last axis): ``r ⊙ w + r' ⊙ Σ_last(r'' ⊙ w)``;
-    - ``Max`` and ``Min`` over axes: ``Σ_axes(r ⊙ w)``;
+    - ``Max``, ``Min`` and ``EuclideanNorm`` over axes: ``Σ_axes(r ⊙ w)`` (the norm's
+      Jacobian weighs each group by ``x/‖x‖``, or a subgradient where ``x = 0``);
     - max pools: a sum over each window with a weight for every output and window offset;
     - ``Roll``: its product plus ``r ⊙ roll(w, 1)`` along the rolled axes, since a shift that
       is a multiple of the batch checked (2) moves examples at other batch sizes.
@@ -1623,7 +1625,7 @@ def _structured_witness(node_def, inputs, slots, present, outputs, noise, offset
     op, out, w = node_def.op, outputs[0], present[0][1]
     if op in ("Softmax", "LogSoftmax"):
         return [noise(w) * w + noise(w) * tf.reduce_sum(noise(w) * w, -1, keepdims=True)]
-    if op in ("Max", "Min"):
+    if op in ("Max", "Min", "EuclideanNorm"):
         keep = bool(node_def.attr["keep_dims"].b)
         return [tf.raw_ops.Sum(input=noise(w) * w, axis=inputs[1], keep_dims=keep)]
     if op in _WINDOW_MAX:
@@ -2497,8 +2499,9 @@ class _GraphReader:
           equal to silu within 1e-4 on a grid can have twice silu's slope between the points.
         - Sums and quotients that are PReLU (:meth:`_prelu`), celu (:meth:`_celu`) or
           squareplus (:meth:`_squareplus`), read op by op with their parameters.
-        - Square roots of sums of squares, Euclidean norms (:meth:`_euclidean_norm`), and
-          magnitudes of complex numbers made from real tensors (:meth:`_complex_magnitude`).
+        - Square roots of sums of squares, Euclidean norms (:meth:`_euclidean_norm`),
+          magnitudes of complex numbers made from real tensors (:meth:`_complex_magnitude`),
+          and the fused ``EuclideanNorm`` (:meth:`_fused_euclidean_norm`).
 
         A member whose value is also read outside the region stays a node of its own (with its
         own rule), and so do the members it reads.
@@ -2535,6 +2538,8 @@ class _GraphReader:
                 found = self._euclidean_norm(name, display)
             elif node.op == "ComplexAbs":
                 found = self._complex_magnitude(name, display)
+            elif node.op == "EuclideanNorm":
+                found = self._fused_euclidean_norm(name, display)
             if found is not None:
                 region = dataclasses.replace(found, members=inside(name, found.members))
                 regions[name] = region
@@ -2839,6 +2844,54 @@ class _GraphReader:
         if not terms or any(self._shape(t) != self._shape(inner) for t in terms):
             return None
         return self._norm_region(terms, {node.name}, "|re + i·im|", display)
+
+    def _fused_euclidean_norm(self, name: str, display: dict[str, str]) -> "_Region | None":
+        """The region of ``EuclideanNorm`` ``name`` (``tf.math.reduce_euclidean_norm(x, axis,
+        keepdims)``): a Euclidean norm of its one term ``x``, as in :meth:`_euclidean_norm`.
+
+        The op computes ``y_o = ‖x_{S_o}‖`` for the groups ``S_o`` of entries of ``x`` that
+        agree off the reduced axes (``keep_dims`` only reshapes ``y``). The groups are
+        disjoint, so ``‖Δy‖² ≤ Σ_o ‖Δx_{S_o}‖² ≤ ‖Δx‖²``: 1-Lipschitz, and exactly 1 (along
+        one group). With no axes, or axes of size 1 only, TensorFlow returns ``|x|``:
+        1-Lipschitz too. A linear map before the op (``x @ W``) is a node of its own, fused
+        with the linear ops before it (``‖W‖``), as the one term of a ``√(Σ squares)``. Axes
+        with the batch axis mix the examples: the witness (:func:`_structured_witness`)
+        reduces over the same axes, and the graph is refused. The axes are read as the
+        constant they must be, normalised for the note.
+
+        Raises:
+            UnsupportedOpError: The axes depend on the input, or ``x`` is complex (the norm
+                is then complex-typed).
+            NotLipschitzError: ``x`` has an integer dtype (the norm is rounded); the cast
+                to integers that made it would be refused too, later in the walk.
+        """
+        node = self.nodes[name]
+        data, axis = self._operands(node)
+        if self.is_dependent(axis):
+            raise UnsupportedOpError(
+                node.op, display[name],
+                "Its axes depend on the input: which entries are reduced together changes "
+                "with the input, a jump that no constant bounds. Reduce over constant axes "
+                "(tf.math.reduce_euclidean_norm(x, axis=-1)).")
+        dtype = self._dtype(data)
+        if dtype.is_complex:
+            raise UnsupportedOpError(
+                node.op, display[name],
+                f"It reduces a {dtype.name} tensor: complex values are not analysed, and its "
+                "norm is complex-typed; tf_lipschitz bounds real-valued functions. Take the "
+                "norm of the real parts it is made from: over an axis a ≥ 0 of "
+                "tf.complex(re, im), tf.math.reduce_euclidean_norm(tf.stack([re, im], -1), "
+                "[a, -1]); entrywise, tf.abs(tf.complex(re, im)).")
+        if dtype not in _FLOAT_DTYPES:  # made by a cast to integers (refused too)
+            raise NotLipschitzError(
+                _op_class(node.op)(display[name], None),
+                f"the norm of an integer tensor ({dtype.name}) is rounded to an integer, a "
+                "step function. Take the norm of the floating-point tensor before the cast.")
+        rank = len(self._shape(data))
+        axes = sorted({int(a) % rank for a in np.ravel(self.values[axis])})
+        form = (f"over axes {axes}" if axes else "over no axes (|x|)") \
+            + (", keep_dims" if node.attr["keep_dims"].b else "") + " (EuclideanNorm)"
+        return self._norm_region([data], set(), form, display)
 
     def _norm_region(self, terms: list[str], members: set[str], form: str,
                      display: dict[str, str]) -> "_Region":
