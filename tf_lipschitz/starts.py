@@ -52,8 +52,8 @@ MIN_SPATIAL = 784
 """Fewest input positions for which a Fourier start is built (28×28): on smaller grids the
 spectrum is less clustered and finding the peak costs more than it saves. Both scale with the
 channels squared and the saving also with the grid: on VGG16's 28×28×512 convolutions the start
-costs about 0.9 s and saves 40-50 of 74-79 products (about 1.5 s); on its 14×14 ones it would
-save about 16 of 43-54 products (0.16 s)."""
+costs 0.4–1.0 s and saves 47–84 of 63–112 products (1.1–2.9 s); on its 14×14 ones it would
+save 15–37 of 40–69 products (0.15–0.37 s) for 0.6–0.7 s (session 22)."""
 
 _COARSE_ENTRIES = 1 << 22  # budget of the coarse ranking: frequencies × groups × side²
 _MIN_FREQUENCIES = 256
@@ -159,9 +159,9 @@ def _refine(taps_g: np.ndarray, shifts: np.ndarray, theta: np.ndarray, iteration
 
     ``dσ/dθ_d = Re(uᴴ (Σ_q i q_d A_q e^{iθ·q}) v)`` for the top singular pair ``(u, v)``.
     Steps double while ``σ`` rises and shrink fourfold when it does not, so that each step's
-    top pair is warm-started from a nearby one (a quasi-Newton ascent, with its longer steps,
-    stopped early on large random symbols, whose warm-started power steps were then less
-    accurate than the differences it compared).
+    top pair is warm-started from a nearby one. (A quasi-Newton ascent was tried: its longer
+    steps left the warm-started power steps less accurate than the differences of ``σ`` it
+    compared, and it stopped short of the peak on large random symbols.)
     """
 
     flat = taps_g.reshape(len(taps_g), -1)  # real (Q, R·C): real products, complex phases
