@@ -82,6 +82,13 @@ def _angle_gap(a: np.ndarray, b: np.ndarray) -> float:
     return float(min(np.max(wrap(a - b)), np.max(wrap(a + b))))
 
 
+def _taps_times(taps: np.ndarray, vec: np.ndarray) -> np.ndarray:
+    """``A_q vec`` for every tap ``A_q`` (real, ``(Q, R, C)``) and a complex ``vec``
+    ``(C,)``: one real GEMM for the real and imaginary parts together, ``(Q, R)`` complex."""
+    parts = np.matmul(taps, np.stack([vec.real, vec.imag], -1))
+    return parts[..., 0] + 1j * parts[..., 1]
+
+
 def _peak_coarse(taps: np.ndarray, shifts: np.ndarray, grid: tuple[int, ...]):
     """``(θ, group)`` of up to :data:`_CANDIDATES` separated peaks of a coarse half grid."""
     groups, side = taps.shape[1], min(taps.shape[-2:])
@@ -171,9 +178,7 @@ def _refine(taps_g: np.ndarray, shifts: np.ndarray, theta: np.ndarray, iteration
         parts = np.stack([phase.real, phase.imag]) @ flat  # one pass over the taps
         a = (parts[0] + 1j * parts[1]).reshape(taps_g.shape[1:])
         sigma, u, v = _top_pair(a, v)
-        parts = np.matmul(taps_g, np.stack([v.real, v.imag], -1))  # A_q v: (Q, R, 2)
-        tv = parts[..., 0] + 1j * parts[..., 1]
-        coupling = (tv @ np.conj(u)) * phase  # uᴴ A_q v e^{iθ·q}
+        coupling = (_taps_times(taps_g, v) @ np.conj(u)) * phase  # uᴴ A_q v e^{iθ·q}
         grad = np.real(1j * coupling) @ shifts
         return sigma, v, grad
 
@@ -214,10 +219,8 @@ def _tilt(taps_g: np.ndarray, shifts: np.ndarray, theta: np.ndarray,
     # ∂_dH v = ∂_dAᴴ (Av) + Aᴴ (∂_dA v), with ∂_dA = Σ_q w_dq A_q, w_dq = i q_d e^{iθ·q}: two
     # passes over the taps for every d at once, no ∂_dA formed.
     weights = 1j * shifts.T * phase  # (D, Q)
-    taps_v = np.matmul(taps_g, np.stack([v.real, v.imag], -1))  # A_q v: (Q, R, 2)
-    da_v = weights @ (taps_v[..., 0] + 1j * taps_v[..., 1])  # (D, R)
-    taps_av = np.einsum("qrc,rk->qck", taps_g, np.stack([av.real, av.imag], -1))
-    dh_v = np.conj(weights) @ (taps_av[..., 0] + 1j * taps_av[..., 1])  # ∂_dAᴴ (Av): (D, C)
+    da_v = weights @ _taps_times(taps_g, v)  # (D, R)
+    dh_v = np.conj(weights) @ _taps_times(np.swapaxes(taps_g, -1, -2), av)  # ∂_dAᴴ(Av): (D, C)
     dh_v = dh_v + np.conj(np.conj(da_v) @ a)
     rhs = dh_v - np.outer(dh_v @ np.conj(v), v)  # rows: (1 − vvᴴ) ∂_dH v
     try:
